@@ -1,0 +1,424 @@
+"""The broker process: a switchboard between clients and workers. It owns no model.
+
+Binds:
+    frontend  ROUTER  clients and gateways connect DEALER sockets here.
+    backend   ROUTER  workers connect DEALER sockets here.
+
+Frontend in:  REQUEST, CANCEL, HEARTBEAT, DISCONNECT, ADMIN {op: workers | drain | stats}
+Frontend out: CHUNK, END, ERROR (request-scoped), HEARTBEAT (echo of the client's)
+Backend in:   READY, HEARTBEAT, CHUNK, END, ERROR, DRAIN (worker's own SIGTERM), DISCONNECT
+Backend out:  REQUEST, CANCEL, HEARTBEAT, DRAIN, DISCONNECT (each behind a route frame)
+
+Each REQUEST goes to the live worker that serves its model with the most free credit; with no
+credit anywhere it waits in a bounded queue (full or too old: BUSY). A worker that goes silent
+for heartbeat_interval_s x heartbeat_liveness is purged: its unstarted jobs are requeued once,
+the others fail with WORKER_LOST. A malformed frame gets an ERROR back and one log line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import time
+from typing import Any
+
+import zmq
+from zeroserve.broker.table import Job, Table, WorkerState
+
+from zeroserve import protocol as p
+from zeroserve.config import BrokerConfig, default_endpoint
+from zeroserve.logs import RateLimitedLog, setup_logging
+from zeroserve.sockets import make_socket, prepare_ipc
+
+log = logging.getLogger("zeroserve.broker")
+
+BATCH = 512  # messages drained per socket per poll wake-up, so neither side starves the other
+NO_ROUTE = b""
+UNATTRIBUTED = "*"  # request id used for an ERROR that answers a frame with no usable id
+
+
+class Broker:
+    def __init__(self, cfg: BrokerConfig, ctx: zmq.Context | None = None) -> None:
+        self.cfg = cfg
+        self.ctx = ctx or zmq.Context.instance()
+        self.table = Table(cfg.max_queue, cfg.max_queue_wait_ms / 1000)
+        self.clients: dict[bytes, float] = {}  # client identity -> last time heard from
+        self.frontend = make_socket(self.ctx, zmq.ROUTER, cfg.sockets, router_mandatory=True)
+        self.backend = make_socket(self.ctx, zmq.ROUTER, cfg.sockets, router_mandatory=True)
+        self.bad_frames = RateLimitedLog(log)
+        self.running = False
+        self.counts = {"requests": 0, "busy": 0, "lost": 0, "bad_frames": 0}
+        self._next_heartbeat = 0.0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def bind(self) -> None:
+        for sock, endpoint in ((self.frontend, self.cfg.frontend),
+                               (self.backend, self.cfg.backend)):
+            prepare_ipc(endpoint)
+            sock.bind(endpoint)
+        log.info("broker bound frontend=%s backend=%s", self.cfg.frontend, self.cfg.backend)
+
+    def stop(self, *_: Any) -> None:
+        self.running = False
+
+    def close(self) -> None:
+        for w in list(self.table.workers.values()):
+            self._send_worker(w, NO_ROUTE, p.encode(p.DISCONNECT, {"reason": "broker stopping"}))
+        for job in list(self.table.jobs.values()):
+            self._reply_error(job, p.UNAVAILABLE, "broker stopping")
+        self.frontend.close(0)
+        self.backend.close(0)
+        log.info("broker stopped: %s", self.counts)
+
+    def run(self) -> None:
+        self.running = True
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        while self.running:
+            timeout_ms = max(0.0, min(self._next_deadline() - time.monotonic(), 0.2)) * 1000
+            events = dict(poller.poll(timeout_ms))
+            if self.backend in events:
+                self._drain(self.backend, self._on_backend)
+            if self.frontend in events:
+                self._drain(self.frontend, self._on_frontend)
+            self._on_timers(time.monotonic())
+
+    def _drain(self, sock: zmq.Socket, handler: Any) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    # -- frontend: clients ---------------------------------------------------------------
+
+    def _on_frontend(self, frames: list[bytes]) -> None:
+        client = frames[0]
+        self.clients[client] = time.monotonic()
+        try:
+            msg = p.decode(frames[1:])
+        except p.ProtocolError as exc:
+            self._bad_frame("frontend", client, exc)
+            self._send_client(client, p.error(_rid_of(frames[1:]), p.BAD_REQUEST, str(exc)))
+            return
+        t = msg.type
+        if t == p.REQUEST:
+            self._on_request(client, msg, frames[1:])
+        elif t == p.CANCEL:
+            self._on_cancel(client, msg.header["id"])
+        elif t == p.HEARTBEAT:
+            self._send_client(client, p.encode(p.HEARTBEAT, {}))
+        elif t == p.DISCONNECT:
+            self._client_gone(client)
+        elif t == p.ADMIN:
+            self._on_admin(client, msg)
+        else:
+            rid = msg.header.get("id") if isinstance(msg.header.get("id"), str) else UNATTRIBUTED
+            self._send_client(client, p.error(rid, p.BAD_REQUEST,
+                                              f"{p.TYPE_NAMES[t]} is not accepted from clients"))
+
+    def _on_request(self, client: bytes, msg: p.Message, frames: list[bytes]) -> None:
+        rid, model = msg.header["id"], msg.header["model"]
+        self.counts["requests"] += 1
+        if (client, rid) in self.table.jobs:
+            self._send_client(client, p.error(rid, p.BAD_REQUEST, f"request id {rid} is in flight"))
+            return
+        job = Job(client, rid, model, frames, time.monotonic())
+        worker = self.table.pick_worker(model)
+        if worker is not None:
+            self.table.jobs[job.key] = job
+            self._dispatch(job, worker)
+            return
+        if self.table.workers and not self.table.serves(model) and (
+            model not in self.table.known_models
+        ):
+            self._send_client(client, p.error(rid, p.UNKNOWN_MODEL, f"no worker serves {model!r}"))
+            return
+        if not self.table.can_enqueue():
+            self.counts["busy"] += 1
+            self._send_client(client, p.error(rid, p.BUSY, "all workers busy and queue full"))
+            return
+        self.table.jobs[job.key] = job
+        self.table.enqueue(job)
+
+    def _on_cancel(self, client: bytes, rid: str) -> None:
+        job = self.table.jobs.get((client, rid))
+        if job is None:
+            return  # already finished: the END crossed the CANCEL
+        if job.worker is not None:
+            self._send_worker(job.worker, client, p.cancel(rid))
+        elif self.table.unqueue(job):
+            self.table.jobs.pop(job.key, None)
+            self._send_client(client, p.error(rid, p.CANCELLED, "cancelled while queued"))
+
+    def _client_gone(self, client: bytes) -> None:
+        """The client left: cancel its queued and running jobs, forget it."""
+        self.clients.pop(client, None)
+        for job in self.table.jobs_of_client(client):
+            if job.worker is not None:
+                self._send_worker(job.worker, client, p.cancel(job.rid))
+                self.table.finish(job.key)
+            else:
+                self.table.unqueue(job)
+                self.table.jobs.pop(job.key, None)
+
+    def _on_admin(self, client: bytes, msg: p.Message) -> None:
+        rid, op = msg.header["id"], msg.header.get("op")
+        now = time.time()
+        if op == "workers":
+            result: Any = {
+                "workers": [w.row(now) for w in self.table.workers.values()],
+                **self.table.stats(),
+            }
+        elif op == "stats":
+            result = {**self.table.stats(), **self.counts}
+        elif op == "drain":
+            worker = self.table.find_by_id(str(msg.header.get("worker_id")))
+            if worker is None:
+                self._send_client(client, p.error(rid, p.BAD_REQUEST, "no such worker"))
+                return
+            self._send_worker(worker, NO_ROUTE, p.encode(p.DRAIN, {}))
+            result = worker.row(now)
+            self._drain_worker(worker, "admin request")
+        else:
+            self._send_client(client, p.error(rid, p.BAD_REQUEST, f"unknown admin op {op!r}"))
+            return
+        self._send_client(client, p.end(rid, result))
+
+    # -- backend: workers ----------------------------------------------------------------
+
+    def _on_backend(self, frames: list[bytes]) -> None:
+        identity = frames[0]
+        worker = self.table.workers.get(identity)
+        try:
+            if len(frames) < 2:
+                raise p.ProtocolError("missing route frame")
+            msg = p.decode(frames[2:])
+        except p.ProtocolError as exc:
+            self._bad_frame("backend", identity, exc)
+            self._send_raw_backend(identity, p.error(_rid_of(frames[2:]), p.BAD_REQUEST, str(exc)))
+            return
+        route, t = frames[1], msg.type
+        if worker is not None:
+            worker.expiry = time.monotonic() + self.cfg.expiry_s
+            worker.last_heartbeat = time.time()
+        if t == p.READY:
+            self._on_ready(identity, msg)
+        elif worker is None:
+            # Unknown peer (e.g. we restarted): ask it to reconnect and register again.
+            self._send_raw_backend(identity, p.encode(p.DISCONNECT, {"reason": "not registered"}))
+        elif t in (p.CHUNK, p.END, p.ERROR):
+            self._on_reply(worker, route, msg, frames[2:])
+        elif t == p.HEARTBEAT:
+            stats = msg.header.get("stats")
+            if isinstance(stats, dict):
+                worker.stats = stats
+        elif t == p.DRAIN:
+            self._drain_worker(worker, "worker asked")
+        elif t == p.DISCONNECT:
+            reason = msg.header.get("reason", "no reason")
+            if not worker.inflight:
+                log.info("worker left id=%s (%s)", worker.worker_id, reason)
+                self.table.remove_worker(worker)
+            else:
+                self._purge(worker, f"disconnected ({reason})")
+        else:
+            self._bad_frame("backend", identity, p.ProtocolError(f"{p.TYPE_NAMES[t]} from worker"))
+
+    def _on_ready(self, identity: bytes, msg: p.Message) -> None:
+        try:
+            worker = self.table.register(
+                identity, msg.header, time.monotonic() + self.cfg.expiry_s
+            )
+        except (TypeError, ValueError) as exc:
+            self._bad_frame("backend", identity, exc)
+            self._send_raw_backend(identity, p.encode(p.DISCONNECT, {"reason": str(exc)}))
+            return
+        log.info(
+            "worker registered id=%s models=%s capacity=%d pid=%s device=%s cpus=%s",
+            worker.worker_id, ",".join(worker.models), worker.capacity,
+            msg.header.get("pid"), msg.header.get("device"), msg.header.get("cpus"),
+        )
+        self._dispatch_queued(worker)
+
+    def _on_reply(self, worker: WorkerState, route: bytes, msg: p.Message, frames: list) -> None:
+        key = (route, msg.header["id"])
+        if msg.type == p.CHUNK:
+            job = self.table.jobs.get(key)
+            if job is None or job.worker is not worker:
+                return  # late chunk of a job that was cancelled or reassigned
+            job.streamed = True
+        else:
+            job = self.table.jobs.get(key)
+            if job is None or job.worker is not worker:
+                return
+            self.table.finish(key)
+        self._send_client(route, frames)  # on failure the client's jobs are cancelled there
+        if msg.type != p.CHUNK:
+            self._after_credit(worker)
+
+    def _after_credit(self, worker: WorkerState) -> None:
+        if worker.draining:
+            if not worker.inflight:
+                self._send_worker(worker, NO_ROUTE, p.encode(p.DISCONNECT, {"reason": "drained"}))
+                log.info("worker drained id=%s served=%d", worker.worker_id, worker.served)
+                self.table.remove_worker(worker)
+            return
+        if self.table.queued:
+            self._dispatch_queued(worker)
+
+    def _drain_worker(self, worker: WorkerState, why: str) -> None:
+        if not worker.draining:
+            worker.draining = True
+            log.info("worker draining id=%s in_flight=%d (%s)", worker.worker_id,
+                     len(worker.inflight), why)
+        if not worker.inflight:
+            self._after_credit(worker)
+
+    # -- dispatch and failure handling ---------------------------------------------------
+
+    def _dispatch(self, job: Job, worker: WorkerState) -> None:
+        self.table.assign(job, worker)
+        if not self._send_worker(worker, job.client, job.frames):
+            self._purge(worker, "unreachable")
+
+    def _dispatch_queued(self, worker: WorkerState) -> None:
+        for job in self.table.dequeue_for(worker):
+            self._dispatch(job, worker)
+            if worker.identity not in self.table.workers:
+                return
+
+    def _purge(self, worker: WorkerState, why: str) -> None:
+        if worker.identity not in self.table.workers:
+            return
+        requeue, lost = self.table.remove_worker(worker)
+        log.warning("worker purged id=%s (%s): %d requeued, %d lost", worker.worker_id, why,
+                    len(requeue), len(lost))
+        for job in lost:
+            self.counts["lost"] += 1
+            self._reply_error(job, p.WORKER_LOST, f"worker {worker.worker_id} lost: {why}")
+        for job in reversed(requeue):
+            self.table.enqueue(job, front=True)
+        for w in list(self.table.workers.values()):
+            if self.table.queued == 0:
+                break
+            self._dispatch_queued(w)
+
+    def _reply_error(self, job: Job, code: str, message: str) -> None:
+        self._send_client(job.client, p.error(job.rid, code, message))
+
+    # -- timers --------------------------------------------------------------------------
+
+    def _next_deadline(self) -> float:
+        deadline = self._next_heartbeat
+        qd = self.table.next_queue_deadline()
+        if qd is not None:
+            deadline = min(deadline, qd)
+        return deadline
+
+    def _on_timers(self, now: float) -> None:
+        for job in self.table.expired_jobs(now):
+            known = self.table.serves(job.model) or job.model in self.table.known_models
+            code = p.BUSY if known else p.UNKNOWN_MODEL
+            self.counts["busy"] += code == p.BUSY
+            self._reply_error(job, code, f"no worker for {job.model!r} within "
+                                         f"{self.cfg.max_queue_wait_ms} ms")
+        if now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + self.cfg.heartbeat_interval_s
+        for worker in self.table.expired_workers(now):
+            self._purge(worker, "heartbeat expired")
+        beat = p.encode(p.HEARTBEAT, {})
+        for worker in list(self.table.workers.values()):
+            self._send_worker(worker, NO_ROUTE, beat)
+        silent = [c for c, seen in self.clients.items() if now - seen > self.cfg.expiry_s]
+        for client in silent:
+            if self.table.jobs_of_client(client):
+                log.info("client silent for %.1fs: cancelling its requests",
+                         now - self.clients[client])
+            self._client_gone(client)
+
+    # -- sending -------------------------------------------------------------------------
+
+    def _send_client(self, client: bytes, frames: list) -> bool:
+        try:
+            self.frontend.send_multipart([client, *frames], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: gone; EAGAIN: not reading
+            log.info("client %s unreachable (%s): cancelling its requests", client.hex(), exc)
+            self._client_gone(client)
+            return False
+
+    def _send_worker(self, worker: WorkerState, route: bytes, frames: list) -> bool:
+        try:
+            self.backend.send_multipart([worker.identity, route, *frames], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
+
+    def _send_raw_backend(self, identity: bytes, frames: list) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self.backend.send_multipart([identity, NO_ROUTE, *frames], zmq.NOBLOCK)
+
+    def _bad_frame(self, side: str, peer: bytes, exc: Exception) -> None:
+        self.counts["bad_frames"] += 1
+        self.bad_frames.warning("malformed frame on %s from %s: %s", side, peer.hex(), exc)
+
+
+def _rid_of(frames: list[bytes]) -> str:
+    """Best effort: the id of a message we could not decode, so the client can match the error."""
+    try:
+        head = p.unpackb(frames[2], p.HEADER_LIMIT_BYTES)
+        rid = head.get("id")
+        if isinstance(rid, str) and 0 < len(rid) <= p.MAX_ID_LEN:
+            return rid
+    except Exception:
+        pass
+    return UNATTRIBUTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="zeroserve broker", description=__doc__.split("\n")[0])
+    ap.add_argument("--frontend", default=None, help="endpoint clients connect to")
+    ap.add_argument("--backend", default=None, help="endpoint workers connect to")
+    ap.add_argument("--instance", default=None, help="deployment name for default ipc paths")
+    ap.add_argument("--heartbeat-interval-s", type=float, default=1.0)
+    ap.add_argument("--heartbeat-liveness", type=int, default=3)
+    ap.add_argument("--max-queue", type=int, default=1024)
+    ap.add_argument("--max-queue-wait-ms", type=int, default=30_000)
+    ap.add_argument("--log-level", default="INFO")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace) -> BrokerConfig:
+    return BrokerConfig(
+        frontend=args.frontend or default_endpoint("frontend", args.instance),
+        backend=args.backend or default_endpoint("backend", args.instance),
+        heartbeat_interval_s=args.heartbeat_interval_s,
+        heartbeat_liveness=args.heartbeat_liveness,
+        max_queue=args.max_queue,
+        max_queue_wait_ms=args.max_queue_wait_ms,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, "broker")
+    broker = Broker(config_from_args(args))
+    signal.signal(signal.SIGTERM, broker.stop)
+    signal.signal(signal.SIGINT, broker.stop)
+    broker.bind()
+    try:
+        broker.run()
+    finally:
+        broker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""CPU pinning: give each worker on a host its own slice of cores.
+
+`--cpus 0-3,8` pins explicitly; otherwise slot `i` of `n` workers gets the i-th even share of
+the cores this process may run on. torch's intra-op thread count follows the pinned set.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def parse_cpus(spec: str) -> tuple[int, ...]:
+    """'0-3,8' -> (0, 1, 2, 3, 8); raises ValueError on anything else."""
+    cpus: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = (int(x) for x in part.split("-", 1))
+            if hi < lo:
+                raise ValueError(f"bad cpu range {part!r}")
+            cpus.extend(range(lo, hi + 1))
+        else:
+            cpus.append(int(part))
+    if not cpus:
+        raise ValueError(f"no cpus in {spec!r}")
+    return tuple(sorted(set(cpus)))
+
+
+def partition(slot: int, slots: int, available: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The cores of worker `slot` among `slots` workers; workers share when cores are few."""
+    cores = tuple(sorted(available if available is not None else os.sched_getaffinity(0)))
+    if slots <= 0 or not cores:
+        return cores
+    if slots >= len(cores):
+        return (cores[slot % len(cores)],)
+    per, extra = divmod(len(cores), slots)
+    start = slot * per + min(slot, extra)
+    return cores[start:start + per + (1 if slot < extra else 0)]
+
+
+def pin(cpus: tuple[int, ...]) -> None:
+    """Pin this process to `cpus`. Call before torch is imported so its pools size to them."""
+    os.sched_setaffinity(0, cpus)
+
+
+def set_torch_threads(cpus: tuple[int, ...]) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, len(cpus)))

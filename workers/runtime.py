@@ -1,0 +1,294 @@
+"""The worker process runtime: a DEALER to the broker backend around a busy engine loop.
+
+Connects:  DEALER -> broker backend (BrokerConfig.backend / WorkerConfig.broker).
+In:   REQUEST, CANCEL, HEARTBEAT, DRAIN, DISCONNECT   (each behind a route frame)
+Out:  READY (after load and warmup), HEARTBEAT {stats}, CHUNK, END, ERROR, DRAIN, DISCONNECT
+
+Two threads, as vLLM does it, so socket work never stalls compute:
+- the IO thread owns the DEALER: it decodes requests into the inbox queue, forwards what the
+  engine produced from an inproc PAIR, heartbeats, and reconnects with backoff when the broker
+  goes silent (then the engine drops what it was doing: the new broker does not know it);
+- the engine thread (the main thread) drains the inbox between steps and runs ``step()``.
+SIGTERM or a DRAIN drains: no new work, in-flight requests finish, DISCONNECT, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import zmq
+from zeroserve.workers.engine import Engine, EngineError, FatalEngineError, Output
+
+from zeroserve import protocol as p
+from zeroserve.config import WorkerConfig
+from zeroserve.sockets import make_socket
+
+log = logging.getLogger("zeroserve.worker")
+
+MAX_FAILED_STEPS = 5  # consecutive failing steps before the engine is declared dead
+
+# Inbox items from the IO thread to the engine thread.
+ADD, CANCEL, DRAIN, RESET = "add", "cancel", "drain", "reset"
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig, engine: Engine, ctx: zmq.Context | None = None) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.ctx = ctx or zmq.Context.instance()
+        self.worker_id = cfg.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.outbox_addr = f"inproc://worker-outbox-{uuid.uuid4().hex}"
+        self.outbox = self.ctx.socket(zmq.PAIR)  # engine thread's end
+        self.outbox.setsockopt(zmq.LINGER, 0)
+        self.outbox.bind(self.outbox_addr)
+        self.stop_io = threading.Event()
+        self.draining = False
+        self.stats: dict[str, Any] = {}
+        self.served = 0
+        self._io = threading.Thread(target=self._io_loop, name="worker-io", daemon=True)
+
+    # -- engine thread -------------------------------------------------------------------
+
+    def drain(self, *_: Any) -> None:
+        """SIGTERM: stop taking work and tell the broker; finish what is in flight."""
+        self.inbox.put((DRAIN, True))
+
+    def run(self) -> int:
+        self._io.start()
+        failed_steps = 0
+        code = 0
+        try:
+            while True:
+                if not self._take_inbox(block=not self.engine.has_work()):
+                    break
+                if not self.engine.has_work():
+                    continue
+                try:
+                    outputs = self.engine.step()
+                    failed_steps = 0
+                except FatalEngineError:
+                    raise
+                except Exception as exc:
+                    failed_steps += 1
+                    log.exception("engine step failed (%d in a row)", failed_steps)
+                    if failed_steps >= MAX_FAILED_STEPS:
+                        raise FatalEngineError(f"{failed_steps} failed steps: {exc}") from exc
+                    outputs = self.engine.abort_all(p.INTERNAL, f"engine error: {exc}")
+                self._emit(outputs)
+                self.stats = self.engine.stats()
+            self._send(b"", p.encode(p.DISCONNECT, {"reason": "drained"}))
+        except FatalEngineError as exc:
+            log.error("fatal engine error: %s", exc)
+            self._send(b"", p.encode(p.DISCONNECT, {"reason": f"fatal: {exc}"}))
+            code = 1
+        finally:
+            time.sleep(0.05)  # let the IO thread flush the last replies
+            self.stop_io.set()
+            self._io.join(timeout=2)
+            self.outbox.close(0)
+            self.engine.close()
+            log.info("worker %s exiting: served=%d code=%d", self.worker_id, self.served, code)
+        return code
+
+    def _take_inbox(self, block: bool) -> bool:
+        """Apply inbox items; block briefly when idle. False once a drain has completed."""
+        try:
+            item = self.inbox.get(timeout=0.1) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return not (self.draining and not self.engine.has_work())
+        while True:
+            self._apply(item)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+        return not (self.draining and not self.engine.has_work())
+
+    def _apply(self, item: tuple[Any, ...]) -> None:
+        kind = item[0]
+        if kind == ADD:
+            _, key, body, buffers = item
+            try:
+                self.engine.add(key, body, buffers)
+            except EngineError as exc:
+                self._emit([Output(key, error=(exc.code, str(exc)))])
+            except Exception as exc:
+                log.exception("engine rejected request %s", key[1])
+                self._emit([Output(key, error=(p.INTERNAL, f"{type(exc).__name__}: {exc}"))])
+        elif kind == CANCEL:
+            self._emit(self.engine.cancel(item[1]))
+        elif kind == DRAIN:
+            if not self.draining:
+                self.draining = True
+                log.info("draining: %s", "SIGTERM" if item[1] else "broker asked")
+                if item[1]:
+                    self._send(b"", p.encode(p.DRAIN, {}))
+        elif kind == RESET:
+            dropped = self.engine.abort_all(p.UNAVAILABLE, "broker connection lost")
+            if dropped:
+                log.warning("dropped %d requests after reconnecting to the broker", len(dropped))
+
+    def _emit(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            route, rid = out.key
+            if out.error is not None:
+                self._send(route, p.error(rid, *out.error))
+                self.served += 1
+            elif out.finish is not None:
+                payload = {**out.delta, **out.finish} if out.delta else out.finish
+                self._send(route, p.end(rid, payload, *out.buffers))
+                self.served += 1
+            elif out.delta is not None:
+                self._send(route, p.chunk(rid, out.delta, *out.buffers))
+
+    def _send(self, route: bytes, frames: list[Any]) -> None:
+        self.outbox.send_multipart([route, *frames], copy=False)
+
+    # -- IO thread -----------------------------------------------------------------------
+
+    def _ready_header(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.worker_id,
+            "models": list(self.engine.models),
+            "capacity": self.engine.capacity,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "cpus": list(self.cfg.cpus),
+            "device": self.engine.device,
+            "engine": self.cfg.engine,
+        }
+
+    def _connect(self) -> zmq.Socket:
+        sock = make_socket(self.ctx, zmq.DEALER, self.cfg.sockets)
+        sock.connect(self.cfg.broker)
+        sock.send_multipart([b"", *p.encode(p.READY, self._ready_header())])
+        return sock
+
+    def _io_loop(self) -> None:
+        pair = self.ctx.socket(zmq.PAIR)
+        pair.setsockopt(zmq.LINGER, 0)
+        pair.connect(self.outbox_addr)
+        dealer = self._connect()
+        log.info("worker %s connected to %s: READY models=%s capacity=%d", self.worker_id,
+                 self.cfg.broker, ",".join(self.engine.models), self.engine.capacity)
+        poller = zmq.Poller()
+        poller.register(pair, zmq.POLLIN)
+        poller.register(dealer, zmq.POLLIN)
+        interval = self.cfg.heartbeat_interval_s
+        broker_expiry = time.monotonic() + self.cfg.expiry_s
+        next_beat = time.monotonic() + interval
+        backoff = interval
+        try:
+            while not self.stop_io.is_set():
+                events = dict(poller.poll(min(100, interval * 1000)))
+                now = time.monotonic()
+                if pair in events:
+                    for _ in range(1024):
+                        try:
+                            dealer.send_multipart(pair.recv_multipart(zmq.NOBLOCK, copy=False),
+                                                  copy=False)
+                        except zmq.Again:
+                            break
+                if dealer in events:
+                    broker_expiry = now + self.cfg.expiry_s
+                    backoff = interval
+                    for _ in range(1024):
+                        try:
+                            frames = dealer.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        if self._on_broker(dealer, frames):
+                            broker_expiry = 0.0  # told to re-register: reconnect now
+                if now >= next_beat:
+                    next_beat = now + interval
+                    dealer.send_multipart([b"", *p.encode(p.HEARTBEAT, {"stats": self._beat()})])
+                if now > broker_expiry:
+                    log.warning("broker silent: reconnecting in %.1fs", backoff)
+                    poller.unregister(dealer)
+                    dealer.close(0)
+                    self.inbox.put((RESET,))
+                    if self.stop_io.wait(backoff):
+                        return
+                    backoff = min(backoff * 2, 8 * interval)
+                    dealer = self._connect()
+                    poller.register(dealer, zmq.POLLIN)
+                    broker_expiry = time.monotonic() + self.cfg.expiry_s
+        finally:
+            dealer.close(0)
+            pair.close(0)
+
+    def _beat(self) -> dict[str, Any]:
+        return {**self.stats, "served": self.served, "draining": self.draining}
+
+    def _on_broker(self, dealer: zmq.Socket, frames: list[bytes]) -> bool:
+        """Handle one message from the broker; True when it asks us to re-register."""
+        route = frames[0] if frames else b""
+        try:
+            msg = p.decode(frames[1:])
+        except p.ProtocolError as exc:
+            log.warning("malformed frame from broker: %s", exc)
+            return False
+        t = msg.type
+        if t == p.REQUEST:
+            rid = msg.header["id"]
+            try:
+                body = p.body(msg)
+            except p.ProtocolError as exc:
+                dealer.send_multipart([route, *p.error(rid, p.BAD_REQUEST, str(exc))])
+                return False
+            self.inbox.put((ADD, (route, rid), body, msg.buffers[1:]))
+        elif t == p.CANCEL:
+            self.inbox.put((CANCEL, (route, msg.header["id"])))
+        elif t == p.DRAIN:
+            self.inbox.put((DRAIN, False))
+        elif t == p.DISCONNECT:
+            reason = msg.header.get("reason", "")
+            if reason == "drained" or self.draining:
+                return False  # we are leaving anyway
+            log.info("broker says disconnect (%s): registering again", reason)
+            return True
+        return False
+
+
+def build_engine(cfg: WorkerConfig) -> Engine:
+    """Construct the engine named by the config (heavy imports happen only here)."""
+    if cfg.engine == "echo":
+        from zeroserve.workers.echo import EchoEngine
+
+        return EchoEngine(cfg.served_name or cfg.model, cfg.capacity, cfg.step_delay_ms)
+    if cfg.engine == "llm":
+        from zeroserve.workers.llm.engine import LLMEngine
+
+        return LLMEngine.from_config(cfg)
+    raise ValueError(f"unknown engine {cfg.engine!r}")
+
+
+def serve(cfg: WorkerConfig) -> int:
+    """Load and warm the engine, then register with the broker and serve until drained."""
+    t0 = time.monotonic()
+    engine = build_engine(cfg)
+    engine.warmup()
+    log.info("engine %s ready in %.2fs (models=%s device=%s)", cfg.engine,
+             time.monotonic() - t0, ",".join(engine.models), engine.device)
+    _freeze_gc()
+    worker = Worker(cfg, engine)
+    signal.signal(signal.SIGTERM, worker.drain)
+    signal.signal(signal.SIGINT, worker.drain)
+    return worker.run()
+
+
+def _freeze_gc() -> None:
+    """Move startup objects (model, tokenizer) out of the collector's view: cheaper GC passes."""
+    import gc
+
+    gc.collect()
+    gc.freeze()

@@ -1,0 +1,81 @@
+"""`zeroserve worker`: one worker process (see runtime.py for its sockets and messages).
+
+Pins itself to its CPU slice before torch is imported, builds the engine named by --engine,
+warms it up, then registers with the broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from zeroserve.workers import pinning
+
+from zeroserve.config import WorkerConfig, default_endpoint
+from zeroserve.logs import setup_logging
+
+log = logging.getLogger("zeroserve.worker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="zeroserve worker", description="Run one worker process.")
+    ap.add_argument("--broker", default=None, help="broker backend endpoint")
+    ap.add_argument("--instance", default=None, help="deployment name for default ipc paths")
+    ap.add_argument("--engine", default="echo", choices=["echo", "llm"])
+    ap.add_argument("--model", default="echo", help="model directory or preset name")
+    ap.add_argument("--served-name", default="", help="name requests use (default: model name)")
+    ap.add_argument("--worker-id", default="")
+    ap.add_argument("--capacity", type=int, default=64, help="max concurrent requests")
+    ap.add_argument("--cpus", default="", help="pin to these cores, e.g. 0-3 (default: a slice)")
+    ap.add_argument("--slot", type=int, default=int(os.environ.get("ZEROSERVE_SLOT", 0)))
+    ap.add_argument("--slots", type=int, default=int(os.environ.get("ZEROSERVE_SLOTS", 1)))
+    ap.add_argument("--no-pin", action="store_true", help="do not pin to cores")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    ap.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    ap.add_argument("--step-delay-ms", type=float, default=0.0, help="echo engine: delay a step")
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--kv-cache-tokens", type=int, default=0, help="0: size from free memory")
+    ap.add_argument("--heartbeat-interval-s", type=float, default=1.0)
+    ap.add_argument("--heartbeat-liveness", type=int, default=3)
+    ap.add_argument("--log-level", default="INFO")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace, cpus: tuple[int, ...]) -> WorkerConfig:
+    return WorkerConfig(
+        broker=args.broker or default_endpoint("backend", args.instance),
+        engine=args.engine,
+        model=args.model,
+        served_name=args.served_name,
+        worker_id=args.worker_id,
+        capacity=args.capacity,
+        cpus=cpus,
+        device=args.device,
+        dtype=args.dtype,
+        step_delay_ms=args.step_delay_ms,
+        max_num_seqs=args.max_num_seqs,
+        max_batched_tokens=args.max_batched_tokens,
+        max_model_len=args.max_model_len,
+        kv_cache_tokens=args.kv_cache_tokens,
+        heartbeat_interval_s=args.heartbeat_interval_s,
+        heartbeat_liveness=args.heartbeat_liveness,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, "worker")
+    cpus = pinning.parse_cpus(args.cpus) if args.cpus else pinning.partition(args.slot, args.slots)
+    if not args.no_pin:
+        pinning.pin(cpus)
+    log.info("pinned to cpus %s (slot %d of %d)", ",".join(map(str, cpus)), args.slot, args.slots)
+    from zeroserve.workers.runtime import serve
+
+    return serve(config_from_args(args, cpus))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""The `zeroserve` command: one subcommand per process role or tool.
+
+    zeroserve broker ...        the broker process (broker/broker.py)
+    zeroserve worker ...        one worker process (workers/worker.py)
+    zeroserve up ...            broker + N workers as children of one foreground command
+    zeroserve bench transport   transport round-trip and throughput benchmark
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "broker": "zeroserve.broker.broker",
+    "worker": "zeroserve.workers.worker",
+    "up": "zeroserve.up",
+    "bench": "zeroserve.bench",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""Configuration: frozen dataclasses built once per process, plus default endpoints.
+
+Nothing here binds or connects. Endpoints default to ipc paths carrying a per-deployment
+instance name (``ZEROSERVE_INSTANCE``, default "default"), so two deployments on one host never
+collide; any endpoint can be a tcp:// address instead.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+
+
+def instance_name() -> str:
+    return os.environ.get("ZEROSERVE_INSTANCE", "default")
+
+
+def runtime_dir() -> str:
+    return os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+
+
+def default_endpoint(role: str, instance: str | None = None) -> str:
+    """ipc endpoint for a role ("frontend" or "backend") of one deployment."""
+    name = instance or instance_name()
+    return f"ipc://{runtime_dir()}/zeroserve-{name}-{role}.sock"
+
+
+@dataclass(frozen=True)
+class SocketConfig:
+    """Options set on every socket before bind/connect (later settings do not apply)."""
+
+    hwm: int = 100_000
+    max_message_bytes: int = 512 * MIB
+    linger_ms: int = 0
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    frontend: str
+    backend: str
+    heartbeat_interval_s: float = 1.0
+    heartbeat_liveness: int = 3
+    max_queue: int = 1024
+    max_queue_wait_ms: int = 30_000
+    sockets: SocketConfig = SocketConfig()
+
+    @property
+    def expiry_s(self) -> float:
+        return self.heartbeat_interval_s * self.heartbeat_liveness
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    broker: str
+    engine: str = "echo"
+    model: str = "echo"
+    served_name: str = ""
+    worker_id: str = ""
+    capacity: int = 64
+    cpus: tuple[int, ...] = ()
+    device: str = "cpu"
+    dtype: str = "auto"
+    step_delay_ms: float = 0.0
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    kv_cache_tokens: int = 0
+    heartbeat_interval_s: float = 1.0
+    heartbeat_liveness: int = 3
+    sockets: SocketConfig = SocketConfig()
+
+    @property
+    def expiry_s(self) -> float:
+        return self.heartbeat_interval_s * self.heartbeat_liveness
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    endpoints: tuple[str, ...]
+    heartbeat_interval_s: float = 1.0
+    heartbeat_liveness: int = 3
+    timeout_s: float | None = None
+    reconnect_backoff_s: float = 0.1
+    reconnect_backoff_max_s: float = 2.0
+    sockets: SocketConfig = SocketConfig()
+
+    @property
+    def expiry_s(self) -> float:
+        return self.heartbeat_interval_s * self.heartbeat_liveness

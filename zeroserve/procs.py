@@ -1,0 +1,54 @@
+"""Child-process management for `zeroserve up`, benchmarks and tests: start, wait, reap.
+
+Every child runs `python -m zeroserve.cli ROLE ...` in its own process group, so a stop can
+signal the whole group; `stop_all` sends SIGTERM, waits, then SIGKILLs what is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+
+def spawn(role: str, args: Sequence[str], env: dict[str, str] | None = None,
+          **popen: object) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "zeroserve.cli", role, *args]
+    return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True,
+                            **popen)  # type: ignore[call-overload]
+
+
+def stop(proc: subprocess.Popen, timeout_s: float = 10.0, sig: int = signal.SIGTERM) -> int:
+    """Signal a child's process group, wait for it, kill it if it will not go."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            kill(proc)
+    return proc.returncode
+
+
+def kill(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def stop_all(procs: Sequence[subprocess.Popen], timeout_s: float = 10.0) -> None:
+    """Workers first, then the rest, so in-flight requests can still be answered."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            kill(proc)

@@ -1,0 +1,191 @@
+"""The zeroserve wire protocol: every frame is defined here, once.
+
+A message is a list of ZeroMQ frames:
+
+    +---------+------+-------------------+----------+-----+----------+
+    | version | type | header            | buffer 0 | ... | buffer N |
+    | b"ZS1"  | 1 B  | msgpack map       | raw      |     | raw      |
+    +---------+------+-------------------+----------+-----+----------+
+
+- A ROUTER sees the sender's identity frame in front of the version.
+- On the broker's backend (broker <-> worker) each message also carries a *route* frame in
+  front of the version: the identity of the client a request belongs to (b"" when the message
+  belongs to no request). Workers echo it back, so the broker routes replies with a dict lookup
+  and never re-encodes a header.
+- The header is a small msgpack map: the broker reads it to route. Request bodies and reply
+  payloads ride in buffer 0 as msgpack bytes the broker never unpacks; tensors ride as further
+  raw buffers (or as shared-memory descriptors inside the body).
+
+Message types and their headers (every request-scoped one carries ``id``, the request id):
+
+    READY       worker -> broker   {worker_id, models, capacity, pid, host, cpus, device, engine}
+    HEARTBEAT   both ways          {} or {stats: {...}} from a worker
+    REQUEST     client -> worker   {id, model}            buffer 0: msgpack body
+    CHUNK       worker -> client   {id}                   buffer 0: msgpack payload
+    END         worker -> client   {id}                   buffer 0: msgpack {finish_reason, usage}
+    ERROR       any -> client      {id, code, message}
+    CANCEL      client -> worker   {id}
+    DRAIN       admin/broker -> worker, or worker -> broker on its own SIGTERM  {}
+    DISCONNECT  either way         {reason}
+    ADMIN       client -> broker   {id, op, ...}          reply: END with buffer 0 the result
+
+Nothing here pickles. Decoding untrusted bytes always goes through ``unpackb`` with limits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+VERSION = b"ZS1"
+
+READY = b"\x01"
+HEARTBEAT = b"\x02"
+REQUEST = b"\x03"
+CHUNK = b"\x04"
+END = b"\x05"
+ERROR = b"\x06"
+CANCEL = b"\x07"
+DRAIN = b"\x08"
+DISCONNECT = b"\x09"
+ADMIN = b"\x0a"
+
+TYPE_NAMES = {
+    READY: "READY",
+    HEARTBEAT: "HEARTBEAT",
+    REQUEST: "REQUEST",
+    CHUNK: "CHUNK",
+    END: "END",
+    ERROR: "ERROR",
+    CANCEL: "CANCEL",
+    DRAIN: "DRAIN",
+    DISCONNECT: "DISCONNECT",
+    ADMIN: "ADMIN",
+}
+
+# Error codes carried in ERROR headers.
+BAD_REQUEST = "BAD_REQUEST"
+BUSY = "BUSY"
+UNKNOWN_MODEL = "UNKNOWN_MODEL"
+WORKER_LOST = "WORKER_LOST"
+TIMEOUT = "TIMEOUT"
+CANCELLED = "CANCELLED"
+INTERNAL = "INTERNAL"
+UNAVAILABLE = "UNAVAILABLE"
+ERROR_CODES = (
+    BAD_REQUEST, BUSY, UNKNOWN_MODEL, WORKER_LOST, TIMEOUT, CANCELLED, INTERNAL, UNAVAILABLE,
+)
+
+# Limits for decoding untrusted msgpack: a header is small, a body may hold long prompts.
+HEADER_LIMIT_BYTES = 64 * 1024
+BODY_LIMIT_BYTES = 64 * 1024 * 1024
+MAX_ID_LEN = 128
+
+
+class ProtocolError(ValueError):
+    """A frame that does not follow this protocol. Its text is safe to send back to the peer."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One decoded message: its type byte, its header map and its raw buffers."""
+
+    type: bytes
+    header: dict[str, Any]
+    buffers: list[bytes] = field(default_factory=list)
+
+    @property
+    def id(self) -> str | None:
+        return self.header.get("id")
+
+
+def packb(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpackb(data: bytes, limit: int = BODY_LIMIT_BYTES) -> Any:
+    """Decode untrusted msgpack with every length bounded by ``limit``."""
+    if len(data) > limit:
+        raise ProtocolError(f"msgpack payload of {len(data)} bytes exceeds {limit}")
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=limit,
+            max_bin_len=limit,
+            max_array_len=min(limit, 1 << 20),
+            max_map_len=min(limit, 1 << 16),
+            max_ext_len=0,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several types on bad bytes
+        raise ProtocolError(f"bad msgpack: {type(exc).__name__}") from None
+
+
+def encode(msg_type: bytes, header: dict[str, Any], *buffers: bytes) -> list[bytes]:
+    """The single outbound framing function: [version, type, header, *buffers]."""
+    return [VERSION, msg_type, packb(header), *buffers]
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Parse [version, type, header, *buffers]; raise ProtocolError on anything malformed."""
+    if len(frames) < 3:
+        raise ProtocolError(f"expected at least 3 frames, got {len(frames)}")
+    version, msg_type, header = frames[0], frames[1], frames[2]
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {bytes(version[:8])!r}")
+    if msg_type not in TYPE_NAMES:
+        raise ProtocolError(f"unknown message type {bytes(msg_type[:4])!r}")
+    head = unpackb(header, HEADER_LIMIT_BYTES)
+    if not isinstance(head, dict):
+        raise ProtocolError("header is not a map")
+    if msg_type in _ID_TYPES:
+        rid = head.get("id")
+        if not isinstance(rid, str) or not 0 < len(rid) <= MAX_ID_LEN:
+            raise ProtocolError(f"{TYPE_NAMES[msg_type]} needs a string id of 1-{MAX_ID_LEN} chars")
+    if msg_type == REQUEST and not isinstance(head.get("model"), str):
+        raise ProtocolError("REQUEST needs a string model")
+    return Message(msg_type, head, list(frames[3:]))
+
+
+_ID_TYPES = frozenset({REQUEST, CHUNK, END, ERROR, CANCEL, ADMIN})
+
+
+# Constructors for the common messages, so every caller frames them the same way.
+
+def request(rid: str, model: str, body: dict[str, Any], *buffers: bytes) -> list[bytes]:
+    return encode(REQUEST, {"id": rid, "model": model}, packb(body), *buffers)
+
+
+def chunk(rid: str, payload: dict[str, Any], *buffers: bytes) -> list[bytes]:
+    return encode(CHUNK, {"id": rid}, packb(payload), *buffers)
+
+
+def end(rid: str, payload: dict[str, Any], *buffers: bytes) -> list[bytes]:
+    return encode(END, {"id": rid}, packb(payload), *buffers)
+
+
+def error(rid: str, code: str, message: str) -> list[bytes]:
+    return encode(ERROR, {"id": rid, "code": code, "message": message})
+
+
+def cancel(rid: str) -> list[bytes]:
+    return encode(CANCEL, {"id": rid})
+
+
+def admin(rid: str, op: str, **args: Any) -> list[bytes]:
+    return encode(ADMIN, {"id": rid, "op": op, **args})
+
+
+def body(msg: Message) -> dict[str, Any]:
+    """The msgpack body in buffer 0 of a REQUEST, CHUNK or END, as a map."""
+    if not msg.buffers:
+        return {}
+    obj = unpackb(msg.buffers[0])
+    if not isinstance(obj, dict):
+        raise ProtocolError("body is not a map")
+    return obj

@@ -183,8 +183,8 @@ class Broker:
                 self._send_client(client, p.error(rid, p.BAD_REQUEST, "no such worker"))
                 return
             self._send_worker(worker, NO_ROUTE, p.encode(p.DRAIN, {}))
-            result = worker.row(now)
             self._drain_worker(worker, "admin request")
+            result = worker.row(now)
         else:
             self._send_client(client, p.error(rid, p.BAD_REQUEST, f"unknown admin op {op!r}"))
             return

@@ -206,7 +206,7 @@ class Table:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "workers": len(self.workers),
+            "live_workers": len(self.workers),
             "queued": self.queued,
             "in_flight": sum(len(w.inflight) for w in self.workers.values()),
             "capacity": sum(w.capacity for w in self.workers.values() if not w.draining),

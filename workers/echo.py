@@ -3,7 +3,9 @@
 The test and benchmark engine for the transport. All running requests advance together, one
 token per step, and each step sleeps `step_delay_ms` to stand in for compute.
 
-Request body: {"prompt": str, "max_tokens": int (optional)}.
+Request body: {"prompt": str, "max_tokens": int (optional), "fail_at": int (optional)}.
+`fail_at` makes the step that would emit that token raise, so tests can watch the runtime
+fail the batch with INTERNAL and carry on.
 Each step's delta: {"text": str, "token_ids": [index]}; END adds finish_reason and usage.
 """
 
@@ -24,6 +26,7 @@ MAX_PROMPT_TOKENS = 1_000_000
 class _Echo:
     tokens: list[str]
     pos: int = 0
+    fail_at: int = -1
 
 
 class EchoEngine:
@@ -44,7 +47,10 @@ class EchoEngine:
         max_tokens = body.get("max_tokens", len(tokens))
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise EngineError(p.BAD_REQUEST, "max_tokens must be a positive integer")
-        self.running[key] = _Echo(tokens[: min(max_tokens, MAX_PROMPT_TOKENS)])
+        fail_at = body.get("fail_at", -1)
+        if not isinstance(fail_at, int):
+            raise EngineError(p.BAD_REQUEST, "fail_at must be an integer")
+        self.running[key] = _Echo(tokens[: min(max_tokens, MAX_PROMPT_TOKENS)], 0, fail_at)
 
     def cancel(self, key: RequestKey) -> list[Output]:
         req = self.running.pop(key, None)
@@ -67,6 +73,8 @@ class EchoEngine:
         outs: list[Output] = []
         done: list[RequestKey] = []
         for key, req in self.running.items():
+            if req.pos == req.fail_at:
+                raise RuntimeError(f"echo asked to fail at token {req.pos}")
             word = req.tokens[req.pos]
             delta = {"text": word if req.pos == 0 else " " + word, "token_ids": [req.pos]}
             req.pos += 1

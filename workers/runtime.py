@@ -80,14 +80,16 @@ class Worker:
                 except Exception as exc:
                     failed_steps += 1
                     log.exception("engine step failed (%d in a row)", failed_steps)
-                    if failed_steps >= MAX_FAILED_STEPS:
-                        raise FatalEngineError(f"{failed_steps} failed steps: {exc}") from exc
                     outputs = self.engine.abort_all(p.INTERNAL, f"engine error: {exc}")
+                    if failed_steps >= MAX_FAILED_STEPS:
+                        self._emit(outputs)
+                        raise FatalEngineError(f"{failed_steps} failed steps: {exc}") from exc
                 self._emit(outputs)
                 self.stats = self.engine.stats()
             self._send(b"", p.encode(p.DISCONNECT, {"reason": "drained"}))
         except FatalEngineError as exc:
             log.error("fatal engine error: %s", exc)
+            self._emit(self.engine.abort_all(p.INTERNAL, f"worker died: {exc}"))
             self._send(b"", p.encode(p.DISCONNECT, {"reason": f"fatal: {exc}"}))
             code = 1
         finally:

@@ -190,8 +190,12 @@ class ClientCore:
         return frames
 
     def cancel(self, rid: str) -> list[bytes] | None:
-        """Forget a request; the CANCEL frames to send if the broker may still hold it."""
-        return p.cancel(rid) if self.pending.pop(rid, None) is not None else None
+        """Forget a request (its reader gets CancelledError); the CANCEL frames to send."""
+        pend = self.pending.pop(rid, None)
+        if pend is None:
+            return None
+        pend.sink.put(errors.CancelledError("cancelled by the client", rid))
+        return p.cancel(rid)
 
     def on_frames(self, frames: list[bytes]) -> None:
         self.broker_expiry = time.monotonic() + self.cfg.expiry_s
@@ -457,16 +461,13 @@ class AsyncClient:
     async def _read_loop(self) -> None:
         core = self.core
         while not self._closed:
-            try:
-                frames = await asyncio.wait_for(self.sock.recv_multipart(), 0.1)
-                core.on_frames(frames)
-                while True:  # drain what is already queued without re-entering the loop
+            # poll, then read without blocking: a cancelled recv future could lose a message
+            if await self.sock.poll(100, zmq.POLLIN):
+                for _ in range(1024):
                     try:
-                        core.on_frames(self.sock.recv_multipart(zmq.NOBLOCK))
+                        core.on_frames(await self.sock.recv_multipart(zmq.NOBLOCK))
                     except zmq.Again:
                         break
-            except TimeoutError:
-                pass
             now = time.monotonic()
             if core.heartbeat_due(now):
                 await self.sock.send_multipart(p.encode(p.HEARTBEAT, {}))

@@ -1,0 +1,115 @@
+"""Fixtures that start real zeroserve processes on ipc paths under a temp dir, and reap them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from zeroserve.client import Client
+from zeroserve.procs import kill, spawn, stop
+
+
+class Pipeline:
+    """A broker and workers started as child processes; every one is reaped at teardown."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.frontend = f"ipc://{root}/frontend.sock"
+        self.backend = f"ipc://{root}/backend.sock"
+        self.broker: subprocess.Popen | None = None
+        self.workers: dict[str, subprocess.Popen] = {}
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+
+    def _spawn(self, role: str, name: str, args: list[str]) -> subprocess.Popen:
+        log = self.root / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        self.logs.append(log)
+        with open(log, "wb") as fh:
+            proc = spawn(role, args, stdout=fh, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def start_broker(self, *args: str) -> subprocess.Popen:
+        self.broker = self._spawn("broker", "broker", [
+            "--frontend", self.frontend, "--backend", self.backend,
+            "--heartbeat-interval-s", "0.25", *args])
+        return self.broker
+
+    def start_worker(self, worker_id: str, *args: str, engine: str = "echo") -> subprocess.Popen:
+        proc = self._spawn("worker", worker_id, [
+            "--broker", self.backend, "--engine", engine, "--worker-id", worker_id,
+            "--heartbeat-interval-s", "0.25", "--no-pin", *args])
+        self.workers[worker_id] = proc
+        return proc
+
+    def client(self, **kw: object) -> Client:
+        return Client(self.frontend, heartbeat_interval_s=0.25, **kw)  # type: ignore[arg-type]
+
+    def wait_workers(self, n: int, timeout_s: float = 60.0, model: str | None = None) -> list:
+        deadline = time.monotonic() + timeout_s
+        with self.client() as c:
+            while time.monotonic() < deadline:
+                try:
+                    rows = [w for w in c.workers()
+                            if not w["draining"] and (model is None or model in w["models"])]
+                    if len(rows) >= n:
+                        return rows
+                except Exception:
+                    pass
+                dead = [p for p in self.procs if p.poll() is not None and p.returncode != 0]
+                if dead:
+                    raise RuntimeError(f"a process died:\n{self.dump_logs()}")
+                time.sleep(0.05)
+        raise TimeoutError(f"{n} workers did not register:\n{self.dump_logs()}")
+
+    def dump_logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                         for p in self.logs if p.exists())
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                stop(proc, timeout_s=5)
+        for proc in self.procs:
+            if proc.poll() is None:
+                kill(proc)
+
+
+@pytest.fixture
+def tmp_ipc() -> Iterator[Path]:
+    """A short temp dir: ipc paths must stay under the 107-byte unix socket limit."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="zs-") as d:
+        yield Path(d)
+
+
+@pytest.fixture
+def pipeline(tmp_ipc: Path) -> Iterator[Pipeline]:
+    pipe = Pipeline(tmp_ipc)
+    try:
+        yield pipe
+    finally:
+        pipe.close()
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context]:
+    context = zmq.Context()
+    try:
+        yield context
+    finally:
+        context.destroy(linger=0)
+
+
+@pytest.fixture(autouse=True)
+def _instance(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests never touch the default deployment's endpoints or shared memory.
+    monkeypatch.setenv("ZEROSERVE_INSTANCE", f"test-{os.getpid()}")

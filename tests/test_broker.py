@@ -1,0 +1,271 @@
+"""Broker: routing decisions (unit) and the real process under load, faults and garbage."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+import pytest
+import zmq
+
+from zeroserve import AsyncClient, BusyError, UnknownModelError, WorkerLostError
+from zeroserve import protocol as p
+from zeroserve.broker.table import Job, Table
+
+# -- unit: the table ---------------------------------------------------------------------
+
+
+def _table_with(*caps: int) -> Table:
+    table = Table(max_queue=2, max_queue_wait_s=1.0)
+    for i, cap in enumerate(caps):
+        table.register(bytes([i]), {"worker_id": f"w{i}", "models": ["m"], "capacity": cap}, 1e9)
+    return table
+
+
+def test_pick_worker_prefers_most_free_credit_and_rotates_ties() -> None:
+    table = _table_with(4, 4)
+    picks = [table.pick_worker("m").worker_id for _ in range(4)]
+    assert set(picks) == {"w0", "w1"}  # ties rotate
+    w0 = table.workers[b"\x00"]
+    for i in range(3):
+        table.assign(Job(b"c", str(i), "m", [], 0.0), w0)
+    assert all(table.pick_worker("m").worker_id == "w1" for _ in range(3))
+    assert table.pick_worker("other") is None
+
+
+def test_full_workers_give_no_pick_and_queue_is_bounded() -> None:
+    table = _table_with(1)
+    table.assign(Job(b"c", "a", "m", [], 0.0), table.workers[b"\x00"])
+    assert table.pick_worker("m") is None
+    for rid in ("q1", "q2"):
+        assert table.can_enqueue()
+        table.enqueue(Job(b"c", rid, "m", [], time.monotonic()))
+    assert not table.can_enqueue()
+
+
+def test_purge_requeues_unstarted_once_and_loses_streamed() -> None:
+    table = _table_with(4)
+    w = table.workers[b"\x00"]
+    fresh, streamed = Job(b"c", "a", "m", [], 0.0), Job(b"c", "b", "m", [], 0.0, streamed=True)
+    for job in (fresh, streamed):
+        table.jobs[job.key] = job
+        table.assign(job, w)
+    requeue, lost = table.remove_worker(w)
+    assert requeue == [fresh] and lost == [streamed] and fresh.requeued
+
+
+# -- end to end: real broker, real workers -----------------------------------------------
+
+
+def test_1000_pipelined_requests_over_one_socket(pipeline) -> None:
+    pipeline.start_broker()
+    pipeline.start_worker("a", "--capacity", "128")
+    pipeline.start_worker("b", "--capacity", "128")
+    pipeline.wait_workers(2)
+
+    async def run() -> list:
+        async with AsyncClient(pipeline.frontend) as client:
+            prompts = [" ".join(f"r{i}t{k}" for k in range(1 + i % 5)) for i in range(1000)]
+            handles = [await client.submit("echo", pr) for pr in prompts]
+            outs = []
+            for pr, h in zip(prompts, handles, strict=True):
+                ids: list[int] = []
+                async for chunk in h.chunks(30):
+                    ids.extend(chunk.token_ids)
+                    text = chunk.text
+                outs.append((pr, ids, text))
+            return outs
+
+    outs = asyncio.run(run())
+    assert len(outs) == 1000
+    for prompt, ids, _ in outs:
+        assert ids == list(range(len(prompt.split())))  # every chunk, in order
+    with pipeline.client() as c:
+        served = {w["worker_id"]: w["served"] for w in c.workers()}
+    assert served["a"] > 100 and served["b"] > 100 and sum(served.values()) >= 1000
+
+
+def test_replies_match_requests_under_sync_client(pipeline) -> None:
+    pipeline.start_broker()
+    pipeline.start_worker("a")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c:
+        handles = [(i, c.submit("echo", f"x{i} y{i}")) for i in range(200)]
+        for i, h in handles:
+            assert h.result(10).text == f"x{i} y{i}"
+
+
+def test_load_aware_routing_sends_fewer_requests_to_the_slow_worker(pipeline) -> None:
+    pipeline.start_broker()
+    pipeline.start_worker("slow", "--capacity", "4", "--step-delay-ms", "40")
+    pipeline.start_worker("fast", "--capacity", "4", "--step-delay-ms", "2")
+    pipeline.wait_workers(2)
+    with pipeline.client() as c:
+        handles = [c.submit("echo", "a b c d") for _ in range(120)]
+        for h in handles:
+            h.result(60)
+        served = {w["worker_id"]: w["served"] for w in c.workers()}
+    assert served["fast"] > 2 * served["slow"], served
+
+
+def test_cancel_mid_stream_stops_within_a_step(pipeline) -> None:
+    pipeline.start_broker()
+    pipeline.start_worker("a", "--step-delay-ms", "20")
+    pipeline.wait_workers(1)
+    words = " ".join(f"w{i}" for i in range(500))
+    with pipeline.client() as c:
+        stream = c.stream("echo", words)
+        got = [next(stream) for _ in range(3)]
+        assert got
+        stream.close()  # breaking out cancels
+        time.sleep(0.2)
+        row = c.workers()[0]
+        assert row["in_flight"] == 0
+        # the worker stopped the request: its step count stays far below 500
+        assert row["stats"]["steps"] < 100
+
+
+def test_unknown_model_is_rejected(pipeline) -> None:
+    pipeline.start_broker()
+    pipeline.start_worker("a")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c, pytest.raises(UnknownModelError):
+        c.generate("nope", "x", timeout_s=5)
+
+
+def test_kill_9_worker_mid_stream(pipeline) -> None:
+    pipeline.start_broker()
+    victim = pipeline.start_worker("victim", "--capacity", "4", "--step-delay-ms", "50")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c:
+        long_prompt = " ".join(["tok"] * 400)
+        streaming = [c.submit("echo", long_prompt) for _ in range(4)]  # fill its credit
+        waiting = [c.submit("echo", "a b c") for _ in range(4)]  # queued behind them
+        iters = [h.chunks(10) for h in streaming]
+        for it in iters:
+            next(it)
+        pipeline.start_worker("survivor", "--capacity", "1", "--step-delay-ms", "30")
+        # the survivor takes queued work only once the victim is gone
+        os.kill(victim.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        for it in iters:
+            with pytest.raises(WorkerLostError):
+                list(it)
+        assert time.monotonic() - t0 < 0.25 * 3 + 1.0  # heartbeat x liveness, plus slack
+        for h in waiting:
+            assert h.result(20).text == "a b c"
+        assert c.generate("echo", "after", timeout_s=10).text == "after"
+        assert [w["worker_id"] for w in c.workers()] == ["survivor"]
+
+
+def test_broker_restart_workers_reregister_and_unstarted_requests_succeed(pipeline) -> None:
+    pipeline.start_broker()
+    pipeline.start_worker("a")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c:
+        assert c.generate("echo", "before", timeout_s=5).text == "before"
+        os.kill(pipeline.broker.pid, signal.SIGKILL)
+        pipeline.broker.wait()
+        pending = [c.submit("echo", f"during {i}") for i in range(10)]
+        time.sleep(0.5)
+        pipeline.start_broker()
+        for i, h in enumerate(pending):
+            assert h.result(20).text == f"during {i}"
+        pipeline.wait_workers(1)
+
+
+def test_random_and_malformed_frames_do_not_hurt_the_broker(pipeline, ctx) -> None:
+    pipeline.start_broker()
+    pipeline.start_worker("a")
+    pipeline.wait_workers(1)
+    rng = random.Random(7)
+    fronts = [ctx.socket(zmq.DEALER) for _ in range(2)]
+    back = ctx.socket(zmq.DEALER)
+    for s in fronts:
+        s.connect(pipeline.frontend)
+    back.connect(pipeline.backend)
+    templates = [
+        lambda: [rng.randbytes(rng.randint(0, 40)) for _ in range(rng.randint(1, 6))],
+        lambda: [b"ZS1", bytes([rng.randint(0, 20)]), rng.randbytes(rng.randint(0, 30))],
+        lambda: [b"ZS1", p.REQUEST, p.packb({"id": rng.randint(0, 9), "model": None})],
+        lambda: [b"ZS1", p.REQUEST, p.packb({"id": "x", "model": "echo"}), b"\xc1garbage"],
+        lambda: [b"ZS1", p.CANCEL, p.packb({"id": "nope"})],
+        lambda: [b"ZS1", p.END, p.packb({"id": "r"}), b"\x80"],
+        lambda: [b"ZS1", p.READY, p.packb({"models": "x", "capacity": "lots"})],
+        lambda: [b"ZS1", p.ADMIN, p.packb({"id": "a", "op": "explode"})],
+    ]
+    for i in range(10_000):
+        frames = rng.choice(templates)()
+        (back if i % 3 == 0 else fronts[i % 2]).send_multipart(frames)
+    errors_seen = 0
+    for s in fronts:
+        while s.poll(200):
+            msg = p.decode(s.recv_multipart())
+            errors_seen += msg.type == p.ERROR
+    assert errors_seen > 1000  # garbage is answered, not swallowed
+    with pipeline.client() as c:
+        assert c.generate("echo", "still here", timeout_s=10).text == "still here"
+    assert pipeline.broker.poll() is None
+
+
+def test_overload_gives_busy_at_once(pipeline) -> None:
+    pipeline.start_broker("--max-queue", "2")
+    pipeline.start_worker("a", "--capacity", "2", "--step-delay-ms", "50")
+    pipeline.wait_workers(1)
+    long_prompt = " ".join(["t"] * 100)
+    with pipeline.client() as c:
+        running = [c.submit("echo", long_prompt) for _ in range(2)]
+        queued = [c.submit("echo", long_prompt) for _ in range(2)]
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        with pytest.raises(BusyError):
+            c.generate("echo", "one more", timeout_s=5)
+        assert time.monotonic() - t0 < 0.5
+        for h in running + queued:
+            h.cancel()
+
+
+def test_queue_wait_expiry_gives_busy(pipeline) -> None:
+    pipeline.start_broker("--max-queue-wait-ms", "300")
+    pipeline.start_worker("a", "--capacity", "1", "--step-delay-ms", "50")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c:
+        running = c.submit("echo", " ".join(["t"] * 100))
+        with pytest.raises(BusyError):
+            c.generate("echo", "waits too long", timeout_s=5)
+        running.cancel()
+
+
+def test_admin_drain_finishes_in_flight_then_worker_exits(pipeline) -> None:
+    pipeline.start_broker()
+    worker = pipeline.start_worker("a", "--step-delay-ms", "20")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c:
+        h = c.submit("echo", " ".join(["t"] * 20))
+        chunks = h.chunks(10)
+        first = next(chunks)
+        row = c.admin("drain", worker_id="a")
+        assert row["draining"] is True
+        rest = [i for ch in chunks for i in ch.token_ids]
+        assert first.token_ids + rest == list(range(20))  # in-flight work finished
+        assert worker.wait(10) == 0
+        assert c.workers() == []
+
+
+def test_client_that_vanishes_has_its_requests_cancelled(pipeline, ctx) -> None:
+    pipeline.start_broker()
+    pipeline.start_worker("a", "--step-delay-ms", "20")
+    pipeline.wait_workers(1)
+    raw = ctx.socket(zmq.DEALER)
+    raw.connect(pipeline.frontend)
+    raw.send_multipart(p.request("r1", "echo", {"prompt": " ".join(["t"] * 1000)}))
+    raw.recv_multipart()  # first chunk: it runs
+    raw.close(0)  # gone without a word; no heartbeats either
+    with pipeline.client() as c:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and c.workers()[0]["in_flight"]:
+            time.sleep(0.1)
+        assert c.workers()[0]["in_flight"] == 0

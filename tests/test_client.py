@@ -1,0 +1,104 @@
+"""SDK: sync and async clients, errors, timeouts, cancel, failover across brokers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from zeroserve import (
+    AsyncClient,
+    CancelledError,
+    Client,
+    RequestTimeoutError,
+    UnavailableError,
+)
+from zeroserve import protocol as p
+from zeroserve.client import Chunk, Collector, merge_delta
+
+
+def test_collector_merges_deltas_while_the_reader_lags() -> None:
+    col = Collector()
+    for i in range(100):
+        col.put(Chunk({"text": str(i % 10), "token_ids": [i]}))
+    col.put(Chunk({"finish_reason": "length"}, final=True))
+    assert len(col.items) == 1  # bounded: one merged chunk, not 101 entries
+    merged = col.items[0]
+    assert merged.final and merged.token_ids == list(range(100))
+    assert merged.data["finish_reason"] == "length"
+
+
+def test_merge_delta() -> None:
+    acc: dict = {}
+    merge_delta(acc, {"text": "a", "token_ids": [1], "n": 1})
+    merge_delta(acc, {"text": "b", "token_ids": [2], "n": 2})
+    assert acc == {"text": "ab", "token_ids": [1, 2], "n": 2}
+
+
+def test_sync_client_generate_stream_and_timeout(pipeline) -> None:
+    pipeline.start_broker()
+    pipeline.start_worker("a", "--step-delay-ms", "30")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c:
+        res = c.generate("echo", "one two three", timeout_s=5)
+        assert res.text == "one two three" and res.finish_reason == "length"
+        assert res.usage == {"prompt_tokens": 3, "completion_tokens": 3}
+        text = "".join(ch.text for ch in c.stream("echo", "s t r e a m", timeout_s=5))
+        assert text == "s t r e a m"
+        with pytest.raises(RequestTimeoutError):
+            c.generate("echo", " ".join(["slow"] * 100), timeout_s=0.3)
+        h = c.submit("echo", " ".join(["x"] * 100))
+        h.cancel()
+        with pytest.raises(CancelledError):
+            h.result(5)
+        time.sleep(0.2)
+        assert c.workers()[0]["in_flight"] == 0  # the timeout and cancel reached the worker
+
+
+def test_async_client(pipeline) -> None:
+    pipeline.start_broker()
+    pipeline.start_worker("a")
+    pipeline.wait_workers(1)
+
+    async def run() -> None:
+        async with AsyncClient(pipeline.frontend, heartbeat_interval_s=0.25) as c:
+            res = await c.generate("echo", "async works", timeout_s=5)
+            assert res.text == "async works"
+            parts = [ch.text async for ch in c.stream("echo", "a b", timeout_s=5)]
+            assert "".join(parts) == "a b"
+            rows = await c.workers()
+            assert rows[0]["worker_id"] == "a"
+            results = await asyncio.gather(
+                *(c.generate("echo", f"n{i}", timeout_s=10) for i in range(100)))
+            assert [r.text for r in results] == [f"n{i}" for i in range(100)]
+
+    asyncio.run(run())
+
+
+def test_failover_to_the_second_broker(pipeline, tmp_ipc) -> None:
+    dead = f"ipc://{tmp_ipc}/nobody-home.sock"
+    pipeline.start_broker()
+    pipeline.start_worker("a")
+    pipeline.wait_workers(1)
+    with Client([dead, pipeline.frontend], heartbeat_interval_s=0.2) as c:
+        # the first endpoint never answers: the request is resent to the second
+        assert c.generate("echo", "over there", timeout_s=10).text == "over there"
+
+
+def test_no_broker_at_all_times_out_cleanly(tmp_ipc) -> None:
+    with Client(f"ipc://{tmp_ipc}/none.sock", heartbeat_interval_s=0.1) as c:
+        with pytest.raises(RequestTimeoutError):
+            c.generate("echo", "x", timeout_s=0.5)
+    with pytest.raises(UnavailableError):
+        c.submit("echo", "closed")
+
+
+def test_error_for_unknown_id_is_ignored_and_garbage_does_not_break_the_core() -> None:
+    from zeroserve.client import ClientCore
+    from zeroserve.config import ClientConfig
+
+    core = ClientCore(ClientConfig(("ipc:///x",)))
+    core.on_frames([b"junk"])
+    core.on_frames(p.error("nope", p.BUSY, "x"))
+    assert core.pending == {}

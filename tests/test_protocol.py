@@ -1,0 +1,88 @@
+"""Wire protocol: golden bytes for every frame type, round trips, malformed input, no pickle."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+
+from zeroserve import protocol as p
+
+GOLDEN = {
+    p.READY: (
+        {"worker_id": "w", "models": ["m"], "capacity": 2},
+        b"\x83\xa9worker_id\xa1w\xa6models\x91\xa1m\xa8capacity\x02",
+    ),
+    p.HEARTBEAT: ({}, b"\x80"),
+    p.REQUEST: ({"id": "r1", "model": "m"}, b"\x82\xa2id\xa2r1\xa5model\xa1m"),
+    p.CHUNK: ({"id": "r1"}, b"\x81\xa2id\xa2r1"),
+    p.END: ({"id": "r1"}, b"\x81\xa2id\xa2r1"),
+    p.ERROR: (
+        {"id": "r1", "code": "BUSY", "message": "full"},
+        b"\x83\xa2id\xa2r1\xa4code\xa4BUSY\xa7message\xa4full",
+    ),
+    p.CANCEL: ({"id": "r1"}, b"\x81\xa2id\xa2r1"),
+    p.DRAIN: ({}, b"\x80"),
+    p.DISCONNECT: ({"reason": "x"}, b"\x81\xa6reason\xa1x"),
+    p.ADMIN: ({"id": "a", "op": "workers"}, b"\x82\xa2id\xa1a\xa2op\xa7workers"),
+}
+
+
+@pytest.mark.parametrize("msg_type", list(GOLDEN), ids=lambda t: p.TYPE_NAMES[t])
+def test_golden_bytes_and_round_trip(msg_type: bytes) -> None:
+    header, golden = GOLDEN[msg_type]
+    frames = p.encode(msg_type, header, b"\x00raw")
+    assert frames == [b"ZS1", msg_type, golden, b"\x00raw"]
+    msg = p.decode(frames)
+    assert msg.type == msg_type and msg.header == header and msg.buffers == [b"\x00raw"]
+
+
+def test_every_type_has_a_golden_case() -> None:
+    assert set(GOLDEN) == set(p.TYPE_NAMES)
+    assert len(set(p.TYPE_NAMES)) == len(p.TYPE_NAMES)
+
+
+def test_constructors_frame_bodies() -> None:
+    frames = p.request("r", "m", {"prompt": "hi"}, b"t0")
+    msg = p.decode(frames)
+    assert msg.id == "r" and p.body(msg) == {"prompt": "hi"} and msg.buffers[1:] == [b"t0"]
+    assert p.decode(p.error("r", p.BUSY, "x")).header["code"] == "BUSY"
+    assert p.body(p.decode(p.end("r", {"finish_reason": "stop"}))) == {"finish_reason": "stop"}
+
+
+@pytest.mark.parametrize("frames, why", [
+    ([], "at least 3"),
+    ([b"ZS1", p.REQUEST], "at least 3"),
+    ([b"ZS9", p.REQUEST, b"\x80"], "version"),
+    ([b"ZS1", b"\xff", b"\x80"], "unknown message type"),
+    ([b"ZS1", p.REQUEST, b"\xc1"], "bad msgpack"),
+    ([b"ZS1", p.REQUEST, b"\x91\x01"], "not a map"),
+    ([b"ZS1", p.REQUEST, p.packb({"model": "m"})], "string id"),
+    ([b"ZS1", p.REQUEST, p.packb({"id": "x" * 500, "model": "m"})], "string id"),
+    ([b"ZS1", p.REQUEST, p.packb({"id": "x"})], "string model"),
+    ([b"ZS1", p.CANCEL, p.packb({"id": 5})], "string id"),
+    ([b"ZS1", p.HEARTBEAT, b"\xdb\xff\xff\xff\xff"], "bad msgpack"),  # str32 claims 4 GiB
+    ([b"ZS1", p.HEARTBEAT, b"\x80" * (p.HEADER_LIMIT_BYTES + 1)], "exceeds"),
+])
+def test_malformed_frames_raise_protocol_error(frames: list[bytes], why: str) -> None:
+    with pytest.raises(p.ProtocolError, match=why):
+        p.decode(frames)
+
+
+def test_body_must_be_a_map() -> None:
+    msg = p.decode(p.encode(p.REQUEST, {"id": "r", "model": "m"}, p.packb([1, 2])))
+    with pytest.raises(p.ProtocolError):
+        p.body(msg)
+
+
+def test_nothing_that_crosses_a_socket_is_pickled() -> None:
+    root = pathlib.Path(__file__).resolve().parent.parent
+    pattern = re.compile(r"\bpickle\b|recv_pyobj|send_pyobj")
+    offenders = []
+    for pkg in ("zeroserve", "broker", "workers", "gateway"):
+        for path in (root / pkg).rglob("*.py"):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if pattern.search(line) and "pickle-ok" not in line:
+                    offenders.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    assert offenders == []

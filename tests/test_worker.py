@@ -1,0 +1,85 @@
+"""Worker runtime: pinning, the echo engine, drain on SIGTERM, engine failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from zeroserve import BadRequestError, InternalError
+from zeroserve.workers import pinning
+from zeroserve.workers.echo import EchoEngine
+from zeroserve.workers.engine import EngineError
+
+
+def test_parse_cpus() -> None:
+    assert pinning.parse_cpus("0-3,8") == (0, 1, 2, 3, 8)
+    assert pinning.parse_cpus("2,1,1") == (1, 2)
+    for bad in ("", "3-1", "a"):
+        with pytest.raises(ValueError):
+            pinning.parse_cpus(bad)
+
+
+def test_partition_splits_cores_evenly_and_shares_when_few() -> None:
+    cores = tuple(range(8))
+    parts = [pinning.partition(i, 3, cores) for i in range(3)]
+    assert parts == [(0, 1, 2), (3, 4, 5), (6, 7)]
+    assert [pinning.partition(i, 4, (0, 1)) for i in range(4)] == [(0,), (1,), (0,), (1,)]
+
+
+def test_echo_engine_streams_one_token_per_step() -> None:
+    eng = EchoEngine(step_delay_ms=0)
+    eng.add((b"c", "1"), {"prompt": "a b c"}, [])
+    eng.add((b"c", "2"), {"prompt": "x"}, [])
+    first = eng.step()
+    assert [o.delta["text"] for o in first] == ["a", "x"]
+    assert first[1].finish["finish_reason"] == "length"
+    texts = [o.delta["text"] for _ in range(2) for o in eng.step()]
+    assert texts == [" b", " c"] and not eng.has_work()
+    with pytest.raises(EngineError):
+        eng.add((b"c", "3"), {"prompt": 5}, [])
+
+
+def test_sigterm_drains_in_flight_then_exits_zero(pipeline) -> None:
+    pipeline.start_broker()
+    worker = pipeline.start_worker("a", "--step-delay-ms", "20")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c:
+        h = c.submit("echo", " ".join(["t"] * 30))
+        chunks = h.chunks(10)
+        ids = list(next(chunks).token_ids)
+        os.kill(worker.pid, signal.SIGTERM)
+        ids += [i for ch in chunks for i in ch.token_ids]
+        assert ids == list(range(30))
+        assert worker.wait(10) == 0
+        deadline = time.monotonic() + 3
+        while c.workers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.workers() == []
+
+
+def test_engine_exception_fails_requests_with_internal_and_worker_stays_up(pipeline) -> None:
+    pipeline.start_broker()
+    worker = pipeline.start_worker("a")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c:
+        with pytest.raises(InternalError, match="fail at token 1"):
+            c.generate("echo", "a b c", fail_at=1, timeout_s=5)
+        with pytest.raises(BadRequestError):
+            c.generate("echo", None, timeout_s=5)  # no prompt
+        assert c.generate("echo", "fine", timeout_s=5).text == "fine"
+    assert worker.poll() is None
+
+
+def test_repeated_engine_failure_is_fatal_and_announced(pipeline) -> None:
+    pipeline.start_broker()
+    worker = pipeline.start_worker("a")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c:
+        for _ in range(5):
+            with pytest.raises(InternalError):
+                c.generate("echo", "a b", fail_at=0, timeout_s=5)
+        assert worker.wait(10) == 1
+        assert c.workers() == []  # the dead notice removed it at once

@@ -10,10 +10,10 @@ import time
 
 import pytest
 import zmq
+from zeroserve.broker.table import Job, Table
 
 from zeroserve import AsyncClient, BusyError, UnknownModelError, WorkerLostError
 from zeroserve import protocol as p
-from zeroserve.broker.table import Job, Table
 
 # -- unit: the table ---------------------------------------------------------------------
 

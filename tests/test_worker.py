@@ -7,11 +7,11 @@ import signal
 import time
 
 import pytest
-
-from zeroserve import BadRequestError, InternalError
 from zeroserve.workers import pinning
 from zeroserve.workers.echo import EchoEngine
 from zeroserve.workers.engine import EngineError
+
+from zeroserve import BadRequestError, InternalError
 
 
 def test_parse_cpus() -> None:

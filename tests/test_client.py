@@ -87,9 +87,9 @@ def test_failover_to_the_second_broker(pipeline, tmp_ipc) -> None:
 
 
 def test_no_broker_at_all_times_out_cleanly(tmp_ipc) -> None:
-    with Client(f"ipc://{tmp_ipc}/none.sock", heartbeat_interval_s=0.1) as c:
-        with pytest.raises(RequestTimeoutError):
-            c.generate("echo", "x", timeout_s=0.5)
+    c = Client(f"ipc://{tmp_ipc}/none.sock", heartbeat_interval_s=0.1)
+    with c, pytest.raises(RequestTimeoutError):
+        c.generate("echo", "x", timeout_s=0.5)
     with pytest.raises(UnavailableError):
         c.submit("echo", "closed")
 

@@ -113,3 +113,13 @@ def ctx() -> Iterator[zmq.Context]:
 def _instance(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests never touch the default deployment's endpoints or shared memory.
     monkeypatch.setenv("ZEROSERVE_INSTANCE", f"test-{os.getpid()}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset, built by this test session into its own temp dir."""
+    from zeroserve.models import build
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    build("tiny", out, progress=False)
+    return out

@@ -4,6 +4,7 @@
     zeroserve worker ...        one worker process (workers/worker.py)
     zeroserve up ...            broker + N workers as children of one foreground command
     zeroserve bench transport   transport round-trip and throughput benchmark
+    zeroserve make-model PRESET build the embedded default model (tiny, small) into the cache
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ COMMANDS = {
     "worker": "zeroserve.workers.worker",
     "up": "zeroserve.up",
     "bench": "zeroserve.bench",
+    "make-model": "zeroserve.models",
 }
 
 

@@ -22,9 +22,9 @@ log = logging.getLogger("zeroserve.up")
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="zeroserve up", description=__doc__.split("\n")[0])
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--engine", default="echo", choices=["echo", "llm"])
-    ap.add_argument("--model", default="echo")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--engine", default="llm", choices=["echo", "llm"])
+    ap.add_argument("--model", default="tiny", help="model directory or preset (tiny, small)")
     ap.add_argument("--instance", default=None)
     ap.add_argument("--frontend", default=None)
     ap.add_argument("--backend", default=None)
@@ -35,21 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def wait_ready(endpoint: str, workers: int, timeout_s: float, procs: list[Any],
-               stopping: Any = lambda: False) -> bool:
+               stopping: Any = lambda: False) -> list[dict[str, Any]]:
+    """The worker table once `workers` have registered; [] if they did not in time."""
     from zeroserve.client import Client
 
     deadline = time.monotonic() + timeout_s
     with Client(endpoint) as client:
         while time.monotonic() < deadline and not stopping():
             if any(p.poll() is not None for p in procs):
-                return False
+                return []
             try:
-                if len(client.workers()) >= workers:
-                    return True
+                rows = client.workers()
+                if len(rows) >= workers:
+                    return rows
             except Exception:
                 pass
             time.sleep(0.2)
-    return False
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    if args.engine == "llm":
+        from zeroserve.models import PRESETS, ensure_built
+
+        if args.model in PRESETS:
+            ensure_built(args.model)  # once, with a progress bar, before the workers start
     broker = spawn("broker", ["--frontend", frontend, "--backend", backend,
                               "--log-level", args.log_level])
     workers = [
@@ -75,16 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     ]
     procs = [*workers, broker]
     try:
-        if not wait_ready(frontend, args.workers, args.ready_timeout_s, procs, lambda: stopping):
+        rows = wait_ready(frontend, args.workers, args.ready_timeout_s, procs, lambda: stopping)
+        if not rows:
             log.error("pipeline did not come up")
             return 1
+        model = rows[0]["models"][0]
         print(f"""
 zeroserve is up: broker + {args.workers} {args.engine} workers.
 Call it from Python (Ctrl-C here stops everything):
 
     from zeroserve import Client
     with Client("{frontend}") as c:
-        print(c.generate("{args.model}", "hello from zeroserve").text)
+        print(c.generate("{model}", "hello from zeroserve").text)
 """, flush=True)
         while not stopping:
             dead = [p for p in procs if p.poll() is not None]

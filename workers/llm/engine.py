@@ -1,0 +1,240 @@
+"""The LLM engine: continuous batching over a Hugging Face causal LM.
+
+Implements the worker's Engine interface. `step()` reads as three calls, as in nano-vllm:
+schedule (who runs), run (one packed forward), postprocess (sample, detokenize, check stops,
+stream). Requests join between steps and leave the moment they finish or are cancelled.
+
+Request body: {"prompt": str | "prompt_token_ids": [int] | "messages": [{role, content}],
+"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
+"ignore_eos", "logprobs"}.
+Stream delta: {"text", "token_ids": [id], "logprobs"?}; END adds finish_reason and usage.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from zeroserve.workers.engine import EngineError, Output, RequestKey
+from zeroserve.workers.llm import model_runner, params, sampler
+from zeroserve.workers.llm.detok import IncrementalDetokenizer
+from zeroserve.workers.llm.model_runner import ModelRunner
+from zeroserve.workers.llm.scheduler import Plan, Scheduler
+from zeroserve.workers.llm.sequence import Sequence
+
+from zeroserve import protocol as p
+from zeroserve.config import WorkerConfig
+
+log = logging.getLogger("zeroserve.worker")
+
+MAX_PROMPT_CHARS = 4 * 1024 * 1024
+
+
+class LLMEngine:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, runner: ModelRunner,
+                 served_name: str, max_num_seqs: int, max_batched_tokens: int) -> None:
+        self.model, self.tokenizer, self.runner = model, tokenizer, runner
+        self.models = (served_name,)
+        self.device = str(runner.device)
+        self.scheduler = Scheduler(runner.kv, max_num_seqs, max_batched_tokens)
+        # Requests the broker may hand us: every slot, plus a short local queue so a slot
+        # never idles waiting for a broker round trip.
+        self.capacity = self.scheduler.max_num_seqs + max(2, self.scheduler.max_num_seqs // 2)
+        self.seqs: dict[RequestKey, Sequence] = {}
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.counters = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0,
+                         "batch_size": 0, "step_ms": 0.0}
+
+    @classmethod
+    def from_config(cls, cfg: WorkerConfig) -> LLMEngine:
+        from zeroserve.models import resolve
+
+        path = resolve(cfg.model)
+        device = torch.device(cfg.device)
+        dtype = model_runner.pick_dtype(cfg.dtype, device)
+        t0 = time.monotonic()
+        model, tokenizer = model_runner.load(path, device, dtype)
+        log.info("loaded %s on %s as %s in %.2fs", path, device, dtype, time.monotonic() - t0)
+        runner = ModelRunner(model, device, cfg.max_model_len, cfg.max_num_seqs,
+                             cfg.kv_cache_tokens)
+        name = cfg.served_name or (cfg.model if "/" not in cfg.model else Path(path).name)
+        return cls(model, tokenizer, runner, name, cfg.max_num_seqs, cfg.max_batched_tokens)
+
+    # -- the Engine interface ------------------------------------------------------------
+
+    def add(self, key: RequestKey, body: dict[str, Any], buffers: list[bytes]) -> None:
+        prompt_ids = self._prompt_ids(body)
+        sp = params.parse(body, self.runner.vocab_size)
+        limit = self.runner.max_model_len
+        if len(prompt_ids) + sp.max_tokens > limit:
+            raise EngineError(p.BAD_REQUEST, f"prompt ({len(prompt_ids)} tokens) + max_tokens "
+                                             f"({sp.max_tokens}) exceeds the model's {limit}")
+        gen = None
+        if not sp.greedy:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(sp.seed if sp.seed is not None else random.getrandbits(63))
+        seq = Sequence(key, prompt_ids, sp, IncrementalDetokenizer(self.tokenizer), gen)
+        self.seqs[key] = seq
+        self.scheduler.add(seq)
+        self.counters["prompt_tokens"] += len(prompt_ids)
+
+    def cancel(self, key: RequestKey) -> list[Output]:
+        seq = self.seqs.pop(key, None)
+        if seq is None:
+            return []
+        self.scheduler.finish(seq)
+        return [Output(key, finish={"finish_reason": "cancelled", "usage": seq.usage()})]
+
+    def abort_all(self, code: str, message: str) -> list[Output]:
+        outs = []
+        for key, seq in list(self.seqs.items()):
+            self.scheduler.finish(seq)
+            outs.append(Output(key, error=(code, message)))
+        self.seqs.clear()
+        return outs
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[Output]:
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return []
+        logits = self.runner.forward(plan)  # [K, V]
+        outs = self._postprocess(plan, logits)
+        c = self.counters
+        c["steps"] += 1
+        c["batch_size"] = len(plan.decodes) + len(plan.prefills)
+        c["step_ms"] = (time.perf_counter() - t0) * 1000
+        return outs
+
+    def warmup(self) -> None:
+        """Run prefill and decode shapes at a few batch sizes before announcing READY."""
+        rng = random.Random(0)
+        slots = self.scheduler.max_num_seqs
+        for batch in sorted({1, min(8, slots), slots}):
+            for i in range(batch):
+                n = rng.choice((8, 32, 96))
+                ids = [rng.randrange(self.runner.vocab_size) for _ in range(n)]
+                self.add((b"", f"warmup-{batch}-{i}"),
+                         {"prompt_token_ids": ids, "max_tokens": 4, "ignore_eos": True}, [])
+            while self.has_work():
+                self.step()
+        self.counters.update(steps=0, generated_tokens=0, prompt_tokens=0)
+
+    def stats(self) -> dict[str, Any]:
+        kv = self.runner.kv
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_slots_used": kv.used,
+            "kv_slots": kv.num_slots,
+            "kv_usage": kv.used / kv.num_slots,
+            **self.counters,
+        }
+
+    def close(self) -> None:
+        self.abort_all(p.UNAVAILABLE, "engine closing")
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def _postprocess(self, plan: Plan, logits: torch.Tensor) -> list[Output]:
+        sampling = list(plan.decodes)
+        for seq, n in plan.prefills:
+            seq.num_computed += n
+            if seq.prefilled:
+                sampling.append(seq)
+        if not sampling:
+            return []
+        sps = [s.params for s in sampling]
+        tokens = sampler.sample(logits, sps, [s.generator for s in sampling])
+        lps = sampler.top_logprobs(logits, tokens, [sp.logprobs for sp in sps])
+        self.counters["generated_tokens"] += len(tokens)
+        return [self._advance(seq, tok, lp) for seq, tok, lp in zip(sampling, tokens, lps,
+                                                                     strict=True)]
+
+    def _advance(self, seq: Sequence, token: int, logprob: dict | None) -> Output:
+        sp = seq.params
+        seq.output_ids.append(token)
+        seq.detok.add(token)
+        finish = None
+        if token in sp.stop_token_ids or (token in self.eos_ids and not sp.ignore_eos):
+            finish = "stop"
+        text = seq.detok.text
+        cut = False
+        if sp.stop:
+            longest = max(map(len, sp.stop))
+            window_start = max(0, seq.emitted - longest)
+            hits = [i for i in (text.find(s, window_start) for s in sp.stop) if i >= 0]
+            if hits:
+                seq.detok.text = text = text[:min(hits)]
+                finish, cut = "stop", True
+        if finish is None and (len(seq.output_ids) >= sp.max_tokens
+                               or seq.total_len >= self.runner.max_model_len):
+            finish = "length"
+        if finish is not None and not cut:
+            text += seq.detok.flush()  # bytes of an unfinished character, if any
+        upto = len(text)
+        if finish is None and sp.stop:
+            upto -= max(map(len, sp.stop)) - 1  # hold back what may start a stop string
+        delta: dict[str, Any] = {"text": text[seq.emitted:max(upto, seq.emitted)],
+                                 "token_ids": [token]}
+        seq.emitted = max(upto, seq.emitted)
+        if logprob is not None:
+            delta["logprobs"] = [logprob]
+        if finish is None:
+            return Output(seq.key, delta)
+        self.scheduler.finish(seq)
+        self.seqs.pop(seq.key, None)
+        return Output(seq.key, delta, {"finish_reason": finish, "usage": seq.usage()})
+
+    def _prompt_ids(self, body: dict[str, Any]) -> list[int]:
+        if "prompt_token_ids" in body:
+            ids = body["prompt_token_ids"]
+            vocab = self.runner.vocab_size
+            if not isinstance(ids, list) or not ids or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids
+            ):
+                raise EngineError(p.BAD_REQUEST, "prompt_token_ids must be a non-empty list of "
+                                                 f"token ids below {vocab}")
+            return ids
+        if "messages" in body:
+            return self._chat_ids(body["messages"])
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt or len(prompt) > MAX_PROMPT_CHARS:
+            raise EngineError(p.BAD_REQUEST, "prompt must be a non-empty string "
+                                             "(or give prompt_token_ids or messages)")
+        return self.tokenizer.encode(prompt)
+
+    def _chat_ids(self, messages: Any) -> list[int]:
+        if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str) for m in messages
+        ):
+            raise EngineError(p.BAD_REQUEST, "messages must be a list of {role, content} strings")
+        try:
+            out = self.tokenizer.apply_chat_template(
+                [{"role": m["role"], "content": m["content"]} for m in messages],
+                add_generation_prompt=True, tokenize=True)
+        except Exception as exc:
+            raise EngineError(p.BAD_REQUEST, f"chat template failed: {exc}") from None
+        ids = out["input_ids"] if hasattr(out, "keys") else out
+        return list(ids)
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list):
+        ids.update(int(e) for e in eos)
+    return frozenset(ids)

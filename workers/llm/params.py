@@ -1,0 +1,81 @@
+"""Per-request sampling parameters, validated from an untrusted request body."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from zeroserve.workers.engine import EngineError
+
+from zeroserve import protocol as p
+
+MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def _bad(msg: str) -> EngineError:
+    return EngineError(p.BAD_REQUEST, msg)
+
+
+def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+        raise _bad(f"{key} must be a number in [{lo}, {hi}]")
+    return float(v)
+
+
+def _int(body: dict[str, Any], key: str, default: int | None, lo: int, hi: int) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _bad(f"{key} must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def parse(body: dict[str, Any], vocab_size: int) -> SamplingParams:
+    stop = body.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if (not isinstance(stop, list | tuple) or len(stop) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and s for s in stop)):
+        raise _bad(f"stop must be a string or a list of up to {MAX_STOP_STRINGS} non-empty strings")
+    stop_ids = body.get("stop_token_ids") or ()
+    if not isinstance(stop_ids, list | tuple) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in stop_ids
+    ):
+        raise _bad("stop_token_ids must be a list of token ids")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _bad("ignore_eos must be a boolean")
+    top_k = _int(body, "top_k", 0, -1, vocab_size)
+    return SamplingParams(
+        max_tokens=_int(body, "max_tokens", 16, 1, 1 << 20),  # type: ignore[arg-type]
+        temperature=_number(body, "temperature", 1.0, 0.0, 100.0),
+        top_p=_number(body, "top_p", 1.0, 1e-6, 1.0),
+        top_k=max(0, top_k or 0),
+        seed=_int(body, "seed", None, -(1 << 63), (1 << 63) - 1),
+        stop=tuple(stop),
+        stop_token_ids=tuple(stop_ids),
+        ignore_eos=ignore_eos,
+        logprobs=_int(body, "logprobs", None, 0, MAX_LOGPROBS),
+    )

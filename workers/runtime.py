@@ -70,21 +70,8 @@ class Worker:
             while True:
                 if not self._take_inbox(block=not self.engine.has_work()):
                     break
-                if not self.engine.has_work():
-                    continue
-                try:
-                    outputs = self.engine.step()
-                    failed_steps = 0
-                except FatalEngineError:
-                    raise
-                except Exception as exc:
-                    failed_steps += 1
-                    log.exception("engine step failed (%d in a row)", failed_steps)
-                    outputs = self.engine.abort_all(p.INTERNAL, f"engine error: {exc}")
-                    if failed_steps >= MAX_FAILED_STEPS:
-                        self._emit(outputs)
-                        raise FatalEngineError(f"{failed_steps} failed steps: {exc}") from exc
-                self._emit(outputs)
+                if self.engine.has_work():
+                    failed_steps = self._step(failed_steps)
                 self.stats = self.engine.stats()
             self._send(b"", p.encode(p.DISCONNECT, {"reason": "drained"}))
         except FatalEngineError as exc:
@@ -100,6 +87,23 @@ class Worker:
             self.engine.close()
             log.info("worker %s exiting: served=%d code=%d", self.worker_id, self.served, code)
         return code
+
+    def _step(self, failed_steps: int) -> int:
+        """One engine step; returns the count of consecutive failed steps."""
+        try:
+            outputs = self.engine.step()
+            failed_steps = 0
+        except FatalEngineError:
+            raise
+        except Exception as exc:
+            failed_steps += 1
+            log.exception("engine step failed (%d in a row)", failed_steps)
+            outputs = self.engine.abort_all(p.INTERNAL, f"engine error: {exc}")
+            if failed_steps >= MAX_FAILED_STEPS:
+                self._emit(outputs)
+                raise FatalEngineError(f"{failed_steps} failed steps: {exc}") from exc
+        self._emit(outputs)
+        return failed_steps
 
     def _take_inbox(self, block: bool) -> bool:
         """Apply inbox items; block briefly when idle. False once a drain has completed."""

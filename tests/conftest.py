@@ -63,7 +63,7 @@ class Pipeline:
                         return rows
                 except Exception:
                     pass
-                dead = [p for p in self.procs if p.poll() is not None and p.returncode != 0]
+                dead = [p for p in self.procs if p.poll() is not None and p.returncode > 0]
                 if dead:
                     raise RuntimeError(f"a process died:\n{self.dump_logs()}")
                 time.sleep(0.05)

@@ -209,9 +209,10 @@ class Worker:
                     backoff = interval
                     for _ in range(1024):
                         try:
-                            frames = dealer.recv_multipart(zmq.NOBLOCK)
+                            frames = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
+                        frames = p.materialize(frames, 5)  # route, version, type, header, body
                         if self._on_broker(dealer, frames):
                             broker_expiry = 0.0  # told to re-register: reconnect now
                 if now >= next_beat:
@@ -275,6 +276,16 @@ def build_engine(cfg: WorkerConfig) -> Engine:
         from zeroserve.workers.llm.engine import LLMEngine
 
         return LLMEngine.from_config(cfg)
+    if cfg.engine == "tensor":
+        from zeroserve.workers.tensor import TensorEngine, load_factory
+
+        return TensorEngine(load_factory(cfg.module), cfg.served_name or cfg.model,
+                            cfg.max_batch_size, cfg.max_queue_delay_ms, cfg.device)
+    if cfg.engine == "embed":
+        from zeroserve.workers.embed import EmbedEngine
+
+        return EmbedEngine(cfg.model, cfg.served_name, cfg.max_batch_size,
+                           cfg.max_queue_delay_ms, cfg.device)
     raise ValueError(f"unknown engine {cfg.engine!r}")
 
 

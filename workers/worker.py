@@ -22,7 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="zeroserve worker", description="Run one worker process.")
     ap.add_argument("--broker", default=None, help="broker backend endpoint")
     ap.add_argument("--instance", default=None, help="deployment name for default ipc paths")
-    ap.add_argument("--engine", default="echo", choices=["echo", "llm"])
+    ap.add_argument("--engine", default="echo", choices=["echo", "llm", "tensor", "embed"])
+    ap.add_argument("--module", default="", help="tensor engine: pkg.mod:factory")
+    ap.add_argument("--max-batch-size", type=int, default=64, help="tensor/embed batching")
+    ap.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="tensor/embed")
     ap.add_argument("--model", default="echo", help="model directory or preset name")
     ap.add_argument("--served-name", default="", help="name requests use (default: model name)")
     ap.add_argument("--worker-id", default="")
@@ -60,6 +63,9 @@ def config_from_args(args: argparse.Namespace, cpus: tuple[int, ...]) -> WorkerC
         max_batched_tokens=args.max_batched_tokens,
         max_model_len=args.max_model_len,
         kv_cache_tokens=args.kv_cache_tokens,
+        module=args.module,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_ms=args.max_queue_delay_ms,
         heartbeat_interval_s=args.heartbeat_interval_s,
         heartbeat_liveness=args.heartbeat_liveness,
     )
@@ -68,10 +74,16 @@ def config_from_args(args: argparse.Namespace, cpus: tuple[int, ...]) -> WorkerC
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, "worker")
+    if args.instance:  # shared-memory names follow the deployment
+        os.environ["ZEROSERVE_INSTANCE"] = args.instance
     cpus = pinning.parse_cpus(args.cpus) if args.cpus else pinning.partition(args.slot, args.slots)
     if not args.no_pin:
         pinning.pin(cpus)
     log.info("pinned to cpus %s (slot %d of %d)", ",".join(map(str, cpus)), args.slot, args.slots)
+    from zeroserve.arena import sweep
+
+    for name in sweep(args.instance):
+        log.info("removed orphaned shared memory %s", name)
     from zeroserve.workers.runtime import serve
 
     return serve(config_from_args(args, cpus))

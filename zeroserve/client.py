@@ -272,6 +272,58 @@ def _result(rid: str, parts: list[Chunk]) -> Result:
     return Result(rid, data, buffers)
 
 
+class TensorCodec:
+    """Tensors in and out of requests: this client's arena for inputs on the same host, the
+    mappings of workers' arenas for outputs, raw frames for remote brokers."""
+
+    def __init__(self, endpoints: Sequence[str]) -> None:
+        self.local = all(e.startswith("ipc://") or "//127.0.0.1:" in e or "//localhost:" in e
+                         for e in endpoints)
+        self._arena: Any = None
+        self._maps: Any = None
+
+    @property
+    def arena(self) -> Any:
+        if self._arena is None:
+            from zeroserve.arena import Arena
+
+            self._arena = Arena()
+        return self._arena
+
+    @property
+    def maps(self) -> Any:
+        if self._maps is None:
+            from zeroserve.arena import Mappings
+
+            self._maps = Mappings()
+        return self._maps
+
+    def request(self, inputs: dict[str, Any], shm: bool | None) -> tuple[dict, list]:
+        from zeroserve import tensors
+
+        use_shm = self.local if shm is None else shm
+        entries, frames = tensors.pack(inputs, self.arena if use_shm else None)
+        return {"inputs": entries, "reply": "shm" if use_shm else "frames"}, frames
+
+    def outputs(self, result: Result, copy: bool = False) -> dict[str, Any]:
+        """Tensors of a tensor reply. Shared-memory outputs are views; their slabs go back to
+        the worker when the tensor is garbage collected (or at once with copy=True)."""
+        import weakref
+
+        from zeroserve import tensors
+
+        entries = result.data.get("outputs")
+        out = tensors.unpack(entries, result.buffers, self.maps)
+        for name, entry in (entries or {}).items():
+            if isinstance(entry, dict) and "shm" in entry:
+                if copy:
+                    out[name] = out[name].clone()
+                    self.maps.release(entry["shm"])
+                else:
+                    weakref.finalize(out[name], self.maps.release, entry["shm"])
+        return out
+
+
 class Client:
     """Synchronous client. Thread-safe: any thread may call it; one IO thread owns the socket.
 
@@ -283,6 +335,7 @@ class Client:
                  timeout_s: float | None = None, heartbeat_interval_s: float = 1.0,
                  ctx: zmq.Context | None = None) -> None:
         self.core = ClientCore(_config(endpoints, timeout_s, heartbeat_interval_s))
+        self.tensors = TensorCodec(self.core.cfg.endpoints)
         self.ctx = ctx or zmq.Context.instance()
         self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
         self._lock = threading.Lock()  # guards core state shared with the IO thread
@@ -311,6 +364,28 @@ class Client:
     def stream(self, model: str, prompt: str | None = None, *, timeout_s: float | None = None,
                **params: Any) -> Iterator[Chunk]:
         yield from self.submit(model, prompt, **params).chunks(timeout_s)
+
+    def empty(self, shape: Sequence[int], dtype: Any = None) -> Any:
+        """A tensor allocated in this client's shared-memory arena: fill it and `infer` sends
+        it without a copy."""
+        import torch
+
+        return self.tensors.arena.empty(tuple(shape), dtype or torch.float32)
+
+    def infer(self, model: str, inputs: dict[str, Any], *, timeout_s: float | None = None,
+              shm: bool | None = None, copy: bool = False) -> dict[str, Any]:
+        """Run a tensor model: {name: tensor or ndarray} in, {name: tensor} out."""
+        body, frames = self.tensors.request(inputs, shm)
+        result = self.submit(model, buffers=frames, **body).result(timeout_s)
+        return self.tensors.outputs(result, copy)
+
+    def embed(self, model: str, texts: str | list[str], *, normalize: bool = True,
+              timeout_s: float | None = None) -> Any:
+        """Embeddings [n, dim] (float32) for a text or a list of texts."""
+        reply = "shm" if self.tensors.local else "frames"
+        result = self.submit(model, input=texts, normalize=normalize, reply=reply
+                             ).result(timeout_s)
+        return self.tensors.outputs(result, copy=True)["embeddings"]
 
     def admin(self, op: str, timeout_s: float = 5.0, **args: Any) -> dict[str, Any]:
         rid = self.core.new_id()
@@ -379,11 +454,11 @@ class Client:
                 if sock in events:
                     for _ in range(1024):
                         try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK)
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         with self._lock:
-                            core.on_frames(frames)
+                            core.on_frames(p.materialize(frames, 4))
                 now = time.monotonic()
                 if core.heartbeat_due(now):
                     sock.send_multipart(p.encode(p.HEARTBEAT, {}))
@@ -444,6 +519,7 @@ class AsyncClient:
                  timeout_s: float | None = None, heartbeat_interval_s: float = 1.0,
                  ctx: zmq.asyncio.Context | None = None) -> None:
         self.core = ClientCore(_config(endpoints, timeout_s, heartbeat_interval_s))
+        self.tensors = TensorCodec(self.core.cfg.endpoints)
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.sock = self._connect()
         self._reader: asyncio.Task[None] | None = None
@@ -465,7 +541,8 @@ class AsyncClient:
             if await self.sock.poll(100, zmq.POLLIN):
                 for _ in range(1024):
                     try:
-                        core.on_frames(await self.sock.recv_multipart(zmq.NOBLOCK))
+                        frames = await self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        core.on_frames(p.materialize(frames, 4))
                     except zmq.Again:
                         break
             now = time.monotonic()
@@ -499,6 +576,23 @@ class AsyncClient:
         handle = await self.submit(model, prompt, **params)
         async for chunk in handle.chunks(timeout_s):
             yield chunk
+
+    def empty(self, shape: Sequence[int], dtype: Any = None) -> Any:
+        import torch
+
+        return self.tensors.arena.empty(tuple(shape), dtype or torch.float32)
+
+    async def infer(self, model: str, inputs: dict[str, Any], *, timeout_s: float | None = None,
+                    shm: bool | None = None, copy: bool = False) -> dict[str, Any]:
+        body, frames = self.tensors.request(inputs, shm)
+        handle = await self.submit(model, buffers=frames, **body)
+        return self.tensors.outputs(await handle.result(timeout_s), copy)
+
+    async def embed(self, model: str, texts: str | list[str], *, normalize: bool = True,
+                    timeout_s: float | None = None) -> Any:
+        reply = "shm" if self.tensors.local else "frames"
+        handle = await self.submit(model, input=texts, normalize=normalize, reply=reply)
+        return self.tensors.outputs(await handle.result(timeout_s), copy=True)["embeddings"]
 
     async def admin(self, op: str, timeout_s: float = 5.0, **args: Any) -> dict[str, Any]:
         self._ensure_reader()

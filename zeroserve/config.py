@@ -68,6 +68,9 @@ class WorkerConfig:
     max_batched_tokens: int = 2048
     max_model_len: int = 2048
     kv_cache_tokens: int = 0
+    module: str = ""
+    max_batch_size: int = 64
+    max_queue_delay_ms: float = 2.0
     heartbeat_interval_s: float = 1.0
     heartbeat_liveness: int = 3
     sockets: SocketConfig = SocketConfig()

@@ -181,6 +181,12 @@ def admin(rid: str, op: str, **args: Any) -> list[bytes]:
     return encode(ADMIN, {"id": rid, "op": op, **args})
 
 
+def materialize(frames: list[Any], n: int) -> list[Any]:
+    """Frames received with copy=False: the first `n` (envelope, header, body) as bytes, the
+    rest (raw tensor buffers) left as zero-copy zmq.Frame objects."""
+    return [f.bytes for f in frames[:n]] + frames[n:]
+
+
 def body(msg: Message) -> dict[str, Any]:
     """The msgpack body in buffer 0 of a REQUEST, CHUNK or END, as a map."""
     if not msg.buffers:

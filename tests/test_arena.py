@@ -16,6 +16,8 @@ from zeroserve import AsyncClient, BadRequestError
 from zeroserve import protocol as p
 from zeroserve.arena import SHM_DIR, Arena, DescriptorError, Mappings, prefix, sweep
 
+from .conftest import wait_for
+
 # -- unit: one process, the real /dev/shm --------------------------------------------------
 
 
@@ -124,8 +126,8 @@ def test_infer_over_shm_and_frames_with_torch_and_numpy(pipeline) -> None:
         for _ in range(30):
             c.infer("scale", {"x": x})
         assert c.tensors.arena.allocations == client_before
-        time.sleep(0.5)
-        stats = c.workers()[0]["stats"]
+        stats = wait_for(lambda: c.workers()[0]["stats"].get("slabs") and
+                         c.workers()[0]["stats"])
         assert stats["slabs"] <= 4, stats
 
 
@@ -162,8 +164,11 @@ def test_dynamic_batching_merges_concurrent_requests(pipeline) -> None:
             outs = await asyncio.gather(*(c.infer("scale", {"x": x}) for x in xs))
             for x, out in zip(xs, outs, strict=True):
                 assert torch.equal(out["output"], x * 2 + 1)  # split back to its owner
-            await asyncio.sleep(0.5)
-            stats = (await c.workers())[0]["stats"]
+            for _ in range(100):
+                stats = (await c.workers())[0]["stats"]
+                if stats.get("rows") == 128:
+                    break
+                await asyncio.sleep(0.05)
             assert stats["rows"] == 128 and stats["batches"] < 64, stats
 
     asyncio.run(run())

@@ -15,6 +15,8 @@ from zeroserve.broker.table import Job, Table
 from zeroserve import AsyncClient, BusyError, UnknownModelError, WorkerLostError
 from zeroserve import protocol as p
 
+from .conftest import wait_for
+
 # -- unit: the table ---------------------------------------------------------------------
 
 
@@ -121,8 +123,8 @@ def test_cancel_mid_stream_stops_within_a_step(pipeline) -> None:
         got = [next(stream) for _ in range(3)]
         assert got
         stream.close()  # breaking out cancels
-        time.sleep(0.2)
-        row = c.workers()[0]
+        row = wait_for(lambda: next((r for r in c.workers()
+                                     if r["in_flight"] == 0 and "steps" in r["stats"]), None))
         assert row["in_flight"] == 0
         # the worker stopped the request: its step count stays far below 500
         assert row["stats"]["steps"] < 100

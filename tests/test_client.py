@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -16,6 +15,8 @@ from zeroserve import (
 )
 from zeroserve import protocol as p
 from zeroserve.client import Chunk, Collector, merge_delta
+
+from .conftest import wait_for
 
 
 def test_collector_merges_deltas_while_the_reader_lags() -> None:
@@ -52,8 +53,8 @@ def test_sync_client_generate_stream_and_timeout(pipeline) -> None:
         h.cancel()
         with pytest.raises(CancelledError):
             h.result(5)
-        time.sleep(0.2)
-        assert c.workers()[0]["in_flight"] == 0  # the timeout and cancel reached the worker
+        # the timeout and the cancel both reached the worker
+        assert wait_for(lambda: c.workers()[0]["in_flight"] == 0)
 
 
 def test_async_client(pipeline) -> None:

@@ -2,6 +2,7 @@
 
     zeroserve broker ...        the broker process (broker/broker.py)
     zeroserve worker ...        one worker process (workers/worker.py)
+    zeroserve gateway ...       the OpenAI-compatible HTTP gateway (gateway/gateway.py)
     zeroserve up ...            broker + N workers as children of one foreground command
     zeroserve bench transport   transport round-trip and throughput benchmark
     zeroserve make-model PRESET build the embedded default model (tiny, small) into the cache
@@ -18,6 +19,7 @@ COMMANDS = {
     "up": "zeroserve.up",
     "bench": "zeroserve.bench",
     "make-model": "zeroserve.models",
+    "gateway": "zeroserve.gateway.gateway",
 }
 
 

@@ -605,9 +605,14 @@ class AsyncClient:
         return (await self.admin("workers"))["workers"]
 
     async def cancel(self, rid: str) -> None:
+        self.cancel_nowait(rid)
+
+    def cancel_nowait(self, rid: str) -> None:
+        """Cancel without awaiting: safe inside a task that is itself being cancelled."""
         frames = self.core.cancel(rid)
         if frames is not None and not self._closed:
-            await self.sock.send_multipart(frames)
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.send_multipart(frames)  # queued at once; the future is not needed
 
     async def close(self) -> None:
         if self._closed:
@@ -652,7 +657,7 @@ class AsyncRequestHandle:
                     return
         finally:
             if not finished:
-                await self.client.cancel(self.id)
+                self.client.cancel_nowait(self.id)
 
     async def result(self, timeout_s: float | None = None) -> Result:
         return _result(self.id, [c async for c in self.chunks(timeout_s)])

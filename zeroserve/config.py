@@ -93,3 +93,20 @@ class ClientConfig:
     @property
     def expiry_s(self) -> float:
         return self.heartbeat_interval_s * self.heartbeat_liveness
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    broker: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    api_keys_file: str = ""
+    rate_rps: float = 0.0  # per key; 0: unlimited
+    rate_tpm: float = 0.0
+    cache_bytes: int = 64 * MIB
+    cache_ttl_s: float = 300.0
+    max_body_bytes: int = 8 * MIB
+    request_timeout_s: float = 600.0
+    table_poll_s: float = 0.5
+    max_tokens_default: int = 16

@@ -191,7 +191,8 @@ class LLMEngine:
             return Output(seq.key, delta)
         self.scheduler.finish(seq)
         self.seqs.pop(seq.key, None)
-        return Output(seq.key, delta, {"finish_reason": finish, "usage": seq.usage()})
+        return Output(seq.key, delta, {"finish_reason": finish, "usage": seq.usage(),
+                                       "queue_ms": round(seq.queue_ms, 3)})
 
     def _prompt_ids(self, body: dict[str, Any]) -> list[int]:
         if "prompt_token_ids" in body:

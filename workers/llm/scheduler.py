@@ -8,6 +8,7 @@ chunks, so it never holds the running batch for more than one step's budget.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -56,6 +57,7 @@ class Scheduler:
             seq = self.waiting.popleft()
             seq.slot = self.kv.allocate()
             seq.status = Status.RUNNING
+            seq.queue_ms = (time.monotonic() - seq.arrived) * 1000
             self.running.append(seq)
             n = min(seq.prompt_len, budget)
             plan.prefills.append((seq, n))

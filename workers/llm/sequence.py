@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,8 @@ class Sequence:
     emitted: int = 0  # chars of detok.text already streamed
     finish_reason: str | None = None
     logprobs: list[Any] = field(default_factory=list)
+    arrived: float = field(default_factory=time.monotonic)
+    queue_ms: float = 0.0  # from arrival to first scheduled
 
     @property
     def prompt_len(self) -> int:

@@ -1,0 +1,430 @@
+"""The gateway's ASGI app: OpenAI-compatible routes in front of one broker connection.
+
+Connects: one AsyncClient (a DEALER) to the broker frontend, shared by every HTTP request of
+this process; replies are matched to waiting requests by request id. Serves:
+  POST /v1/completions, /v1/chat/completions (JSON or SSE), /v1/embeddings
+  GET  /v1/models, /health, /ready, /metrics, /openapi.json, /docs
+A client that disconnects has its request cancelled in the worker within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from zeroserve.gateway.auth import ApiKey, KeyStore
+from zeroserve.gateway.cache import ResponseCache, cache_key
+from zeroserve.gateway.metrics import Metrics
+from zeroserve.gateway.middleware import Frontline
+from zeroserve.gateway.ratelimit import Limits, RateLimiter
+from zeroserve.gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+from zeroserve import errors
+from zeroserve.client import AsyncClient, AsyncRequestHandle, Chunk
+from zeroserve.config import GatewayConfig
+
+log = logging.getLogger("zeroserve.gateway")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ApiError(Exception):
+    """An error in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = (
+            status, message, type_, code, param)
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def from_zeroserve(exc: errors.ZeroserveError) -> ApiError:
+    """Map an SDK error onto an HTTP status and OpenAI error type."""
+    table: dict[type, tuple[int, str, dict[str, str]]] = {
+        errors.BadRequestError: (400, "invalid_request_error", {}),
+        errors.UnknownModelError: (404, "invalid_request_error", {}),
+        errors.BusyError: (503, "server_overloaded", {"Retry-After": "1"}),
+        errors.UnavailableError: (503, "service_unavailable", {"Retry-After": "1"}),
+        errors.WorkerLostError: (502, "worker_lost", {}),
+        errors.RequestTimeoutError: (504, "timeout", {}),
+        errors.CancelledError: (499, "cancelled", {}),
+    }
+    status, type_, headers = table.get(type(exc), (500, "internal_error", {}))
+    code = "model_not_found" if isinstance(exc, errors.UnknownModelError) else exc.code.lower()
+    return ApiError(status, exc.message, type_, code, headers=headers)
+
+
+class Gateway:
+    """What the routes of one gateway process share: broker client, keys, limits, cache."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.keys = KeyStore.load(cfg.api_keys_file or None)
+        self.limiter = RateLimiter()
+        self.cache = ResponseCache(cfg.cache_bytes, cfg.cache_ttl_s)
+        self.metrics = Metrics()
+        self.client: AsyncClient | None = None
+        self.table: dict[str, Any] = {"workers": []}
+        self._poller: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.client = AsyncClient(self.cfg.broker, timeout_s=self.cfg.request_timeout_s)
+        self._poller = asyncio.get_running_loop().create_task(self._poll_table())
+        if not self.keys.enabled:
+            log.warning("no API keys configured: authentication is OFF")
+        log.info("gateway up: broker=%s keys=%d cache=%dMiB", self.cfg.broker,
+                 len(self.keys.keys), self.cfg.cache_bytes >> 20)
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        if self.client is not None:
+            await self.client.close()
+
+    async def _poll_table(self) -> None:
+        """Keep the broker's worker table fresh: /ready, /v1/models and gauges read it."""
+        while True:
+            try:
+                self.table = await self.client.admin("workers", timeout_s=2.0)  # type: ignore
+                self.metrics.update_from_table(self.table)
+            except errors.ZeroserveError:
+                self.table = {"workers": []}
+                self.metrics.update_from_table(self.table)
+            await asyncio.sleep(self.cfg.table_poll_s)
+
+    # -- per request ---------------------------------------------------------------------
+
+    def authorize(self, request: Request, model: str) -> ApiKey | None:
+        if not self.keys.enabled:
+            return None
+        key = self.keys.check(request.headers.get("authorization"))
+        if key is None:
+            raise ApiError(401, "missing or invalid API key", "invalid_request_error",
+                           "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        request.state.key_id = key.id
+        if not key.may_use(model):
+            raise ApiError(403, f"this key may not use model {model!r}",
+                           "permission_error", "model_not_allowed")
+        return key
+
+    def admit(self, key: ApiKey | None, tokens: int) -> tuple[str, dict[str, str]]:
+        key_id = key.id if key else "anonymous"
+        limits = Limits(
+            rps=key.rps if key and key.rps is not None else self.cfg.rate_rps,
+            tpm=key.tpm if key and key.tpm is not None else self.cfg.rate_tpm,
+        )
+        wait, headers = self.limiter.admit(key_id, limits, tokens)
+        if wait:
+            retry = "60" if wait == float("inf") else str(max(1, int(wait + 0.999)))
+            raise ApiError(429, "rate limit exceeded", "rate_limit_exceeded",
+                           "rate_limit_exceeded", headers={**headers, "Retry-After": retry})
+        return key_id, headers
+
+    def request_id(self, request: Request) -> str:
+        rid = request.state.request_id
+        if self.client is not None and rid in self.client.core.pending:
+            rid = f"{rid}-{uuid.uuid4().hex[:6]}"  # the same X-Request-Id twice in flight
+        return rid
+
+
+def create_app(cfg: GatewayConfig) -> Any:
+    gw = Gateway(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(title="zeroserve", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible gateway of zeroserve")
+    app.state.gateway = gw
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+        msg = f"{loc}: {first.get('msg')}" if loc else str(first.get("msg", "invalid request"))
+        return JSONResponse(ApiError(400, msg, param=loc, code="invalid_value").body(), 400)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        n = len(gw.table.get("workers", []))
+        return JSONResponse({"status": "ready" if n else "not ready", "workers": n},
+                            200 if n else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        if gw.keys.enabled and gw.keys.check(request.headers.get("authorization")) is None:
+            raise ApiError(401, "missing or invalid API key", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        names = sorted({m for w in gw.table.get("workers", []) for m in w["models"]})
+        return {"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "zeroserve"} for m in names]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        return await _generate(gw, request, req, "/v1/completions", chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        return await _generate(gw, request, req, "/v1/chat/completions", chat=True)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
+        key = gw.authorize(request, req.model)
+        texts = req.texts()
+        _, rl_headers = gw.admit(key, sum(len(t) for t in texts) // 4 + 1)
+        request.state.model = req.model
+        assert gw.client is not None
+        try:
+            handle = await gw.client.submit(req.model, request_id=gw.request_id(request),
+                                            input=texts, reply="shm")
+            result = await _unless_disconnected(request, handle, handle.result())
+            emb = gw.client.tensors.outputs(result, copy=True)["embeddings"]
+        except errors.ZeroserveError as exc:
+            raise from_zeroserve(exc) from None
+        usage = result.data.get("usage", {})
+        request.state.prompt_tokens = usage.get("prompt_tokens", 0)
+        data = []
+        for i, row in enumerate(emb):
+            vec: Any = (base64.b64encode(row.numpy().tobytes()).decode()
+                        if req.encoding_format == "base64" else row.tolist())
+            data.append({"object": "embedding", "index": i, "embedding": vec})
+        tokens = usage.get("prompt_tokens", 0)
+        return JSONResponse({"object": "list", "data": data, "model": req.model,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+                            headers=rl_headers)
+
+    def count(route: str, status: int) -> None:
+        gw.metrics.requests.labels(route, str(status)).inc()
+
+    return Frontline(app, cfg.max_body_bytes, count)
+
+
+async def _unless_disconnected(request: Request, handle: AsyncRequestHandle, work: Any) -> Any:
+    """Await `work` unless the HTTP client goes away first; then cancel the request."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        handle.client.cancel_nowait(handle.id)
+        raise errors.CancelledError("client disconnected", handle.id)
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _generate(gw: Gateway, request: Request, req: Any, route: str, chat: bool) -> Response:
+    key = gw.authorize(request, req.model)
+    try:
+        body = req.engine_body(gw.cfg.max_tokens_default) if not chat else req.engine_body()
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="prompt") from None
+    reserved = req.prompt_chars() // 4 + body["max_tokens"]
+    key_id, rl_headers = gw.admit(key, reserved)
+    state = request.state
+    state.model = req.model
+    ckey = None
+    if not req.stream and gw.cache.enabled and _cache_allowed(request):
+        ckey = cache_key(route, req.model_dump(exclude_none=True))
+        if ckey is not None:
+            hit = gw.cache.get(ckey)
+            gw.metrics.cache.labels("hit" if hit else "miss").inc()
+            state.cache = "hit" if hit else "miss"
+            rl_headers["x-zeroserve-cache"] = state.cache
+            if hit:
+                gw.limiter.refund(key_id, reserved)
+                return Response(hit, media_type="application/json", headers=rl_headers)
+    assert gw.client is not None
+    rid = gw.request_id(request)
+    try:
+        handle = await gw.client.submit(req.model, request_id=rid, **body)
+    except errors.ZeroserveError as exc:
+        gw.limiter.refund(key_id, reserved)
+        raise from_zeroserve(exc) from None
+    meta = {"id": ("chatcmpl-" if chat else "cmpl-") + rid, "created": int(time.time()),
+            "model": req.model}
+    t0 = time.perf_counter()
+    if req.stream:
+        # Wait for the first reply before sending headers, so a rejected request gets a real
+        # HTTP error instead of an error event inside a 200 stream.
+        chunks = handle.chunks().__aiter__()
+        try:
+            first = await _unless_disconnected(request, handle, chunks.__anext__())
+        except errors.ZeroserveError as exc:
+            gw.limiter.refund(key_id, reserved)
+            raise from_zeroserve(exc) from None
+        stream = _sse(gw, request, first, chunks, t0, meta, chat, req.include_usage, key_id,
+                      reserved)
+        return StreamingResponse(stream, media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, **rl_headers})
+    try:
+        text, finish, usage = await _unless_disconnected(
+            request, handle, _collect(gw, handle, t0, state))
+    except errors.ZeroserveError as exc:
+        raise from_zeroserve(exc) from None
+    finally:
+        gw.limiter.refund(key_id, reserved - _used(state))
+    gw.metrics.e2e.observe(time.perf_counter() - t0)
+    usage = {"prompt_tokens": usage.get("prompt_tokens", 0),
+             "completion_tokens": usage.get("completion_tokens", 0)}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": None, "finish_reason": _finish(finish)}
+        payload = {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(finish)}
+        payload = {**meta, "object": "text_completion", "choices": [choice], "usage": usage}
+    raw = json.dumps(payload, separators=(",", ":")).encode()
+    if ckey is not None:
+        gw.cache.put(ckey, raw)
+    return Response(raw, media_type="application/json", headers=rl_headers)
+
+
+def _cache_allowed(request: Request) -> bool:
+    cc = request.headers.get("cache-control", "")
+    return "no-cache" not in cc and "no-store" not in cc and (
+        request.headers.get("x-zeroserve-cache", "").lower() != "off")
+
+
+def _used(state: Any) -> int:
+    return getattr(state, "prompt_tokens", 0) + getattr(state, "completion_tokens", 0)
+
+
+def _finish(reason: str | None) -> str | None:
+    return "stop" if reason == "cancelled" else reason
+
+
+def _observe(gw: Gateway, chunk: Chunk, t0: float, last: float, state: Any) -> float:
+    """Record TTFT / ITL for a chunk that carries tokens; returns the new 'last' time."""
+    now = time.perf_counter()
+    if chunk.token_ids:
+        if not hasattr(state, "ttft_ms"):
+            state.ttft_ms = round((now - t0) * 1000, 2)
+            gw.metrics.ttft.observe(now - t0)
+        else:
+            gw.metrics.itl.observe(now - last)
+        return now
+    return last
+
+
+def _record_usage(gw: Gateway, state: Any, data: dict[str, Any]) -> dict[str, int]:
+    usage = data.get("usage") or {}
+    state.prompt_tokens = usage.get("prompt_tokens", 0)
+    state.completion_tokens = usage.get("completion_tokens", 0)
+    gw.metrics.tokens.labels("prompt").inc(state.prompt_tokens)
+    gw.metrics.tokens.labels("completion").inc(state.completion_tokens)
+    if "queue_ms" in data:
+        gw.metrics.queue.observe(data["queue_ms"] / 1000)
+    return usage
+
+
+async def _collect(gw: Gateway, handle: AsyncRequestHandle, t0: float,
+                   state: Any) -> tuple[str, str | None, dict[str, int]]:
+    parts: list[str] = []
+    last = t0
+    async for chunk in handle.chunks():
+        last = _observe(gw, chunk, t0, last, state)
+        parts.append(chunk.text)
+        if chunk.final:
+            return "".join(parts), chunk.data.get("finish_reason"), _record_usage(
+                gw, state, chunk.data)
+    return "".join(parts), None, {}
+
+
+async def _chain(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+    yield first
+    if not first.final:
+        async for chunk in rest:
+            yield chunk
+
+
+async def _sse(gw: Gateway, request: Request, first: Chunk, rest: AsyncIterator[Chunk],
+               t0: float, meta: dict[str, Any], chat: bool, include_usage: bool, key_id: str,
+               reserved: int) -> AsyncIterator[bytes]:
+    """OpenAI's SSE: role first (chat), content deltas, finish_reason, usage, [DONE]."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    head = json.dumps({**meta, "object": obj}, separators=(",", ":"))[:-1]
+    state = request.state
+    last = t0
+
+    def event(choice: str, usage: str = "") -> bytes:
+        return f"data: {head},\"choices\":[{choice}]{usage}}}\n\n".encode()
+
+    def content(text: str, finish: str | None = None) -> str:
+        fin = json.dumps(finish)
+        if chat:
+            delta = f'{{"content":{json.dumps(text)}}}' if text else "{}"
+            return f'{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{fin}}}'
+        return f'{{"index":0,"text":{json.dumps(text)},"logprobs":null,"finish_reason":{fin}}}'
+
+    try:
+        if chat:
+            yield event('{"index":0,"delta":{"role":"assistant","content":""},'
+                        '"logprobs":null,"finish_reason":null}')
+        async for chunk in _chain(first, rest):
+            last = _observe(gw, chunk, t0, last, state)
+            if not chunk.final:
+                if chunk.text:
+                    yield event(content(chunk.text))
+                continue
+            usage = _record_usage(gw, state, chunk.data)
+            if chunk.text:
+                yield event(content(chunk.text))
+            yield event(content("", _finish(chunk.data.get("finish_reason"))))
+            if include_usage:
+                p, c = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+                u = json.dumps({"prompt_tokens": p, "completion_tokens": c,
+                                "total_tokens": p + c}, separators=(",", ":"))
+                yield f"data: {head},\"choices\":[],\"usage\":{u}}}\n\n".encode()
+        gw.metrics.e2e.observe(time.perf_counter() - t0)
+    except errors.ZeroserveError as exc:  # the stream has started: report in-band
+        err = from_zeroserve(exc)
+        yield f"data: {json.dumps(err.body())}\n\n".encode()
+    finally:
+        gw.limiter.refund(key_id, reserved - _used(state))
+        with contextlib.suppress(Exception):
+            await rest.aclose()  # type: ignore[attr-defined]  # cancels if unfinished
+    yield b"data: [DONE]\n\n"

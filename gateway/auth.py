@@ -1,0 +1,76 @@
+"""API keys: loaded from a file or the environment, kept only as SHA-256 hashes, compared in
+constant time.
+
+Key file (JSON):
+    {"keys": [{"id": "team-a", "key": "sk-...", "models": ["tiny"], "rps": 10, "tpm": 60000},
+              {"id": "ops", "sha256": "<hex of the key>"}]}
+Environment: ZEROSERVE_API_KEYS="team-a:sk-...,ops:sk-..." (every model, default limits).
+"models" absent means every model; "rps"/"tpm" absent means the gateway's defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    digest: bytes
+    models: frozenset[str] | None = None
+    rps: float | None = None
+    tpm: float | None = None
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class KeyStore:
+    def __init__(self, keys: list[ApiKey]) -> None:
+        self.keys = keys
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+    @classmethod
+    def load(cls, path: str | None = None, env: str | None = None) -> KeyStore:
+        keys: list[ApiKey] = []
+        if path:
+            data = json.loads(Path(path).read_text())
+            for entry in data.get("keys", []):
+                if "sha256" in entry:
+                    digest = bytes.fromhex(entry["sha256"])
+                else:
+                    digest = _digest(entry["key"])
+                models = entry.get("models")
+                keys.append(ApiKey(str(entry["id"]), digest,
+                                   frozenset(models) if models is not None else None,
+                                   entry.get("rps"), entry.get("tpm")))
+        env = os.environ.get("ZEROSERVE_API_KEYS", "") if env is None else env
+        for item in filter(None, (s.strip() for s in env.split(","))):
+            key_id, _, secret = item.partition(":")
+            if not secret:
+                raise ValueError("ZEROSERVE_API_KEYS entries look like id:key")
+            keys.append(ApiKey(key_id, _digest(secret)))
+        return cls(keys)
+
+    def check(self, authorization: str | None) -> ApiKey | None:
+        """The key behind an `Authorization: Bearer ...` header, or None."""
+        if not authorization or not authorization.startswith("Bearer "):
+            return None
+        digest = _digest(authorization[7:].strip())
+        found = None
+        for key in self.keys:  # compare with every key: no early exit to time
+            if hmac.compare_digest(digest, key.digest):
+                found = key
+        return found

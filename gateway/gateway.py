@@ -1,0 +1,71 @@
+"""`zeroserve gateway`: the HTTP front door process (uvicorn + uvloop + httptools).
+
+Binds: HTTP on --host:--port (several worker processes with --workers share the port).
+Connects: each gateway process one DEALER to the broker frontend (see app.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+
+from zeroserve.config import GatewayConfig, default_endpoint
+from zeroserve.logs import setup_logging
+
+ENV_CONFIG = "ZEROSERVE_GATEWAY_CONFIG"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="zeroserve gateway", description=__doc__.split("\n")[0])
+    ap.add_argument("--broker", default=None, help="broker frontend endpoint")
+    ap.add_argument("--instance", default=None)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--workers", type=int, default=1, help="gateway processes")
+    ap.add_argument("--api-keys-file", default="", help="JSON key file (see gateway/auth.py)")
+    ap.add_argument("--rate-rps", type=float, default=0.0, help="per-key requests/s (0: off)")
+    ap.add_argument("--rate-tpm", type=float, default=0.0, help="per-key tokens/min (0: off)")
+    ap.add_argument("--cache-mb", type=int, default=64, help="response cache size (0: off)")
+    ap.add_argument("--cache-ttl-s", type=float, default=300.0)
+    ap.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    ap.add_argument("--request-timeout-s", type=float, default=600.0)
+    ap.add_argument("--log-level", default="INFO")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    return GatewayConfig(
+        broker=args.broker or default_endpoint("frontend", args.instance),
+        host=args.host, port=args.port, workers=args.workers,
+        api_keys_file=args.api_keys_file, rate_rps=args.rate_rps, rate_tpm=args.rate_tpm,
+        cache_bytes=args.cache_mb * 1024 * 1024, cache_ttl_s=args.cache_ttl_s,
+        max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout_s,
+    )
+
+
+def app_from_env():  # uvicorn factory: each gateway process builds its app from the env
+    from zeroserve.gateway.app import create_app
+
+    setup_logging(os.environ.get("ZEROSERVE_LOG_LEVEL", "INFO"), "gateway")
+    return create_app(GatewayConfig(**json.loads(os.environ[ENV_CONFIG])))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, "gateway")
+    cfg = config_from_args(args)
+    os.environ[ENV_CONFIG] = json.dumps(dataclasses.asdict(cfg))
+    os.environ["ZEROSERVE_LOG_LEVEL"] = args.log_level
+    uvicorn.run("zeroserve.gateway.gateway:app_from_env", factory=True, host=cfg.host,
+                port=cfg.port, workers=cfg.workers, loop="uvloop", http="httptools",
+                log_level=args.log_level.lower(), access_log=False, timeout_graceful_shutdown=10,
+                log_config=None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""Pure ASGI middleware around every gateway request (no buffering of streamed responses).
+
+- request ids: `X-Request-Id` accepted (or generated) and returned on the response;
+- body limit: a body larger than max_body_bytes gets 413 before any route sees it;
+- access log: one JSON line per request when its response has been sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("zeroserve.access")
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
+
+
+def _error_body(message: str, type_: str, code: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": None,
+                                 "code": code}}).encode()
+
+
+class Frontline:
+    def __init__(self, app: Any, max_body_bytes: int,
+                 on_done: Callable[[str, int], None] | None = None) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.on_done = on_done
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        headers = dict(scope["headers"])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")
+        if not REQUEST_ID_RE.match(rid):
+            rid = uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        status = {"code": 0}
+        rid_header = (b"x-request-id", rid.encode())
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message["headers"] = [*message.get("headers", []), rid_header]
+            await send(message)
+
+        try:
+            length = int(headers.get(b"content-length", b"0") or 0)
+        except ValueError:
+            length = 0
+        if length > self.max_body_bytes:
+            await self._reject(send_wrapper)
+        else:
+            body = await self._read_body(scope, receive) if scope["method"] == "POST" else None
+            if body is None and scope["method"] == "POST":
+                await self._reject(send_wrapper)
+            else:
+                await self.app(scope, _replay(body, receive) if body is not None else receive,
+                               send_wrapper)
+        line = {
+            "request_id": rid, "method": scope["method"], "route": scope["path"],
+            "status": status["code"], "duration_ms": round((time.perf_counter() - t0) * 1e3, 2),
+            **{k: state[k] for k in ("key_id", "model", "prompt_tokens", "completion_tokens",
+                                     "ttft_ms", "cache") if k in state},
+        }
+        log.info(json.dumps(line, separators=(",", ":")))
+        if self.on_done is not None:
+            self.on_done(scope["path"], status["code"])
+
+    async def _read_body(self, scope: dict, receive: Any) -> bytes | None:
+        """The whole body, or None once it passes the limit."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"".join(chunks)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    async def _reject(self, send: Any) -> None:
+        body = _error_body(f"request body exceeds {self.max_body_bytes} bytes",
+                           "invalid_request_error", "request_too_large")
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # afterwards: http.disconnect when the client goes
+
+    return replay

@@ -1,0 +1,88 @@
+"""Per-key rate limits: token buckets for requests per second and tokens per minute.
+
+A request reserves its prompt estimate plus max_tokens from the token bucket when admitted;
+when it finishes, what it did not use goes back (refund).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Bucket:
+    rate_per_s: float
+    capacity: float
+    level: float = -1.0
+    stamp: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if self.level < 0:
+            self.level = self.capacity
+
+    def _refill(self, now: float) -> None:
+        if now > self.stamp:
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate_per_s)
+            self.stamp = now
+
+    def take(self, amount: float, now: float | None = None) -> float:
+        """Take `amount`; 0.0 if granted, else the seconds until it would be."""
+        now = time.monotonic() if now is None else now
+        self._refill(now)
+        if amount <= self.level:
+            self.level -= amount
+            return 0.0
+        if amount > self.capacity:
+            return float("inf")
+        return (amount - self.level) / self.rate_per_s
+
+    def give(self, amount: float) -> None:
+        self.level = min(self.capacity, self.level + amount)
+
+
+@dataclass
+class Limits:
+    rps: float = 0.0  # 0: unlimited
+    tpm: float = 0.0
+
+
+class RateLimiter:
+    def __init__(self) -> None:
+        self.requests: dict[str, Bucket] = {}
+        self.tokens: dict[str, Bucket] = {}
+
+    def admit(self, key_id: str, limits: Limits, tokens: int) -> tuple[float, dict[str, str]]:
+        """(seconds to wait, 0 if admitted; x-ratelimit-* headers)."""
+        now = time.monotonic()
+        headers: dict[str, str] = {}
+        wait = 0.0
+        req = tok = None
+        if limits.rps > 0:
+            req = self._bucket(self.requests, key_id, limits.rps, max(1.0, limits.rps))
+            wait = req.take(1, now)
+        if wait == 0.0 and limits.tpm > 0:
+            tok = self._bucket(self.tokens, key_id, limits.tpm / 60, limits.tpm)
+            wait = tok.take(tokens, now)
+            if wait and req is not None:
+                req.give(1)  # not admitted: the request slot goes back
+        if req is not None:
+            headers["x-ratelimit-limit-requests"] = f"{limits.rps:g}"
+            headers["x-ratelimit-remaining-requests"] = str(int(req.level))
+        if limits.tpm > 0:
+            tok = tok or self._bucket(self.tokens, key_id, limits.tpm / 60, limits.tpm)
+            headers["x-ratelimit-limit-tokens"] = f"{limits.tpm:g}"
+            headers["x-ratelimit-remaining-tokens"] = str(int(tok.level))
+        return wait, headers
+
+    @staticmethod
+    def _bucket(buckets: dict[str, Bucket], key_id: str, rate: float, cap: float) -> Bucket:
+        bucket = buckets.get(key_id)
+        if bucket is None:
+            bucket = buckets[key_id] = Bucket(rate, cap)
+        return bucket
+
+    def refund(self, key_id: str, tokens: float) -> None:
+        bucket = self.tokens.get(key_id)
+        if bucket is not None and tokens > 0:
+            bucket.give(tokens)

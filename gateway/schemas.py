@@ -1,0 +1,129 @@
+"""OpenAI request schemas (pydantic) and their mapping onto zeroserve request bodies.
+
+Only the request side is modelled: it is what needs validating. Responses are built as plain
+dicts in openai.py, in exactly OpenAI's shapes, which is cheaper on the streaming hot path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 16:
+            raise ValueError("at most 16 stop sequences")
+        return v
+
+    def engine_body(self, max_tokens_default: int) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "max_tokens": self.max_tokens or max_tokens_default,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
+        if self.top_k:
+            body["top_k"] = self.top_k
+        if self.stop:
+            body["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
+        if self.seed is not None:
+            body["seed"] = self.seed
+        if self.ignore_eos:
+            body["ignore_eos"] = True
+        return body
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str]
+    echo: Literal[False] = False
+
+    def engine_body(self, max_tokens_default: int = 16) -> dict[str, Any]:
+        body = super().engine_body(max_tokens_default)
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ValueError("one prompt per request (n=1): send a list of one string")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            body["prompt"] = prompt
+        else:
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            body["prompt_token_ids"] = prompt
+        return body
+
+    def prompt_chars(self) -> int:
+        return len(self.prompt) if isinstance(self.prompt, str) else len(self.prompt) * 4
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] | None = ""
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
+
+    def engine_body(self, max_tokens_default: int = 256) -> dict[str, Any]:
+        body = super().engine_body(max_tokens_default)
+        if self.max_completion_tokens:
+            body["max_tokens"] = self.max_completion_tokens
+        body["messages"] = [{"role": "system" if m.role == "developer" else m.role,
+                             "content": m.text()} for m in self.messages]
+        return body
+
+    def prompt_chars(self) -> int:
+        return sum(len(m.text()) for m in self.messages)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[str] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input

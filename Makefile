@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint install clean
+.PHONY: up test lint install clean supervise
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,9 @@ install: $(STAMP)
 
 up: $(STAMP)
 	$(BIN)/zeroserve up
+
+supervise: $(STAMP)
+	$(BIN)/zeroserve supervise
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -43,8 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--kv-cache-tokens", type=int, default=0, help="0: size from free memory")
     ap.add_argument("--heartbeat-interval-s", type=float, default=1.0)
     ap.add_argument("--heartbeat-liveness", type=int, default=3)
+    ap.add_argument("--run-dir", default="", help="count starts of this slot here (ops)")
     ap.add_argument("--log-level", default="INFO")
     return ap
+
+
+def count_start(run_dir: str, slot: int) -> int:
+    """Record one more start of this slot (status shows restarts; crash loops are visible)."""
+    path = os.path.join(run_dir, f"worker-{slot}.starts")
+    try:
+        with open(path) as fh:
+            starts = int(fh.read().strip() or 0) + 1
+    except (OSError, ValueError):
+        starts = 1
+    os.makedirs(run_dir, exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(f"{starts}\n")
+    return starts
 
 
 def config_from_args(args: argparse.Namespace, cpus: tuple[int, ...]) -> WorkerConfig:
@@ -56,7 +71,7 @@ def config_from_args(args: argparse.Namespace, cpus: tuple[int, ...]) -> WorkerC
         worker_id=args.worker_id,
         capacity=args.capacity,
         cpus=cpus,
-        device=args.device,
+        device=f"cuda:{args.slot}" if args.device == "cuda" else args.device,
         dtype=args.dtype,
         step_delay_ms=args.step_delay_ms,
         max_num_seqs=args.max_num_seqs,
@@ -76,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, "worker")
     if args.instance:  # shared-memory names follow the deployment
         os.environ["ZEROSERVE_INSTANCE"] = args.instance
+    if args.run_dir:
+        starts = count_start(args.run_dir, args.slot)
+        if starts > 1:
+            log.warning("slot %d starting again: restart #%d", args.slot, starts - 1)
     cpus = pinning.parse_cpus(args.cpus) if args.cpus else pinning.partition(args.slot, args.slots)
     if not args.no_pin:
         pinning.pin(cpus)

@@ -6,6 +6,7 @@
     zeroserve up ...            broker + N workers as children of one foreground command
     zeroserve bench transport   transport round-trip and throughput benchmark
     zeroserve make-model PRESET build the embedded default model (tiny, small) into the cache
+    zeroserve supervise         the whole deployment under supervisord (supervisord.conf)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ COMMANDS = {
     "bench": "zeroserve.bench",
     "make-model": "zeroserve.models",
     "gateway": "zeroserve.gateway.gateway",
+    "supervise": "zeroserve.ops.supervise",
 }
 
 

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def spawn(role: str, args: Sequence[str], env: dict[str, str] | None = None,
@@ -38,6 +38,18 @@ def kill(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def stop_on_signals() -> Callable[[], bool]:
+    """SIGINT and SIGTERM set a flag instead of raising; returns the function that reads it."""
+    flag = {"stop": False}
+
+    def on_signal(*_: object) -> None:
+        flag["stop"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return lambda: flag["stop"]
 
 
 def stop_all(procs: Sequence[subprocess.Popen], timeout_s: float = 10.0) -> None:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import time
 from typing import Any
 
 from zeroserve.config import default_endpoint
 from zeroserve.logs import setup_logging
-from zeroserve.procs import spawn, stop_all
+from zeroserve.procs import spawn, stop_all, stop_on_signals
 
 log = logging.getLogger("zeroserve.up")
 
@@ -63,14 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, "up")
     frontend = args.frontend or default_endpoint("frontend", args.instance)
     backend = args.backend or default_endpoint("backend", args.instance)
-    stopping = False
-
-    def on_signal(*_: Any) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stopping = stop_on_signals()
     if args.engine == "llm":
         from zeroserve.models import PRESETS, ensure_built
 
@@ -90,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "--port", str(args.port),
                                           "--log-level", args.log_level]))
     try:
-        rows = wait_ready(frontend, args.workers, args.ready_timeout_s, procs, lambda: stopping)
+        rows = wait_ready(frontend, args.workers, args.ready_timeout_s, procs, stopping)
         if not rows:
             log.error("pipeline did not come up")
             return 1
@@ -112,7 +104,7 @@ Or from Python:
     with Client("{frontend}") as c:
         print(c.generate("{model}", "hello from zeroserve").text)
 """, flush=True)
-        while not stopping:
+        while not stopping():
             dead = [p for p in procs if p.poll() is not None]
             if dead:
                 log.error("a child exited (pid %d, code %s): stopping", dead[0].pid,

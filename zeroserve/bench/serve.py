@@ -67,7 +67,6 @@ async def drive_sdk(endpoint: str, model: str, workload: list, concurrency: int,
 
     sem = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(workload), desc="via sdk", leave=False)
-    rng = random.Random(1)
 
     async def one(client: AsyncClient, text: str, n: int) -> Record:
         rec = Record()
@@ -91,16 +90,9 @@ async def drive_sdk(endpoint: str, model: str, workload: list, concurrency: int,
 
     async with AsyncClient(endpoint) as client:
         await client.generate(model, workload[0][0][:32], max_tokens=2)
-        t0 = time.perf_counter()
-        tasks = []
-        for text, _, n in workload:
-            tasks.append(asyncio.create_task(one(client, text, n)))
-            if rate:
-                await asyncio.sleep(rng.expovariate(rate))
-        records = await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - t0
+        out = await _fire(workload, rate, lambda text, n: one(client, text, n))
     bar.close()
-    return list(records), elapsed
+    return out
 
 
 async def drive_http(base_url: str, model: str, workload: list, concurrency: int,
@@ -110,7 +102,6 @@ async def drive_http(base_url: str, model: str, workload: list, concurrency: int
 
     sem = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(workload), desc=f"via {label}", leave=False)
-    rng = random.Random(1)
 
     async def one(client: httpx.AsyncClient, text: str, n: int) -> Record:
         rec = Record()
@@ -148,16 +139,23 @@ async def drive_http(base_url: str, model: str, workload: list, concurrency: int
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await one(client, workload[0][0][:32], 2)  # warm the connection pool and the path
-        t0 = time.perf_counter()
-        tasks = []
-        for text, _, n in workload:
-            tasks.append(asyncio.create_task(one(client, text, n)))
-            if rate:
-                await asyncio.sleep(rng.expovariate(rate))
-        records = await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - t0
+        out = await _fire(workload, rate, lambda text, n: one(client, text, n))
     bar.close()
-    return list(records), elapsed
+    return out
+
+
+async def _fire(workload: list, rate: float | None, one: Any) -> tuple[list[Record], float]:
+    """Start every request (all at once, or at Poisson arrivals of `rate` per second) and
+    wait for all; the concurrency limit lives inside `one`."""
+    rng = random.Random(1)
+    t0 = time.perf_counter()
+    tasks = []
+    for text, _, n in workload:
+        tasks.append(asyncio.create_task(one(text, n)))
+        if rate:
+            await asyncio.sleep(rng.expovariate(rate))
+    records = await asyncio.gather(*tasks)
+    return list(records), time.perf_counter() - t0
 
 
 def summarize(records: list[Record], elapsed: float) -> dict[str, float]:
@@ -200,6 +198,10 @@ def serve_phase(model_dir: Path, workload: list, concurrency: int, rate: float |
         try:
             if not wait_ready(front, 1, 600, procs):
                 raise RuntimeError("the pipeline did not come up")
+            if "sdk" in via and "http" in via:
+                _wait_http(f"http://127.0.0.1:{port}/ready")
+                out["idle"] = asyncio.run(idle_ttft(front, f"http://127.0.0.1:{port}",
+                                                    workload))
             for kind in via:
                 if kind == "sdk":
                     records, elapsed = asyncio.run(drive_sdk(front, "bench", workload,
@@ -212,6 +214,23 @@ def serve_phase(model_dir: Path, workload: list, concurrency: int, rate: float |
         finally:
             stop_all(procs)
     return out
+
+
+async def idle_ttft(endpoint: str, base_url: str, workload: list,
+                    n: int = 20) -> dict[str, float]:
+    """What the gateway alone adds: one request at a time on an idle pipeline, the same short
+    prompts through the SDK and over HTTP, alternating; TTFT p50 of each."""
+    probe = [(text[:64], ids, 4) for text, ids, _ in workload[:n]]
+    sdk, http = [], []
+    for item in probe:
+        for kind, out in (("sdk", sdk), ("http", http)):
+            if kind == "sdk":
+                recs, _ = await drive_sdk(endpoint, "bench", [item], 1, None)
+            else:
+                recs, _ = await drive_http(base_url, "bench", [item], 1, None, "http")
+            out.append(recs[0].ttft_s * 1000)
+    return {"sdk_idle_ttft_ms_p50": percentile(sdk, 50),
+            "http_idle_ttft_ms_p50": percentile(http, 50)}
 
 
 def peer_phase(model_dir: Path, workload: list, concurrency: int,
@@ -375,15 +394,18 @@ def main(argv: list[str] | None = None) -> int:
                            "model": str(args.model)}
     phases = serve_phase(model_dir, workload, args.concurrency, args.rate,
                          args.max_model_len, via)
+    idle = phases.pop("idle", None)
     first = phases[via[0]]
     res.update(first)  # served_tok_s, ttft_ms_p50, ... of the first path
     for kind, figures in phases.items():
         res[f"{kind}_tok_s"] = figures["served_tok_s"]
         for k in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "itl_ms_p99", "requests_failed"):
             res[f"{kind}_{k}"] = figures[k]
-    if "sdk" in phases and "http" in phases:
+    if idle is not None:
         res["http_over_sdk_tok_s"] = res["http_tok_s"] / res["sdk_tok_s"]
-        res["gateway_ttft_ms_p50_added"] = res["http_ttft_ms_p50"] - res["sdk_ttft_ms_p50"]
+        res.update(idle)
+        res["gateway_ttft_ms_p50_added"] = (idle["http_idle_ttft_ms_p50"]
+                                            - idle["sdk_idle_ttft_ms_p50"])
     if args.peer:
         peer = peer_phase(model_dir, workload, args.concurrency, args.rate)
         res["peer_tok_s"] = peer["served_tok_s"]

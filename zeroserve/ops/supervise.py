@@ -71,6 +71,11 @@ def wait_socket(env: dict[str, str], proc: subprocess.Popen, timeout_s: float = 
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="zeroserve supervise", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=str(REPO / "supervisord.conf"))
+    args = ap.parse_args(argv)
     from zeroserve.client import Client
     from zeroserve.models import PRESETS, ensure_built
     from zeroserve.ops.scale import scale
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     if env["ZEROSERVE_ENGINE"] == "llm" and env["ZEROSERVE_MODEL"] in PRESETS:
         ensure_built(env["ZEROSERVE_MODEL"])
-    proc = start(env)
+    proc = start(env, args.config)
     stopping = stop_on_signals()
     try:
         rpc = wait_socket(env, proc)

@@ -1,0 +1,59 @@
+"""`zeroserve up` and the CLI: the whole pipeline in one foreground command, Ctrl-C stops it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+
+from zeroserve import Client
+from zeroserve.cli import main as cli_main
+
+from .conftest import wait_for
+
+
+def test_cli_lists_its_commands(capsys) -> None:
+    assert cli_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("broker", "worker", "gateway", "up", "bench", "make-model", "supervise"):
+        assert f"zeroserve {cmd}" in out
+    assert cli_main(["no-such-command"]) == 2
+
+
+def test_up_serves_sdk_and_http_then_ctrl_c_stops_everything(tmp_ipc, tiny_model) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    frontend, backend = f"ipc://{tmp_ipc}/f.sock", f"ipc://{tmp_ipc}/b.sock"
+    with open(tmp_ipc / "up.log", "w+b") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "zeroserve.cli", "up", "--model", str(tiny_model),
+             "--frontend", frontend, "--backend", backend, "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def printed() -> bool:
+            return b"Ctrl-C here stops everything" in (tmp_ipc / "up.log").read_bytes()
+
+        assert wait_for(printed, 120, 0.2), (tmp_ipc / "up.log").read_text()
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 3  # broker, worker, gateway
+        with Client(frontend) as c:
+            model = c.workers()[0]["models"][0]
+            assert c.generate(model, "hello", max_tokens=3, timeout_s=30).token_ids
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+                       json={"model": model, "prompt": "hello", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        assert proc.wait(60) == 0
+        time.sleep(0.2)
+        assert not [c for c in children if c.is_running() and c.status() != "zombie"]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -258,6 +258,9 @@ class Broker:
             if job is None or job.worker is not worker:
                 return
             self.table.finish(key)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request %s %s from worker %s", job.rid, p.TYPE_NAMES[msg.type],
+                          worker.worker_id)
         self._send_client(route, frames)  # on failure the client's jobs are cancelled there
         if msg.type != p.CHUNK:
             self._after_credit(worker)
@@ -283,6 +286,8 @@ class Broker:
     # -- dispatch and failure handling ---------------------------------------------------
 
     def _dispatch(self, job: Job, worker: WorkerState) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request %s model=%s -> worker %s", job.rid, job.model, worker.worker_id)
         self.table.assign(job, worker)
         if not self._send_worker(worker, job.client, job.frames):
             self._purge(worker, "unreachable")

@@ -83,3 +83,16 @@ def test_repeated_engine_failure_is_fatal_and_announced(pipeline) -> None:
                 c.generate("echo", "a b", fail_at=0, timeout_s=5)
         assert worker.wait(10) == 1
         assert c.workers() == []  # the dead notice removed it at once
+
+
+def test_request_id_is_logged_at_every_hop(pipeline) -> None:
+    pipeline.start_broker("--log-level", "DEBUG")
+    pipeline.start_worker("a", "--log-level", "DEBUG")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c:
+        assert c.submit("echo", "traced", request_id="trace-7f3a").result(5).text == "traced"
+    time.sleep(0.3)
+    broker_log, worker_log = (p.read_text() for p in pipeline.logs[:2])
+    assert "request trace-7f3a model=echo -> worker a" in broker_log
+    assert "request trace-7f3a accepted" in worker_log
+    assert "request trace-7f3a finished" in worker_log

@@ -123,6 +123,8 @@ class Worker:
         kind = item[0]
         if kind == ADD:
             _, key, body, buffers = item
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request %s accepted", key[1])
             try:
                 self.engine.add(key, body, buffers)
             except EngineError as exc:
@@ -150,6 +152,8 @@ class Worker:
                 self._send(route, p.error(rid, *out.error))
                 self.served += 1
             elif out.finish is not None:
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("request %s finished: %s", rid, out.finish.get("finish_reason"))
                 payload = {**out.delta, **out.finish} if out.delta else out.finish
                 self._send(route, p.end(rid, payload, *out.buffers))
                 self.served += 1

@@ -93,7 +93,11 @@ class Broker:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            handler(frames)
+            try:
+                handler(frames)
+            except Exception:  # a bug must not take the switchboard down: log it, go on
+                self.counts["bad_frames"] += 1
+                log.exception("unexpected error handling a message")
 
     # -- frontend: clients ---------------------------------------------------------------
 

@@ -103,3 +103,18 @@ def test_error_for_unknown_id_is_ignored_and_garbage_does_not_break_the_core() -
     core.on_frames([b"junk"])
     core.on_frames(p.error("nope", p.BUSY, "x"))
     assert core.pending == {}
+
+
+def test_a_garbled_reply_fails_only_its_request() -> None:
+    from zeroserve import InternalError
+    from zeroserve.client import ClientCore, _ThreadCollector
+    from zeroserve.config import ClientConfig
+
+    core = ClientCore(ClientConfig(("ipc:///x",)))
+    bad, good = _ThreadCollector(), _ThreadCollector()
+    core.submit("bad", "m", {}, (), bad)
+    core.submit("good", "m", {}, (), good)
+    core.on_frames(p.encode(p.CHUNK, {"id": "bad"}, b"\xc1"))
+    core.on_frames(p.end("good", {"text": "fine"}))
+    assert isinstance(bad.get(0), InternalError)
+    assert good.get(0).text == "fine" and core.pending == {}

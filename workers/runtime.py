@@ -217,8 +217,11 @@ class Worker:
                         except zmq.Again:
                             break
                         frames = p.materialize(frames, 5)  # route, version, type, header, body
-                        if self._on_broker(dealer, frames):
-                            broker_expiry = 0.0  # told to re-register: reconnect now
+                        try:
+                            if self._on_broker(dealer, frames):
+                                broker_expiry = 0.0  # told to re-register: reconnect now
+                        except Exception:
+                            log.exception("unexpected error handling a broker message")
                 if now >= next_beat:
                     next_beat = now + interval
                     dealer.send_multipart([b"", *p.encode(p.HEARTBEAT, {"stats": self._beat()})])

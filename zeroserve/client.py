@@ -209,12 +209,18 @@ class ClientCore:
         pend = self.pending.get(rid) if isinstance(rid, str) else None
         if pend is None:
             return
-        if msg.type == p.CHUNK:
+        if msg.type in (p.CHUNK, p.END):
+            try:
+                data = p.body(msg)
+            except p.ProtocolError as exc:  # a garbled reply fails its request, not the client
+                del self.pending[rid]
+                pend.sink.put(errors.InternalError(f"malformed reply: {exc}", rid))
+                return
+            final = msg.type == p.END
+            if final:
+                del self.pending[rid]
             pend.started = True
-            pend.sink.put(Chunk(p.body(msg), msg.buffers[1:]))
-        elif msg.type == p.END:
-            del self.pending[rid]
-            pend.sink.put(Chunk(p.body(msg), msg.buffers[1:], final=True))
+            pend.sink.put(Chunk(data, msg.buffers[1:], final=final))
         elif msg.type == p.ERROR:
             del self.pending[rid]
             h = msg.header

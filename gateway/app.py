@@ -188,10 +188,14 @@ def create_app(cfg: GatewayConfig) -> Any:
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        if gw.keys.enabled and gw.keys.check(request.headers.get("authorization")) is None:
-            raise ApiError(401, "missing or invalid API key", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
-        names = sorted({m for w in gw.table.get("workers", []) for m in w["models"]})
+        key = None
+        if gw.keys.enabled:
+            key = gw.keys.check(request.headers.get("authorization"))
+            if key is None:
+                raise ApiError(401, "missing or invalid API key", code="invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})
+        names = sorted({m for w in gw.table.get("workers", []) for m in w["models"]
+                        if key is None or key.may_use(m)})
         return {"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "zeroserve"} for m in names]}
 

@@ -202,7 +202,9 @@ def test_auth_headers_and_limits(stack) -> None:
     assert r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{secure}/v1/models").status_code == 401
     ok = httpx.get(f"{secure}/v1/models", headers={"authorization": "Bearer sk-full-access"})
-    assert ok.status_code == 200
+    assert ok.status_code == 200 and len(ok.json()["data"]) >= 2
+    only = httpx.get(f"{secure}/v1/models", headers={"authorization": "Bearer sk-tiny-only"})
+    assert [m["id"] for m in only.json()["data"]] == ["tiny"]  # a key sees what it may use
     auth = {"authorization": "Bearer sk-slow"}
     time.sleep(1.1)  # let the 1 rps bucket refill
     first = httpx.post(f"{secure}/v1/completions", headers=auth,

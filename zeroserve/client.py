@@ -330,6 +330,24 @@ class TensorCodec:
         return out
 
 
+def _deadline(timeout_s: float | None, default_s: float | None) -> float | None:
+    t = timeout_s if timeout_s is not None else default_s
+    return None if t is None else time.monotonic() + t
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _settle(item: Chunk | errors.ZeroserveError | None, rid: str) -> Chunk:
+    """A reply item as a chunk; raise its error, or a timeout when nothing came (None)."""
+    if item is None:
+        raise errors.RequestTimeoutError("no reply in time", rid)
+    if isinstance(item, errors.ZeroserveError):
+        raise item
+    return item
+
+
 class Client:
     """Synchronous client. Thread-safe: any thread may call it; one IO thread owns the socket.
 
@@ -489,26 +507,15 @@ class RequestHandle:
         self.client, self.id, self.sink = client, rid, sink
 
     def chunks(self, timeout_s: float | None = None) -> Iterator[Chunk]:
-        timeout_s = timeout_s if timeout_s is not None else self.client.core.cfg.timeout_s
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        finished = False
+        deadline = _deadline(timeout_s, self.client.core.cfg.timeout_s)
         try:
             while True:
-                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-                item = self.sink.get(wait if wait is not None else 1.0)
-                if item is None:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise errors.RequestTimeoutError(f"no reply within {timeout_s}s", self.id)
-                    continue
-                if isinstance(item, errors.ZeroserveError):
-                    finished = True
-                    raise item
-                yield item
-                if item.final:
-                    finished = True
+                chunk = _settle(self.sink.get(_remaining(deadline)), self.id)
+                yield chunk
+                if chunk.final:
                     return
         finally:
-            if not finished:
+            if not self.sink.done:  # broke out, timed out: the worker stops at once
                 self.client.cancel(self.id)
 
     def result(self, timeout_s: float | None = None) -> Result:
@@ -645,24 +652,15 @@ class AsyncRequestHandle:
         self.client, self.id, self.sink = client, rid, sink
 
     async def chunks(self, timeout_s: float | None = None) -> AsyncIterator[Chunk]:
-        timeout_s = timeout_s if timeout_s is not None else self.client.core.cfg.timeout_s
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        finished = False
+        deadline = _deadline(timeout_s, self.client.core.cfg.timeout_s)
         try:
             while True:
-                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-                item = await self.sink.get(wait)
-                if item is None:
-                    raise errors.RequestTimeoutError(f"no reply within {timeout_s}s", self.id)
-                if isinstance(item, errors.ZeroserveError):
-                    finished = True
-                    raise item
-                yield item
-                if item.final:
-                    finished = True
+                chunk = _settle(await self.sink.get(_remaining(deadline)), self.id)
+                yield chunk
+                if chunk.final:
                     return
         finally:
-            if not finished:
+            if not self.sink.done:
                 self.client.cancel_nowait(self.id)
 
     async def result(self, timeout_s: float | None = None) -> Result:

@@ -28,7 +28,7 @@ import zmq
 from zeroserve.broker.table import Job, Table, WorkerState
 
 from zeroserve import protocol as p
-from zeroserve.config import BrokerConfig, default_endpoint
+from zeroserve.config import MIB, BrokerConfig, SocketConfig, default_endpoint
 from zeroserve.logs import RateLimitedLog, setup_logging
 from zeroserve.sockets import make_socket, prepare_ipc
 
@@ -400,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--heartbeat-liveness", type=int, default=3)
     ap.add_argument("--max-queue", type=int, default=1024)
     ap.add_argument("--max-queue-wait-ms", type=int, default=30_000)
+    ap.add_argument("--max-message-mb", type=int, default=512, help="MAXMSGSIZE of sockets")
     ap.add_argument("--log-level", default="INFO")
     return ap
 
@@ -412,12 +413,17 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         heartbeat_liveness=args.heartbeat_liveness,
         max_queue=args.max_queue,
         max_queue_wait_ms=args.max_queue_wait_ms,
+        sockets=SocketConfig(max_message_bytes=args.max_message_mb * MIB),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, "broker")
+    from zeroserve.arena import sweep
+
+    for name in sweep(args.instance):
+        log.info("removed orphaned shared memory %s", name)
     broker = Broker(config_from_args(args))
     signal.signal(signal.SIGTERM, broker.stop)
     signal.signal(signal.SIGINT, broker.stop)

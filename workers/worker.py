@@ -12,7 +12,7 @@ import os
 
 from zeroserve.workers import pinning
 
-from zeroserve.config import WorkerConfig, default_endpoint
+from zeroserve.config import MIB, SocketConfig, WorkerConfig, default_endpoint
 from zeroserve.logs import setup_logging
 
 log = logging.getLogger("zeroserve.worker")
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--kv-cache-tokens", type=int, default=0, help="0: size from free memory")
+    ap.add_argument("--max-message-mb", type=int, default=512, help="MAXMSGSIZE of sockets")
     ap.add_argument("--heartbeat-interval-s", type=float, default=1.0)
     ap.add_argument("--heartbeat-liveness", type=int, default=3)
     ap.add_argument("--run-dir", default="", help="count starts of this slot here (ops)")
@@ -83,6 +84,7 @@ def config_from_args(args: argparse.Namespace, cpus: tuple[int, ...]) -> WorkerC
         max_queue_delay_ms=args.max_queue_delay_ms,
         heartbeat_interval_s=args.heartbeat_interval_s,
         heartbeat_liveness=args.heartbeat_liveness,
+        sockets=SocketConfig(max_message_bytes=args.max_message_mb * MIB),
     )
 
 

@@ -271,3 +271,16 @@ def test_client_that_vanishes_has_its_requests_cancelled(pipeline, ctx) -> None:
         while time.monotonic() < deadline and c.workers()[0]["in_flight"]:
             time.sleep(0.1)
         assert c.workers()[0]["in_flight"] == 0
+
+
+def test_oversized_frame_is_dropped_and_the_broker_goes_on(pipeline, ctx) -> None:
+    pipeline.start_broker("--max-message-mb", "1")
+    pipeline.start_worker("a")
+    pipeline.wait_workers(1)
+    raw = ctx.socket(zmq.DEALER)
+    raw.connect(pipeline.frontend)
+    raw.send_multipart(p.request("huge", "echo", {"prompt": "x" * (2 << 20)}))
+    time.sleep(0.3)
+    assert pipeline.broker.poll() is None
+    with pipeline.client() as c:
+        assert c.generate("echo", "still fine", timeout_s=5).text == "still fine"

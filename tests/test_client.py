@@ -118,3 +118,19 @@ def test_a_garbled_reply_fails_only_its_request() -> None:
     core.on_frames(p.end("good", {"text": "fine"}))
     assert isinstance(bad.get(0), InternalError)
     assert good.get(0).text == "fine" and core.pending == {}
+
+
+def test_oversized_payload_is_refused_before_it_is_sent(pipeline) -> None:
+    from zeroserve import BadRequestError
+    from zeroserve.config import ClientConfig, SocketConfig
+
+    pipeline.start_broker()
+    pipeline.start_worker("a")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c:
+        c.core.cfg = ClientConfig(c.core.cfg.endpoints, heartbeat_interval_s=0.25,
+                                  sockets=SocketConfig(max_message_bytes=1024))
+        with pytest.raises(BadRequestError, match="message limit"):
+            c.submit("echo", "x" * 4096)
+        assert c.core.pending == {}
+        assert c.generate("echo", "small enough", timeout_s=5).text == "small enough"

@@ -181,6 +181,11 @@ class ClientCore:
     def submit(self, rid: str, model: str, body: dict[str, Any], buffers: Sequence[Any],
                sink: Collector) -> list[Any]:
         frames = p.request(rid, model, body, *buffers)
+        limit = self.cfg.sockets.max_message_bytes
+        too_big = next((n for n in map(_nbytes, frames) if n > limit), None)
+        if too_big is not None:  # zmq would drop the connection and the request silently
+            raise errors.BadRequestError(f"a frame of {too_big} bytes exceeds the "
+                                         f"{limit}-byte message limit", rid)
         self.pending[rid] = _Pending(frames, sink)
         return frames
 
@@ -253,6 +258,10 @@ class ClientCore:
         for rid, pend in self.pending.items():
             pend.sink.put(errors.UnavailableError(why, rid))
         self.pending.clear()
+
+
+def _nbytes(frame: Any) -> int:
+    return frame.nbytes if isinstance(frame, memoryview) else len(frame)
 
 
 def _config(endpoints: str | Sequence[str] | None, timeout_s: float | None,

@@ -1,0 +1,1 @@
+"""The broker process (installed as zeroserve.broker): routes requests to workers."""

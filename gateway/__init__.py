@@ -1,0 +1,1 @@
+"""The HTTP gateway (installed as zeroserve.gateway): OpenAI-compatible front door."""

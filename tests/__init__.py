@@ -1,0 +1,1 @@
+"""Tests: real processes on ipc sockets and loopback ports."""

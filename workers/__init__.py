@@ -1,0 +1,1 @@
+"""Worker processes (installed as zeroserve.workers): runtime and engines."""

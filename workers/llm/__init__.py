@@ -1,0 +1,1 @@
+"""The LLM engine: scheduler, KV cache, attention, sampler, detokenizer."""

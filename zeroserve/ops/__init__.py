@@ -1,0 +1,1 @@
+"""Operations: supervisord deployment, scaling, status, autoscaling."""

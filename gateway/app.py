@@ -265,6 +265,8 @@ async def _generate(gw: Gateway, request: Request, req: Any, route: str, chat: b
         body = req.engine_body(gw.cfg.max_tokens_default) if not chat else req.engine_body()
     except ValueError as exc:
         raise ApiError(400, str(exc), param="prompt") from None
+    if req.stream and "logprobs" in body:
+        raise ApiError(400, "logprobs are not streamed yet: use stream=false", param="logprobs")
     reserved = req.prompt_chars() // 4 + body["max_tokens"]
     key_id, rl_headers = gw.admit(key, reserved)
     state = request.state
@@ -304,7 +306,7 @@ async def _generate(gw: Gateway, request: Request, req: Any, route: str, chat: b
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={**SSE_HEADERS, **rl_headers})
     try:
-        text, finish, usage = await _unless_disconnected(
+        text, finish, usage, lps = await _unless_disconnected(
             request, handle, _collect(gw, handle, t0, state))
     except errors.ZeroserveError as exc:
         raise from_zeroserve(exc) from None
@@ -316,10 +318,13 @@ async def _generate(gw: Gateway, request: Request, req: Any, route: str, chat: b
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": None, "finish_reason": _finish(finish)}
+                  "logprobs": _chat_logprobs(lps) if "logprobs" in body else None,
+                  "finish_reason": _finish(finish)}
         payload = {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(finish)}
+        choice = {"index": 0, "text": text,
+                  "logprobs": _completion_logprobs(lps) if "logprobs" in body else None,
+                  "finish_reason": _finish(finish)}
         payload = {**meta, "object": "text_completion", "choices": [choice], "usage": usage}
     raw = json.dumps(payload, separators=(",", ":")).encode()
     if ckey is not None:
@@ -365,17 +370,40 @@ def _record_usage(gw: Gateway, state: Any, data: dict[str, Any]) -> dict[str, in
     return usage
 
 
-async def _collect(gw: Gateway, handle: AsyncRequestHandle, t0: float,
-                   state: Any) -> tuple[str, str | None, dict[str, int]]:
+async def _collect(gw: Gateway, handle: AsyncRequestHandle, t0: float, state: Any
+                   ) -> tuple[str, str | None, dict[str, int], list[dict[str, Any]]]:
     parts: list[str] = []
+    lps: list[dict[str, Any]] = []
     last = t0
     async for chunk in handle.chunks():
         last = _observe(gw, chunk, t0, last, state)
         parts.append(chunk.text)
+        lps.extend(chunk.data.get("logprobs") or ())
         if chunk.final:
             return "".join(parts), chunk.data.get("finish_reason"), _record_usage(
-                gw, state, chunk.data)
-    return "".join(parts), None, {}
+                gw, state, chunk.data), lps
+    return "".join(parts), None, {}, lps
+
+
+def _completion_logprobs(lps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The legacy completions shape: parallel lists per token."""
+    offsets, pos = [], 0
+    for lp in lps:
+        offsets.append(pos)
+        pos += len(lp["token"])
+    return {"tokens": [lp["token"] for lp in lps],
+            "token_logprobs": [lp["logprob"] for lp in lps],
+            "top_logprobs": [{tok: v for _, v, tok in lp["top"]} for lp in lps],
+            "text_offset": offsets}
+
+
+def _chat_logprobs(lps: list[dict[str, Any]]) -> dict[str, Any]:
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [{**entry(lp["token"], lp["logprob"]),
+                         "top_logprobs": [entry(tok, v) for _, v, tok in lp["top"]]}
+                        for lp in lps]}
 
 
 async def _chain(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:

@@ -62,9 +62,12 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str]
     echo: Literal[False] = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def engine_body(self, max_tokens_default: int = 16) -> dict[str, Any]:
         body = super().engine_body(max_tokens_default)
+        if self.logprobs is not None:
+            body["logprobs"] = self.logprobs
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
@@ -104,9 +107,13 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def engine_body(self, max_tokens_default: int = 256) -> dict[str, Any]:
         body = super().engine_body(max_tokens_default)
+        if self.logprobs:
+            body["logprobs"] = self.top_logprobs or 0
         if self.max_completion_tokens:
             body["max_tokens"] = self.max_completion_tokens
         body["messages"] = [{"role": "system" if m.role == "developer" else m.role,

@@ -100,6 +100,21 @@ def test_openai_completions_chat_and_models(stack) -> None:
     assert {"tiny", "echo"} <= ids
 
 
+def test_openai_logprobs(stack) -> None:
+    _, url, _ = stack
+    comp = oa(url).completions.create(model="tiny", prompt="log", max_tokens=3, temperature=0,
+                                      logprobs=2, extra_body={"ignore_eos": True})
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == 3 and len(lp.token_logprobs) == 3 and len(lp.top_logprobs[0]) == 2
+    assert all(v <= 0 for v in lp.token_logprobs)
+    chat = oa(url).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=3, temperature=0,
+        logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and len(content[0].top_logprobs) == 2
+    assert content[0].top_logprobs[0].logprob == content[0].logprob  # greedy: the top one
+
+
 def test_openai_streaming_with_usage(stack) -> None:
     _, url, _ = stack
     # the echo engine needs a prompt, so a chat to it is refused before the stream starts

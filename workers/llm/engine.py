@@ -7,7 +7,8 @@ stream). Requests join between steps and leave the moment they finish or are can
 Request body: {"prompt": str | "prompt_token_ids": [int] | "messages": [{role, content}],
 "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
 "ignore_eos", "logprobs"}.
-Stream delta: {"text", "token_ids": [id], "logprobs"?}; END adds finish_reason and usage.
+Stream delta: {"text", "token_ids": [id], "logprobs"?: [{token_id, token, logprob,
+top: [[id, logprob, token], ...]}]}; END adds finish_reason, usage and queue_ms.
 """
 
 from __future__ import annotations
@@ -186,6 +187,8 @@ class LLMEngine:
                                  "token_ids": [token]}
         seq.emitted = max(upto, seq.emitted)
         if logprob is not None:
+            logprob["token"] = self._piece(logprob["token_id"])
+            logprob["top"] = [[t, lp, self._piece(t)] for t, lp in logprob["top"]]
             delta["logprobs"] = [logprob]
         if finish is None:
             return Output(seq.key, delta)
@@ -193,6 +196,10 @@ class LLMEngine:
         self.seqs.pop(seq.key, None)
         return Output(seq.key, delta, {"finish_reason": finish, "usage": seq.usage(),
                                        "queue_ms": round(seq.queue_ms, 3)})
+
+    def _piece(self, token_id: int) -> str:
+        """One token's own text, for logprobs (special tokens included)."""
+        return self.tokenizer.decode([token_id])
 
     def _prompt_ids(self, body: dict[str, Any]) -> list[int]:
         if "prompt_token_ids" in body:

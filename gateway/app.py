@@ -283,6 +283,9 @@ async def _generate(gw: Gateway, request: Request, req: Any, route: str, chat: b
                 gw.limiter.refund(key_id, reserved)
                 return Response(hit, media_type="application/json", headers=rl_headers)
     assert gw.client is not None
+    if not gw.client.core.broker_alive:
+        gw.limiter.refund(key_id, reserved)
+        raise from_zeroserve(errors.UnavailableError("the broker is not answering"))
     rid = gw.request_id(request)
     try:
         handle = await gw.client.submit(req.model, request_id=rid, **body)

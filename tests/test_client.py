@@ -134,3 +134,11 @@ def test_oversized_payload_is_refused_before_it_is_sent(pipeline) -> None:
             c.submit("echo", "x" * 4096)
         assert c.core.pending == {}
         assert c.generate("echo", "small enough", timeout_s=5).text == "small enough"
+
+
+def test_unstarted_request_fails_after_max_resends_without_a_broker(tmp_ipc) -> None:
+    from zeroserve import UnavailableError
+
+    client = Client(f"ipc://{tmp_ipc}/gone.sock", heartbeat_interval_s=0.05)
+    with client, pytest.raises(UnavailableError, match="no broker answered"):
+        client.generate("echo", "x", timeout_s=10)  # 3 resends x 0.15 s, not the 10 s timeout

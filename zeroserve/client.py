@@ -157,6 +157,7 @@ class _Pending:
     frames: list[bytes]
     sink: Collector
     started: bool = False
+    resent: int = 0
 
 
 class ClientCore:
@@ -169,6 +170,7 @@ class ClientCore:
         self._ids = itertools.count()
         self._endpoint_index = 0
         self.broker_expiry = time.monotonic() + cfg.expiry_s
+        self.last_heard = time.monotonic()  # a grace period for the first connection
         self.next_beat = time.monotonic() + cfg.heartbeat_interval_s
 
     @property
@@ -203,7 +205,8 @@ class ClientCore:
         return p.cancel(rid)
 
     def on_frames(self, frames: list[bytes]) -> None:
-        self.broker_expiry = time.monotonic() + self.cfg.expiry_s
+        self.last_heard = time.monotonic()
+        self.broker_expiry = self.last_heard + self.cfg.expiry_s
         try:
             msg = p.decode(frames)
         except p.ProtocolError:
@@ -242,17 +245,25 @@ class ClientCore:
 
     def failover(self) -> list[list[bytes]]:
         """The broker went silent: move to the next endpoint. Requests that streamed nothing
-        are resent there; ones that had started fail with UnavailableError."""
+        are resent there (up to max_resends times); ones that had started fail with
+        UnavailableError, as do those that ran out of resends: nothing waits forever."""
         self._endpoint_index += 1
         self.broker_expiry = time.monotonic() + self.cfg.expiry_s
         resend = []
         for rid, pend in list(self.pending.items()):
-            if pend.started:
+            if pend.started or pend.resent >= self.cfg.max_resends:
                 del self.pending[rid]
-                pend.sink.put(errors.UnavailableError("broker lost mid-stream", rid))
+                why = "broker lost mid-stream" if pend.started else "no broker answered"
+                pend.sink.put(errors.UnavailableError(why, rid))
             else:
+                pend.resent += 1
                 resend.append(pend.frames)
         return resend
+
+    @property
+    def broker_alive(self) -> bool:
+        """Heard from a broker within heartbeat x liveness."""
+        return time.monotonic() - self.last_heard < self.cfg.expiry_s
 
     def fail_all(self, why: str) -> None:
         for rid, pend in self.pending.items():

@@ -86,8 +86,7 @@ class ClientConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_liveness: int = 3
     timeout_s: float | None = None
-    reconnect_backoff_s: float = 0.1
-    reconnect_backoff_max_s: float = 2.0
+    max_resends: int = 3  # failovers an unstarted request survives before UNAVAILABLE
     sockets: SocketConfig = SocketConfig()
 
     @property

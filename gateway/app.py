@@ -265,8 +265,6 @@ async def _generate(gw: Gateway, request: Request, req: Any, route: str, chat: b
         body = req.engine_body(gw.cfg.max_tokens_default) if not chat else req.engine_body()
     except ValueError as exc:
         raise ApiError(400, str(exc), param="prompt") from None
-    if req.stream and "logprobs" in body:
-        raise ApiError(400, "logprobs are not streamed yet: use stream=false", param="logprobs")
     reserved = req.prompt_chars() // 4 + body["max_tokens"]
     key_id, rl_headers = gw.admit(key, reserved)
     state = request.state
@@ -388,9 +386,9 @@ async def _collect(gw: Gateway, handle: AsyncRequestHandle, t0: float, state: An
     return "".join(parts), None, {}, lps
 
 
-def _completion_logprobs(lps: list[dict[str, Any]]) -> dict[str, Any]:
+def _completion_logprobs(lps: list[dict[str, Any]], start: int = 0) -> dict[str, Any]:
     """The legacy completions shape: parallel lists per token."""
-    offsets, pos = [], 0
+    offsets, pos = [], start
     for lp in lps:
         offsets.append(pos)
         pos += len(lp["token"])
@@ -428,12 +426,21 @@ async def _sse(gw: Gateway, request: Request, first: Chunk, rest: AsyncIterator[
     def event(choice: str, usage: str = "") -> bytes:
         return f"data: {head},\"choices\":[{choice}]{usage}}}\n\n".encode()
 
-    def content(text: str, finish: str | None = None) -> str:
+    offset = 0
+
+    def content(text: str, finish: str | None = None, lps: list | None = None) -> str:
+        nonlocal offset
         fin = json.dumps(finish)
+        logprobs = "null"
+        if lps:
+            shaped = _chat_logprobs(lps) if chat else _completion_logprobs(lps, offset)
+            offset += sum(len(lp["token"]) for lp in lps)
+            logprobs = json.dumps(shaped, separators=(",", ":"))
         if chat:
             delta = f'{{"content":{json.dumps(text)}}}' if text else "{}"
-            return f'{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{fin}}}'
-        return f'{{"index":0,"text":{json.dumps(text)},"logprobs":null,"finish_reason":{fin}}}'
+            return f'{{"index":0,"delta":{delta},"logprobs":{logprobs},"finish_reason":{fin}}}'
+        return (f'{{"index":0,"text":{json.dumps(text)},"logprobs":{logprobs},'
+                f'"finish_reason":{fin}}}')
 
     try:
         if chat:
@@ -441,13 +448,14 @@ async def _sse(gw: Gateway, request: Request, first: Chunk, rest: AsyncIterator[
                         '"logprobs":null,"finish_reason":null}')
         async for chunk in _chain(first, rest):
             last = _observe(gw, chunk, t0, last, state)
+            lps = chunk.data.get("logprobs")
             if not chunk.final:
-                if chunk.text:
-                    yield event(content(chunk.text))
+                if chunk.text or lps:
+                    yield event(content(chunk.text, None, lps))
                 continue
             usage = _record_usage(gw, state, chunk.data)
-            if chunk.text:
-                yield event(content(chunk.text))
+            if chunk.text or lps:
+                yield event(content(chunk.text, None, lps))
             yield event(content("", _finish(chunk.data.get("finish_reason"))))
             if include_usage:
                 p, c = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)

@@ -113,6 +113,12 @@ def test_openai_logprobs(stack) -> None:
     content = chat.choices[0].logprobs.content
     assert len(content) == 3 and len(content[0].top_logprobs) == 2
     assert content[0].top_logprobs[0].logprob == content[0].logprob  # greedy: the top one
+    streamed = [c for c in oa(url).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=3, temperature=0,
+        logprobs=True, top_logprobs=2, stream=True, extra_body={"ignore_eos": True})
+        if c.choices and c.choices[0].logprobs]
+    tokens = [e.token for c in streamed for e in c.choices[0].logprobs.content]
+    assert tokens == [e.token for e in content]
 
 
 def test_openai_streaming_with_usage(stack) -> None:

@@ -3,14 +3,12 @@
 Connects: DEALER -> broker frontend (one of `endpoints`; the next one on failover).
 Out: REQUEST, CANCEL, HEARTBEAT, DISCONNECT, ADMIN.  In: CHUNK, END, ERROR, HEARTBEAT.
 
-Both clients share `ClientCore`, which holds all protocol state without doing IO: which
-requests are in flight, which have started streaming, when the broker last spoke, what to resend
-after a reconnect. They differ only in transport: `Client` runs the socket on one IO thread
+Both clients share `ClientCore` (core.py), which holds all protocol state without doing IO.
+They differ only in transport: `Client` runs the socket on one IO thread
 and callers talk to it through a queue and a wake-up pipe; `AsyncClient` runs it in the event
 loop. Many requests are in flight at once on the one socket; replies are matched by id.
 
-Each request's replies go to a collector that merges text/token deltas when the consumer lags,
-so a slow reader never grows an unbounded per-token queue.
+Tensors ride in shared memory on one host and as raw frames to a remote broker (TensorCodec).
 """
 
 from __future__ import annotations
@@ -18,13 +16,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import os
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -33,246 +28,21 @@ import zmq.asyncio
 from zeroserve import errors
 from zeroserve import protocol as p
 from zeroserve.config import ClientConfig, default_endpoint
+from zeroserve.core import (
+    AsyncCollector,
+    Chunk,
+    ClientCore,
+    Result,
+    ThreadCollector,
+    deadline_of,
+    merge_result,
+    request_body,
+    settle,
+    time_left,
+)
 from zeroserve.sockets import make_socket
 
 __all__ = ["AsyncClient", "Chunk", "Client", "Result"]
-
-
-@dataclass(slots=True)
-class Chunk:
-    """One streamed part: a delta payload (e.g. text, token_ids) and any raw buffers."""
-
-    data: dict[str, Any]
-    buffers: list[bytes] = field(default_factory=list)
-    final: bool = False
-
-    @property
-    def text(self) -> str:
-        return self.data.get("text", "")
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.data.get("token_ids", [])
-
-
-@dataclass(slots=True)
-class Result:
-    """A finished request: merged deltas plus the END fields (finish_reason, usage, ...)."""
-
-    request_id: str
-    data: dict[str, Any]
-    buffers: list[bytes] = field(default_factory=list)
-
-    @property
-    def text(self) -> str:
-        return self.data.get("text", "")
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.data.get("token_ids", [])
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.data.get("finish_reason")
-
-    @property
-    def usage(self) -> dict[str, int]:
-        return self.data.get("usage", {})
-
-
-def merge_delta(into: dict[str, Any], delta: dict[str, Any]) -> None:
-    """Fold a delta into an accumulated payload: strings concatenate, lists extend."""
-    for k, v in delta.items():
-        old = into.get(k)
-        if isinstance(old, str) and isinstance(v, str):
-            into[k] = old + v
-        elif isinstance(old, list) and isinstance(v, list):
-            old.extend(v)
-        else:
-            into[k] = list(v) if isinstance(v, list) else v
-
-
-class Collector:
-    """Per-request reply buffer. Consecutive plain chunks merge while nobody reads them."""
-
-    def __init__(self) -> None:
-        self.items: collections.deque[Chunk | errors.ZeroserveError] = collections.deque()
-        self.done = False
-
-    def put(self, item: Chunk | errors.ZeroserveError) -> None:
-        last = self.items[-1] if self.items else None
-        if (isinstance(item, Chunk) and isinstance(last, Chunk) and not last.final
-                and not last.buffers and not item.buffers):
-            merge_delta(last.data, item.data)
-            last.final = item.final
-        else:
-            self.items.append(item)
-        if not isinstance(item, Chunk) or item.final:
-            self.done = True
-        self.notify()
-
-    def notify(self) -> None:
-        pass
-
-
-class _ThreadCollector(Collector):
-    def __init__(self) -> None:
-        super().__init__()
-        self.cond = threading.Condition()
-
-    def put(self, item: Chunk | errors.ZeroserveError) -> None:
-        with self.cond:
-            super().put(item)
-
-    def notify(self) -> None:
-        self.cond.notify()
-
-    def get(self, timeout: float | None) -> Chunk | errors.ZeroserveError | None:
-        with self.cond:
-            if not self.items:
-                self.cond.wait(timeout)
-            return self.items.popleft() if self.items else None
-
-
-class _AsyncCollector(Collector):
-    def __init__(self) -> None:
-        super().__init__()
-        self.event = asyncio.Event()
-
-    def notify(self) -> None:
-        self.event.set()
-
-    async def get(self, timeout: float | None) -> Chunk | errors.ZeroserveError | None:
-        if not self.items:
-            self.event.clear()
-            try:
-                await asyncio.wait_for(self.event.wait(), timeout)
-            except TimeoutError:
-                return None
-        return self.items.popleft() if self.items else None
-
-
-@dataclass(slots=True)
-class _Pending:
-    frames: list[bytes]
-    sink: Collector
-    started: bool = False
-    resent: int = 0
-
-
-class ClientCore:
-    """Protocol state shared by both clients: no sockets, no threads, no event loop."""
-
-    def __init__(self, cfg: ClientConfig) -> None:
-        self.cfg = cfg
-        self.pending: dict[str, _Pending] = {}
-        self._prefix = uuid.uuid4().hex[:12]
-        self._ids = itertools.count()
-        self._endpoint_index = 0
-        self.broker_expiry = time.monotonic() + cfg.expiry_s
-        self.last_heard = time.monotonic()  # a grace period for the first connection
-        self.next_beat = time.monotonic() + cfg.heartbeat_interval_s
-
-    @property
-    def endpoint(self) -> str:
-        return self.cfg.endpoints[self._endpoint_index % len(self.cfg.endpoints)]
-
-    def new_id(self) -> str:
-        return f"{self._prefix}-{next(self._ids)}"
-
-    def submit(self, rid: str, model: str, body: dict[str, Any], buffers: Sequence[Any],
-               sink: Collector) -> list[Any]:
-        frames = p.request(rid, model, body, *buffers)
-        limit = self.cfg.sockets.max_message_bytes
-        too_big = next((n for n in map(_nbytes, frames) if n > limit), None)
-        if too_big is not None:  # zmq would drop the connection and the request silently
-            raise errors.BadRequestError(f"a frame of {too_big} bytes exceeds the "
-                                         f"{limit}-byte message limit", rid)
-        self.pending[rid] = _Pending(frames, sink)
-        return frames
-
-    def admin(self, rid: str, op: str, args: dict[str, Any], sink: Collector) -> list[Any]:
-        frames = p.admin(rid, op, **args)
-        self.pending[rid] = _Pending(frames, sink)
-        return frames
-
-    def cancel(self, rid: str) -> list[bytes] | None:
-        """Forget a request (its reader gets CancelledError); the CANCEL frames to send."""
-        pend = self.pending.pop(rid, None)
-        if pend is None:
-            return None
-        pend.sink.put(errors.CancelledError("cancelled by the client", rid))
-        return p.cancel(rid)
-
-    def on_frames(self, frames: list[bytes]) -> None:
-        self.last_heard = time.monotonic()
-        self.broker_expiry = self.last_heard + self.cfg.expiry_s
-        try:
-            msg = p.decode(frames)
-        except p.ProtocolError:
-            return
-        if msg.type in (p.HEARTBEAT, p.DISCONNECT):
-            return
-        rid = msg.header.get("id")
-        pend = self.pending.get(rid) if isinstance(rid, str) else None
-        if pend is None:
-            return
-        if msg.type in (p.CHUNK, p.END):
-            try:
-                data = p.body(msg)
-            except p.ProtocolError as exc:  # a garbled reply fails its request, not the client
-                del self.pending[rid]
-                pend.sink.put(errors.InternalError(f"malformed reply: {exc}", rid))
-                return
-            final = msg.type == p.END
-            if final:
-                del self.pending[rid]
-            pend.started = True
-            pend.sink.put(Chunk(data, msg.buffers[1:], final=final))
-        elif msg.type == p.ERROR:
-            del self.pending[rid]
-            h = msg.header
-            pend.sink.put(errors.from_code(str(h.get("code")), str(h.get("message")), rid))
-
-    def heartbeat_due(self, now: float) -> bool:
-        if now < self.next_beat:
-            return False
-        self.next_beat = now + self.cfg.heartbeat_interval_s
-        return True
-
-    def broker_lost(self, now: float) -> bool:
-        return now > self.broker_expiry
-
-    def failover(self) -> list[list[bytes]]:
-        """The broker went silent: move to the next endpoint. Requests that streamed nothing
-        are resent there (up to max_resends times); ones that had started fail with
-        UnavailableError, as do those that ran out of resends: nothing waits forever."""
-        self._endpoint_index += 1
-        self.broker_expiry = time.monotonic() + self.cfg.expiry_s
-        resend = []
-        for rid, pend in list(self.pending.items()):
-            if pend.started or pend.resent >= self.cfg.max_resends:
-                del self.pending[rid]
-                why = "broker lost mid-stream" if pend.started else "no broker answered"
-                pend.sink.put(errors.UnavailableError(why, rid))
-            else:
-                pend.resent += 1
-                resend.append(pend.frames)
-        return resend
-
-    @property
-    def broker_alive(self) -> bool:
-        """Heard from a broker within heartbeat x liveness."""
-        return time.monotonic() - self.last_heard < self.cfg.expiry_s
-
-    def fail_all(self, why: str) -> None:
-        for rid, pend in self.pending.items():
-            pend.sink.put(errors.UnavailableError(why, rid))
-        self.pending.clear()
-
-
-def _nbytes(frame: Any) -> int:
-    return frame.nbytes if isinstance(frame, memoryview) else len(frame)
 
 
 def _config(endpoints: str | Sequence[str] | None, timeout_s: float | None,
@@ -283,19 +53,6 @@ def _config(endpoints: str | Sequence[str] | None, timeout_s: float | None,
         endpoints = [e for e in endpoints.split(",") if e]
     return ClientConfig(tuple(endpoints), heartbeat_interval_s=heartbeat_interval_s,
                         timeout_s=timeout_s)
-
-
-def _body(prompt: str | None, params: dict[str, Any]) -> dict[str, Any]:
-    return params if prompt is None else {"prompt": prompt, **params}
-
-
-def _result(rid: str, parts: list[Chunk]) -> Result:
-    data: dict[str, Any] = {}
-    buffers: list[bytes] = []
-    for part in parts:
-        merge_delta(data, part.data)
-        buffers.extend(part.buffers)
-    return Result(rid, data, buffers)
 
 
 class TensorCodec:
@@ -350,24 +107,6 @@ class TensorCodec:
         return out
 
 
-def _deadline(timeout_s: float | None, default_s: float | None) -> float | None:
-    t = timeout_s if timeout_s is not None else default_s
-    return None if t is None else time.monotonic() + t
-
-
-def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def _settle(item: Chunk | errors.ZeroserveError | None, rid: str) -> Chunk:
-    """A reply item as a chunk; raise its error, or a timeout when nothing came (None)."""
-    if item is None:
-        raise errors.RequestTimeoutError("no reply in time", rid)
-    if isinstance(item, errors.ZeroserveError):
-        raise item
-    return item
-
-
 class Client:
     """Synchronous client. Thread-safe: any thread may call it; one IO thread owns the socket.
 
@@ -395,9 +134,9 @@ class Client:
                request_id: str | None = None, **params: Any) -> RequestHandle:
         """Send a request without waiting: returns a handle to stream or wait on."""
         rid = request_id or self.core.new_id()
-        sink = _ThreadCollector()
+        sink = ThreadCollector()
         with self._lock:
-            frames = self.core.submit(rid, model, _body(prompt, params), buffers, sink)
+            frames = self.core.submit(rid, model, request_body(prompt, params), buffers, sink)
         self._command(("send", frames))
         return RequestHandle(self, rid, sink)
 
@@ -433,7 +172,7 @@ class Client:
 
     def admin(self, op: str, timeout_s: float = 5.0, **args: Any) -> dict[str, Any]:
         rid = self.core.new_id()
-        sink = _ThreadCollector()
+        sink = ThreadCollector()
         with self._lock:
             frames = self.core.admin(rid, op, args, sink)
         self._command(("send", frames))
@@ -523,14 +262,14 @@ class Client:
 class RequestHandle:
     """One in-flight request of the sync client: iterate its chunks or wait for its result."""
 
-    def __init__(self, client: Client, rid: str, sink: _ThreadCollector) -> None:
+    def __init__(self, client: Client, rid: str, sink: ThreadCollector) -> None:
         self.client, self.id, self.sink = client, rid, sink
 
     def chunks(self, timeout_s: float | None = None) -> Iterator[Chunk]:
-        deadline = _deadline(timeout_s, self.client.core.cfg.timeout_s)
+        deadline = deadline_of(timeout_s, self.client.core.cfg.timeout_s)
         try:
             while True:
-                chunk = _settle(self.sink.get(_remaining(deadline)), self.id)
+                chunk = settle(self.sink.get(time_left(deadline)), self.id)
                 yield chunk
                 if chunk.final:
                     return
@@ -539,7 +278,7 @@ class RequestHandle:
                 self.client.cancel(self.id)
 
     def result(self, timeout_s: float | None = None) -> Result:
-        return _result(self.id, list(self.chunks(timeout_s)))
+        return merge_result(self.id, list(self.chunks(timeout_s)))
 
     def cancel(self) -> None:
         self.client.cancel(self.id)
@@ -594,8 +333,8 @@ class AsyncClient:
             raise errors.UnavailableError("client is closed")
         self._ensure_reader()
         rid = request_id or self.core.new_id()
-        sink = _AsyncCollector()
-        frames = self.core.submit(rid, model, _body(prompt, params), buffers, sink)
+        sink = AsyncCollector()
+        frames = self.core.submit(rid, model, request_body(prompt, params), buffers, sink)
         await self.sock.send_multipart(frames, copy=False)
         return AsyncRequestHandle(self, rid, sink)
 
@@ -630,7 +369,7 @@ class AsyncClient:
     async def admin(self, op: str, timeout_s: float = 5.0, **args: Any) -> dict[str, Any]:
         self._ensure_reader()
         rid = self.core.new_id()
-        sink = _AsyncCollector()
+        sink = AsyncCollector()
         await self.sock.send_multipart(self.core.admin(rid, op, args, sink))
         return (await AsyncRequestHandle(self, rid, sink).result(timeout_s)).data
 
@@ -668,14 +407,14 @@ class AsyncClient:
 
 
 class AsyncRequestHandle:
-    def __init__(self, client: AsyncClient, rid: str, sink: _AsyncCollector) -> None:
+    def __init__(self, client: AsyncClient, rid: str, sink: AsyncCollector) -> None:
         self.client, self.id, self.sink = client, rid, sink
 
     async def chunks(self, timeout_s: float | None = None) -> AsyncIterator[Chunk]:
-        deadline = _deadline(timeout_s, self.client.core.cfg.timeout_s)
+        deadline = deadline_of(timeout_s, self.client.core.cfg.timeout_s)
         try:
             while True:
-                chunk = _settle(await self.sink.get(_remaining(deadline)), self.id)
+                chunk = settle(await self.sink.get(time_left(deadline)), self.id)
                 yield chunk
                 if chunk.final:
                     return
@@ -684,7 +423,7 @@ class AsyncRequestHandle:
                 self.client.cancel_nowait(self.id)
 
     async def result(self, timeout_s: float | None = None) -> Result:
-        return _result(self.id, [c async for c in self.chunks(timeout_s)])
+        return merge_result(self.id, [c async for c in self.chunks(timeout_s)])
 
     async def cancel(self) -> None:
         await self.client.cancel(self.id)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -23,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from zeroserve.gateway import responses
 from zeroserve.gateway.auth import ApiKey, KeyStore
 from zeroserve.gateway.cache import ResponseCache, cache_key
 from zeroserve.gateway.metrics import Metrics
@@ -307,27 +307,14 @@ async def _generate(gw: Gateway, request: Request, req: Any, route: str, chat: b
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={**SSE_HEADERS, **rl_headers})
     try:
-        text, finish, usage, lps = await _unless_disconnected(
+        text, data, lps = await _unless_disconnected(
             request, handle, _collect(gw, handle, t0, state))
     except errors.ZeroserveError as exc:
         raise from_zeroserve(exc) from None
     finally:
         gw.limiter.refund(key_id, reserved - _used(state))
     gw.metrics.e2e.observe(time.perf_counter() - t0)
-    usage = {"prompt_tokens": usage.get("prompt_tokens", 0),
-             "completion_tokens": usage.get("completion_tokens", 0)}
-    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": _chat_logprobs(lps) if "logprobs" in body else None,
-                  "finish_reason": _finish(finish)}
-        payload = {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
-    else:
-        choice = {"index": 0, "text": text,
-                  "logprobs": _completion_logprobs(lps) if "logprobs" in body else None,
-                  "finish_reason": _finish(finish)}
-        payload = {**meta, "object": "text_completion", "choices": [choice], "usage": usage}
-    raw = json.dumps(payload, separators=(",", ":")).encode()
+    raw = responses.completion_body(meta, chat, text, data, lps if "logprobs" in body else None)
     if ckey is not None:
         gw.cache.put(ckey, raw)
     return Response(raw, media_type="application/json", headers=rl_headers)
@@ -343,10 +330,6 @@ def _used(state: Any) -> int:
     return getattr(state, "prompt_tokens", 0) + getattr(state, "completion_tokens", 0)
 
 
-def _finish(reason: str | None) -> str | None:
-    return "stop" if reason == "cancelled" else reason
-
-
 def _observe(gw: Gateway, chunk: Chunk, t0: float, last: float, state: Any) -> float:
     """Record TTFT / ITL for a chunk that carries tokens; returns the new 'last' time."""
     now = time.perf_counter()
@@ -360,7 +343,7 @@ def _observe(gw: Gateway, chunk: Chunk, t0: float, last: float, state: Any) -> f
     return last
 
 
-def _record_usage(gw: Gateway, state: Any, data: dict[str, Any]) -> dict[str, int]:
+def _record_usage(gw: Gateway, state: Any, data: dict[str, Any]) -> None:
     usage = data.get("usage") or {}
     state.prompt_tokens = usage.get("prompt_tokens", 0)
     state.completion_tokens = usage.get("completion_tokens", 0)
@@ -368,11 +351,11 @@ def _record_usage(gw: Gateway, state: Any, data: dict[str, Any]) -> dict[str, in
     gw.metrics.tokens.labels("completion").inc(state.completion_tokens)
     if "queue_ms" in data:
         gw.metrics.queue.observe(data["queue_ms"] / 1000)
-    return usage
 
 
 async def _collect(gw: Gateway, handle: AsyncRequestHandle, t0: float, state: Any
-                   ) -> tuple[str, str | None, dict[str, int], list[dict[str, Any]]]:
+                   ) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    """Text, END fields and logprobs of a whole request, recording its timings."""
     parts: list[str] = []
     lps: list[dict[str, Any]] = []
     last = t0
@@ -381,30 +364,9 @@ async def _collect(gw: Gateway, handle: AsyncRequestHandle, t0: float, state: An
         parts.append(chunk.text)
         lps.extend(chunk.data.get("logprobs") or ())
         if chunk.final:
-            return "".join(parts), chunk.data.get("finish_reason"), _record_usage(
-                gw, state, chunk.data), lps
-    return "".join(parts), None, {}, lps
-
-
-def _completion_logprobs(lps: list[dict[str, Any]], start: int = 0) -> dict[str, Any]:
-    """The legacy completions shape: parallel lists per token."""
-    offsets, pos = [], start
-    for lp in lps:
-        offsets.append(pos)
-        pos += len(lp["token"])
-    return {"tokens": [lp["token"] for lp in lps],
-            "token_logprobs": [lp["logprob"] for lp in lps],
-            "top_logprobs": [{tok: v for _, v, tok in lp["top"]} for lp in lps],
-            "text_offset": offsets}
-
-
-def _chat_logprobs(lps: list[dict[str, Any]]) -> dict[str, Any]:
-    def entry(token: str, logprob: float) -> dict[str, Any]:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
-
-    return {"content": [{**entry(lp["token"], lp["logprob"]),
-                         "top_logprobs": [entry(tok, v) for _, v, tok in lp["top"]]}
-                        for lp in lps]}
+            _record_usage(gw, state, chunk.data)
+            return "".join(parts), chunk.data, lps
+    return "".join(parts), {}, lps
 
 
 async def _chain(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
@@ -418,56 +380,27 @@ async def _sse(gw: Gateway, request: Request, first: Chunk, rest: AsyncIterator[
                t0: float, meta: dict[str, Any], chat: bool, include_usage: bool, key_id: str,
                reserved: int) -> AsyncIterator[bytes]:
     """OpenAI's SSE: role first (chat), content deltas, finish_reason, usage, [DONE]."""
-    obj = "chat.completion.chunk" if chat else "text_completion"
-    head = json.dumps({**meta, "object": obj}, separators=(",", ":"))[:-1]
+    events = responses.SseEvents(meta, chat)
     state = request.state
     last = t0
-
-    def event(choice: str, usage: str = "") -> bytes:
-        return f"data: {head},\"choices\":[{choice}]{usage}}}\n\n".encode()
-
-    offset = 0
-
-    def content(text: str, finish: str | None = None, lps: list | None = None) -> str:
-        nonlocal offset
-        fin = json.dumps(finish)
-        logprobs = "null"
-        if lps:
-            shaped = _chat_logprobs(lps) if chat else _completion_logprobs(lps, offset)
-            offset += sum(len(lp["token"]) for lp in lps)
-            logprobs = json.dumps(shaped, separators=(",", ":"))
-        if chat:
-            delta = f'{{"content":{json.dumps(text)}}}' if text else "{}"
-            return f'{{"index":0,"delta":{delta},"logprobs":{logprobs},"finish_reason":{fin}}}'
-        return (f'{{"index":0,"text":{json.dumps(text)},"logprobs":{logprobs},'
-                f'"finish_reason":{fin}}}')
-
     try:
         if chat:
-            yield event('{"index":0,"delta":{"role":"assistant","content":""},'
-                        '"logprobs":null,"finish_reason":null}')
+            yield events.role()
         async for chunk in _chain(first, rest):
             last = _observe(gw, chunk, t0, last, state)
             lps = chunk.data.get("logprobs")
-            if not chunk.final:
-                if chunk.text or lps:
-                    yield event(content(chunk.text, None, lps))
-                continue
-            usage = _record_usage(gw, state, chunk.data)
             if chunk.text or lps:
-                yield event(content(chunk.text, None, lps))
-            yield event(content("", _finish(chunk.data.get("finish_reason"))))
-            if include_usage:
-                p, c = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-                u = json.dumps({"prompt_tokens": p, "completion_tokens": c,
-                                "total_tokens": p + c}, separators=(",", ":"))
-                yield f"data: {head},\"choices\":[],\"usage\":{u}}}\n\n".encode()
+                yield events.content(chunk.text, None, lps)
+            if chunk.final:
+                _record_usage(gw, state, chunk.data)
+                yield events.content("", chunk.data.get("finish_reason"))
+                if include_usage:
+                    yield events.usage(chunk.data)
         gw.metrics.e2e.observe(time.perf_counter() - t0)
     except errors.ZeroserveError as exc:  # the stream has started: report in-band
-        err = from_zeroserve(exc)
-        yield f"data: {json.dumps(err.body())}\n\n".encode()
+        yield events.error(from_zeroserve(exc).body())
     finally:
         gw.limiter.refund(key_id, reserved - _used(state))
         with contextlib.suppress(Exception):
             await rest.aclose()  # type: ignore[attr-defined]  # cancels if unfinished
-    yield b"data: [DONE]\n\n"
+    yield events.DONE

@@ -1,7 +1,7 @@
 """OpenAI request schemas (pydantic) and their mapping onto zeroserve request bodies.
 
-Only the request side is modelled: it is what needs validating. Responses are built as plain
-dicts in openai.py, in exactly OpenAI's shapes, which is cheaper on the streaming hot path.
+Only the request side is modelled: it is what needs validating. Responses are built in
+responses.py, in exactly OpenAI's shapes, which is cheaper on the streaming hot path.
 """
 
 from __future__ import annotations

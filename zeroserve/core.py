@@ -23,38 +23,37 @@ from zeroserve import protocol as p
 from zeroserve.config import ClientConfig
 
 
+class PayloadView:
+    """Read access to the usual fields of a reply payload (`data`)."""
+
+    __slots__ = ()
+    data: dict[str, Any]
+
+    @property
+    def text(self) -> str:
+        return self.data.get("text", "")
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.data.get("token_ids", [])
+
+
 @dataclass(slots=True)
-class Chunk:
+class Chunk(PayloadView):
     """One streamed part: a delta payload (e.g. text, token_ids) and any raw buffers."""
 
     data: dict[str, Any]
     buffers: list[bytes] = field(default_factory=list)
     final: bool = False
 
-    @property
-    def text(self) -> str:
-        return self.data.get("text", "")
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.data.get("token_ids", [])
-
 
 @dataclass(slots=True)
-class Result:
+class Result(PayloadView):
     """A finished request: merged deltas plus the END fields (finish_reason, usage, ...)."""
 
     request_id: str
     data: dict[str, Any]
     buffers: list[bytes] = field(default_factory=list)
-
-    @property
-    def text(self) -> str:
-        return self.data.get("text", "")
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.data.get("token_ids", [])
 
     @property
     def finish_reason(self) -> str | None:

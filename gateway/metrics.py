@@ -36,8 +36,18 @@ class Metrics:
                              registry=r)
         self.batch = Gauge("zeroserve_batch_size", "Latest step batch size, summed over workers",
                            registry=r)
-        self.kv = Gauge("zeroserve_kv_cache_usage_ratio", "KV cache slots in use / total",
+        self.kv = Gauge("zeroserve_kv_cache_usage_ratio", "KV cache blocks in use / total",
                         registry=r)
+        self.kv_tokens_used = Gauge("zeroserve_kv_cache_used_tokens",
+                                    "KV cache tokens held by sequences (whole blocks)", registry=r)
+        self.kv_tokens = Gauge("zeroserve_kv_cache_capacity_tokens", "KV cache size in tokens",
+                               registry=r)
+        self.prefix_hit = Gauge("zeroserve_prefix_cache_hit_ratio",
+                                "Prompt tokens served from the prefix cache / prompt tokens",
+                                registry=r)
+        self.preemptions = Gauge("zeroserve_preemptions",
+                                 "Sequences preempted for KV blocks since the workers started",
+                                 registry=r)
 
     def update_from_table(self, table: dict[str, Any]) -> None:
         workers = table.get("workers", [])
@@ -46,6 +56,12 @@ class Metrics:
         self.running.set(sum(s.get("running", 0) for s in stats))
         self.waiting.set(sum(s.get("waiting", 0) for s in stats) + table.get("queued", 0))
         self.batch.set(sum(s.get("batch_size", 0) for s in stats))
-        used = sum(s.get("kv_slots_used", 0) for s in stats)
-        total = sum(s.get("kv_slots", 0) for s in stats)
+        used = sum(s.get("kv_blocks_used", 0) for s in stats)
+        total = sum(s.get("kv_blocks", 0) for s in stats)
         self.kv.set(used / total if total else 0.0)
+        self.kv_tokens_used.set(sum(s.get("kv_tokens_used", 0) for s in stats))
+        self.kv_tokens.set(sum(s.get("kv_tokens", 0) for s in stats))
+        hits = sum(s.get("prefix_cache_hit_tokens", 0) for s in stats)
+        queried = sum(s.get("prefix_cache_queried_tokens", 0) for s in stats)
+        self.prefix_hit.set(hits / queried if queried else 0.0)
+        self.preemptions.set(sum(s.get("preemptions", 0) for s in stats))

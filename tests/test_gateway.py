@@ -293,6 +293,26 @@ def test_metrics_parse_and_count(stack) -> None:
     assert "/v1/chat/completions" in openapi["paths"]
 
 
+def test_metrics_show_kv_blocks_and_prefix_cache_hits(stack) -> None:
+    _, url, _ = stack
+    prompt = "A shared system prompt that is long enough to fill several KV blocks. " * 8
+    for tail in ("one", "two"):  # the second starts from the first one's cached blocks
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": prompt + tail,
+                                                      "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200
+
+    def figures() -> dict[str, float]:
+        text = httpx.get(f"{url}/metrics").text
+        return {f.name: f.samples[0].value for f in text_string_to_metric_families(text)
+                if f.samples}
+
+    got = wait_for(lambda: (f := figures())["zeroserve_prefix_cache_hit_ratio"] > 0 and f, 5)
+    assert got, "the prefix-cache hit ratio never moved"
+    assert got["zeroserve_kv_cache_capacity_tokens"] > 0
+    assert 0 <= got["zeroserve_kv_cache_used_tokens"] <= got["zeroserve_kv_cache_capacity_tokens"]
+    assert "zeroserve_preemptions" in got
+
+
 def test_ready_flips_when_the_last_worker_dies(pipeline) -> None:
     pipeline.start_broker()
     worker = pipeline.start_worker("only")

@@ -18,7 +18,8 @@ def engine(tiny_model) -> LLMEngine:
     torch.set_num_threads(1)
     eng = LLMEngine.from_config(WorkerConfig(broker="-", engine="llm", model=str(tiny_model),
                                              max_num_seqs=16, max_batched_tokens=64,
-                                             max_model_len=512, kv_cache_tokens=64 * 512))
+                                             max_model_len=512, kv_cache_tokens=64 * 512,
+                                             dtype="float32", check_blocks=True))
     eng.warmup()
     return eng
 
@@ -51,7 +52,10 @@ def run_all(eng: LLMEngine, joins: dict[int, list[tuple[str, dict]]] | None = No
 
 
 def hf_greedy(reference, ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    out = reference.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+    # an explicit mask: token 0 is also the pad token, which generate() would mask out
+    out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                                                            dtype=torch.long),
+                             max_new_tokens=n, do_sample=False,
                              output_scores=True, return_dict_in_generate=True,
                              pad_token_id=reference.config.pad_token_id)
     return out.sequences[0, len(ids):].tolist(), torch.stack(out.scores)[:, 0]
@@ -124,7 +128,7 @@ def test_cancel_10_of_100_frees_everything(engine) -> None:
             assert res[rid]["finish"]["finish_reason"] == "length"
             assert len(res[rid]["ids"]) == n
     assert engine.seqs == {} and not engine.scheduler.running and not engine.scheduler.waiting
-    assert engine.stats()["kv_slots_used"] == 0
+    assert engine.stats()["kv_blocks_used"] == 0
 
 
 def test_stop_strings_and_max_tokens_end_exactly(engine) -> None:
@@ -203,7 +207,8 @@ def test_bad_params_are_rejected(engine, body, why) -> None:
 def test_llm_worker_end_to_end(pipeline, tiny_model, reference) -> None:
     pipeline.start_broker()
     pipeline.start_worker("llm-0", "--model", str(tiny_model), "--served-name", "tiny",
-                          "--max-num-seqs", "8", "--max-model-len", "256", engine="llm")
+                          "--max-num-seqs", "8", "--max-model-len", "256", "--dtype", "float32",
+                          engine="llm")
     rows = pipeline.wait_workers(1, timeout_s=120)
     assert rows[0]["models"] == ["tiny"] and rows[0]["engine"] == "llm"
     tok_ids = [5, 17, 300, 42, 7]
@@ -225,7 +230,7 @@ def test_llm_worker_end_to_end(pipeline, tiny_model, reference) -> None:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             row = c.workers()[0]
-            if row["in_flight"] == 0 and row["stats"].get("kv_slots_used") == 0:
+            if row["in_flight"] == 0 and row["stats"].get("kv_blocks_used") == 0:
                 break
             time.sleep(0.1)
-        assert row["in_flight"] == 0 and row["stats"]["kv_slots_used"] == 0
+        assert row["in_flight"] == 0 and row["stats"]["kv_blocks_used"] == 0

@@ -13,6 +13,8 @@ from zeroserve.workers.engine import EngineError
 
 from zeroserve import BadRequestError, InternalError
 
+from .conftest import wait_for
+
 
 def test_parse_cpus() -> None:
     assert pinning.parse_cpus("0-3,8") == (0, 1, 2, 3, 8)
@@ -96,3 +98,65 @@ def test_request_id_is_logged_at_every_hop(pipeline) -> None:
     assert "request trace-7f3a model=echo -> worker a" in broker_log
     assert "request trace-7f3a accepted" in worker_log
     assert "request trace-7f3a finished" in worker_log
+
+
+def test_text_work_runs_beside_the_engine_and_honours_cancels(pipeline, tiny_model) -> None:
+    """While one request's prepare (template + tokenization) is unfinished, running streams
+    advance and finish, and a later small request is served; a request cancelled during its
+    prepare ends as cancelled and is never run."""
+    import threading
+
+    from zeroserve.workers.llm.engine import LLMEngine
+    from zeroserve.workers.runtime import Worker
+
+    from zeroserve.config import WorkerConfig
+
+    pipeline.start_broker()
+    cfg = WorkerConfig(broker=pipeline.backend, engine="llm", model=str(tiny_model),
+                       worker_id="w", max_num_seqs=8, max_model_len=256, dtype="float32",
+                       heartbeat_interval_s=0.25)
+    engine = LLMEngine.from_config(cfg)
+    gates = {"BIG": threading.Event(), "STALL": threading.Event()}
+    real_prepare = engine.prepare
+
+    def prepare(body):  # text work that lasts until the test says so
+        gate = gates.get(body.get("prompt", "").split(" ")[0])
+        if gate is not None:
+            gate.wait(30)
+        return real_prepare(body)
+
+    engine.prepare = prepare  # type: ignore[method-assign]
+    worker = Worker(cfg, engine)
+    runner = threading.Thread(target=worker.run, daemon=True)
+    runner.start()
+    try:
+        pipeline.wait_workers(1)
+        with pipeline.client() as c:
+            model = engine.models[0]
+            streams = [c.submit(model, f"stream {i}", max_tokens=40, ignore_eos=True)
+                       for i in range(4)]
+            chunks = [h.chunks(30) for h in streams]
+            counts = [len(next(it).token_ids) for it in chunks]  # all four are running
+            big = c.submit(model, "BIG " + "word " * 40, max_tokens=4)
+            late = c.submit(model, "a late small one", max_tokens=3, ignore_eos=True)
+            for it, n in zip(chunks, counts, strict=True):  # BIG's prepare is still blocked
+                assert n + sum(len(ch.token_ids) for ch in it) == 40
+            assert len(late.result(10).token_ids) == 3
+            assert not big.sink.done
+            gates["BIG"].set()
+            assert big.result(30).finish_reason in ("length", "stop")
+
+            stalled = c.submit(model, "STALL here", max_tokens=4)
+            assert wait_for(lambda: worker.preparing, 5)
+            stalled.cancel()
+            assert wait_for(lambda: worker.cancelled_early, 5)
+            gates["STALL"].set()
+            with pytest.raises(Exception, match="(?i)cancel"):
+                stalled.result(10)
+            assert wait_for(lambda: c.workers()[0]["in_flight"] == 0, 5)
+            assert not engine.seqs and not worker.preparing and not worker.cancelled_early
+    finally:
+        for gate in gates.values():
+            gate.set()
+        worker.drain()
+        runner.join(10)

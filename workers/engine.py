@@ -4,6 +4,11 @@ The runtime owns sockets and threads; an engine owns compute. The runtime calls,
 thread only: ``add`` for each new request, ``cancel`` when a client gives up, then ``step``
 while ``has_work`` is true. Each step returns the outputs it produced: a delta to stream, a
 final result, or an error, per request.
+
+An engine may also define ``prepare(body) -> object``: the request's text work (templating,
+tokenization, validation), which touches no engine state. The runtime then calls it on a
+thread of its own and hands its result to ``add`` in place of the body, so text work never
+runs inside a step.
 """
 
 from __future__ import annotations

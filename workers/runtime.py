@@ -4,10 +4,14 @@ Connects:  DEALER -> broker backend (BrokerConfig.backend / WorkerConfig.broker)
 In:   REQUEST, CANCEL, HEARTBEAT, DRAIN, DISCONNECT   (each behind a route frame)
 Out:  READY (after load and warmup), HEARTBEAT {stats}, CHUNK, END, ERROR, DRAIN, DISCONNECT
 
-Two threads, as vLLM does it, so socket work never stalls compute:
+Threads, as vLLM does it, so socket and text work never stall compute:
 - the IO thread owns the DEALER: it decodes requests into the inbox queue, forwards what the
   engine produced from an inproc PAIR, heartbeats, and reconnects with backoff when the broker
   goes silent (then the engine drops what it was doing: the new broker does not know it);
+- for engines with a ``prepare`` step (the LLM engine: chat template, tokenization), two
+  prepare threads run it between the IO thread and the inbox, so a huge prompt is tokenized
+  beside the running batch instead of inside a step, and does not hold up every request
+  behind it (tokenizers release the GIL while they work);
 - the engine thread (the main thread) drains the inbox between steps and runs ``step()``.
 SIGTERM or a DRAIN drains: no new work, in-flight requests finish, DISCONNECT, exit 0.
 """
@@ -25,7 +29,7 @@ import uuid
 from typing import Any
 
 import zmq
-from zeroserve.workers.engine import Engine, EngineError, FatalEngineError, Output
+from zeroserve.workers.engine import Engine, EngineError, FatalEngineError, Output, RequestKey
 
 from zeroserve import protocol as p
 from zeroserve.config import WorkerConfig
@@ -34,9 +38,10 @@ from zeroserve.sockets import make_socket
 log = logging.getLogger("zeroserve.worker")
 
 MAX_FAILED_STEPS = 5  # consecutive failing steps before the engine is declared dead
+PREPARE_THREADS = 2  # one huge prompt's text work never holds up every new request
 
-# Inbox items from the IO thread to the engine thread.
-ADD, CANCEL, DRAIN, RESET = "add", "cancel", "drain", "reset"
+# Inbox items from the IO (and prepare) thread to the engine thread.
+ADD, REJECT, CANCEL, DRAIN, RESET = "add", "reject", "cancel", "drain", "reset"
 
 
 class Worker:
@@ -55,6 +60,15 @@ class Worker:
         self.stats: dict[str, Any] = {}
         self.served = 0
         self._io = threading.Thread(target=self._io_loop, name="worker-io", daemon=True)
+        # requests handed to the prepare thread and not yet added; cancels that find one here
+        # are held until it arrives (set/discard are atomic under the GIL)
+        self.preparing: set[RequestKey] = set()
+        self.cancelled_early: set[RequestKey] = set()
+        self.prepare_q: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._prep: list[threading.Thread] = []
+        if hasattr(engine, "prepare"):
+            self._prep = [threading.Thread(target=self._prepare_loop, name=f"worker-prepare-{i}",
+                                           daemon=True) for i in range(PREPARE_THREADS)]
 
     # -- engine thread -------------------------------------------------------------------
 
@@ -64,6 +78,8 @@ class Worker:
 
     def run(self) -> int:
         self._io.start()
+        for thread in self._prep:
+            thread.start()
         failed_steps = 0
         code = 0
         try:
@@ -82,6 +98,8 @@ class Worker:
         finally:
             time.sleep(0.05)  # let the IO thread flush the last replies
             self.stop_io.set()
+            for _ in self._prep:
+                self.prepare_q.put(None)
             self._io.join(timeout=2)
             self.outbox.close(0)
             self.engine.close()
@@ -121,7 +139,17 @@ class Worker:
 
     def _apply(self, item: tuple[Any, ...]) -> None:
         kind = item[0]
-        if kind == ADD:
+        if kind in (ADD, REJECT):
+            key = item[1]
+            self.preparing.discard(key)
+            if key in self.cancelled_early:
+                self.cancelled_early.discard(key)
+                self._emit([Output(key, finish={"finish_reason": "cancelled", "usage": {
+                    "prompt_tokens": 0, "completion_tokens": 0}})])
+                return
+        if kind == REJECT:
+            self._emit([Output(item[1], error=item[2])])
+        elif kind == ADD:
             _, key, body, buffers = item
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("request %s accepted", key[1])
@@ -133,7 +161,10 @@ class Worker:
                 log.exception("engine rejected request %s", key[1])
                 self._emit([Output(key, error=(p.INTERNAL, f"{type(exc).__name__}: {exc}"))])
         elif kind == CANCEL:
-            self._emit(self.engine.cancel(item[1]))
+            outs = self.engine.cancel(item[1])
+            if not outs and item[1] in self.preparing:
+                self.cancelled_early.add(item[1])
+            self._emit(outs)
         elif kind == DRAIN:
             if not self.draining:
                 self.draining = True
@@ -141,6 +172,7 @@ class Worker:
                 if item[1]:
                     self._send(b"", p.encode(p.DRAIN, {}))
         elif kind == RESET:
+            self.cancelled_early |= self.preparing  # meant for the broker we lost
             dropped = self.engine.abort_all(p.UNAVAILABLE, "broker connection lost")
             if dropped:
                 log.warning("dropped %d requests after reconnecting to the broker", len(dropped))
@@ -162,6 +194,20 @@ class Worker:
 
     def _send(self, route: bytes, frames: list[Any]) -> None:
         self.outbox.send_multipart([route, *frames], copy=False)
+
+    # -- prepare thread ------------------------------------------------------------------
+
+    def _prepare_loop(self) -> None:
+        prepare = self.engine.prepare  # type: ignore[attr-defined]
+        while (job := self.prepare_q.get()) is not None:
+            key, body, buffers = job
+            try:
+                self.inbox.put((ADD, key, prepare(body), buffers))
+            except EngineError as exc:
+                self.inbox.put((REJECT, key, (exc.code, str(exc))))
+            except Exception as exc:
+                log.exception("preparing request %s failed", key[1])
+                self.inbox.put((REJECT, key, (p.INTERNAL, f"{type(exc).__name__}: {exc}")))
 
     # -- IO thread -----------------------------------------------------------------------
 
@@ -259,7 +305,12 @@ class Worker:
             except p.ProtocolError as exc:
                 dealer.send_multipart([route, *p.error(rid, p.BAD_REQUEST, str(exc))])
                 return False
-            self.inbox.put((ADD, (route, rid), body, msg.buffers[1:]))
+            key = (route, rid)
+            if not self._prep:
+                self.inbox.put((ADD, key, body, msg.buffers[1:]))
+            else:
+                self.preparing.add(key)
+                self.prepare_q.put((key, body, msg.buffers[1:]))
         elif t == p.CANCEL:
             self.inbox.put((CANCEL, (route, msg.header["id"])))
         elif t == p.DRAIN:

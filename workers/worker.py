@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--kv-cache-tokens", type=int, default=0, help="0: size from free memory")
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    ap.add_argument("--no-prefix-caching", action="store_true",
+                    help="compute every prompt in full (no reuse of cached KV blocks)")
+    ap.add_argument("--check-blocks", action="store_true",
+                    help="debug: assert the KV block accounting after every step")
     ap.add_argument("--max-message-mb", type=int, default=512, help="MAXMSGSIZE of sockets")
     ap.add_argument("--heartbeat-interval-s", type=float, default=1.0)
     ap.add_argument("--heartbeat-liveness", type=int, default=3)
@@ -79,6 +84,9 @@ def config_from_args(args: argparse.Namespace, cpus: tuple[int, ...]) -> WorkerC
         max_batched_tokens=args.max_batched_tokens,
         max_model_len=args.max_model_len,
         kv_cache_tokens=args.kv_cache_tokens,
+        block_size=args.block_size,
+        prefix_caching=not args.no_prefix_caching,
+        check_blocks=args.check_blocks,
         module=args.module,
         max_batch_size=args.max_batch_size,
         max_queue_delay_ms=args.max_queue_delay_ms,

@@ -68,6 +68,9 @@ class WorkerConfig:
     max_batched_tokens: int = 2048
     max_model_len: int = 2048
     kv_cache_tokens: int = 0
+    block_size: int = 16  # tokens per KV block
+    prefix_caching: bool = True
+    check_blocks: bool = False  # debug: assert the KV block accounting after every step
     module: str = ""
     max_batch_size: int = 64
     max_queue_delay_ms: float = 2.0

@@ -1,12 +1,15 @@
-"""Attention over the engine's own KV cache, plugged into transformers' model code.
+"""Attention through block tables, plugged into transformers' model code.
 
 The engine runs the model on a *packed* batch: every scheduled sequence's new tokens side by
 side in one [1, N] row, with explicit position ids. transformers computes projections, RoPE,
-norms and MLPs as usual and calls this function for attention (registered through its
-AttentionInterface). Here each layer writes the new keys and values into their slots, then:
-- decode tokens (one per running sequence, first in the row) attend as one batched SDPA over
-  the dense range of slots they occupy, masked to each sequence's length;
-- prefill chunks attend one sequence at a time: causal over the chunk plus its cached prefix.
+norms and MLPs as usual and calls `block_attention` for attention (registered through its
+AttentionInterface). Per layer it first writes the step's new keys and values into their KV
+slots (block * block_size + offset), then:
+- single-token rows (decodes) come first, sorted by context length and cut into groups of
+  similar length; each group is one batched SDPA over its sequences' gathered blocks, masked to
+  each one's length, so the work follows the tokens in use, not the longest context;
+- prompt chunks attend one sequence at a time: causal over the chunk itself, or, when the
+  sequence already has computed tokens (an earlier chunk or a cached prefix), over its blocks.
 The batch layout lives in a ForwardContext set by the model runner around each forward.
 """
 
@@ -17,22 +20,33 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-NAME = "zeroserve_paged"
+NAME = "zeroserve_blocks"
+
+
+@dataclass
+class DecodeGroup:
+    a: int  # rows [a, b) of the packed batch: one query token per sequence
+    b: int
+    blocks: torch.Tensor  # [G, nb] block table of each sequence (padding masked out)
+    mask: torch.Tensor | None  # [G, 1, 1, nb * block_size]; None: every context is full
+    length: int  # context positions attended (nb * block_size when masked)
+
+
+@dataclass
+class PrefillChunk:
+    a: int  # rows [a, b) are positions [start, start + b - a) of one sequence
+    b: int
+    start: int
+    blocks: torch.Tensor | None  # [nb] blocks covering [0, start + b - a); None when start == 0
 
 
 @dataclass
 class ForwardContext:
-    k_cache: list[torch.Tensor]
+    k_cache: list[torch.Tensor]  # per layer [num_blocks, block_size, Hkv, D]
     v_cache: list[torch.Tensor]
-    slot_of_token: torch.Tensor  # [N] slot each packed token writes to
-    pos_of_token: torch.Tensor  # [N] its position in its sequence
-    num_decode: int = 0  # tokens [0, num_decode) are decodes, one per sequence
-    decode_slots: torch.Tensor | None = None  # [num_decode]
-    decode_hi: int = 0  # slots [0, decode_hi) cover every decoding sequence
-    decode_len: int = 0  # longest decoding context
-    decode_mask: torch.Tensor | None = None  # [decode_hi, 1, 1, decode_len] bool
-    decode_dense: bool = False  # decode slots are exactly 0..num_decode-1 in order
-    prefills: list[tuple[int, int, int, int]] = field(default_factory=list)  # a, b, slot, start
+    slot_mapping: torch.Tensor  # [N] flat KV slot each packed token writes to
+    decodes: list[DecodeGroup] = field(default_factory=list)
+    prefills: list[PrefillChunk] = field(default_factory=list)
 
 
 _ctx: ForwardContext | None = None
@@ -43,50 +57,52 @@ def set_context(ctx: ForwardContext | None) -> None:
     _ctx = ctx
 
 
-def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+def gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """[num_blocks, bs, Hkv, D] cache, [G, nb] block ids -> [G, Hkv, length, D] context."""
+    g, nb = blocks.shape
+    _, bs, kv_heads, head_dim = cache.shape
+    ctx = cache[blocks].view(g, nb * bs, kv_heads, head_dim)  # [G, L, Hkv, D]
+    return ctx[:, :length].transpose(1, 2)
+
+
+def block_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                     value: torch.Tensor, attention_mask: torch.Tensor | None,
                     scaling: float | None = None, dropout: float = 0.0,
                     **kwargs: object) -> tuple[torch.Tensor, None]:
     ctx = _ctx
-    assert ctx is not None, "paged_attention called outside a zeroserve forward"
+    assert ctx is not None, "block_attention called outside a zeroserve forward"
     layer = module.layer_idx
-    kc, vc = ctx.k_cache[layer], ctx.v_cache[layer]  # [S, Hkv, L, D]
+    kc, vc = ctx.k_cache[layer], ctx.v_cache[layer]
     _, heads, n_tok, head_dim = query.shape  # [1, H, N, D]
-    gqa = heads != key.shape[1]
-    # write this step's keys and values into their slots: [N, Hkv, D]
-    kc[ctx.slot_of_token, :, ctx.pos_of_token] = key[0].transpose(0, 1)
-    vc[ctx.slot_of_token, :, ctx.pos_of_token] = value[0].transpose(0, 1)
+    kv_heads = key.shape[1]
+    gqa = heads != kv_heads
+    kc.view(-1, kv_heads, head_dim)[ctx.slot_mapping] = key[0].transpose(0, 1)  # [N, Hkv, D]
+    vc.view(-1, kv_heads, head_dim)[ctx.slot_mapping] = value[0].transpose(0, 1)
     out = query.new_empty(1, n_tok, heads, head_dim)  # [1, N, H, D]
-    nd = ctx.num_decode
-    if nd:
-        hi, length = ctx.decode_hi, ctx.decode_len
-        q_dec = query[0, :, :nd].transpose(0, 1).unsqueeze(2)  # [nd, H, 1, D]
-        if not ctx.decode_dense:
-            padded = query.new_zeros(hi, heads, 1, head_dim)
-            padded[ctx.decode_slots] = q_dec
-            q_dec = padded
-        o = F.scaled_dot_product_attention(  # [hi, H, 1, D]
-            q_dec, kc[:hi, :, :length], vc[:hi, :, :length], attn_mask=ctx.decode_mask,
-            scale=scaling, enable_gqa=gqa)
-        out[0, :nd] = (o if ctx.decode_dense else o[ctx.decode_slots])[:, :, 0]
-    for a, b, slot, start in ctx.prefills:
-        q = query[:, :, a:b]  # [1, H, n, D]
-        if start == 0:
+    for g in ctx.decodes:
+        q = query[0, :, g.a:g.b].transpose(0, 1).unsqueeze(2)  # [G, H, 1, D]
+        o = F.scaled_dot_product_attention(  # [G, H, 1, D]
+            q, gather(kc, g.blocks, g.length), gather(vc, g.blocks, g.length),
+            attn_mask=g.mask, scale=scaling, enable_gqa=gqa)
+        out[0, g.a:g.b] = o[:, :, 0]
+    for c in ctx.prefills:
+        q = query[:, :, c.a:c.b]  # [1, H, n, D]
+        if c.blocks is None:
             o = F.scaled_dot_product_attention(
-                q, key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
+                q, key[:, :, c.a:c.b], value[:, :, c.a:c.b], is_causal=True, scale=scaling,
                 enable_gqa=gqa)
         else:
-            end = start + (b - a)
-            mask = torch.ones(b - a, end, dtype=torch.bool, device=query.device).tril(start)
+            end = c.start + (c.b - c.a)
+            mask = torch.ones(c.b - c.a, end, dtype=torch.bool, device=query.device).tril(c.start)
             o = F.scaled_dot_product_attention(
-                q, kc[slot:slot + 1, :, :end], vc[slot:slot + 1, :, :end], attn_mask=mask,
-                scale=scaling, enable_gqa=gqa)
-        out[0, a:b] = o[0].transpose(0, 1)
+                q, gather(kc, c.blocks[None], end), gather(vc, c.blocks[None], end),
+                attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        out[0, c.a:c.b] = o[0].transpose(0, 1)
     return out, None
 
 
 def register() -> str:
     from transformers import AttentionInterface
 
-    AttentionInterface.register(NAME, paged_attention)
+    AttentionInterface.register(NAME, block_attention)
     return NAME

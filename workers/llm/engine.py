@@ -3,6 +3,9 @@
 Implements the worker's Engine interface. `step()` reads as three calls, as in nano-vllm:
 schedule (who runs), run (one packed forward), postprocess (sample, detokenize, check stops,
 stream). Requests join between steps and leave the moment they finish or are cancelled.
+KV memory is paged (block_manager.py) with automatic prefix caching and preemption.
+`prepare()` does a request's text work (chat template, tokenization, validation); the worker
+runtime calls it on its own thread so a huge prompt never stalls the running streams.
 
 Request body: {"prompt": str | "prompt_token_ids": [int] | "messages": [{role, content}],
 "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
@@ -16,12 +19,14 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from zeroserve.workers.engine import EngineError, Output, RequestKey
 from zeroserve.workers.llm import model_runner, params, sampler
+from zeroserve.workers.llm.block_manager import BlockManager
 from zeroserve.workers.llm.detok import IncrementalDetokenizer
 from zeroserve.workers.llm.model_runner import ModelRunner
 from zeroserve.workers.llm.scheduler import Plan, Scheduler
@@ -35,13 +40,24 @@ log = logging.getLogger("zeroserve.worker")
 MAX_PROMPT_CHARS = 4 * 1024 * 1024
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A request after its text work: what `add` needs, nothing it must parse again."""
+
+    prompt_ids: list[int]
+    params: params.SamplingParams
+
+
 class LLMEngine:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, runner: ModelRunner,
-                 served_name: str, max_num_seqs: int, max_batched_tokens: int) -> None:
+                 served_name: str, max_num_seqs: int, max_batched_tokens: int,
+                 prefix_caching: bool = True, check_blocks: bool = False) -> None:
         self.model, self.tokenizer, self.runner = model, tokenizer, runner
         self.models = (served_name,)
         self.device = str(runner.device)
-        self.scheduler = Scheduler(runner.kv, max_num_seqs, max_batched_tokens)
+        self.blocks = BlockManager(runner.kv.num_blocks, runner.kv.block_size, prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batched_tokens)
+        self.check_blocks = check_blocks  # assert the block accounting after every step
         # Requests the broker may hand us: every slot, plus a short local queue so a slot
         # never idles waiting for a broker round trip.
         self.capacity = self.scheduler.max_num_seqs + max(2, self.scheduler.max_num_seqs // 2)
@@ -56,32 +72,49 @@ class LLMEngine:
 
         path = resolve(cfg.model)
         device = torch.device(cfg.device)
-        dtype = model_runner.pick_dtype(cfg.dtype, device)
+        dtype, why = model_runner.pick_dtype(cfg.dtype, device)
+        log.info("dtype %s (%s)", str(dtype).removeprefix("torch."), why)
         t0 = time.monotonic()
         model, tokenizer = model_runner.load(path, device, dtype)
         log.info("loaded %s on %s as %s in %.2fs", path, device, dtype, time.monotonic() - t0)
         runner = ModelRunner(model, device, cfg.max_model_len, cfg.max_num_seqs,
-                             cfg.kv_cache_tokens)
+                             cfg.kv_cache_tokens, cfg.block_size)
         name = cfg.served_name or (cfg.model if "/" not in cfg.model else Path(path).name)
-        return cls(model, tokenizer, runner, name, cfg.max_num_seqs, cfg.max_batched_tokens)
+        return cls(model, tokenizer, runner, name, cfg.max_num_seqs, cfg.max_batched_tokens,
+                   cfg.prefix_caching, cfg.check_blocks)
 
     # -- the Engine interface ------------------------------------------------------------
 
-    def add(self, key: RequestKey, body: dict[str, Any], buffers: list[bytes]) -> None:
+    def prepare(self, body: dict[str, Any]) -> Prepared:
+        """Template, tokenize and validate a request body. Touches no engine state: the
+        runtime calls it beside the engine thread."""
         prompt_ids = self._prompt_ids(body)
         sp = params.parse(body, self.runner.vocab_size)
+        n = len(prompt_ids)
         limit = self.runner.max_model_len
-        if len(prompt_ids) + sp.max_tokens > limit:
-            raise EngineError(p.BAD_REQUEST, f"prompt ({len(prompt_ids)} tokens) + max_tokens "
+        if n + sp.max_tokens > limit:
+            raise EngineError(p.BAD_REQUEST, f"prompt ({n} tokens) + max_tokens "
                                              f"({sp.max_tokens}) exceeds the model's {limit}")
+        need, have = self.blocks.blocks_for(n + sp.max_tokens), self.blocks.num_blocks
+        if need > have:
+            raise EngineError(p.BAD_REQUEST, f"prompt ({n} tokens) + max_tokens "
+                                             f"({sp.max_tokens}) can never fit this worker's KV "
+                                             f"cache of {have * self.blocks.block_size} tokens")
+        return Prepared(prompt_ids, sp)
+
+    def add(self, key: RequestKey, body: dict[str, Any] | Prepared,
+            buffers: list[bytes]) -> None:
+        req = body if isinstance(body, Prepared) else self.prepare(body)
+        sp = req.params
         gen = None
         if not sp.greedy:
             gen = torch.Generator(device="cpu")
             gen.manual_seed(sp.seed if sp.seed is not None else random.getrandbits(63))
-        seq = Sequence(key, prompt_ids, sp, IncrementalDetokenizer(self.tokenizer), gen)
+        seq = Sequence(key, list(req.prompt_ids), sp, IncrementalDetokenizer(self.tokenizer),
+                       gen)
         self.seqs[key] = seq
         self.scheduler.add(seq)
-        self.counters["prompt_tokens"] += len(prompt_ids)
+        self.counters["prompt_tokens"] += seq.prompt_len
 
     def cancel(self, key: RequestKey) -> list[Output]:
         seq = self.seqs.pop(key, None)
@@ -106,11 +139,14 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan.empty:
             return []
-        logits = self.runner.forward(plan)  # [K, V]
-        outs = self._postprocess(plan, logits)
+        logits, sampling = self.runner.forward(plan)  # [K, V], the K sequences that sample
+        outs = self._postprocess(plan, logits, sampling)
+        if self.check_blocks:
+            self.blocks.check(self.scheduler.running)
         c = self.counters
         c["steps"] += 1
-        c["batch_size"] = len(plan.decodes) + len(plan.prefills)
+        c["batch_size"] = len(plan.chunks)
+        c["step_tokens"] = sum(n for _, n in plan.chunks)
         c["step_ms"] = (time.perf_counter() - t0) * 1000
         return outs
 
@@ -118,6 +154,7 @@ class LLMEngine:
         """Run prefill and decode shapes at a few batch sizes before announcing READY."""
         rng = random.Random(0)
         slots = self.scheduler.max_num_seqs
+        caching, self.blocks.prefix_caching = self.blocks.prefix_caching, False
         for batch in sorted({1, min(8, slots), slots}):
             for i in range(batch):
                 n = rng.choice((8, 32, 96))
@@ -126,16 +163,27 @@ class LLMEngine:
                          {"prompt_token_ids": ids, "max_tokens": 4, "ignore_eos": True}, [])
             while self.has_work():
                 self.step()
+        self.blocks.prefix_caching = caching  # random warmup prompts never fill the cache
+        self.scheduler.preemptions = self.scheduler.max_running = 0
+        self.blocks.hit_tokens = self.blocks.queried_tokens = 0
         self.counters.update(steps=0, generated_tokens=0, prompt_tokens=0)
 
     def stats(self) -> dict[str, Any]:
-        kv = self.runner.kv
+        b, s = self.blocks, self.scheduler
         return {
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
-            "kv_slots_used": kv.used,
-            "kv_slots": kv.num_slots,
-            "kv_usage": kv.used / kv.num_slots,
+            "running": len(s.running),
+            "waiting": len(s.waiting),
+            "max_running": s.max_running,
+            "kv_blocks_used": b.num_used,
+            "kv_blocks": b.num_blocks,
+            "kv_block_size": b.block_size,
+            "kv_tokens_used": b.num_used * b.block_size,
+            "kv_tokens": b.num_blocks * b.block_size,
+            "kv_usage": b.num_used / b.num_blocks,
+            "prefix_cache_hit_tokens": b.hit_tokens,
+            "prefix_cache_queried_tokens": b.queried_tokens,
+            "prefix_cache_hit_rate": b.hit_tokens / b.queried_tokens if b.queried_tokens else 0.0,
+            "preemptions": s.preemptions,
             **self.counters,
         }
 
@@ -144,12 +192,11 @@ class LLMEngine:
 
     # -- steps ---------------------------------------------------------------------------
 
-    def _postprocess(self, plan: Plan, logits: torch.Tensor) -> list[Output]:
-        sampling = list(plan.decodes)
-        for seq, n in plan.prefills:
+    def _postprocess(self, plan: Plan, logits: torch.Tensor,
+                     sampling: list[Sequence]) -> list[Output]:
+        for seq, n in plan.chunks:
             seq.num_computed += n
-            if seq.prefilled:
-                sampling.append(seq)
+            self.blocks.commit(seq)
         if not sampling:
             return []
         sps = [s.params for s in sampling]
@@ -161,7 +208,7 @@ class LLMEngine:
 
     def _advance(self, seq: Sequence, token: int, logprob: dict | None) -> Output:
         sp = seq.params
-        seq.output_ids.append(token)
+        seq.token_ids.append(token)
         seq.detok.add(token)
         finish = None
         if token in sp.stop_token_ids or (token in self.eos_ids and not sp.ignore_eos):
@@ -175,7 +222,7 @@ class LLMEngine:
             if hits:
                 seq.detok.text = text = text[:min(hits)]
                 finish, cut = "stop", True
-        if finish is None and (len(seq.output_ids) >= sp.max_tokens
+        if finish is None and (seq.num_output >= sp.max_tokens
                                or seq.total_len >= self.runner.max_model_len):
             finish = "length"
         if finish is not None and not cut:

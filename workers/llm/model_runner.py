@@ -1,8 +1,9 @@
 """Loads a Hugging Face causal LM from a local directory and runs packed batches on it.
 
 The model keeps transformers' own code; only attention is ours (attention.py), reading and
-writing the KV cache this runner owns. One forward per engine step: decode tokens first, then
-prefill chunks, all in one [1, N] row; logits are computed only at the rows that sample.
+writing the KV blocks this runner owns. One forward per engine step: single-token rows first
+(sorted by context length, grouped), then prompt chunks, all in one [1, N] row; logits are
+computed only at the rows that end a sequence's pending tokens (the ones that sample).
 """
 
 from __future__ import annotations
@@ -15,21 +16,45 @@ import torch
 from zeroserve.workers.llm import attention
 from zeroserve.workers.llm.kv_cache import KVCache
 from zeroserve.workers.llm.scheduler import Plan
+from zeroserve.workers.llm.sequence import Sequence
 
 log = logging.getLogger("zeroserve.worker")
 
 KV_MEMORY_FRACTION = 0.3  # of available host memory (CPU) or free device memory (CUDA)
+# A decode group is split where padding its shorter contexts would cost more than this many
+# blocks of gathered K/V: roughly what one more SDPA call per layer costs.
+GROUP_SPLIT_BLOCKS = 16
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+def pick_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The compute dtype and why: --dtype auto takes bfloat16 where the hardware runs it
+    natively (CUDA; CPUs with AVX512-BF16 or AMX), float32 elsewhere."""
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"unknown dtype {name!r}: pick one of auto, {', '.join(dtypes)}")
-    return dtypes[name]
+    if name != "auto":
+        if name not in dtypes:
+            raise ValueError(f"unknown dtype {name!r}: pick one of auto, {', '.join(dtypes)}")
+        return dtypes[name], "asked for"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: CUDA device with bfloat16"
+        return torch.float16, "auto: CUDA device without bfloat16"
+    flags = _cpu_flags()
+    native = [f for f in CPU_BF16_FLAGS if f in flags]
+    if native:
+        return torch.bfloat16, f"auto: CPU has native bfloat16 ({', '.join(native)})"
+    return torch.float32, "auto: CPU without native bfloat16 (no avx512_bf16 or amx_bf16)"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def load(path: Path, device: torch.device, dtype: torch.dtype):  # -> (model, tokenizer)
@@ -44,7 +69,7 @@ def load(path: Path, device: torch.device, dtype: torch.dtype):  # -> (model, to
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, device: torch.device, max_model_len: int,
-                 max_num_seqs: int, kv_cache_tokens: int) -> None:
+                 max_num_seqs: int, kv_cache_tokens: int, block_size: int) -> None:
         self.model = model
         self.device = device
         cfg = model.config
@@ -56,61 +81,58 @@ class ModelRunner:
         head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads
         limit = getattr(text_cfg, "max_position_embeddings", max_model_len) or max_model_len
         self.max_model_len = min(max_model_len, limit)
+        self.block_size = block_size
         dtype = next(model.parameters()).dtype
         per_token = KVCache.bytes_per_token(layers, kv_heads, head_dim, dtype)
-        if kv_cache_tokens <= 0:
-            kv_cache_tokens = int(_free_memory(device) * KV_MEMORY_FRACTION) // per_token
-        slots = min(max_num_seqs, kv_cache_tokens // self.max_model_len)
-        if slots < 1:
-            raise ValueError(f"KV cache of {kv_cache_tokens} tokens holds no sequence of "
-                             f"{self.max_model_len}: lower --max-model-len or raise the cache")
-        self.kv = KVCache(layers, slots, kv_heads, self.max_model_len, head_dim, dtype, device)
-        log.info("KV cache: %d slots x %d tokens (%.1f MiB, %s)", slots, self.max_model_len,
-                 slots * self.max_model_len * per_token / 2**20, dtype)
+        if kv_cache_tokens <= 0:  # from free memory, but never past every seat at full length
+            kv_cache_tokens = min(int(_free_memory(device) * KV_MEMORY_FRACTION) // per_token,
+                                  max_num_seqs * self.max_model_len)
+        num_blocks = kv_cache_tokens // block_size
+        if num_blocks < 1:
+            raise ValueError(f"a KV cache of {kv_cache_tokens} tokens holds no block of "
+                             f"{block_size}: raise --kv-cache-tokens")
+        self.kv = KVCache(layers, num_blocks, block_size, kv_heads, head_dim, dtype, device)
+        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s)", num_blocks,
+                 block_size, num_blocks * block_size,
+                 num_blocks * block_size * per_token / 2**20, dtype)
 
     @torch.inference_mode()
-    def forward(self, plan: Plan) -> torch.Tensor:
-        """Run one step; [K, V] logits for decodes and for prefills that end their prompt."""
+    def forward(self, plan: Plan) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run one step: [K, V] logits and the K sequences they belong to, in that order."""
+        bs, dev = self.block_size, self.device
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
         keep: list[int] = []
-        for seq in plan.decodes:
-            ids.append(seq.next_input())
-            pos.append(seq.total_len - 1)
-            slots.append(seq.slot)
-            keep.append(len(ids) - 1)
-        nd = len(ids)
-        prefills = []
-        for seq, n in plan.prefills:
+        sampled: list[Sequence] = []
+
+        def place(seq: Sequence, n: int) -> int:
             a, start = len(ids), seq.num_computed
-            ids.extend(seq.prompt_ids[start:start + n])
+            ids.extend(seq.token_ids[start:start + n])
             pos.extend(range(start, start + n))
-            slots.extend([seq.slot] * n)
-            prefills.append((a, a + n, seq.slot, start))
-            if start + n >= seq.prompt_len:
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if start + n == seq.total_len:
                 keep.append(a + n - 1)
-        dev = self.device
-        ctx = attention.ForwardContext(
-            self.kv.k, self.kv.v,
-            slot_of_token=torch.tensor(slots, device=dev),
-            pos_of_token=torch.tensor(pos, device=dev),
-            prefills=prefills,
-        )
-        if nd:
-            dec_slots = slots[:nd]
-            hi = max(dec_slots) + 1
-            lens = [1] * hi  # unused slots in the range attend to one harmless position
-            for seq in plan.decodes:
-                lens[seq.slot] = seq.total_len
-            length = max(lens)
-            lens_t = torch.tensor(lens, device=dev)
-            ctx.num_decode = nd
-            ctx.decode_hi, ctx.decode_len = hi, length
-            ctx.decode_dense = dec_slots == list(range(nd))
-            ctx.decode_slots = torch.tensor(dec_slots, device=dev)
-            mask = torch.arange(length, device=dev)[None, :] < lens_t[:, None]  # [hi, L]
-            ctx.decode_mask = mask[:, None, None, :]
+                sampled.append(seq)
+            return a
+
+        singles = sorted((s for s, n in plan.chunks if n == 1), key=lambda s: s.num_computed)
+        for seq in singles:
+            place(seq, 1)
+        decodes = [self._decode_group(group, a) for group, a in _groups(singles, bs)]
+        prefills = []
+        for seq, n in plan.chunks:
+            if n > 1:
+                start = seq.num_computed
+                a = place(seq, n)
+                blocks = None
+                if start:
+                    nb = -(-(start + n) // bs)
+                    blocks = torch.tensor(seq.block_table[:nb], device=dev)
+                prefills.append(attention.PrefillChunk(a, a + n, start, blocks))
+        ctx = attention.ForwardContext(self.kv.k, self.kv.v, torch.tensor(slots, device=dev),
+                                       decodes, prefills)
         attention.set_context(ctx)
         try:
             out = self.model(
@@ -121,7 +143,34 @@ class ModelRunner:
             )
         finally:
             attention.set_context(None)
-        return out.logits[0]  # [K, V]
+        return out.logits[0], sampled  # [K, V]
+
+    def _decode_group(self, group: list[Sequence], a: int) -> attention.DecodeGroup:
+        bs = self.block_size
+        lens = [s.num_computed + 1 for s in group]  # context including the token fed now
+        nb = -(-max(lens) // bs)
+        table = [s.block_table[:nb] + [0] * (nb - len(s.block_table[:nb])) for s in group]
+        blocks = torch.tensor(table, device=self.device)
+        if min(lens) == max(lens):
+            return attention.DecodeGroup(a, a + len(group), blocks, None, lens[0])
+        lens_t = torch.tensor(lens, device=self.device)
+        mask = torch.arange(nb * bs, device=self.device)[None, :] < lens_t[:, None]  # [G, L]
+        return attention.DecodeGroup(a, a + len(group), blocks, mask[:, None, None, :], nb * bs)
+
+
+def _groups(singles: list[Sequence], bs: int) -> list[tuple[list[Sequence], int]]:
+    """Cut length-sorted single-token rows into groups: a new group starts where padding the
+    group's shorter contexts up to the next one would cost more than GROUP_SPLIT_BLOCKS."""
+    groups: list[tuple[list[Sequence], int]] = []
+    top = 0
+    for i, seq in enumerate(singles):
+        nb = -(-(seq.num_computed + 1) // bs)
+        if groups and (nb - top) * len(groups[-1][0]) <= GROUP_SPLIT_BLOCKS:
+            groups[-1][0].append(seq)
+        else:
+            groups.append(([seq], i))
+        top = nb
+    return groups
 
 
 def _free_memory(device: torch.device) -> int:

@@ -1,9 +1,13 @@
-"""Iteration-level scheduling: who runs in the next step, under a token budget.
+"""Iteration-level scheduling: who runs in the next step, under a token and a block budget.
 
-Each step: every running sequence that has finished its prompt decodes one token; sequences
-still in their prompt continue with a chunk; then waiting sequences are admitted while a KV
-slot is free and the step's token budget (max_batched_tokens) lasts. A long prompt is cut into
-chunks, so it never holds the running batch for more than one step's budget.
+Each step, oldest first, every running sequence gets its next chunk: one token when it
+decodes, a piece of its prompt (cut to the step's max_batched_tokens) while it prefills. A
+sequence that needs a new KV block when none is free preempts the newest running sequence
+(possibly itself): the victim frees its blocks and goes back to the head of the queue, to
+recompute when blocks are free again. Then waiting sequences are admitted in arrival order
+while a seat (max_num_seqs), token budget and blocks remain; admission takes cached prefix
+blocks first, needs only the blocks of the tokens a sequence has, and leaves a small watermark
+of free blocks for the running ones to grow into.
 """
 
 from __future__ import annotations
@@ -12,27 +16,28 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from zeroserve.workers.llm.kv_cache import KVCache
+from zeroserve.workers.llm.block_manager import BlockManager
 from zeroserve.workers.llm.sequence import Sequence, Status
 
 
 @dataclass
 class Plan:
-    decodes: list[Sequence] = field(default_factory=list)
-    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (seq, chunk length)
+    chunks: list[tuple[Sequence, int]] = field(default_factory=list)  # (seq, tokens to compute)
 
     @property
     def empty(self) -> bool:
-        return not self.decodes and not self.prefills
+        return not self.chunks
 
 
 class Scheduler:
-    def __init__(self, kv: KVCache, max_num_seqs: int, max_batched_tokens: int) -> None:
-        self.kv = kv
-        self.max_num_seqs = min(max_num_seqs, kv.num_slots)
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batched_tokens: int) -> None:
+        self.blocks = blocks
+        self.max_num_seqs = max(1, min(max_num_seqs, max_batched_tokens))
         self.max_batched_tokens = max_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.preemptions = 0
+        self.max_running = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -41,35 +46,57 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> Plan:
-        plan = Plan()
         budget = self.max_batched_tokens
-        for seq in self.running:
-            if seq.prefilled:
-                plan.decodes.append(seq)
-        budget -= len(plan.decodes)
-        for seq in self.running:
-            if not seq.prefilled and budget > 0:
-                n = min(seq.prompt_len - seq.num_computed, budget)
-                plan.prefills.append((seq, n))
-                budget -= n
-        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
-               and self.kv.can_allocate()):
-            seq = self.waiting.popleft()
-            seq.slot = self.kv.allocate()
-            seq.status = Status.RUNNING
-            seq.queue_ms = (time.monotonic() - seq.arrived) * 1000
-            self.running.append(seq)
-            n = min(seq.prompt_len, budget)
-            plan.prefills.append((seq, n))
+        planned: dict[Sequence, int] = {}
+        preempted = False
+        # decodes first (one token each, the streams' latency), then prompt chunks
+        order = sorted(self.running, key=lambda s: s.num_pending > 1)
+        for seq in order:
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_pending, budget)
+            if n <= 0:
+                continue
+            while not self.blocks.can_append(seq, n):
+                preempted = True
+                victim = self.running[-1]
+                self._preempt(victim)
+                budget += planned.pop(victim, 0)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            self.blocks.append(seq, n)
+            planned[seq] = n
             budget -= n
-        return plan
+        while (self.waiting and budget > 0 and not preempted
+               and len(self.running) < self.max_num_seqs
+               and self.blocks.can_allocate(self.waiting[0], bool(self.running))):
+            seq = self.waiting.popleft()
+            self.blocks.allocate(seq)
+            if not seq.preemptions:
+                seq.queue_ms = (time.monotonic() - seq.arrived) * 1000
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            planned[seq] = min(seq.num_pending, budget)
+            budget -= planned[seq]
+        self.max_running = max(self.max_running, len(self.running))
+        return Plan(list(planned.items()))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
-        """Take a sequence out at once and free its slot (finished or cancelled)."""
-        if seq.status == Status.RUNNING:
+        """Take a sequence out at once and free its blocks (finished or cancelled)."""
+        if seq.status is Status.RUNNING:
             self.running.remove(seq)
-            self.kv.free(seq.slot)
-        elif seq.status == Status.WAITING:
+            self.blocks.free(seq)
+        elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
-        seq.slot = -1

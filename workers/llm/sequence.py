@@ -1,11 +1,17 @@
-"""One request's state inside the engine: prompt, outputs, slot, status, text."""
+"""One request's state inside the engine: its tokens, blocks, progress, status and text.
+
+`token_ids` is the prompt followed by every token sampled so far; `num_computed` counts those
+whose K/V sit in the sequence's blocks. Each step computes the next chunk of the rest: a prompt
+chunk, or the one token sampled last (a decode). A preempted sequence loses its blocks and
+recomputes its tokens (mostly from the prefix cache) when it runs again; nothing it streamed
+is repeated, since sampling only ever happens past the last token it has.
+"""
 
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from zeroserve.workers.engine import RequestKey
@@ -22,35 +28,42 @@ class Status(enum.Enum):
 @dataclass(eq=False)
 class Sequence:
     key: RequestKey
-    prompt_ids: list[int]
+    token_ids: list[int]  # prompt, then sampled tokens
     params: SamplingParams
     detok: IncrementalDetokenizer
     generator: torch.Generator | None = None
     status: Status = Status.WAITING
-    slot: int = -1
-    num_computed: int = 0  # tokens whose K/V are in the cache
-    output_ids: list[int] = field(default_factory=list)
+    prompt_len: int = 0
+    num_computed: int = 0  # tokens whose K/V are in the blocks
+    num_cached_tokens: int = 0  # of them, taken from the prefix cache at admission
+    block_table: list[int] = field(default_factory=list)
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of full blocks
+    num_keyed_blocks: int = 0  # leading blocks of block_table already in the prefix cache
     emitted: int = 0  # chars of detok.text already streamed
-    finish_reason: str | None = None
-    logprobs: list[Any] = field(default_factory=list)
+    preemptions: int = 0
     arrived: float = field(default_factory=time.monotonic)
     queue_ms: float = 0.0  # from arrival to first scheduled
 
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_ids)
+    def __post_init__(self) -> None:
+        self.prompt_len = self.prompt_len or len(self.token_ids)
 
     @property
-    def prefilled(self) -> bool:
-        return self.num_computed >= self.prompt_len
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
 
     @property
     def total_len(self) -> int:
-        return self.prompt_len + len(self.output_ids)
+        return len(self.token_ids)
 
-    def next_input(self) -> int:
-        """The token a decode step feeds: the last one sampled."""
-        return self.output_ids[-1]
+    @property
+    def num_pending(self) -> int:
+        """Tokens still to compute before the next sample (1 while decoding)."""
+        return len(self.token_ids) - self.num_computed
 
     def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_len, "completion_tokens": len(self.output_ids)}
+        return {"prompt_tokens": self.prompt_len, "completion_tokens": self.num_output,
+                "cached_tokens": self.num_cached_tokens}

@@ -1,14 +1,20 @@
 """`zeroserve bench serve`: serving throughput and latency against in-process baselines.
 
-In the spirit of vLLM's benchmark_serving. N requests (prompt lengths 32-256 tokens, outputs
-64-128 tokens, fixed seed) go through the SDK to a running pipeline (broker + one LLM worker)
-at a fixed concurrency or a Poisson rate. Then, with the pipeline stopped so nothing competes
-for the cores, the same requests run in-process as baselines:
+In the spirit of vLLM's benchmark_serving. N requests go through the SDK to a running pipeline
+(broker + one LLM worker) at a fixed concurrency or a Poisson rate. Workloads (fixed seed):
+  default        prompts of 32-256 tokens, outputs of 64-128 tokens
+  shared-prefix  four system prompts of about 1,000 tokens; each request one of them plus a
+                 unique 32-128-token user turn; 64 output tokens (what prefix caching is for)
+Then, with the pipeline stopped so nothing competes for the cores, the same requests run
+in-process as baselines (baselines.py), in the worker's dtype:
+  engine_tok_s          zeroserve's engine alone, no sockets: what the pipeline costs
   hf_sequential_tok_s   one model.generate at a time (on the first --sequential-requests)
-  static_batch_tok_s    padded static batches of `concurrency` requests: the ceiling without
-                        serving (only each request's own tokens count)
-  hf_continuous_tok_s   transformers' continuous batching manager, created once and warmed
-                        before timing, fed the same requests at the same concurrency
+  static_batch_tok_s    padded static batches of `concurrency` requests
+  hf_continuous_tok_s   transformers' continuous batching manager, warmed before timing
+--compare FLAG[=VALUE] runs the same pipeline again with one worker flag changed (e.g.
+`--compare no-prefix-caching`, `--compare max-num-seqs=8`, `--compare dtype=float32`) and
+prints its figures under that name beside the main run's. Each run also reports the worker's
+own figures: max_running (most sequences in one batch), prefix_hit_rate, preemptions.
 With --via sdk --via http, the same pipeline is driven through the SDK and through the HTTP
 gateway (OpenAI SSE), one after the other. With --peer transformers-serve, `transformers serve
 --continuous-batching` is started on the same model afterwards and driven over HTTP with the
@@ -31,6 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from zeroserve.bench import baselines
 from zeroserve.bench.stats import percentile, report
 from zeroserve.procs import spawn, stop_all
 
@@ -44,19 +51,28 @@ class Record:
     error: str = ""
 
 
-def make_workload(n: int, tokenizer: Any, seed: int = 0) -> list[tuple[str, list[int], int]]:
-    """(prompt text, its token ids, output length) per request, from a fixed seed: 32-256
-    prompt tokens of ones that survive a decode/encode round trip, 64-128 output tokens."""
+def make_workload(n: int, tokenizer: Any, seed: int = 0,
+                  kind: str = "default") -> list[tuple[str, list[int], int]]:
+    """(prompt text, its token ids, output length) per request, from a fixed seed, of tokens
+    that survive a decode/encode round trip (see the module docstring for the kinds)."""
     rng = random.Random(seed)
     special = set(tokenizer.all_special_ids)
     vocab = [t for t in range(len(tokenizer)) if t not in special
              and tokenizer.encode(tokenizer.decode([t])) == [t]]
-    out = []
-    for _ in range(n):
-        target = rng.randint(32, 256)
+
+    def text_of(target: int) -> str:
         text = tokenizer.decode([rng.choice(vocab) for _ in range(target)])
-        ids = tokenizer.encode(text)[:target]
-        text = tokenizer.decode(ids)
+        return tokenizer.decode(tokenizer.encode(text)[:target])
+
+    out = []
+    if kind == "shared-prefix":
+        systems = [text_of(1000) + "\n\n" for _ in range(4)]
+        for _ in range(n):
+            text = rng.choice(systems) + text_of(rng.randint(32, 128))
+            out.append((text, tokenizer.encode(text), 64))
+        return out
+    for _ in range(n):
+        text = text_of(rng.randint(32, 256))
         out.append((text, tokenizer.encode(text), rng.randint(64, 128)))
     return out
 
@@ -177,8 +193,9 @@ def summarize(records: list[Record], elapsed: float) -> dict[str, float]:
 
 
 def serve_phase(model_dir: Path, workload: list, concurrency: int, rate: float | None,
-                max_model_len: int, via: list[str]) -> dict[str, dict[str, float]]:
-    """Start broker + one LLM worker (+ gateway for http) and drive it each way in `via`."""
+                worker_flags: list[str], via: list[str]) -> dict[str, dict[str, float]]:
+    """Start broker + one LLM worker (+ gateway for http) and drive it each way in `via`;
+    "worker" holds the worker's own figures after the last run."""
     from zeroserve.up import wait_ready
 
     out: dict[str, dict[str, float]] = {}
@@ -187,9 +204,7 @@ def serve_phase(model_dir: Path, workload: list, concurrency: int, rate: float |
         procs = [spawn("broker", ["--frontend", front, "--backend", back,
                                   "--log-level", "WARNING"]),
                  spawn("worker", ["--broker", back, "--engine", "llm", "--model",
-                                  str(model_dir), "--served-name", "bench",
-                                  "--max-num-seqs", str(max(concurrency, 8)),
-                                  "--max-model-len", str(max_model_len),
+                                  str(model_dir), "--served-name", "bench", *worker_flags,
                                   "--log-level", "WARNING"])]
         port = _free_port()
         if "http" in via:
@@ -211,9 +226,28 @@ def serve_phase(model_dir: Path, workload: list, concurrency: int, rate: float |
                     records, elapsed = asyncio.run(drive_http(
                         f"http://127.0.0.1:{port}", "bench", workload, concurrency, rate, kind))
                 out[kind] = summarize(records, elapsed)
+            out["worker"] = worker_figures(front)
         finally:
             stop_all(procs)
     return out
+
+
+def worker_figures(endpoint: str) -> dict[str, float]:
+    """The worker's own figures once the run is over (they travel on its heartbeats)."""
+    from zeroserve.client import Client
+
+    with Client(endpoint) as client:
+        deadline = time.monotonic() + 10
+        while True:
+            stats = client.workers()[0].get("stats") or {}
+            if stats.get("running") == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        time.sleep(1.5)  # one more heartbeat: the final counters
+        stats = client.workers()[0].get("stats") or {}
+    return {"max_running": stats.get("max_running", 0),
+            "prefix_hit_rate": stats.get("prefix_cache_hit_rate", 0.0),
+            "preemptions": stats.get("preemptions", 0)}
 
 
 async def idle_ttft(endpoint: str, base_url: str, workload: list,
@@ -312,122 +346,65 @@ def _wait_http(url: str, proc: Any = None, timeout_s: float = 300) -> None:
     raise TimeoutError(f"{url} did not come up")
 
 
-# -- in-process baselines ----------------------------------------------------------------
-
-
-def _load(model_dir: Path, attn: str = "sdpa"):  # -> model
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                attn_implementation=attn).eval()
-
-
-def hf_sequential(model: Any, workload: list) -> float:
-    import torch
-
-    tokens, t0 = 0, time.perf_counter()
-    with torch.inference_mode():
-        for _, ids, n in tqdm(workload, desc="hf sequential", leave=False):
-            model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
-            tokens += n
-    return tokens / (time.perf_counter() - t0)
-
-
-def static_batches(model: Any, workload: list, concurrency: int) -> float:
-    import torch
-
-    tokens, t0 = 0, time.perf_counter()
-    batches = [workload[i:i + concurrency] for i in range(0, len(workload), concurrency)]
-    with torch.inference_mode():
-        for batch in tqdm(batches, desc="static batches", leave=False):
-            width = max(len(ids) for _, ids, _ in batch)
-            inp = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for i, (_, ids, _) in enumerate(batch):  # left padding
-                inp[i, width - len(ids):] = torch.tensor(ids)
-                mask[i, width - len(ids):] = 1
-            n = max(out for _, _, out in batch)
-            model.generate(inp, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
-            tokens += sum(out for _, _, out in batch)  # only each request's own tokens count
-    return tokens / (time.perf_counter() - t0)
-
-
-def hf_continuous(model: Any, workload: list, concurrency: int) -> float:
-    from transformers import GenerationConfig
-
-    gen = GenerationConfig(max_new_tokens=128, do_sample=False, use_cuda_graph=False)
-    manager = model.init_continuous_batching(generation_config=gen)
-    manager.start()
-    try:
-        # warm: one round of requests before the clock starts
-        warm = [manager.add_request(ids, max_new_tokens=8)
-                for _, ids, _ in workload[:concurrency]]
-        _collect(manager, len(warm))
-        pending = list(workload)
-        tokens, t0 = 0, time.perf_counter()
-        in_flight = 0
-        bar = tqdm(total=len(workload), desc="hf continuous", leave=False)
-        while pending or in_flight:
-            while pending and in_flight < concurrency:
-                _, ids, n = pending.pop(0)
-                manager.add_request(ids, max_new_tokens=n)
-                in_flight += 1
-            result = manager.get_result(timeout=60)
-            if result is None:
-                raise RuntimeError("transformers' manager stopped answering")
-            if result.is_finished():
-                in_flight -= 1
-                tokens += len(result.generated_tokens)
-                bar.update()
-        bar.close()
-        return tokens / (time.perf_counter() - t0)
-    finally:
-        manager.stop(block=True, timeout=30)  # never leave it running: it keeps us alive
-
-
-def _collect(manager: Any, n: int) -> None:
-    done = 0
-    while done < n:
-        result = manager.get_result(timeout=60)
-        if result is None:
-            raise RuntimeError("transformers' manager stopped answering")
-        done += result.is_finished()
+def worker_flags(args: argparse.Namespace, change: str = "") -> list[str]:
+    """The worker's command line for this run; `change` is one --compare entry."""
+    flags = {"max-num-seqs": str(args.max_num_seqs or max(args.concurrency, 8)),
+             "max-model-len": str(args.max_model_len), "dtype": args.dtype,
+             "kv-cache-tokens": str(args.kv_cache_tokens), "block-size": str(args.block_size)}
+    switches = {"no-prefix-caching"} if args.no_prefix_caching else set()
+    if change:
+        name, _, value = change.partition("=")
+        if value:
+            flags[name] = value
+        else:
+            switches.add(name)
+    return [x for k, v in flags.items() for x in (f"--{k}", v)] + [f"--{s}" for s in switches]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="zeroserve bench serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="small", help="preset or model directory")
+    ap.add_argument("--workload", choices=["default", "shared-prefix"], default="default")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second")
     ap.add_argument("--via", action="append", choices=["sdk", "http"],
                     help="drive the pipeline this way (repeat for both; default sdk)")
     ap.add_argument("--peer", choices=["transformers-serve"], default=None)
+    ap.add_argument("--compare", action="append", default=[], metavar="FLAG[=VALUE]",
+                    help="run again with this worker flag changed (repeatable)")
     ap.add_argument("--sequential-requests", type=int, default=8,
                     help="requests the one-at-a-time baseline runs (it is slow)")
-    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--max-model-len", type=int, default=0, help="0: fit the workload")
+    ap.add_argument("--max-num-seqs", type=int, default=0, help="0: max(concurrency, 8)")
+    ap.add_argument("--kv-cache-tokens", type=int, default=0, help="0: the worker's default")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     via = args.via or ["sdk"]
+    args.max_model_len = args.max_model_len or (2048 if args.workload == "shared-prefix"
+                                                else 512)
 
     import torch
     from transformers import AutoTokenizer
 
     from zeroserve.models import resolve
+    from zeroserve.workers.llm.model_runner import pick_dtype
 
     model_dir = resolve(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    workload = make_workload(args.num_requests, tokenizer)
+    workload = make_workload(args.num_requests, tokenizer, kind=args.workload)
+    dtype = str(pick_dtype(args.dtype, torch.device("cpu"))[0]).removeprefix("torch.")
     res: dict[str, Any] = {"concurrency": args.concurrency, "num_requests": args.num_requests,
-                           "model": str(args.model)}
+                           "model": str(args.model), "workload": args.workload, "dtype": dtype}
     phases = serve_phase(model_dir, workload, args.concurrency, args.rate,
-                         args.max_model_len, via)
+                         worker_flags(args), via)
     idle = phases.pop("idle", None)
+    res.update(phases.pop("worker"))
     first = phases[via[0]]
     res.update(first)  # served_tok_s, ttft_ms_p50, ... of the first path
     for kind, figures in phases.items():
@@ -439,24 +416,41 @@ def main(argv: list[str] | None = None) -> int:
         res.update(idle)
         res["gateway_ttft_ms_p50_added"] = (idle["http_idle_ttft_ms_p50"]
                                             - idle["sdk_idle_ttft_ms_p50"])
+    for change in args.compare:
+        label = change.replace("-", "_").replace("=", "_")
+        again = serve_phase(model_dir, workload, args.concurrency, args.rate,
+                            worker_flags(args, change), via[:1])
+        figures = {**again[via[0]], **again["worker"]}
+        for k in ("served_tok_s", "ttft_ms_p50", "ttft_ms_p99", "max_running",
+                  "prefix_hit_rate", "requests_failed"):
+            res[f"{label}_{k}"] = figures[k]
+        res[f"served_over_{label}"] = res["served_tok_s"] / figures["served_tok_s"]
+        res[f"ttft_p50_{label}_over_served"] = figures["ttft_ms_p50"] / res["ttft_ms_p50"]
     if args.peer:
         peer = peer_phase(model_dir, workload, args.concurrency, args.rate)
         res["peer_tok_s"] = peer["served_tok_s"]
         res["peer_ttft_ms_p50"] = peer["ttft_ms_p50"]
         res["peer_ttft_ms_p99"] = peer["ttft_ms_p99"]
         res["peer_requests_failed"] = peer["requests_failed"]
+        res["served_over_peer_tok_s"] = res["served_tok_s"] / res["peer_tok_s"]
         if "http" in phases:
             res["http_over_peer_tok_s"] = res["http_tok_s"] / res["peer_tok_s"]
             res["http_over_peer_ttft_p99"] = res["http_ttft_ms_p99"] / res["peer_ttft_ms_p99"]
     if not args.skip_baselines:
+        from zeroserve.workers.worker import build_parser, config_from_args
+
+        wargs = build_parser().parse_args(["--engine", "llm", "--model", str(model_dir),
+                                           "--broker", "-", *worker_flags(args)])
+        res["engine_tok_s"] = baselines.engine(model_dir, workload, args.concurrency,
+                                               config_from_args(wargs, ()))
         torch.manual_seed(0)
-        model = _load(model_dir)
-        res["static_batch_tok_s"] = static_batches(model, workload, args.concurrency)
-        res["hf_sequential_tok_s"] = hf_sequential(model, workload[:args.sequential_requests])
-        res["hf_continuous_tok_s"] = hf_continuous(model, workload, args.concurrency)
-        res["served_over_static"] = res["served_tok_s"] / res["static_batch_tok_s"]
-        res["served_over_hf_continuous"] = res["served_tok_s"] / res["hf_continuous_tok_s"]
-        res["served_over_hf_sequential"] = res["served_tok_s"] / res["hf_sequential_tok_s"]
+        model = baselines.load(model_dir, dtype)
+        res["static_batch_tok_s"] = baselines.static_batches(model, workload, args.concurrency)
+        res["hf_sequential_tok_s"] = baselines.hf_sequential(
+            model, workload[:args.sequential_requests])
+        res["hf_continuous_tok_s"] = baselines.hf_continuous(model, workload, args.concurrency)
+        for name in ("engine", "static_batch", "hf_continuous", "hf_sequential"):
+            res[f"served_over_{name}"] = res["served_tok_s"] / res[f"{name}_tok_s"]
     report(res, args.json, f"zeroserve bench serve (concurrency {args.concurrency})")
     return 0
 

@@ -12,7 +12,8 @@ from zeroserve.ops import supervisor
 
 CRASH_LOOP_RESTARTS = 3
 COLUMNS = ("slot", "pid", "state", "device", "cpus", "model", "capacity", "in_flight",
-           "tok_s", "uptime_s", "restarts")
+           "running", "waiting", "kv_tokens", "prefix_hit", "preempted", "tok_s", "uptime_s",
+           "restarts")
 
 
 def collect(rpc: Any, client: Client) -> list[dict[str, Any]]:
@@ -36,6 +37,12 @@ def collect(rpc: Any, client: Client) -> list[dict[str, Any]]:
             "device": w.get("device"), "cpus": ",".join(map(str, w.get("cpus") or [])) or None,
             "model": ",".join(w.get("models") or []) or None, "capacity": w.get("capacity"),
             "in_flight": w.get("in_flight"),
+            "running": stats.get("running"), "waiting": stats.get("waiting"),
+            "kv_tokens": f"{stats['kv_tokens_used']}/{stats['kv_tokens']}"
+            if "kv_tokens" in stats else None,
+            "prefix_hit": f"{stats['prefix_cache_hit_rate']:.0%}"
+            if "prefix_cache_hit_rate" in stats else None,
+            "preempted": stats.get("preemptions"),
             "tok_s": round(stats.get("generated_tokens", 0) / uptime, 1) if uptime else None,
             "uptime_s": round(uptime) if uptime else None, "restarts": restarts,
             "served": w.get("served"),

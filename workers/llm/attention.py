@@ -45,6 +45,8 @@ class ForwardContext:
     k_cache: list[torch.Tensor]  # per layer [num_blocks, block_size, Hkv, D]
     v_cache: list[torch.Tensor]
     slot_mapping: torch.Tensor  # [N] flat KV slot each packed token writes to
+    k_buf: torch.Tensor  # [rows, block_size * Hkv * D] gather workspaces, reused by every
+    v_buf: torch.Tensor  # group and layer (allocating 10s of MiB per call costs page faults)
     decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
 
@@ -57,12 +59,15 @@ def set_context(ctx: ForwardContext | None) -> None:
     _ctx = ctx
 
 
-def gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
-    """[num_blocks, bs, Hkv, D] cache, [G, nb] block ids -> [G, Hkv, length, D] context."""
+def gather(cache: torch.Tensor, blocks: torch.Tensor, length: int,
+           buf: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, bs, Hkv, D] cache, [G, nb] block ids -> [G, Hkv, length, D] context,
+    copied into the workspace `buf`."""
     g, nb = blocks.shape
-    _, bs, kv_heads, head_dim = cache.shape
-    ctx = cache[blocks].view(g, nb * bs, kv_heads, head_dim)  # [G, L, Hkv, D]
-    return ctx[:, :length].transpose(1, 2)
+    num_blocks, bs, kv_heads, head_dim = cache.shape
+    # index_select over whole blocks as rows: a memcpy per block, 3x faster than cache[blocks]
+    rows = torch.index_select(cache.view(num_blocks, -1), 0, blocks.flatten(), out=buf[:g * nb])
+    return rows.view(g, nb * bs, kv_heads, head_dim)[:, :length].transpose(1, 2)
 
 
 def block_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -82,7 +87,8 @@ def block_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     for g in ctx.decodes:
         q = query[0, :, g.a:g.b].transpose(0, 1).unsqueeze(2)  # [G, H, 1, D]
         o = F.scaled_dot_product_attention(  # [G, H, 1, D]
-            q, gather(kc, g.blocks, g.length), gather(vc, g.blocks, g.length),
+            q, gather(kc, g.blocks, g.length, ctx.k_buf),
+            gather(vc, g.blocks, g.length, ctx.v_buf),
             attn_mask=g.mask, scale=scaling, enable_gqa=gqa)
         out[0, g.a:g.b] = o[:, :, 0]
     for c in ctx.prefills:
@@ -95,7 +101,8 @@ def block_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
             end = c.start + (c.b - c.a)
             mask = torch.ones(c.b - c.a, end, dtype=torch.bool, device=query.device).tril(c.start)
             o = F.scaled_dot_product_attention(
-                q, gather(kc, c.blocks[None], end), gather(vc, c.blocks[None], end),
+                q, gather(kc, c.blocks[None], end, ctx.k_buf),
+                gather(vc, c.blocks[None], end, ctx.v_buf),
                 attn_mask=mask, scale=scaling, enable_gqa=gqa)
         out[0, c.a:c.b] = o[0].transpose(0, 1)
     return out, None

@@ -92,6 +92,7 @@ class ModelRunner:
             raise ValueError(f"a KV cache of {kv_cache_tokens} tokens holds no block of "
                              f"{block_size}: raise --kv-cache-tokens")
         self.kv = KVCache(layers, num_blocks, block_size, kv_heads, head_dim, dtype, device)
+        self._bufs = (torch.empty(0), torch.empty(0))  # gather workspaces, grown on demand
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s)", num_blocks,
                  block_size, num_blocks * block_size,
                  num_blocks * block_size * per_token / 2**20, dtype)
@@ -131,8 +132,11 @@ class ModelRunner:
                     nb = -(-(start + n) // bs)
                     blocks = torch.tensor(seq.block_table[:nb], device=dev)
                 prefills.append(attention.PrefillChunk(a, a + n, start, blocks))
+        rows = max([g.blocks.numel() for g in decodes]
+                   + [c.blocks.numel() for c in prefills if c.blocks is not None] + [0])
+        k_buf, v_buf = self._workspaces(rows)
         ctx = attention.ForwardContext(self.kv.k, self.kv.v, torch.tensor(slots, device=dev),
-                                       decodes, prefills)
+                                       k_buf, v_buf, decodes, prefills)
         attention.set_context(ctx)
         try:
             out = self.model(
@@ -144,6 +148,15 @@ class ModelRunner:
         finally:
             attention.set_context(None)
         return out.logits[0], sampled  # [K, V]
+
+    def _workspaces(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather buffers of at least `rows` blocks, kept across steps (grown by doubling)."""
+        if self._bufs[0].shape[0] < rows:
+            cache = self.kv.k[0]
+            shape = (max(rows, 2 * self._bufs[0].shape[0]), cache[0].numel())
+            self._bufs = tuple(torch.empty(shape, dtype=cache.dtype, device=cache.device)
+                               for _ in range(2))  # type: ignore[assignment]
+        return self._bufs
 
     def _decode_group(self, group: list[Sequence], a: int) -> attention.DecodeGroup:
         bs = self.block_size

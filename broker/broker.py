@@ -30,7 +30,7 @@ from zeroserve.broker.table import Job, Table, WorkerState
 from zeroserve import protocol as p
 from zeroserve.config import MIB, BrokerConfig, SocketConfig, default_endpoint
 from zeroserve.logs import RateLimitedLog, setup_logging
-from zeroserve.sockets import make_socket, prepare_ipc
+from zeroserve.sockets import PrivateDirError, make_socket, private_ipc
 
 log = logging.getLogger("zeroserve.broker")
 
@@ -57,7 +57,7 @@ class Broker:
     def bind(self) -> None:
         for sock, endpoint in ((self.frontend, self.cfg.frontend),
                                (self.backend, self.cfg.backend)):
-            prepare_ipc(endpoint)
+            private_ipc(endpoint)
             sock.bind(endpoint)
         log.info("broker bound frontend=%s backend=%s", self.cfg.frontend, self.cfg.backend)
 
@@ -420,14 +420,19 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, "broker")
-    from zeroserve.arena import sweep
-
-    for name in sweep(args.instance):
-        log.info("removed orphaned shared memory %s", name)
     broker = Broker(config_from_args(args))
     signal.signal(signal.SIGTERM, broker.stop)
     signal.signal(signal.SIGINT, broker.stop)
-    broker.bind()
+    try:
+        broker.bind()
+    except PrivateDirError as exc:
+        log.error("refusing to bind: %s", exc)
+        broker.close()
+        return 2
+    from zeroserve.arena import sweep  # after bind: it imports torch, which takes seconds
+
+    for name in sweep(args.instance):
+        log.info("removed orphaned shared memory %s", name)
     try:
         broker.run()
     finally:

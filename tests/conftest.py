@@ -52,6 +52,18 @@ class Pipeline:
     def client(self, **kw: object) -> Client:
         return Client(self.frontend, heartbeat_interval_s=0.25, **kw)  # type: ignore[arg-type]
 
+    def wait_broker(self, timeout_s: float = 30.0) -> None:
+        """Until the broker answers (it binds a second or more after it is spawned)."""
+        deadline = time.monotonic() + timeout_s
+        with self.client() as c:
+            while time.monotonic() < deadline:
+                try:
+                    c.workers()
+                    return
+                except Exception:
+                    time.sleep(0.05)
+        raise TimeoutError(f"the broker did not answer:\n{self.dump_logs()}")
+
     def wait_workers(self, n: int, timeout_s: float = 60.0, model: str | None = None) -> list:
         deadline = time.monotonic() + timeout_s
         with self.client() as c:

@@ -68,6 +68,7 @@ def deployment(tiny_model):
     try:
         rpc = supervise.wait_socket(env, proc)
         with Client(env["ZEROSERVE_FRONTEND"], heartbeat_interval_s=0.25) as client:
+            assert wait_for(lambda: _answers(client), 30), "the broker never answered"
             yield rpc, client, root
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -78,6 +79,14 @@ def deployment(tiny_model):
             proc.wait()
         os.environ.pop("ZEROSERVE_RUN_DIR", None)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _answers(client: Client) -> bool:
+    try:
+        client.workers()
+        return True
+    except ZeroserveError:
+        return False
 
 
 def _pids(rpc) -> dict[int, int]:

@@ -112,6 +112,7 @@ def test_text_work_runs_beside_the_engine_and_honours_cancels(pipeline, tiny_mod
     from zeroserve.config import WorkerConfig
 
     pipeline.start_broker()
+    pipeline.wait_broker()  # a worker that beats the broker's bind reconnects: keep it simple
     cfg = WorkerConfig(broker=pipeline.backend, engine="llm", model=str(tiny_model),
                        worker_id="w", max_num_seqs=8, max_model_len=256, dtype="float32",
                        heartbeat_interval_s=0.25)

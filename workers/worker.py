@@ -14,6 +14,7 @@ from zeroserve.workers import pinning
 
 from zeroserve.config import MIB, SocketConfig, WorkerConfig, default_endpoint
 from zeroserve.logs import setup_logging
+from zeroserve.sockets import PrivateDirError, private_ipc
 
 log = logging.getLogger("zeroserve.worker")
 
@@ -109,13 +110,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_pin:
         pinning.pin(cpus)
     log.info("pinned to cpus %s (slot %d of %d)", ",".join(map(str, cpus)), args.slot, args.slots)
+    cfg = config_from_args(args, cpus)
+    try:  # before minutes of model loading: never register with (or serve) a squatter
+        private_ipc(cfg.broker)
+    except PrivateDirError as exc:
+        log.error("refusing to connect: %s", exc)
+        return 2
     from zeroserve.arena import sweep
 
     for name in sweep(args.instance):
         log.info("removed orphaned shared memory %s", name)
     from zeroserve.workers.runtime import serve
 
-    return serve(config_from_args(args, cpus))
+    return serve(cfg)
 
 
 if __name__ == "__main__":

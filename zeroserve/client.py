@@ -40,7 +40,7 @@ from zeroserve.core import (
     settle,
     time_left,
 )
-from zeroserve.sockets import make_socket
+from zeroserve.sockets import make_socket, private_ipc
 
 __all__ = ["AsyncClient", "Chunk", "Client", "Result"]
 
@@ -51,6 +51,8 @@ def _config(endpoints: str | Sequence[str] | None, timeout_s: float | None,
         endpoints = os.environ.get("ZEROSERVE_ENDPOINT") or default_endpoint("frontend")
     if isinstance(endpoints, str):
         endpoints = [e for e in endpoints.split(",") if e]
+    for endpoint in endpoints:  # refuse a squattable ipc path before anything is sent there
+        private_ipc(endpoint)
     return ClientConfig(tuple(endpoints), heartbeat_interval_s=heartbeat_interval_s,
                         timeout_s=timeout_s)
 
@@ -110,7 +112,7 @@ class TensorCodec:
 class Client:
     """Synchronous client. Thread-safe: any thread may call it; one IO thread owns the socket.
 
-    >>> with Client("ipc:///tmp/zeroserve-default-frontend.sock") as c:
+    >>> with Client() as c:  # the default deployment's frontend
     ...     print(c.generate("echo", "hello world").text)
     """
 

@@ -1,14 +1,14 @@
 """Configuration: frozen dataclasses built once per process, plus default endpoints.
 
-Nothing here binds or connects. Endpoints default to ipc paths carrying a per-deployment
-instance name (``ZEROSERVE_INSTANCE``, default "default"), so two deployments on one host never
-collide; any endpoint can be a tcp:// address instead.
+Nothing here binds or connects. Endpoints default to ipc paths in the deployment's private
+runtime directory, named after its instance (``ZEROSERVE_INSTANCE``, default "default"), so two
+deployments on one host never collide and no other user can reach or squat them (never in a
+world-writable /tmp); any endpoint can be a tcp:// address instead.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 
 MIB = 1024 * 1024
@@ -18,14 +18,18 @@ def instance_name() -> str:
     return os.environ.get("ZEROSERVE_INSTANCE", "default")
 
 
-def runtime_dir() -> str:
-    return os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+def runtime_dir(instance: str | None = None) -> str:
+    """The deployment's private directory for ipc endpoints (mode 0700, the user's own):
+    $XDG_RUNTIME_DIR/zeroserve/<instance>, else ~/.zeroserve/run/<instance>."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    root = (os.path.join(base, "zeroserve") if base
+            else os.path.join(os.path.expanduser("~"), ".zeroserve", "run"))
+    return os.path.join(root, instance or instance_name())
 
 
 def default_endpoint(role: str, instance: str | None = None) -> str:
     """ipc endpoint for a role ("frontend" or "backend") of one deployment."""
-    name = instance or instance_name()
-    return f"ipc://{runtime_dir()}/zeroserve-{name}-{role}.sock"
+    return f"ipc://{runtime_dir(instance)}/{role}.sock"
 
 
 @dataclass(frozen=True)

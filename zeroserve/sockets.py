@@ -2,6 +2,9 @@
 
 ZeroMQ applies high-water marks and MAXMSGSIZE only to connections made after they are set,
 so a socket is configured fully here and only then bound or connected by the caller.
+Before an ipc endpoint is bound or connected, `private_ipc` makes sure its directory belongs to
+this user and nobody else can enter it: another local user can then neither squat the path
+(bind it first) nor talk to the socket.
 """
 
 from __future__ import annotations
@@ -32,12 +35,26 @@ def make_socket(
     return sock
 
 
-def prepare_ipc(endpoint: str) -> None:
-    """Make the directory of an ipc endpoint so bind() does not fail on a fresh host."""
-    if endpoint.startswith("ipc://"):
-        import os
+class PrivateDirError(RuntimeError):
+    """An ipc endpoint's directory that another user owns or can enter."""
 
-        path = endpoint[len("ipc://"):]
-        parent = os.path.dirname(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
+
+def private_ipc(endpoint: str) -> None:
+    """For an ipc endpoint: create its directory (mode 0700) if missing, then refuse it
+    unless it is a real directory owned by this user with no access for group or others."""
+    if not endpoint.startswith("ipc://"):
+        return
+    import os
+    import stat
+
+    parent = os.path.dirname(os.path.abspath(endpoint[len("ipc://"):]))
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    st = os.lstat(parent)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PrivateDirError(f"{parent}: not a directory (a symlink?): ipc endpoints need a "
+                              "private directory")
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise PrivateDirError(
+            f"{parent} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o}: ipc "
+            f"endpoints need a directory owned by uid {os.geteuid()} with mode 700 "
+            "(chmod 700 it, or pick another --instance or endpoint)")

@@ -9,7 +9,9 @@ drain first).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -115,6 +117,10 @@ Or from Python:
     finally:
         log.info("stopping %d processes", len(procs))
         stop_all(procs)
+        for endpoint in (frontend, backend):  # a broker that was killed leaves its files
+            if endpoint.startswith("ipc://"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(endpoint[len("ipc://"):])
 
 
 if __name__ == "__main__":

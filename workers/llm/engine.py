@@ -64,7 +64,7 @@ class LLMEngine:
         self.seqs: dict[RequestKey, Sequence] = {}
         self.eos_ids = _eos_ids(model, tokenizer)
         self.counters = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0,
-                         "batch_size": 0, "step_ms": 0.0}
+                         "batch_size": 0, "step_ms": 0.0, "busy_s": 0.0}
 
     @classmethod
     def from_config(cls, cfg: WorkerConfig) -> LLMEngine:
@@ -148,6 +148,7 @@ class LLMEngine:
         c["batch_size"] = len(plan.chunks)
         c["step_tokens"] = sum(n for _, n in plan.chunks)
         c["step_ms"] = (time.perf_counter() - t0) * 1000
+        c["busy_s"] += c["step_ms"] / 1000  # time spent in steps: utilisation over uptime
         return outs
 
     def warmup(self) -> None:
@@ -166,7 +167,7 @@ class LLMEngine:
         self.blocks.prefix_caching = caching  # random warmup prompts never fill the cache
         self.scheduler.preemptions = self.scheduler.max_running = 0
         self.blocks.hit_tokens = self.blocks.queried_tokens = 0
-        self.counters.update(steps=0, generated_tokens=0, prompt_tokens=0)
+        self.counters.update(steps=0, generated_tokens=0, prompt_tokens=0, busy_s=0.0)
 
     def stats(self) -> dict[str, Any]:
         b, s = self.blocks, self.scheduler

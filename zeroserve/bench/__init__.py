@@ -9,6 +9,7 @@ KINDS = {
     "transport": "zeroserve.bench.transport",
     "serve": "zeroserve.bench.serve",
     "tensor": "zeroserve.bench.tensor",
+    "stall": "zeroserve.bench.stall",
 }
 
 

@@ -45,7 +45,9 @@ def environment(run_dir: str | None = None) -> dict[str, str]:
 
 
 def start(env: dict[str, str], config: str | None = None) -> subprocess.Popen:
-    Path(env["ZEROSERVE_RUN_DIR"]).mkdir(parents=True, exist_ok=True)
+    run = Path(env["ZEROSERVE_RUN_DIR"])
+    run.mkdir(mode=0o700, parents=True, exist_ok=True)
+    run.chmod(0o700)  # it holds the ipc endpoints and supervisord's socket: this user's only
     conf = config or str(REPO / "supervisord.conf")
     return subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", conf],
                             env=env, start_new_session=True)

@@ -1,0 +1,34 @@
+"""Benchmarks as smoke tests on the tiny model: they run end to end and report real figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def bench(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "zeroserve.cli", "bench", *args, "--json"],
+                         capture_output=True, text=True, timeout=240, check=True)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.timeout(300)
+def test_bench_serve_shared_prefix_hits_the_cache_and_the_comparison_does_not(tiny_model):
+    res = bench("serve", "--model", str(tiny_model), "--workload", "shared-prefix",
+                "--num-requests", "12", "--concurrency", "4", "--skip-baselines",
+                "--compare", "no-prefix-caching")
+    assert res["requests_failed"] == 0 and res["no_prefix_caching_requests_failed"] == 0
+    assert res["prefix_hit_rate"] > 0.5  # four ~1,000-token system prompts, shared
+    assert res["no_prefix_caching_prefix_hit_rate"] == 0
+    assert res["max_running"] > 1 and res["served_tok_s"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_bench_stall_reports_both_rounds(tiny_model):
+    res = bench("stall", "--model", str(tiny_model), "--streams", "4", "--max-tokens", "40",
+                "--big-chars", "20000")
+    assert res["quiet_itl_ms_p50"] > 0 and res["big_itl_ms_p99"] > 0
+    assert res["big_prompt_answered_ms"] > 0

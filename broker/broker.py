@@ -240,7 +240,8 @@ class Broker:
                 identity, msg.header, time.monotonic() + self.cfg.expiry_s
             )
         except (TypeError, ValueError) as exc:
-            self._bad_frame("backend", identity, exc)
+            self.counts["bad_frames"] += 1
+            self.bad_frames.warning("refused READY from %s: %s", identity.hex(), exc)
             self._send_raw_backend(identity, p.encode(p.DISCONNECT, {"reason": str(exc)}))
             return
         log.info(

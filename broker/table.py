@@ -87,8 +87,10 @@ class Table:
             raise ValueError("READY needs models and a capacity >= 1")
         worker = self.workers.get(identity)
         if worker is None:
-            worker = WorkerState(identity, str(info.get("worker_id") or identity.hex()), models,
-                                 capacity, info, expiry)
+            worker_id = str(info.get("worker_id") or identity.hex())
+            if self.find_by_id(worker_id) is not None:  # no stealing a live worker's traffic
+                raise ValueError(f"worker id {worker_id!r} is live under another connection")
+            worker = WorkerState(identity, worker_id, models, capacity, info, expiry)
             self.workers[identity] = worker
         else:
             worker.models, worker.capacity, worker.info = models, capacity, info

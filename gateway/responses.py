@@ -19,10 +19,13 @@ def finish_reason(reason: str | None) -> str | None:
     return "stop" if reason == "cancelled" else reason
 
 
-def usage_of(data: dict[str, Any]) -> dict[str, int]:
+def usage_of(data: dict[str, Any]) -> dict[str, Any]:
     usage = data.get("usage") or {}
     p, c = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    out: dict[str, Any] = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    if "cached_tokens" in usage:  # prompt tokens served from the worker's prefix cache
+        out["prompt_tokens_details"] = {"cached_tokens": usage["cached_tokens"]}
+    return out
 
 
 def completion_logprobs(lps: list[dict[str, Any]], start: int = 0) -> dict[str, Any]:

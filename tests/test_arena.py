@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import time
@@ -15,6 +16,7 @@ import zmq
 from zeroserve import AsyncClient, BadRequestError
 from zeroserve import protocol as p
 from zeroserve.arena import SHM_DIR, Arena, DescriptorError, Mappings, prefix, sweep
+from zeroserve.config import MIB
 
 from .conftest import wait_for
 
@@ -96,6 +98,36 @@ def test_sweep_removes_arenas_of_dead_pids_only(monkeypatch) -> None:
         for path in (dead, alive):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def test_another_users_files_are_neither_swept_nor_blocking(monkeypatch) -> None:
+    """A file of another uid under a dead pid's arena name, and one under the name this
+    process would take next: sweep leaves the first alone, a new arena steps past the second."""
+    import subprocess
+    import sys
+
+    from zeroserve import arena as arena_mod
+
+    nxt = next(arena_mod._serial)  # the serial the next Arena of this process would take
+    monkeypatch.setattr(arena_mod, "_serial", itertools.count(nxt))
+    foreign = [os.path.join(SHM_DIR, f"{prefix()}-999998-0"),
+               os.path.join(SHM_DIR, f"{prefix()}-{os.getpid()}-{nxt}")]
+    code = ("import os, sys; os.setgid(65534); os.setuid(65534)\n"
+            "for p in sys.argv[1:]: open(p, 'wb').write(b'not yours')")
+    subprocess.run([sys.executable, "-c", code, *foreign], check=True, timeout=30)
+    try:
+        assert all(os.stat(f).st_uid == 65534 for f in foreign)
+        assert sweep() == [] and all(os.path.exists(f) for f in foreign)
+        mine = Arena(size_bytes=1 * MIB)
+        t = mine.empty((4,), torch.float32)
+        assert mine.name != os.path.basename(foreign[1])
+        assert os.stat(mine.path).st_uid == os.geteuid()
+        assert t.numel() == 4
+        mine.close()
+    finally:
+        for f in foreign:
+            if os.path.exists(f):
+                os.unlink(f)
 
 
 # -- end to end: client -> broker -> tensor worker -> client ------------------------------

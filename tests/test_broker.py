@@ -213,6 +213,25 @@ def test_random_and_malformed_frames_do_not_hurt_the_broker(pipeline, ctx) -> No
     assert pipeline.broker.poll() is None
 
 
+def test_rogue_ready_with_a_live_worker_id_is_refused(pipeline, ctx) -> None:
+    pipeline.start_broker()
+    pipeline.start_worker("a")
+    pipeline.wait_workers(1)
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.connect(pipeline.backend)
+    rogue.send_multipart([b"", *p.encode(p.READY, {"worker_id": "a", "models": ["echo"],
+                                                   "capacity": 10_000, "pid": 1})])
+    assert rogue.poll(5000)
+    msg = p.decode(rogue.recv_multipart()[1:])
+    assert msg.type == p.DISCONNECT and "live under another connection" in msg.header["reason"]
+    with pipeline.client() as c:
+        for i in range(5):
+            assert c.generate("echo", f"victim {i}", timeout_s=10).text == f"victim {i}"
+        rows = c.workers()
+    assert [(r["worker_id"], r["pid"]) for r in rows] == [("a", pipeline.workers["a"].pid)]
+    assert not rogue.poll(200)  # not one prompt reached the rogue
+
+
 def test_overload_gives_busy_at_once(pipeline) -> None:
     pipeline.start_broker("--max-queue", "2")
     pipeline.start_worker("a", "--capacity", "2", "--step-delay-ms", "50")

@@ -296,10 +296,13 @@ def test_metrics_parse_and_count(stack) -> None:
 def test_metrics_show_kv_blocks_and_prefix_cache_hits(stack) -> None:
     _, url, _ = stack
     prompt = "A shared system prompt that is long enough to fill several KV blocks. " * 8
+    cached = []
     for tail in ("one", "two"):  # the second starts from the first one's cached blocks
         r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": prompt + tail,
                                                       "max_tokens": 2, "temperature": 0})
         assert r.status_code == 200
+        cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert cached[0] == 0 and cached[1] >= 16  # OpenAI's usage shape
 
     def figures() -> dict[str, float]:
         text = httpx.get(f"{url}/metrics").text

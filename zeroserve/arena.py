@@ -31,6 +31,7 @@ import math
 import mmap
 import os
 import re
+import stat
 import struct
 import threading
 import time
@@ -86,6 +87,7 @@ class Arena:
 
     def __init__(self, size_bytes: int = 1024 * MIB, lease_timeout_s: float = 60.0,
                  instance: str | None = None) -> None:
+        self.instance = instance
         self.name = f"{prefix(instance)}-{os.getpid()}-{next(_serial)}"
         self.size = size_bytes
         self.lease_timeout_s = lease_timeout_s
@@ -106,7 +108,13 @@ class Arena:
     def _open(self) -> memoryview:
         if self._buf is None:
             sweep()
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            while True:
+                try:
+                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW,
+                                 0o600)
+                    break
+                except FileExistsError:  # someone took this name first: never use theirs
+                    self.name = f"{prefix(self.instance)}-{os.getpid()}-{next(_serial)}"
             try:
                 os.ftruncate(fd, self.size)  # sparse on tmpfs: pages appear when touched
                 self._mm = mmap.mmap(fd, self.size)
@@ -302,15 +310,21 @@ def sweep(instance: str | None = None) -> list[str]:
 
     removed = []
     pre = prefix(instance) + "-"
+    uid = os.geteuid()
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(SHM_DIR):
             if not name.startswith(pre):
                 continue
             pid = name[len(pre):].split("-")[0]
-            if pid.isdigit() and not psutil.pid_exists(int(pid)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(SHM_DIR, name))
-                    removed.append(name)
+            if not pid.isdigit() or psutil.pid_exists(int(pid)):
+                continue
+            path = os.path.join(SHM_DIR, name)
+            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
+                st = os.lstat(path)
+                if st.st_uid != uid or not stat.S_ISREG(st.st_mode):
+                    continue  # another user's file (or a trap): never touch it
+                os.unlink(path)
+                removed.append(name)
     return removed
 
 

@@ -73,6 +73,71 @@ def test_stale_and_bad_descriptors_are_rejected() -> None:
         arena.close()
 
 
+def test_attacks_on_shared_memory_are_refused() -> None:
+    """Another client's arena, another client's slab release, a symlink, a truncated file,
+    an offset past the slab: each refused, nothing read or changed."""
+    victim, attacker, maps = Arena(size_bytes=16 << 20), Arena(size_bytes=16 << 20), Mappings()
+    link = os.path.join(SHM_DIR, f"{prefix()}-{os.getpid()}-9999")
+    try:
+        secret = victim.put(torch.full((16,), 7.0))
+        mine = attacker.put(torch.zeros(16))
+        maps.view(secret)  # the consumer has mapped the victim's arena, as a worker would
+        # 1. the victim's arena, with the attacker's own key: refused
+        with pytest.raises(DescriptorError, match="key"):
+            maps.view({**secret, "key": mine["key"]})
+        with pytest.raises(DescriptorError, match="key"):
+            maps.view({k: v for k, v in secret.items() if k != "key"})
+        # 2. slab 1's data through slab 0's header: offsets are checked against the slab
+        other = victim.put(torch.full((16,), 9.0))
+        assert other["slab"] != secret["slab"]
+        with pytest.raises(DescriptorError, match="slab"):
+            maps.view({**secret, "offset": other["offset"]})
+        with pytest.raises(DescriptorError, match="slab"):
+            maps.view({**secret, "offset": secret["offset"] + 4096, "nbytes": 64})
+        # 3. releasing someone else's lease needs its token
+        maps.release({**secret, "token": secret["token"] + 1})
+        maps.release({k: v for k, v in secret.items() if k != "token"})
+        state, *_ = _header(victim, secret["slab"])
+        assert state == 1  # still leased: the victim's zero-copy result stays intact
+        maps.release(secret)
+        assert _header(victim, secret["slab"])[0] == 0
+        # 4. a zs-* symlink to an unrelated file is never followed
+        target = os.path.join(SHM_DIR, f"unrelated-{os.getpid()}")
+        with open(target, "wb") as fh:
+            fh.write(b"\0" * (1 << 20))
+        os.symlink(target, link)
+        with pytest.raises(DescriptorError, match="cannot be opened"):
+            maps.view({**mine, "arena": os.path.basename(link)})
+        os.unlink(target)
+        # 5. a file truncated under a live mapping: refused, no SIGBUS
+        fresh = Mappings()
+        d = attacker.put(torch.ones(1024))
+        fresh.view(d)
+        os.truncate(attacker.path, d["offset"])
+        with pytest.raises(DescriptorError, match="truncated"):
+            fresh.view(d)
+    finally:
+        victim.close()
+        attacker.close()
+        if os.path.lexists(link):
+            os.unlink(link)
+
+
+def test_mappings_of_departed_arenas_are_dropped() -> None:
+    arena, maps = Arena(size_bytes=4 << 20), Mappings()
+    maps.view(arena.put(torch.ones(4)))
+    assert len(maps) == 1
+    arena.close()  # the owner leaves: its file is unlinked
+    maps.forget_missing()
+    assert len(maps) == 0
+
+
+def _header(arena: Arena, slab: int) -> tuple[int, ...]:
+    from zeroserve.arena import HEADER, _header_at
+
+    return HEADER.unpack_from(arena._buf, _header_at(slab))
+
+
 def test_unreleased_lease_is_reclaimed_after_timeout() -> None:
     arena = Arena(size_bytes=16 << 20, lease_timeout_s=0.05)
     try:
@@ -180,6 +245,16 @@ def test_bad_descriptor_gets_bad_request_and_worker_lives(pipeline, ctx) -> None
         with pytest.raises(BadRequestError):  # the frame is shorter than the shape says
             c.submit("scale", inputs={"x": {"frame": 0, "dtype": "float32", "shape": [100]}},
                      buffers=[b"\0" * 8]).result(5)
+        assert torch.equal(c.infer("scale", {"x": torch.ones(1)})["output"], torch.tensor([3.0]))
+        # another client's arena: a well-formed descriptor without that arena's key
+        secret = c.tensors.arena.put(torch.full((4,), 5.0))
+        with pipeline.client() as attacker:
+            attacker.infer("scale", {"x": torch.ones(1)})
+            own_key = attacker.tensors.arena.key
+            for forged in ({**secret, "key": own_key}, {**secret, "key": b""}):
+                with pytest.raises(BadRequestError, match="key"):
+                    attacker.generate("scale", inputs={"x": {"shm": forged}}, reply="shm",
+                                      timeout_s=5)
         assert torch.equal(c.infer("scale", {"x": torch.ones(1)})["output"], torch.tensor([3.0]))
     assert worker.poll() is None
 

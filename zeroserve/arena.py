@@ -6,17 +6,23 @@ tracker, which on Python 3.11 unlinks segments other processes still use). The o
 slabs out of it in power-of-two size classes and reuses them (a pool): steady traffic
 allocates no new shared memory.
 
-    +------------------------------+--------+--------+-----
-    | slab headers (MAX_SLABS x 16) | slab 0 | slab 1 | ...
-    +------------------------------+--------+--------+-----
-    header: u32 state (0 free, 1 leased), u32 generation, u64 capacity
+    +-----+-------------------------------+--------+--------+-----
+    | key | slab headers (MAX_SLABS x 32) | slab 0 | slab 1 | ...
+    +-----+-------------------------------+--------+--------+-----
+    key: 16 random bytes, written once by the owner
+    header: u32 state (0 free, 1 leased), u32 generation, u64 capacity, u64 offset, u64 token
 
-A descriptor {arena, slab, gen, offset, nbytes, dtype, shape} travels in a msgpack body. The
-consumer maps the arena once, views the tensor in place (torch.frombuffer), and releases the
-slab by writing state 0 into its header: no message goes back. The owner reuses a slab once
+A descriptor {arena, key, slab, gen, token, offset, nbytes, dtype, shape} travels in a msgpack
+body. It is honoured only if it quotes the arena's key (only processes that can read the arena
+know it: Triton's registered regions, without the extra round trip) and points inside its own
+slab. The consumer opens the file with O_NOFOLLOW and checks (fstat) that it is a regular file
+of its own uid that covers the view, maps it once, views the tensor in place
+(torch.frombuffer), and releases the slab by writing state 0 into its header, only when the
+descriptor carries that lease's random token: no message goes back. The owner reuses a slab once
 its local tensor is gone and the consumer released it, or once a lease outlives
 lease_timeout_s (a dead consumer). A generation bump on every reuse makes a stale descriptor
-fail validation instead of reading someone else's data.
+fail validation instead of reading someone else's data. Mappings of arenas whose file is gone
+are dropped every few seconds.
 
 Hygiene: the owner unlinks its arena at exit; `sweep()` at every process start unlinks arenas
 of this deployment whose owner pid is gone (a kill -9 leaves no orphan past the next start).
@@ -26,11 +32,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hmac
 import itertools
 import math
 import mmap
 import os
 import re
+import secrets
 import stat
 import struct
 import threading
@@ -45,8 +53,10 @@ from zeroserve.config import MIB, instance_name
 
 SHM_DIR = "/dev/shm"
 MAX_SLABS = 4096
-HEADER = struct.Struct("<IIQ")  # state, generation, capacity
-HEADERS_BYTES = MAX_SLABS * HEADER.size
+KEY_BYTES = 16
+HEADER = struct.Struct("<IIQQQ")  # state, generation, capacity, offset, lease token
+HEADERS_BYTES = KEY_BYTES + MAX_SLABS * HEADER.size
+FORGET_EVERY_S = 5.0  # how often a consumer drops mappings of arenas that are gone
 MIN_CLASS = 4096
 FREE, LEASED = 0, 1
 NAME_RE = re.compile(r"^zs-[A-Za-z0-9_.-]{1,64}-\d{1,10}-\d{1,6}$")
@@ -78,6 +88,7 @@ class _Slab:
     offset: int
     capacity: int
     gen: int = 0
+    token: int = 0  # the current lease's: only a release that quotes it counts
     local: bool = False  # a tensor in this process still views it
     leased_at: float = 0.0  # when a descriptor for it was last sent
 
@@ -89,6 +100,7 @@ class Arena:
                  instance: str | None = None) -> None:
         self.instance = instance
         self.name = f"{prefix(instance)}-{os.getpid()}-{next(_serial)}"
+        self.key = secrets.token_bytes(KEY_BYTES)
         self.size = size_bytes
         self.lease_timeout_s = lease_timeout_s
         self._lock = threading.Lock()
@@ -121,6 +133,7 @@ class Arena:
             finally:
                 os.close(fd)
             self._buf = memoryview(self._mm)
+            self._buf[:KEY_BYTES] = self.key
             self._base = _address(self._buf)
             atexit.register(self.close)
         return self._buf
@@ -154,8 +167,10 @@ class Arena:
             if slab is None:
                 raise ValueError("tensor is not in a live slab of this arena")
             slab.leased_at = time.monotonic()
+            slab.token = secrets.randbits(63)
             self._set_header(slab, LEASED)
-        return {"arena": self.name, "slab": slab.index, "gen": slab.gen, "offset": offset,
+        return {"arena": self.name, "key": self.key, "slab": slab.index, "gen": slab.gen,
+                "token": slab.token, "offset": offset,
                 "nbytes": tensor.numel() * tensor.element_size(),
                 "dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape)}
 
@@ -204,7 +219,7 @@ class Arena:
         for slab in list(self._busy.values()):
             if slab.local:
                 continue
-            state, gen, _ = HEADER.unpack_from(buf, slab.index * HEADER.size)
+            state, gen, *_ = HEADER.unpack_from(buf, _header_at(slab.index))
             if state == FREE or gen != slab.gen or now - slab.leased_at > self.lease_timeout_s:
                 del self._busy[slab.index]
                 self._free.setdefault(slab.capacity, []).append(slab)
@@ -220,8 +235,9 @@ class Arena:
 
     def _set_header(self, slab: _Slab, state: int) -> None:
         if state == FREE:
-            slab.leased_at = 0.0
-        HEADER.pack_into(self._buf, slab.index * HEADER.size, state, slab.gen, slab.capacity)
+            slab.leased_at, slab.token = 0.0, 0
+        HEADER.pack_into(self._buf, _header_at(slab.index), state, slab.gen, slab.capacity,
+                         slab.offset, slab.token)
 
     def stats(self) -> dict[str, int]:
         return {"slabs": len(self._slabs), "busy": len(self._busy), "allocations": self.allocations}
@@ -231,36 +247,44 @@ class Mappings:
     """The consumer's side: map each peer arena once, view tensors in place, release slabs."""
 
     def __init__(self) -> None:
-        self._maps: dict[str, tuple[mmap.mmap, memoryview]] = {}
+        self._maps: dict[str, tuple[mmap.mmap, memoryview, int]] = {}  # name -> map, view, fd
         self._lock = threading.Lock()
+        self._forgot_at = time.monotonic()
 
-    def _map(self, name: str) -> memoryview:
+    def _map(self, name: str) -> tuple[memoryview, int]:
         entry = self._maps.get(name)
         if entry is not None:
-            return entry[1]
+            return entry[1], entry[2]
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise DescriptorError(f"bad arena name {name!r}")
         with self._lock:
-            try:
-                fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+            try:  # O_NOFOLLOW: a zs-* symlink to some other file is refused, not followed
+                fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)
             except OSError as exc:
                 raise DescriptorError(f"arena {name} cannot be opened: {exc.strerror}") from None
             try:
-                size = os.fstat(fd).st_size
-                if size <= HEADERS_BYTES:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                    raise DescriptorError(f"arena {name} is not a regular file of this user")
+                if st.st_size <= HEADERS_BYTES:
                     raise DescriptorError(f"arena {name} is too small")
-                mm = mmap.mmap(fd, size)
-            finally:
+                mm = mmap.mmap(fd, st.st_size)
+            except BaseException:
                 os.close(fd)
+                raise
             mv = memoryview(mm)
-            self._maps[name] = (mm, mv)
-            return mv
+            self._maps[name] = (mm, mv, fd)  # the fd stays open: views re-check its size
+            return mv, fd
 
     def view(self, desc: Any) -> torch.Tensor:
-        """The tensor a descriptor points at, without a copy; validated against the arena."""
+        """The tensor a descriptor points at, without a copy; validated against its slab."""
+        if time.monotonic() - self._forgot_at > FORGET_EVERY_S:
+            self.forget_missing()
         if not isinstance(desc, dict):
             raise DescriptorError("descriptor must be a map")
-        buf = self._map(desc.get("arena"))
+        buf, fd = self._map(desc.get("arena"))  # type: ignore[arg-type]
+        if not hmac.compare_digest(bytes(buf[:KEY_BYTES]), _as_bytes(desc.get("key"))):
+            raise DescriptorError("descriptor does not quote its arena's key")
         slab, gen, offset, nbytes = (desc.get(k) for k in ("slab", "gen", "offset", "nbytes"))
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                    for v in (slab, gen, offset, nbytes)):
@@ -274,34 +298,53 @@ class Mappings:
             raise DescriptorError("shape must be a list of non-negative integers")
         if math.prod(shape) * torch.empty((), dtype=dtype).element_size() != nbytes:
             raise DescriptorError("nbytes does not match dtype and shape")
-        if slab >= MAX_SLABS or offset < HEADERS_BYTES or offset + nbytes > len(buf):
+        if slab >= MAX_SLABS:
             raise DescriptorError("descriptor points outside the arena")
-        _, live_gen, capacity = HEADER.unpack_from(buf, slab * HEADER.size)
-        if live_gen != gen or nbytes > capacity:
+        _, live_gen, capacity, start, _ = HEADER.unpack_from(buf, _header_at(slab))
+        if live_gen != gen:
             raise DescriptorError("stale descriptor: the slab was reused or released")
+        if (start < HEADERS_BYTES or offset < start or offset + nbytes > start + capacity
+                or offset + nbytes > len(buf)):
+            raise DescriptorError("descriptor points outside its slab")
+        if os.fstat(fd).st_size < offset + nbytes:  # truncated under us: no SIGBUS
+            raise DescriptorError("arena was truncated")
         raw = torch.frombuffer(buf[offset:offset + max(nbytes, 1)], dtype=torch.uint8)
         return raw[:nbytes].view(dtype).reshape(shape)
 
     def release(self, desc: dict[str, Any]) -> None:
-        """Hand a slab back to its owner (a write into the slab's header)."""
+        """Hand a slab back to its owner (a write into the slab's header), only with the
+        lease's own token."""
         entry = self._maps.get(desc.get("arena", ""))
         if entry is None:
             return
         buf = entry[1]
-        slab, gen = desc.get("slab"), desc.get("gen")
-        if isinstance(slab, int) and 0 <= slab < MAX_SLABS:
-            state, live_gen, cap = HEADER.unpack_from(buf, slab * HEADER.size)
-            if live_gen == gen and state == LEASED:
-                HEADER.pack_into(buf, slab * HEADER.size, FREE, live_gen, cap)
+        slab, gen, token = desc.get("slab"), desc.get("gen"), desc.get("token")
+        if isinstance(slab, int) and 0 <= slab < MAX_SLABS and isinstance(token, int):
+            state, live_gen, cap, start, live_token = HEADER.unpack_from(buf, _header_at(slab))
+            if live_gen == gen and state == LEASED and token == live_token:
+                HEADER.pack_into(buf, _header_at(slab), FREE, live_gen, cap, start, 0)
 
     def forget_missing(self) -> None:
         """Drop mappings of arenas whose file is gone (their owner exited)."""
+        self._forgot_at = time.monotonic()
         for name in list(self._maps):
             if not os.path.exists(os.path.join(SHM_DIR, name)):
-                mm, mv = self._maps.pop(name)
-                mv.release()
-                with contextlib.suppress(BufferError):
+                mm, mv, fd = self._maps.pop(name)
+                os.close(fd)
+                with contextlib.suppress(BufferError):  # tensors may still view it
+                    mv.release()
                     mm.close()
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+
+def _header_at(slab: int) -> int:
+    return KEY_BYTES + slab * HEADER.size
+
+
+def _as_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else b""
 
 
 def sweep(instance: str | None = None) -> list[str]:

@@ -13,14 +13,14 @@ Each REQUEST goes to the live worker that serves its model with the most free cr
 credit anywhere it waits in a bounded queue (full or too old: BUSY). A worker that goes silent
 for heartbeat_interval_s x heartbeat_liveness is purged: its unstarted jobs are requeued once,
 the others fail with WORKER_LOST. A malformed frame gets an ERROR back and one log line.
+With CURVE keys (auth.py) both sockets admit peers by public key and role. The command line
+is cli.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
-import signal
 import time
 from typing import Any
 
@@ -28,9 +28,9 @@ import zmq
 from zeroserve.broker.table import Job, Table, WorkerState
 
 from zeroserve import protocol as p
-from zeroserve.config import MIB, BrokerConfig, SocketConfig, default_endpoint
-from zeroserve.logs import RateLimitedLog, setup_logging
-from zeroserve.sockets import PrivateDirError, make_socket, private_ipc
+from zeroserve.config import BrokerConfig
+from zeroserve.logs import RateLimitedLog
+from zeroserve.sockets import check_transport, make_socket, private_ipc
 
 log = logging.getLogger("zeroserve.broker")
 
@@ -47,14 +47,21 @@ class Broker:
         self.clients: dict[bytes, float] = {}  # client identity -> last time heard from
         self.frontend = make_socket(self.ctx, zmq.ROUTER, cfg.sockets, router_mandatory=True)
         self.backend = make_socket(self.ctx, zmq.ROUTER, cfg.sockets, router_mandatory=True)
+        self.auth = None
+        if cfg.keys_dir:
+            from zeroserve.broker.auth import secure
+
+            self.auth = secure(self.ctx, cfg.keys_dir, cfg.key_name, self.frontend, self.backend)
         self.bad_frames = RateLimitedLog(log)
-        self.running = False
+        self.running = True  # until stop(): a SIGTERM during start-up is not lost
         self.counts = {"requests": 0, "busy": 0, "lost": 0, "bad_frames": 0}
         self._next_heartbeat = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def bind(self) -> None:
+        check_transport([self.cfg.frontend, self.cfg.backend], self.auth is not None,
+                        self.cfg.sockets.insecure, log)
         for sock, endpoint in ((self.frontend, self.cfg.frontend),
                                (self.backend, self.cfg.backend)):
             private_ipc(endpoint)
@@ -71,10 +78,11 @@ class Broker:
             self._reply_error(job, p.UNAVAILABLE, "broker stopping")
         self.frontend.close(0)
         self.backend.close(0)
+        if self.auth is not None:
+            self.auth.stop()
         log.info("broker stopped: %s", self.counts)
 
     def run(self) -> None:
-        self.running = True
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
@@ -390,56 +398,3 @@ def _rid_of(frames: list[bytes]) -> str:
     except Exception:
         pass
     return UNATTRIBUTED
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="zeroserve broker", description=__doc__.split("\n")[0])
-    ap.add_argument("--frontend", default=None, help="endpoint clients connect to")
-    ap.add_argument("--backend", default=None, help="endpoint workers connect to")
-    ap.add_argument("--instance", default=None, help="deployment name for default ipc paths")
-    ap.add_argument("--heartbeat-interval-s", type=float, default=1.0)
-    ap.add_argument("--heartbeat-liveness", type=int, default=3)
-    ap.add_argument("--max-queue", type=int, default=1024)
-    ap.add_argument("--max-queue-wait-ms", type=int, default=30_000)
-    ap.add_argument("--max-message-mb", type=int, default=512, help="MAXMSGSIZE of sockets")
-    ap.add_argument("--log-level", default="INFO")
-    return ap
-
-
-def config_from_args(args: argparse.Namespace) -> BrokerConfig:
-    return BrokerConfig(
-        frontend=args.frontend or default_endpoint("frontend", args.instance),
-        backend=args.backend or default_endpoint("backend", args.instance),
-        heartbeat_interval_s=args.heartbeat_interval_s,
-        heartbeat_liveness=args.heartbeat_liveness,
-        max_queue=args.max_queue,
-        max_queue_wait_ms=args.max_queue_wait_ms,
-        sockets=SocketConfig(max_message_bytes=args.max_message_mb * MIB),
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log_level, "broker")
-    broker = Broker(config_from_args(args))
-    signal.signal(signal.SIGTERM, broker.stop)
-    signal.signal(signal.SIGINT, broker.stop)
-    try:
-        broker.bind()
-    except PrivateDirError as exc:
-        log.error("refusing to bind: %s", exc)
-        broker.close()
-        return 2
-    from zeroserve.arena import sweep  # after bind: it imports torch, which takes seconds
-
-    for name in sweep(args.instance):
-        log.info("removed orphaned shared memory %s", name)
-    try:
-        broker.run()
-    finally:
-        broker.close()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -33,6 +33,7 @@ from zeroserve.gateway.schemas import ChatCompletionRequest, CompletionRequest, 
 from zeroserve import errors
 from zeroserve.client import AsyncClient, AsyncRequestHandle, Chunk
 from zeroserve.config import GatewayConfig
+from zeroserve.keys import PeerKeys
 
 log = logging.getLogger("zeroserve.gateway")
 
@@ -85,7 +86,9 @@ class Gateway:
         self._poller: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self.client = AsyncClient(self.cfg.broker, timeout_s=self.cfg.request_timeout_s)
+        keys = PeerKeys.load(self.cfg.keys_dir, self.cfg.key_name) if self.cfg.keys_dir else None
+        self.client = AsyncClient(self.cfg.broker, timeout_s=self.cfg.request_timeout_s,
+                                  keys=keys, insecure=self.cfg.insecure)
         self._poller = asyncio.get_running_loop().create_task(self._poll_table())
         if not self.keys.enabled:
             log.warning("no API keys configured: authentication is OFF")

@@ -13,8 +13,9 @@ import os
 from zeroserve.workers import pinning
 
 from zeroserve.config import MIB, SocketConfig, WorkerConfig, default_endpoint
+from zeroserve.keys import KeysError, PeerKeys
 from zeroserve.logs import setup_logging
-from zeroserve.sockets import PrivateDirError, private_ipc
+from zeroserve.sockets import InsecureError, PrivateDirError, check_transport, private_ipc
 
 log = logging.getLogger("zeroserve.worker")
 
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--check-blocks", action="store_true",
                     help="debug: assert the KV block accounting after every step")
     ap.add_argument("--max-message-mb", type=int, default=512, help="MAXMSGSIZE of sockets")
+    ap.add_argument("--keys", default=None, help="CURVE key directory (ZEROSERVE_KEYS)")
+    ap.add_argument("--key-name", default="worker", help="this worker's keypair")
+    ap.add_argument("--insecure", action="store_true", help="allow tcp without CURVE")
     ap.add_argument("--heartbeat-interval-s", type=float, default=1.0)
     ap.add_argument("--heartbeat-liveness", type=int, default=3)
     ap.add_argument("--run-dir", default="", help="count starts of this slot here (ops)")
@@ -69,7 +73,8 @@ def count_start(run_dir: str, slot: int) -> int:
     return starts
 
 
-def config_from_args(args: argparse.Namespace, cpus: tuple[int, ...]) -> WorkerConfig:
+def config_from_args(args: argparse.Namespace, cpus: tuple[int, ...],
+                     curve: PeerKeys | None = None) -> WorkerConfig:
     return WorkerConfig(
         broker=args.broker or default_endpoint("backend", args.instance),
         engine=args.engine,
@@ -93,7 +98,8 @@ def config_from_args(args: argparse.Namespace, cpus: tuple[int, ...]) -> WorkerC
         max_queue_delay_ms=args.max_queue_delay_ms,
         heartbeat_interval_s=args.heartbeat_interval_s,
         heartbeat_liveness=args.heartbeat_liveness,
-        sockets=SocketConfig(max_message_bytes=args.max_message_mb * MIB),
+        sockets=SocketConfig(max_message_bytes=args.max_message_mb * MIB, curve=curve,
+                             insecure=args.insecure),
     )
 
 
@@ -110,10 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_pin:
         pinning.pin(cpus)
     log.info("pinned to cpus %s (slot %d of %d)", ",".join(map(str, cpus)), args.slot, args.slots)
-    cfg = config_from_args(args, cpus)
+    keys_dir = args.keys or os.environ.get("ZEROSERVE_KEYS", "")
     try:  # before minutes of model loading: never register with (or serve) a squatter
+        curve = PeerKeys.load(keys_dir, args.key_name) if keys_dir else None
+        cfg = config_from_args(args, cpus, curve)
+        check_transport([cfg.broker], curve is not None, args.insecure, log)
         private_ipc(cfg.broker)
-    except PrivateDirError as exc:
+    except (KeysError, InsecureError, PrivateDirError) as exc:
         log.error("refusing to connect: %s", exc)
         return 2
     from zeroserve.arena import sweep

@@ -1,12 +1,13 @@
 """The `zeroserve` command: one subcommand per process role or tool.
 
-    zeroserve broker ...        the broker process (broker/broker.py)
+    zeroserve broker ...        the broker process (broker/cli.py, broker/broker.py)
     zeroserve worker ...        one worker process (workers/worker.py)
     zeroserve gateway ...       the OpenAI-compatible HTTP gateway (gateway/gateway.py)
     zeroserve up ...            broker + N workers as children of one foreground command
     zeroserve bench transport   transport round-trip and throughput benchmark
     zeroserve make-model PRESET build the embedded default model (tiny, small) into the cache
     zeroserve supervise         the whole deployment under supervisord (supervisord.conf)
+    zeroserve keys generate     a CURVE keypair for a role (broker, client, worker, admin)
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import importlib
 import sys
 
 COMMANDS = {
-    "broker": "zeroserve.broker.broker",
+    "broker": "zeroserve.broker.cli",
     "worker": "zeroserve.workers.worker",
     "up": "zeroserve.up",
     "bench": "zeroserve.bench",
     "make-model": "zeroserve.models",
     "gateway": "zeroserve.gateway.gateway",
     "supervise": "zeroserve.ops.supervise",
+    "keys": "zeroserve.keys",
 }
 
 

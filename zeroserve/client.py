@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -27,7 +28,8 @@ import zmq.asyncio
 
 from zeroserve import errors
 from zeroserve import protocol as p
-from zeroserve.config import ClientConfig, default_endpoint
+from zeroserve.codec import TensorCodec
+from zeroserve.config import ClientConfig, SocketConfig, default_endpoint
 from zeroserve.core import (
     AsyncCollector,
     Chunk,
@@ -40,73 +42,27 @@ from zeroserve.core import (
     settle,
     time_left,
 )
-from zeroserve.sockets import make_socket, private_ipc
+from zeroserve.keys import PeerKeys
+from zeroserve.sockets import check_transport, make_socket, private_ipc
+
+log = logging.getLogger("zeroserve.client")
 
 __all__ = ["AsyncClient", "Chunk", "Client", "Result"]
 
 
 def _config(endpoints: str | Sequence[str] | None, timeout_s: float | None,
-            heartbeat_interval_s: float) -> ClientConfig:
+            heartbeat_interval_s: float, keys: PeerKeys | None = None,
+            insecure: bool = False) -> ClientConfig:
     if endpoints is None:
         endpoints = os.environ.get("ZEROSERVE_ENDPOINT") or default_endpoint("frontend")
     if isinstance(endpoints, str):
         endpoints = [e for e in endpoints.split(",") if e]
+    check_transport(list(endpoints), keys is not None, insecure, log)
     for endpoint in endpoints:  # refuse a squattable ipc path before anything is sent there
         private_ipc(endpoint)
     return ClientConfig(tuple(endpoints), heartbeat_interval_s=heartbeat_interval_s,
-                        timeout_s=timeout_s)
-
-
-class TensorCodec:
-    """Tensors in and out of requests: this client's arena for inputs on the same host, the
-    mappings of workers' arenas for outputs, raw frames for remote brokers."""
-
-    def __init__(self, endpoints: Sequence[str]) -> None:
-        self.local = all(e.startswith("ipc://") or "//127.0.0.1:" in e or "//localhost:" in e
-                         for e in endpoints)
-        self._arena: Any = None
-        self._maps: Any = None
-
-    @property
-    def arena(self) -> Any:
-        if self._arena is None:
-            from zeroserve.arena import Arena
-
-            self._arena = Arena()
-        return self._arena
-
-    @property
-    def maps(self) -> Any:
-        if self._maps is None:
-            from zeroserve.arena import Mappings
-
-            self._maps = Mappings()
-        return self._maps
-
-    def request(self, inputs: dict[str, Any], shm: bool | None) -> tuple[dict, list]:
-        from zeroserve import tensors
-
-        use_shm = self.local if shm is None else shm
-        entries, frames = tensors.pack(inputs, self.arena if use_shm else None)
-        return {"inputs": entries, "reply": "shm" if use_shm else "frames"}, frames
-
-    def outputs(self, result: Result, copy: bool = False) -> dict[str, Any]:
-        """Tensors of a tensor reply. Shared-memory outputs are views; their slabs go back to
-        the worker when the tensor is garbage collected (or at once with copy=True)."""
-        import weakref
-
-        from zeroserve import tensors
-
-        entries = result.data.get("outputs")
-        out = tensors.unpack(entries, result.buffers, self.maps)
-        for name, entry in (entries or {}).items():
-            if isinstance(entry, dict) and "shm" in entry:
-                if copy:
-                    out[name] = out[name].clone()
-                    self.maps.release(entry["shm"])
-                else:
-                    weakref.finalize(out[name], self.maps.release, entry["shm"])
-        return out
+                        timeout_s=timeout_s,
+                        sockets=SocketConfig(curve=keys, insecure=insecure))
 
 
 class Client:
@@ -118,8 +74,10 @@ class Client:
 
     def __init__(self, endpoints: str | Sequence[str] | None = None, *,
                  timeout_s: float | None = None, heartbeat_interval_s: float = 1.0,
+                 keys: PeerKeys | None = None, insecure: bool = False,
                  ctx: zmq.Context | None = None) -> None:
-        self.core = ClientCore(_config(endpoints, timeout_s, heartbeat_interval_s))
+        self.core = ClientCore(_config(endpoints, timeout_s, heartbeat_interval_s, keys,
+                                       insecure))
         self.tensors = TensorCodec(self.core.cfg.endpoints)
         self.ctx = ctx or zmq.Context.instance()
         self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
@@ -291,8 +249,10 @@ class AsyncClient:
 
     def __init__(self, endpoints: str | Sequence[str] | None = None, *,
                  timeout_s: float | None = None, heartbeat_interval_s: float = 1.0,
+                 keys: PeerKeys | None = None, insecure: bool = False,
                  ctx: zmq.asyncio.Context | None = None) -> None:
-        self.core = ClientCore(_config(endpoints, timeout_s, heartbeat_interval_s))
+        self.core = ClientCore(_config(endpoints, timeout_s, heartbeat_interval_s, keys,
+                                       insecure))
         self.tensors = TensorCodec(self.core.cfg.endpoints)
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.sock = self._connect()

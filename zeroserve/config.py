@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 MIB = 1024 * 1024
 
@@ -39,6 +40,8 @@ class SocketConfig:
     hwm: int = 100_000
     max_message_bytes: int = 512 * MIB
     linger_ms: int = 0
+    curve: Any = None  # keys.PeerKeys: connect with CURVE (a client, worker or gateway)
+    insecure: bool = False  # allow tcp without CURVE (one warning)
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class BrokerConfig:
     heartbeat_liveness: int = 3
     max_queue: int = 1024
     max_queue_wait_ms: int = 30_000
+    keys_dir: str = ""  # CURVE on both sockets, peers admitted by role (keys.py)
+    key_name: str = "broker"
     sockets: SocketConfig = SocketConfig()
 
     @property
@@ -116,3 +121,6 @@ class GatewayConfig:
     request_timeout_s: float = 600.0
     table_poll_s: float = 0.5
     max_tokens_default: int = 16
+    keys_dir: str = ""  # CURVE to the broker with the keypair key_name (a client key)
+    key_name: str = "gateway"
+    insecure: bool = False

@@ -9,6 +9,8 @@ this user and nobody else can enter it: another local user can then neither squa
 
 from __future__ import annotations
 
+from typing import Any
+
 import zmq
 
 from zeroserve.config import SocketConfig
@@ -32,7 +34,30 @@ def make_socket(
     if router_mandatory:
         # A reply to a peer that has gone raises EHOSTUNREACH instead of vanishing.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if cfg.curve is not None:
+        from zeroserve.keys import curve_client
+
+        curve_client(sock, cfg.curve)
     return sock
+
+
+class InsecureError(RuntimeError):
+    """A tcp endpoint without CURVE, and no --insecure."""
+
+
+def check_transport(endpoints: tuple[str, ...] | list[str], curve: bool, insecure: bool,
+                    log: Any) -> None:
+    """tcp reaches other hosts: refuse it without CURVE unless the operator said --insecure
+    (then warn once). ipc and inproc stay local (ipc in a private directory)."""
+    tcp = [e for e in endpoints if e.startswith("tcp://")]
+    if not tcp or curve:
+        return
+    if not insecure:
+        raise InsecureError(f"{', '.join(tcp)}: tcp without CURVE keys reaches anyone on the "
+                            "network; give --keys DIR (zeroserve keys generate), or "
+                            "--insecure to run it open anyway")
+    log.warning("INSECURE: %s without CURVE: any host that reaches it is trusted",
+                ", ".join(tcp))
 
 
 class PrivateDirError(RuntimeError):

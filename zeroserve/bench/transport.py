@@ -5,6 +5,9 @@ One run, the same echo worker program and the same raw-DEALER client on every pa
   direct  client DEALER bound, the worker's DEALER connected to it: no hop in between
   proxy   a zmq.proxy C device (ROUTER front, DEALER back): the floor for any broker
   broker  the zeroserve broker
+With --curve, two more over tcp on loopback: `tcp` (the broker with --insecure) and `curve`
+(the broker with CURVE keys for the client and the worker), so the cost of encryption and
+authentication reads as curve over tcp, like for like.
 Round trip p50/p99 one request at a time, then pipelined throughput with 64 in flight.
 """
 
@@ -27,10 +30,10 @@ ROUTE = b"bench"
 PROMPT = "x" * 100  # one whitespace token of 100 bytes: a one-chunk reply
 
 
-def _worker(backend: str, heartbeat_s: float) -> object:
+def _worker(backend: str, heartbeat_s: float, extra: tuple[str, ...] = ()) -> object:
     return spawn("worker", ["--broker", backend, "--engine", "echo", "--no-pin",
                             "--capacity", "256", "--heartbeat-interval-s", str(heartbeat_s),
-                            "--log-level", "WARNING"])
+                            "--log-level", "WARNING", *extra])
 
 
 def _measure(sock: zmq.Socket, prefix: list[bytes], rtt_n: int, tput_n: int,
@@ -85,17 +88,18 @@ def _wait_connected(sock: zmq.Socket, prefix: list[bytes]) -> None:
     raise TimeoutError("worker never answered")
 
 
-def run(rtt_n: int, tput_n: int, inflight: int) -> dict[str, float]:
+def run(rtt_n: int, tput_n: int, inflight: int, curve: bool = False) -> dict[str, float]:
     ctx = zmq.Context()
     out: dict[str, float] = {}
-    bar = tqdm(total=3 * (rtt_n + tput_n // 100), desc="bench transport", unit="req", leave=False)
+    bar = tqdm(total=(5 if curve else 3) * (rtt_n + tput_n // 100), desc="bench transport",
+               unit="req", leave=False)
     with tempfile.TemporaryDirectory(prefix="zs-bench-") as tmp:
         def path(name: str) -> str:
             return f"ipc://{tmp}/{name}"
 
         def phase(name: str, connect: Callable[[], zmq.Socket], prefix: list[bytes],
-                  backend: str, heartbeat_s: float) -> None:
-            worker = _worker(backend, heartbeat_s)
+                  backend: str, heartbeat_s: float, extra: tuple[str, ...] = ()) -> None:
+            worker = _worker(backend, heartbeat_s, extra)
             try:
                 sock = connect()
                 _wait_connected(sock, prefix)
@@ -139,11 +143,49 @@ def run(rtt_n: int, tput_n: int, inflight: int) -> dict[str, float]:
             phase("broker", via_broker, [], path("bb"), 1.0)
         finally:
             stop(broker)
+        if curve:
+            _tcp_phases(phase, ctx, f"{tmp}/keys")
     bar.close()
     ctx.destroy(linger=0)
     out["broker_over_proxy_rtt_p50"] = out["broker_rtt_us_p50"] / out["proxy_rtt_us_p50"]
     out["broker_over_proxy_msgs"] = out["broker_msgs_per_s"] / out["proxy_msgs_per_s"]
+    if curve:
+        out["curve_over_tcp_rtt_p50"] = out["curve_rtt_us_p50"] / out["tcp_rtt_us_p50"]
+        out["curve_over_tcp_msgs"] = out["curve_msgs_per_s"] / out["tcp_msgs_per_s"]
+        out["curve_over_broker_rtt_p50"] = out["curve_rtt_us_p50"] / out["broker_rtt_us_p50"]
+        out["curve_over_broker_msgs"] = out["curve_msgs_per_s"] / out["broker_msgs_per_s"]
     return out
+
+
+def _tcp_phases(phase: Callable[..., None], ctx: zmq.Context, keys_dir: str) -> None:
+    """The broker over loopback tcp, open (--insecure) and then with CURVE."""
+    from zeroserve.keys import PeerKeys, curve_client, generate
+
+    for name, role in (("broker", "broker"), ("bench", "client"), ("worker", "worker")):
+        generate(keys_dir, name, role)
+    for name, flags in (("tcp", ["--insecure"]), ("curve", ["--keys", keys_dir])):
+        front, back = f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}"
+        broker = spawn("broker", ["--frontend", front, "--backend", back, *flags,
+                                  "--log-level", "WARNING"])
+        try:
+            def connect(front: str = front, name: str = name) -> zmq.Socket:
+                s = ctx.socket(zmq.DEALER)
+                if name == "curve":
+                    curve_client(s, PeerKeys.load(keys_dir, "bench"))
+                s.connect(front)
+                return s
+
+            phase(name, connect, [], back, 1.0, tuple(flags))
+        finally:
+            stop(broker)
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _proxy(front: zmq.Socket, back: zmq.Socket) -> None:
@@ -162,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rtt-requests", type=int, default=3000)
     ap.add_argument("--throughput-requests", type=int, default=30000)
     ap.add_argument("--inflight", type=int, default=64)
+    ap.add_argument("--curve", action="store_true", help="also: tcp open vs tcp with CURVE")
     args = ap.parse_args(argv)
-    res = run(args.rtt_requests, args.throughput_requests, args.inflight)
+    res = run(args.rtt_requests, args.throughput_requests, args.inflight, args.curve)
     report(res, args.json, "zeroserve bench transport (100-byte request, one-chunk reply)")
     return 0
 

@@ -1,0 +1,87 @@
+"""`zeroserve broker`: the broker process's command line (broker.py is the broker itself).
+
+Builds the BrokerConfig from flags (CURVE keys from --keys or ZEROSERVE_KEYS), binds both
+sockets, refusing an ipc directory that is not private or tcp without CURVE unless --insecure,
+then runs until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+
+from zeroserve.broker.broker import Broker
+
+from zeroserve.config import MIB, BrokerConfig, SocketConfig, default_endpoint
+from zeroserve.keys import KeysError
+from zeroserve.logs import setup_logging
+from zeroserve.sockets import InsecureError, PrivateDirError
+
+log = logging.getLogger("zeroserve.broker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="zeroserve broker",
+                                 description="Run the broker, between clients and workers.")
+    ap.add_argument("--frontend", default=None, help="endpoint clients connect to")
+    ap.add_argument("--backend", default=None, help="endpoint workers connect to")
+    ap.add_argument("--instance", default=None, help="deployment name for default ipc paths")
+    ap.add_argument("--heartbeat-interval-s", type=float, default=1.0)
+    ap.add_argument("--heartbeat-liveness", type=int, default=3)
+    ap.add_argument("--max-queue", type=int, default=1024)
+    ap.add_argument("--max-queue-wait-ms", type=int, default=30_000)
+    ap.add_argument("--max-message-mb", type=int, default=512, help="MAXMSGSIZE of sockets")
+    ap.add_argument("--keys", default=None, help="CURVE key directory (ZEROSERVE_KEYS); "
+                                                 "peers are admitted by role")
+    ap.add_argument("--key-name", default="broker", help="this broker's keypair")
+    ap.add_argument("--insecure", action="store_true", help="allow tcp without CURVE")
+    ap.add_argument("--log-level", default="INFO")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace) -> BrokerConfig:
+    return BrokerConfig(
+        frontend=args.frontend or default_endpoint("frontend", args.instance),
+        backend=args.backend or default_endpoint("backend", args.instance),
+        heartbeat_interval_s=args.heartbeat_interval_s,
+        heartbeat_liveness=args.heartbeat_liveness,
+        max_queue=args.max_queue,
+        max_queue_wait_ms=args.max_queue_wait_ms,
+        keys_dir=args.keys or os.environ.get("ZEROSERVE_KEYS", ""),
+        key_name=args.key_name,
+        sockets=SocketConfig(max_message_bytes=args.max_message_mb * MIB,
+                             insecure=args.insecure),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, "broker")
+    try:
+        broker = Broker(config_from_args(args))
+    except KeysError as exc:
+        log.error("refusing to start: %s", exc)
+        return 2
+    signal.signal(signal.SIGTERM, broker.stop)
+    signal.signal(signal.SIGINT, broker.stop)
+    try:
+        broker.bind()
+    except (PrivateDirError, InsecureError) as exc:
+        log.error("refusing to bind: %s", exc)
+        broker.close()
+        return 2
+    from zeroserve.arena import sweep  # after bind: it imports torch, which takes seconds
+
+    for name in sweep(args.instance):
+        log.info("removed orphaned shared memory %s", name)
+    try:
+        broker.run()
+    finally:
+        broker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""CURVE + ZAP over tcp: keyed peers serve; no key, unknown keys and wrong roles are refused."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+
+import pytest
+
+from zeroserve import Client, RequestTimeoutError, UnavailableError, ZeroserveError
+from zeroserve.keys import KeysError, PeerKeys, generate
+from zeroserve.procs import spawn
+
+from .conftest import wait_for
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def keys(tmp_path):
+    d = tmp_path / "keys"
+    for name, role in (("broker", "broker"), ("alice", "client"), ("w1", "worker"),
+                       ("w2", "worker"), ("ops", "admin")):
+        generate(d, name, role)
+    generate(tmp_path / "other", "mallory", "client")
+    generate(tmp_path / "other", "fake-broker", "broker")
+    return d
+
+
+def test_keys_layout_and_refusals(keys, tmp_path) -> None:
+    assert (keys / "public" / "client" / "alice.key").is_file()
+    secret = keys / "secret" / "alice.key_secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert (keys / "secret").stat().st_mode & 0o777 == 0o700
+    alice = PeerKeys.load(keys, "alice")
+    assert alice.broker == PeerKeys.load(keys, "broker").public != alice.public
+    with pytest.raises(KeysError, match="exists"):
+        generate(keys, "alice", "client")
+    with pytest.raises(KeysError, match="broker key already"):
+        generate(keys, "second-broker", "broker")
+    secret.chmod(0o644)
+    with pytest.raises(KeysError, match="readable by others"):
+        PeerKeys.load(keys, "alice")
+
+
+def test_curve_fabric_on_distinct_loopback_hosts(pipeline, keys, tmp_path) -> None:
+    front, back = f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}"
+    pipeline.start_broker("--frontend", front, "--backend", back, "--keys", str(keys))
+    # two workers on "other hosts": their connections come from 127.0.0.2 and 127.0.0.3
+    for name, src in (("w1", "127.0.0.2"), ("w2", "127.0.0.3")):
+        pipeline.start_worker(name, "--broker", f"tcp://{src}:0;{back[6:]}", "--keys",
+                              str(keys), "--key-name", name)
+    # a client key used as a worker: refused at the handshake, never registered
+    pipeline.start_worker("imposter", "--broker", back, "--keys", str(keys),
+                          "--key-name", "alice")
+    with Client(front, keys=PeerKeys.load(keys, "alice"), heartbeat_interval_s=0.25) as c:
+        rows = wait_for(lambda: _workers(c, 2), 60)
+        assert rows, pipeline.dump_logs()
+        assert sorted(r["worker_id"] for r in rows) == ["w1", "w2"]
+        assert [c.generate("echo", f"hi {i}", timeout_s=10).text for i in range(4)] == [
+            f"hi {i}" for i in range(4)]
+        time.sleep(1.0)
+        assert sorted(w["worker_id"] for w in c.workers()) == ["w1", "w2"]
+    refused = {
+        "no key": dict(insecure=True),
+        "unknown key": dict(keys=PeerKeys.load(tmp_path / "other", "mallory")),
+        "a worker key as a client": dict(keys=PeerKeys.load(keys, "w1")),
+    }
+    for why, kw in refused.items():
+        with Client(front, heartbeat_interval_s=0.1, **kw) as c:  # type: ignore[arg-type]
+            with pytest.raises((UnavailableError, RequestTimeoutError)):  # nothing answers
+                c.generate("echo", "let me in", timeout_s=3)
+            print("refused:", why)
+    assert pipeline.broker.poll() is None
+
+
+def _workers(c: Client, n: int) -> list:
+    try:
+        rows = c.workers()
+    except ZeroserveError:  # the broker is still starting
+        return []
+    return rows if len(rows) >= n else []
+
+
+def test_tcp_without_curve_needs_insecure(tmp_ipc) -> None:
+    args = ["--frontend", f"tcp://127.0.0.1:{_port()}", "--backend", f"tcp://127.0.0.1:{_port()}"]
+    proc = spawn("broker", args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and b"without CURVE" in out and b"Traceback" not in out
+    proc = spawn("broker", [*args, "--insecure"], stdout=subprocess.PIPE,
+                 stderr=subprocess.STDOUT)
+    try:
+        assert b"INSECURE" in proc.stdout.readline() + proc.stdout.readline()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    with pytest.raises(Exception, match="without CURVE"):
+        Client(f"tcp://127.0.0.1:{_port()}")

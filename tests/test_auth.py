@@ -10,7 +10,7 @@ import pytest
 
 from zeroserve import Client, RequestTimeoutError, UnavailableError, ZeroserveError
 from zeroserve.keys import KeysError, PeerKeys, generate
-from zeroserve.procs import spawn
+from zeroserve.procs import spawn, stop
 
 from .conftest import wait_for
 
@@ -97,7 +97,6 @@ def test_tcp_without_curve_needs_insecure(tmp_ipc) -> None:
     try:
         assert b"INSECURE" in proc.stdout.readline() + proc.stdout.readline()
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc)  # SIGTERM, then SIGKILL if it will not go
     with pytest.raises(Exception, match="without CURVE"):
         Client(f"tcp://127.0.0.1:{_port()}")

@@ -52,6 +52,12 @@ def stop_on_signals() -> Callable[[], bool]:
     return lambda: flag["stop"]
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit, so `finally` blocks reap the children a command started
+    (by default a SIGTERM ends Python at once and leaves them running)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def stop_all(procs: Sequence[subprocess.Popen], timeout_s: float = 10.0) -> None:
     """Workers first, then the rest, so in-flight requests can still be answered."""
     for proc in procs:

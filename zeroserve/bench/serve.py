@@ -39,7 +39,7 @@ from typing import Any
 from zeroserve.bench import baselines
 from zeroserve.bench.drivers import drive_http, drive_sdk, idle_ttft, summarize
 from zeroserve.bench.stats import report
-from zeroserve.procs import spawn, stop_all
+from zeroserve.procs import exit_on_sigterm, spawn, stop_all
 
 
 def make_workload(n: int, tokenizer: Any, seed: int = 0,
@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="alternate the served run and the in-process engine this many times")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    exit_on_sigterm()  # a benchmark killed by `timeout` still stops its pipeline
     via = args.via or ["sdk"]
     args.max_model_len = args.max_model_len or (2048 if args.workload == "shared-prefix"
                                                 else 512)

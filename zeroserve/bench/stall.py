@@ -18,7 +18,7 @@ import time
 
 from zeroserve.bench.stats import percentile, report
 from zeroserve.errors import BadRequestError
-from zeroserve.procs import spawn, stop_all
+from zeroserve.procs import exit_on_sigterm, spawn, stop_all
 
 
 async def one_round(endpoint: str, streams: int, max_tokens: int, big_chars: int
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big-chars", type=int, default=200_000)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    exit_on_sigterm()  # a benchmark killed by `timeout` still stops its pipeline
 
     from zeroserve.models import resolve
     from zeroserve.up import wait_ready

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 
 from zeroserve.broker.broker import Broker
 
 from zeroserve.config import MIB, BrokerConfig, SocketConfig, default_endpoint
-from zeroserve.keys import KeysError
+from zeroserve.keys import KeysError, keys_dir
+from zeroserve.keys import add_arguments as add_key_arguments
 from zeroserve.logs import setup_logging
 from zeroserve.sockets import InsecureError, PrivateDirError
 
@@ -33,10 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-queue", type=int, default=1024)
     ap.add_argument("--max-queue-wait-ms", type=int, default=30_000)
     ap.add_argument("--max-message-mb", type=int, default=512, help="MAXMSGSIZE of sockets")
-    ap.add_argument("--keys", default=None, help="CURVE key directory (ZEROSERVE_KEYS); "
-                                                 "peers are admitted by role")
-    ap.add_argument("--key-name", default="broker", help="this broker's keypair")
-    ap.add_argument("--insecure", action="store_true", help="allow tcp without CURVE")
+    add_key_arguments(ap, "broker")
     ap.add_argument("--log-level", default="INFO")
     return ap
 
@@ -49,7 +46,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         heartbeat_liveness=args.heartbeat_liveness,
         max_queue=args.max_queue,
         max_queue_wait_ms=args.max_queue_wait_ms,
-        keys_dir=args.keys or os.environ.get("ZEROSERVE_KEYS", ""),
+        keys_dir=keys_dir(args),
         key_name=args.key_name,
         sockets=SocketConfig(max_message_bytes=args.max_message_mb * MIB,
                              insecure=args.insecure),

@@ -12,6 +12,8 @@ import json
 import os
 
 from zeroserve.config import GatewayConfig, default_endpoint
+from zeroserve.keys import add_arguments as add_key_arguments
+from zeroserve.keys import keys_dir
 from zeroserve.logs import setup_logging
 
 ENV_CONFIG = "ZEROSERVE_GATEWAY_CONFIG"
@@ -31,9 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-ttl-s", type=float, default=300.0)
     ap.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     ap.add_argument("--request-timeout-s", type=float, default=600.0)
-    ap.add_argument("--keys", default=None, help="CURVE key directory (ZEROSERVE_KEYS)")
-    ap.add_argument("--key-name", default="gateway", help="the gateway's (client) keypair")
-    ap.add_argument("--insecure", action="store_true", help="allow tcp without CURVE")
+    add_key_arguments(ap, "gateway")  # a client key
     ap.add_argument("--log-level", default="INFO")
     return ap
 
@@ -45,7 +45,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         api_keys_file=args.api_keys_file, rate_rps=args.rate_rps, rate_tpm=args.rate_tpm,
         cache_bytes=args.cache_mb * 1024 * 1024, cache_ttl_s=args.cache_ttl_s,
         max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout_s,
-        keys_dir=args.keys or os.environ.get("ZEROSERVE_KEYS", ""), key_name=args.key_name,
+        keys_dir=keys_dir(args), key_name=args.key_name,
         insecure=args.insecure,
     )
 

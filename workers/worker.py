@@ -13,7 +13,8 @@ import os
 from zeroserve.workers import pinning
 
 from zeroserve.config import MIB, SocketConfig, WorkerConfig, default_endpoint
-from zeroserve.keys import KeysError, PeerKeys
+from zeroserve.keys import KeysError, PeerKeys, keys_dir
+from zeroserve.keys import add_arguments as add_key_arguments
 from zeroserve.logs import setup_logging
 from zeroserve.sockets import InsecureError, PrivateDirError, check_transport, private_ipc
 
@@ -49,9 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--check-blocks", action="store_true",
                     help="debug: assert the KV block accounting after every step")
     ap.add_argument("--max-message-mb", type=int, default=512, help="MAXMSGSIZE of sockets")
-    ap.add_argument("--keys", default=None, help="CURVE key directory (ZEROSERVE_KEYS)")
-    ap.add_argument("--key-name", default="worker", help="this worker's keypair")
-    ap.add_argument("--insecure", action="store_true", help="allow tcp without CURVE")
+    add_key_arguments(ap, "worker")
     ap.add_argument("--heartbeat-interval-s", type=float, default=1.0)
     ap.add_argument("--heartbeat-liveness", type=int, default=3)
     ap.add_argument("--run-dir", default="", help="count starts of this slot here (ops)")
@@ -116,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_pin:
         pinning.pin(cpus)
     log.info("pinned to cpus %s (slot %d of %d)", ",".join(map(str, cpus)), args.slot, args.slots)
-    keys_dir = args.keys or os.environ.get("ZEROSERVE_KEYS", "")
+    keys = keys_dir(args)
     try:  # before minutes of model loading: never register with (or serve) a squatter
-        curve = PeerKeys.load(keys_dir, args.key_name) if keys_dir else None
+        curve = PeerKeys.load(keys, args.key_name) if keys else None
         cfg = config_from_args(args, cpus, curve)
         check_transport([cfg.broker], curve is not None, args.insecure, log)
         private_ipc(cfg.broker)

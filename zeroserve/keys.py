@@ -98,6 +98,18 @@ def generate(directory: str | os.PathLike[str], name: str, role: str) -> tuple[P
     return public_dir / f"{name}.key", Path(secret_file)
 
 
+def add_arguments(ap: argparse.ArgumentParser, key_name: str) -> None:
+    """--keys, --key-name and --insecure: the same three flags on every process."""
+    ap.add_argument("--keys", default=None,
+                    help="CURVE key directory (default: ZEROSERVE_KEYS; none: no CURVE)")
+    ap.add_argument("--key-name", default=key_name, help="this process's keypair")
+    ap.add_argument("--insecure", action="store_true", help="allow tcp without CURVE")
+
+
+def keys_dir(args: argparse.Namespace) -> str:
+    return args.keys or os.environ.get("ZEROSERVE_KEYS", "")
+
+
 def curve_client(sock: zmq.Socket, keys: PeerKeys) -> None:
     sock.curve_publickey = keys.public
     sock.curve_secretkey = keys.secret

@@ -117,7 +117,7 @@ def test_text_work_runs_beside_the_engine_and_honours_cancels(pipeline, tiny_mod
                        worker_id="w", max_num_seqs=8, max_model_len=256, dtype="float32",
                        heartbeat_interval_s=0.25)
     engine = LLMEngine.from_config(cfg)
-    gates = {"BIG": threading.Event(), "STALL": threading.Event()}
+    gates = {"BIG": threading.Event(), "STALL": threading.Event(), "HOLD": threading.Event()}
     real_prepare = engine.prepare
 
     def prepare(body):  # text work that lasts until the test says so
@@ -156,6 +156,15 @@ def test_text_work_runs_beside_the_engine_and_honours_cancels(pipeline, tiny_mod
                 stalled.result(10)
             assert wait_for(lambda: c.workers()[0]["in_flight"] == 0, 5)
             assert not engine.seqs and not worker.preparing and not worker.cancelled_early
+
+            held = c.submit(model, "HOLD on", max_tokens=3, ignore_eos=True)
+            assert wait_for(lambda: worker.preparing, 5)
+            worker.drain()  # SIGTERM while a request is still being prepared: it is not lost
+            time.sleep(0.3)
+            gates["HOLD"].set()
+            assert len(held.result(10).token_ids) == 3
+            runner.join(10)
+            assert not runner.is_alive()
     finally:
         for gate in gates.values():
             gate.set()

@@ -128,14 +128,14 @@ class Worker:
         try:
             item = self.inbox.get(timeout=0.1) if block else self.inbox.get_nowait()
         except queue.Empty:
-            return not (self.draining and not self.engine.has_work())
+            return not (self.draining and not self.engine.has_work() and not self.preparing)
         while True:
             self._apply(item)
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 break
-        return not (self.draining and not self.engine.has_work())
+        return not (self.draining and not self.engine.has_work() and not self.preparing)
 
     def _apply(self, item: tuple[Any, ...]) -> None:
         kind = item[0]

@@ -3,8 +3,9 @@
 Binds:
     frontend  ROUTER  clients and gateways connect DEALER sockets here.
     backend   ROUTER  workers connect DEALER sockets here.
+    admin     ROUTER  operators' tools connect here for state-changing ADMIN ops (admin.py).
 
-Frontend in:  REQUEST, CANCEL, HEARTBEAT, DISCONNECT, ADMIN {op: workers | drain | stats}
+Frontend in:  REQUEST, CANCEL, HEARTBEAT, DISCONNECT, ADMIN {op: workers | stats} (read-only)
 Frontend out: CHUNK, END, ERROR (request-scoped), HEARTBEAT (echo of the client's)
 Backend in:   READY, HEARTBEAT, CHUNK, END, ERROR, DRAIN (worker's own SIGTERM), DISCONNECT
 Backend out:  REQUEST, CANCEL, HEARTBEAT, DRAIN, DISCONNECT (each behind a route frame)
@@ -13,8 +14,7 @@ Each REQUEST goes to the live worker that serves its model with the most free cr
 credit anywhere it waits in a bounded queue (full or too old: BUSY). A worker that goes silent
 for heartbeat_interval_s x heartbeat_liveness is purged: its unstarted jobs are requeued once,
 the others fail with WORKER_LOST. A malformed frame gets an ERROR back and one log line.
-With CURVE keys (auth.py) both sockets admit peers by public key and role. The command line
-is cli.py.
+With CURVE keys (auth.py) each socket admits peers by public key and role; cli.py is the CLI.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 import zmq
+from zeroserve.broker import admin
 from zeroserve.broker.table import Job, Table, WorkerState
 
 from zeroserve import protocol as p
@@ -47,11 +48,13 @@ class Broker:
         self.clients: dict[bytes, float] = {}  # client identity -> last time heard from
         self.frontend = make_socket(self.ctx, zmq.ROUTER, cfg.sockets, router_mandatory=True)
         self.backend = make_socket(self.ctx, zmq.ROUTER, cfg.sockets, router_mandatory=True)
+        self.admin = make_socket(self.ctx, zmq.ROUTER, cfg.sockets, router_mandatory=True)
         self.auth = None
         if cfg.keys_dir:
             from zeroserve.broker.auth import secure
 
-            self.auth = secure(self.ctx, cfg.keys_dir, cfg.key_name, self.frontend, self.backend)
+            self.auth = secure(self.ctx, cfg.keys_dir, cfg.key_name, self.frontend, self.backend,
+                               self.admin)
         self.bad_frames = RateLimitedLog(log)
         self.running = True  # until stop(): a SIGTERM during start-up is not lost
         self.counts = {"requests": 0, "busy": 0, "lost": 0, "bad_frames": 0}
@@ -60,13 +63,15 @@ class Broker:
     # -- lifecycle -----------------------------------------------------------------------
 
     def bind(self) -> None:
-        check_transport([self.cfg.frontend, self.cfg.backend], self.auth is not None,
+        endpoints = ((self.frontend, self.cfg.frontend), (self.backend, self.cfg.backend),
+                     (self.admin, self.cfg.admin))
+        check_transport([e for _, e in endpoints], self.auth is not None,
                         self.cfg.sockets.insecure, log)
-        for sock, endpoint in ((self.frontend, self.cfg.frontend),
-                               (self.backend, self.cfg.backend)):
+        for sock, endpoint in endpoints:
             private_ipc(endpoint)
             sock.bind(endpoint)
-        log.info("broker bound frontend=%s backend=%s", self.cfg.frontend, self.cfg.backend)
+        log.info("broker bound frontend=%s backend=%s admin=%s", self.cfg.frontend,
+                 self.cfg.backend, self.cfg.admin)
 
     def stop(self, *_: Any) -> None:
         self.running = False
@@ -78,6 +83,7 @@ class Broker:
             self._reply_error(job, p.UNAVAILABLE, "broker stopping")
         self.frontend.close(0)
         self.backend.close(0)
+        self.admin.close(0)
         if self.auth is not None:
             self.auth.stop()
         log.info("broker stopped: %s", self.counts)
@@ -86,6 +92,7 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
+        poller.register(self.admin, zmq.POLLIN)
         while self.running:
             timeout_ms = max(0.0, min(self._next_deadline() - time.monotonic(), 0.2)) * 1000
             events = dict(poller.poll(timeout_ms))
@@ -93,6 +100,8 @@ class Broker:
                 self._drain(self.backend, self._on_backend)
             if self.frontend in events:
                 self._drain(self.frontend, self._on_frontend)
+            if self.admin in events:
+                self._drain(self.admin, lambda frames: admin.on_admin_socket(self, frames))
             self._on_timers(time.monotonic())
 
     def _drain(self, sock: zmq.Socket, handler: Any) -> None:
@@ -180,27 +189,18 @@ class Broker:
                 self.table.jobs.pop(job.key, None)
 
     def _on_admin(self, client: bytes, msg: p.Message) -> None:
-        rid, op = msg.header["id"], msg.header.get("op")
-        now = time.time()
-        if op == "workers":
-            result: Any = {
-                "workers": [w.row(now) for w in self.table.workers.values()],
-                **self.table.stats(),
-            }
-        elif op == "stats":
-            result = {**self.table.stats(), **self.counts}
-        elif op == "drain":
-            worker = self.table.find_by_id(str(msg.header.get("worker_id")))
-            if worker is None:
-                self._send_client(client, p.error(rid, p.BAD_REQUEST, "no such worker"))
-                return
-            self._send_worker(worker, NO_ROUTE, p.encode(p.DRAIN, {}))
-            self._drain_worker(worker, "admin request")
-            result = worker.row(now)
-        else:
-            self._send_client(client, p.error(rid, p.BAD_REQUEST, f"unknown admin op {op!r}"))
-            return
-        self._send_client(client, p.end(rid, result))
+        result, error = admin.run_op(self, msg, privileged=False)
+        rid = msg.header["id"]
+        self._send_client(client, p.error(rid, p.BAD_REQUEST, error) if error
+                          else p.end(rid, result))
+
+    def drain(self, worker: WorkerState, why: str) -> None:
+        self._send_worker(worker, NO_ROUTE, p.encode(p.DRAIN, {}))
+        self._drain_worker(worker, why)
+
+    def send_admin(self, peer: bytes, frames: list) -> None:
+        with contextlib.suppress(zmq.ZMQError):  # an admin that left needs no answer
+            self.admin.send_multipart([peer, *frames], zmq.NOBLOCK)
 
     # -- backend: workers ----------------------------------------------------------------
 

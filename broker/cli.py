@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Run the broker, between clients and workers.")
     ap.add_argument("--frontend", default=None, help="endpoint clients connect to")
     ap.add_argument("--backend", default=None, help="endpoint workers connect to")
+    ap.add_argument("--admin", default=None, help="endpoint for state-changing ADMIN ops")
     ap.add_argument("--instance", default=None, help="deployment name for default ipc paths")
     ap.add_argument("--heartbeat-interval-s", type=float, default=1.0)
     ap.add_argument("--heartbeat-liveness", type=int, default=3)
@@ -42,6 +43,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
     return BrokerConfig(
         frontend=args.frontend or default_endpoint("frontend", args.instance),
         backend=args.backend or default_endpoint("backend", args.instance),
+        admin=args.admin or default_endpoint("admin", args.instance),
         heartbeat_interval_s=args.heartbeat_interval_s,
         heartbeat_liveness=args.heartbeat_liveness,
         max_queue=args.max_queue,

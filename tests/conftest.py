@@ -23,6 +23,7 @@ class Pipeline:
         self.root = root
         self.frontend = f"ipc://{root}/frontend.sock"
         self.backend = f"ipc://{root}/backend.sock"
+        self.admin = f"ipc://{root}/admin.sock"
         self.broker: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
         self.procs: list[subprocess.Popen] = []
@@ -38,7 +39,7 @@ class Pipeline:
 
     def start_broker(self, *args: str) -> subprocess.Popen:
         self.broker = self._spawn("broker", "broker", [
-            "--frontend", self.frontend, "--backend", self.backend,
+            "--frontend", self.frontend, "--backend", self.backend, "--admin", self.admin,
             "--heartbeat-interval-s", "0.25", *args])
         return self.broker
 

@@ -8,7 +8,13 @@ import time
 
 import pytest
 
-from zeroserve import Client, RequestTimeoutError, UnavailableError, ZeroserveError
+from zeroserve import (
+    BadRequestError,
+    Client,
+    RequestTimeoutError,
+    UnavailableError,
+    ZeroserveError,
+)
 from zeroserve.keys import KeysError, PeerKeys, generate
 from zeroserve.procs import spawn, stop
 
@@ -50,7 +56,9 @@ def test_keys_layout_and_refusals(keys, tmp_path) -> None:
 
 def test_curve_fabric_on_distinct_loopback_hosts(pipeline, keys, tmp_path) -> None:
     front, back = f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}"
-    pipeline.start_broker("--frontend", front, "--backend", back, "--keys", str(keys))
+    admin = f"tcp://127.0.0.1:{_port()}"
+    pipeline.start_broker("--frontend", front, "--backend", back, "--admin", admin,
+                          "--keys", str(keys))
     # two workers on "other hosts": their connections come from 127.0.0.2 and 127.0.0.3
     for name, src in (("w1", "127.0.0.2"), ("w2", "127.0.0.3")):
         pipeline.start_worker(name, "--broker", f"tcp://{src}:0;{back[6:]}", "--keys",
@@ -66,6 +74,17 @@ def test_curve_fabric_on_distinct_loopback_hosts(pipeline, keys, tmp_path) -> No
             f"hi {i}" for i in range(4)]
         time.sleep(1.0)
         assert sorted(w["worker_id"] for w in c.workers()) == ["w1", "w2"]
+    ops_keys, alice_keys = PeerKeys.load(keys, "ops"), PeerKeys.load(keys, "alice")
+    with (Client(front, keys=ops_keys, heartbeat_interval_s=0.25) as ops,
+          pytest.raises(BadRequestError, match="admin endpoint")):  # not on the frontend
+        ops.admin("drain", worker_id="w2")
+    with (Client(admin, keys=alice_keys, heartbeat_interval_s=0.1) as alice,
+          pytest.raises((UnavailableError, RequestTimeoutError))):  # a client key: refused
+        alice.admin("drain", worker_id="w2", timeout_s=3)
+    with Client(admin, keys=PeerKeys.load(keys, "ops"), heartbeat_interval_s=0.25) as ops:
+        assert ops.admin("drain", worker_id="w2", timeout_s=10)["draining"] is True
+    with Client(front, keys=PeerKeys.load(keys, "alice"), heartbeat_interval_s=0.25) as c:
+        assert wait_for(lambda: [w["worker_id"] for w in _workers(c, 1)] == ["w1"], 20)
     refused = {
         "no key": dict(insecure=True),
         "unknown key": dict(keys=PeerKeys.load(tmp_path / "other", "mallory")),

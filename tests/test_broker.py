@@ -12,7 +12,14 @@ import pytest
 import zmq
 from zeroserve.broker.table import Job, Table
 
-from zeroserve import AsyncClient, BusyError, UnknownModelError, WorkerLostError
+from zeroserve import (
+    AsyncClient,
+    BadRequestError,
+    BusyError,
+    Client,
+    UnknownModelError,
+    WorkerLostError,
+)
 from zeroserve import protocol as p
 
 from .conftest import wait_for
@@ -268,7 +275,11 @@ def test_admin_drain_finishes_in_flight_then_worker_exits(pipeline) -> None:
         h = c.submit("echo", " ".join(["t"] * 20))
         chunks = h.chunks(10)
         first = next(chunks)
-        row = c.admin("drain", worker_id="a")
+        with pytest.raises(BadRequestError, match="admin endpoint"):
+            c.admin("drain", worker_id="a")  # any client reaches the frontend: refused there
+        assert c.workers()[0]["draining"] is False
+        with Client(pipeline.admin, heartbeat_interval_s=0.25) as admin:
+            row = admin.admin("drain", worker_id="a")
         assert row["draining"] is True
         rest = [i for ch in chunks for i in ch.token_ids]
         assert first.token_ids + rest == list(range(20))  # in-flight work finished

@@ -29,7 +29,7 @@ def runtime_dir(instance: str | None = None) -> str:
 
 
 def default_endpoint(role: str, instance: str | None = None) -> str:
-    """ipc endpoint for a role ("frontend" or "backend") of one deployment."""
+    """ipc endpoint for a role ("frontend", "backend" or "admin") of one deployment."""
     return f"ipc://{runtime_dir(instance)}/{role}.sock"
 
 
@@ -48,6 +48,7 @@ class SocketConfig:
 class BrokerConfig:
     frontend: str
     backend: str
+    admin: str  # state-changing ADMIN ops are accepted only here
     heartbeat_interval_s: float = 1.0
     heartbeat_liveness: int = 3
     max_queue: int = 1024

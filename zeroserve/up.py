@@ -117,7 +117,8 @@ Or from Python:
     finally:
         log.info("stopping %d processes", len(procs))
         stop_all(procs)
-        for endpoint in (frontend, backend):  # a broker that was killed leaves its files
+        admin = default_endpoint("admin", args.instance)
+        for endpoint in (frontend, backend, admin):  # a broker that was killed leaves its files
             if endpoint.startswith("ipc://"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(endpoint[len("ipc://"):])

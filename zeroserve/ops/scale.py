@@ -2,14 +2,17 @@
 
 Up: start the lowest stopped slots until N are up. Down: pick the highest running slots, ask
 the broker to DRAIN each (no new work; in-flight requests finish; the worker then leaves and
-exits 0), wait until the broker no longer lists them, then stop them in supervisord. Workers
-that are not chosen are never touched. Running it twice with the same N changes nothing.
+exits 0), wait until the broker no longer lists them, then stop them in supervisord. A drain
+goes to the broker's admin endpoint (ZEROSERVE_ADMIN, else admin.sock in the run dir): the
+frontend refuses it. Workers that are not chosen are never touched. Running it twice with the
+same N changes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from typing import Any
 
@@ -35,17 +38,22 @@ def scale(rpc: Any, client: Client, target: int, drain_timeout_s: float = 120.0,
         _wait_registered(client, [f"worker-{n}" for n in started], start_timeout_s)
     elif len(up) > target:
         victims = sorted(up, key=lambda s: s.slot)[target:]
-        for slot in victims:
-            log.info("draining slot %d", slot.slot)
-            try:
-                client.admin("drain", worker_id=f"worker-{slot.slot}")
-            except Exception as exc:  # not registered (e.g. still loading): just stop it
-                log.info("slot %d not draining (%s): stopping it", slot.slot, exc)
+        with Client(admin_endpoint()) as admin:
+            for slot in victims:
+                log.info("draining slot %d", slot.slot)
+                try:
+                    admin.admin("drain", worker_id=f"worker-{slot.slot}")
+                except Exception as exc:  # not registered (e.g. still loading): just stop it
+                    log.info("slot %d not draining (%s): stopping it", slot.slot, exc)
         _wait_gone(client, [f"worker-{s.slot}" for s in victims], drain_timeout_s)
         for slot in victims:
             _stop(rpc, slot.name)
             stopped.append(slot.slot)
     return {"started": started, "stopped": stopped}
+
+
+def admin_endpoint() -> str:
+    return os.environ.get("ZEROSERVE_ADMIN") or f"ipc://{supervisor.run_dir()}/admin.sock"
 
 
 def _registered(client: Client) -> set[str]:

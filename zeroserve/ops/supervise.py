@@ -27,6 +27,7 @@ def environment(run_dir: str | None = None) -> dict[str, str]:
         "ZEROSERVE_USER": getpass.getuser(),
         "ZEROSERVE_FRONTEND": f"ipc://{run}/frontend.sock",
         "ZEROSERVE_BACKEND": f"ipc://{run}/backend.sock",
+        "ZEROSERVE_ADMIN": f"ipc://{run}/admin.sock",
         "ZEROSERVE_ENGINE": "llm",
         "ZEROSERVE_MODEL": "tiny",
         "ZEROSERVE_SERVED_NAME": "",

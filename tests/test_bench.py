@@ -10,9 +10,16 @@ import pytest
 
 
 def bench(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "zeroserve.cli", "bench", *args, "--json"],
-                         capture_output=True, text=True, timeout=240, check=True)
-    return json.loads(out.stdout)
+    proc = subprocess.Popen([sys.executable, "-m", "zeroserve.cli", "bench", *args, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # SIGTERM: the bench then stops the pipeline it started
+            proc.terminate()
+            proc.wait(30)
+    assert proc.returncode == 0
+    return json.loads(out)
 
 
 @pytest.mark.timeout(300)

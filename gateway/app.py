@@ -188,7 +188,7 @@ def create_app(cfg: GatewayConfig) -> Any:
         assert gw.client is not None
         try:
             handle = await gw.client.submit(req.model, request_id=gw.request_id(request),
-                                            input=texts, reply="shm")
+                                            input=texts, **gw.client.tensors.domain)
             result = await _unless_disconnected(request, handle, handle.result())
             emb = gw.client.tensors.outputs(result, copy=True)["embeddings"]
         except errors.ZeroserveError as exc:

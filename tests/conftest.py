@@ -29,11 +29,12 @@ class Pipeline:
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
 
-    def _spawn(self, role: str, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, role: str, name: str, args: list[str],
+               wrap: tuple[str, ...] = ()) -> subprocess.Popen:
         log = self.root / f"{name}-{uuid.uuid4().hex[:6]}.log"
         self.logs.append(log)
         with open(log, "wb") as fh:
-            proc = spawn(role, args, stdout=fh, stderr=subprocess.STDOUT)
+            proc = spawn(role, args, wrap=wrap, stdout=fh, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
 
@@ -43,10 +44,11 @@ class Pipeline:
             "--heartbeat-interval-s", "0.25", *args])
         return self.broker
 
-    def start_worker(self, worker_id: str, *args: str, engine: str = "echo") -> subprocess.Popen:
+    def start_worker(self, worker_id: str, *args: str, engine: str = "echo",
+                     wrap: tuple[str, ...] = ()) -> subprocess.Popen:
         proc = self._spawn("worker", worker_id, [
             "--broker", self.backend, "--engine", engine, "--worker-id", worker_id,
-            "--heartbeat-interval-s", "0.25", "--no-pin", *args])
+            "--heartbeat-interval-s", "0.25", "--no-pin", *args], wrap)
         self.workers[worker_id] = proc
         return proc
 

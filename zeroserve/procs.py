@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 
 
 def spawn(role: str, args: Sequence[str], env: dict[str, str] | None = None,
-          **popen: object) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "zeroserve.cli", role, *args]
+          wrap: Sequence[str] = (), **popen: object) -> subprocess.Popen:
+    """`zeroserve ROLE ARGS` in its own session, run under `wrap` (e.g. numactl) if given."""
+    cmd = [*wrap, sys.executable, "-m", "zeroserve.cli", role, *args]
     return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True,
                             **popen)  # type: ignore[call-overload]
 

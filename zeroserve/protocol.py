@@ -74,8 +74,10 @@ TIMEOUT = "TIMEOUT"
 CANCELLED = "CANCELLED"
 INTERNAL = "INTERNAL"
 UNAVAILABLE = "UNAVAILABLE"
+SHM_UNREACHABLE = "SHM_UNREACHABLE"  # the worker cannot map the sender's /dev/shm: send frames
 ERROR_CODES = (
     BAD_REQUEST, BUSY, UNKNOWN_MODEL, WORKER_LOST, TIMEOUT, CANCELLED, INTERNAL, UNAVAILABLE,
+    SHM_UNREACHABLE,
 )
 
 # Limits for decoding untrusted msgpack: a header is small, a body may hold long prompts.

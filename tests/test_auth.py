@@ -6,6 +6,7 @@ import socket
 import subprocess
 import time
 
+import httpx
 import pytest
 
 from zeroserve import (
@@ -19,6 +20,7 @@ from zeroserve.keys import KeysError, PeerKeys, generate
 from zeroserve.procs import spawn, stop
 
 from .conftest import wait_for
+from .test_gateway import start_gateway
 
 
 def _port() -> int:
@@ -31,7 +33,7 @@ def _port() -> int:
 def keys(tmp_path):
     d = tmp_path / "keys"
     for name, role in (("broker", "broker"), ("alice", "client"), ("w1", "worker"),
-                       ("w2", "worker"), ("ops", "admin")):
+                       ("w2", "worker"), ("ops", "admin"), ("gateway", "client")):
         generate(d, name, role)
     generate(tmp_path / "other", "mallory", "client")
     generate(tmp_path / "other", "fake-broker", "broker")
@@ -74,6 +76,12 @@ def test_curve_fabric_on_distinct_loopback_hosts(pipeline, keys, tmp_path) -> No
             f"hi {i}" for i in range(4)]
         time.sleep(1.0)
         assert sorted(w["worker_id"] for w in c.workers()) == ["w1", "w2"]
+    # the gateway is one more keyed client; HTTP callers reach the workers through it
+    url = start_gateway(pipeline, "--keys", str(keys), "--key-name", "gateway", broker=front)
+    res = httpx.post(f"{url}/v1/completions", json={"model": "echo", "prompt": "over curve",
+                                                     "max_tokens": 8}, timeout=10)
+    assert res.status_code == 200, res.text
+    assert res.json()["choices"][0]["text"] == "over curve"
     ops_keys, alice_keys = PeerKeys.load(keys, "ops"), PeerKeys.load(keys, "alice")
     with (Client(front, keys=ops_keys, heartbeat_interval_s=0.25) as ops,
           pytest.raises(BadRequestError, match="admin endpoint")):  # not on the frontend

@@ -39,3 +39,12 @@ def test_bench_stall_reports_both_rounds(tiny_model):
                 "--big-chars", "20000")
     assert res["quiet_itl_ms_p50"] > 0 and res["big_itl_ms_p99"] > 0
     assert res["big_prompt_answered_ms"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_bench_transport_curve_reports_both_sides():
+    res = bench("transport", "--curve", "--rtt-requests", "200", "--throughput-requests",
+                "2000")
+    for path in ("direct", "proxy", "broker", "tcp", "curve"):
+        assert res[f"{path}_rtt_us_p50"] > 0 and res[f"{path}_msgs_per_s"] > 0, path
+    assert res["curve_over_tcp_rtt_p50"] > 0 and res["curve_over_tcp_msgs"] > 0

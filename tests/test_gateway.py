@@ -31,10 +31,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gateway(pipe: Pipeline, *args: str) -> str:
+def start_gateway(pipe: Pipeline, *args: str, broker: str | None = None) -> str:
     port = free_port()
-    pipe._spawn("gateway", f"gateway-{port}", ["--broker", pipe.frontend, "--port", str(port),
-                                               *args])
+    pipe._spawn("gateway", f"gateway-{port}", ["--broker", broker or pipe.frontend,
+                                               "--port", str(port), *args])
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:

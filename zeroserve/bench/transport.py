@@ -6,8 +6,9 @@ One run, the same echo worker program and the same raw-DEALER client on every pa
   proxy   a zmq.proxy C device (ROUTER front, DEALER back): the floor for any broker
   broker  the zeroserve broker
 With --curve, two more over tcp on loopback: `tcp` (the broker with --insecure) and `curve`
-(the broker with CURVE keys for the client and the worker), so the cost of encryption and
-authentication reads as curve over tcp, like for like.
+(the broker with CURVE keys for the client and the worker), both up at once and measured in
+alternating rounds, so the cost of encryption and authentication reads as curve over tcp, like
+for like.
 Round trip p50/p99 one request at a time, then pipelined throughput with 64 in flight.
 """
 
@@ -144,40 +145,57 @@ def run(rtt_n: int, tput_n: int, inflight: int, curve: bool = False) -> dict[str
         finally:
             stop(broker)
         if curve:
-            _tcp_phases(phase, ctx, f"{tmp}/keys")
+            _tcp_phases(ctx, f"{tmp}/keys", rtt_n, tput_n, inflight, bar, out)
     bar.close()
     ctx.destroy(linger=0)
     out["broker_over_proxy_rtt_p50"] = out["broker_rtt_us_p50"] / out["proxy_rtt_us_p50"]
     out["broker_over_proxy_msgs"] = out["broker_msgs_per_s"] / out["proxy_msgs_per_s"]
     if curve:
-        out["curve_over_tcp_rtt_p50"] = out["curve_rtt_us_p50"] / out["tcp_rtt_us_p50"]
-        out["curve_over_tcp_msgs"] = out["curve_msgs_per_s"] / out["tcp_msgs_per_s"]
         out["curve_over_broker_rtt_p50"] = out["curve_rtt_us_p50"] / out["broker_rtt_us_p50"]
         out["curve_over_broker_msgs"] = out["curve_msgs_per_s"] / out["broker_msgs_per_s"]
     return out
 
 
-def _tcp_phases(phase: Callable[..., None], ctx: zmq.Context, keys_dir: str) -> None:
-    """The broker over loopback tcp, open (--insecure) and then with CURVE."""
+def _tcp_phases(ctx: zmq.Context, keys_dir: str, rtt_n: int, tput_n: int, inflight: int,
+                bar: tqdm, out: dict[str, float], rounds: int = 10) -> None:
+    """The broker over loopback tcp, open (--insecure) and with CURVE, both up at once and
+    measured in alternating rounds so that machine noise falls on both alike."""
+    import contextlib
+    import statistics
+
     from zeroserve.keys import PeerKeys, curve_client, generate
 
     for name, role in (("broker", "broker"), ("bench", "client"), ("worker", "worker")):
         generate(keys_dir, name, role)
-    for name, flags in (("tcp", ["--insecure"]), ("curve", ["--keys", keys_dir])):
-        front, back = f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}"
-        broker = spawn("broker", ["--frontend", front, "--backend", back, *flags,
-                                  "--log-level", "WARNING"])
-        try:
-            def connect(front: str = front, name: str = name) -> zmq.Socket:
-                s = ctx.socket(zmq.DEALER)
-                if name == "curve":
-                    curve_client(s, PeerKeys.load(keys_dir, "bench"))
-                s.connect(front)
-                return s
-
-            phase(name, connect, [], back, 1.0, tuple(flags))
-        finally:
-            stop(broker)
+    socks: dict[str, zmq.Socket] = {}
+    rtts: dict[str, list[list[float]]] = {"tcp": [], "curve": []}
+    rates: dict[str, list[float]] = {"tcp": [], "curve": []}
+    with contextlib.ExitStack() as stack:
+        for name, flags in (("tcp", ["--insecure"]), ("curve", ["--keys", keys_dir])):
+            front, back = f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}"
+            stack.callback(stop, spawn("broker", ["--frontend", front, "--backend", back,
+                                                  *flags, "--log-level", "WARNING"]))
+            stack.callback(stop, _worker(back, 1.0, tuple(flags)))
+            s = socks[name] = ctx.socket(zmq.DEALER)
+            stack.callback(s.close, 0)
+            if name == "curve":
+                curve_client(s, PeerKeys.load(keys_dir, "bench"))
+            s.connect(front)
+            _wait_connected(s, [])
+        for _ in range(rounds):
+            for name, s in socks.items():
+                r, rate = _measure(s, [], rtt_n // rounds, tput_n // rounds, inflight, bar)
+                rtts[name].append(r)
+                rates[name].append(rate)
+    for name in socks:
+        out[f"{name}_rtt_us_p50"] = percentile([x for r in rtts[name] for x in r], 50)
+        out[f"{name}_rtt_us_p99"] = percentile([x for r in rtts[name] for x in r], 99)
+        out[f"{name}_msgs_per_s"] = statistics.median(rates[name])
+    # ratios round by round (each pair ran back to back), then their median
+    pairs = list(zip(rtts["curve"], rtts["tcp"], rates["curve"], rates["tcp"], strict=True))
+    out["curve_over_tcp_rtt_p50"] = statistics.median(
+        percentile(c, 50) / percentile(t, 50) for c, t, _, _ in pairs)
+    out["curve_over_tcp_msgs"] = statistics.median(c / t for _, _, c, t in pairs)
 
 
 def _port() -> int:

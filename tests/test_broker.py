@@ -151,7 +151,8 @@ def test_kill_9_worker_mid_stream(pipeline) -> None:
     pipeline.wait_workers(1)
     with pipeline.client() as c:
         long_prompt = " ".join(["tok"] * 400)
-        streaming = [c.submit("echo", long_prompt) for _ in range(4)]  # fill its credit
+        # fill its credit (resume=False: the started streams fail; test_resume.py resumes)
+        streaming = [c.submit("echo", long_prompt, resume=False) for _ in range(4)]
         waiting = [c.submit("echo", "a b c") for _ in range(4)]  # queued behind them
         iters = [h.chunks(10) for h in streaming]
         for it in iters:

@@ -99,6 +99,32 @@ def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(engine) -> None:
     assert other_seed != alone
 
 
+def test_resume_continues_a_stream_exactly(engine) -> None:
+    """A generation resumed from the tokens and text another worker had emitted goes on with
+    the same tokens and text: no gap, no repeat (greedy, seeded, with a stop string held)."""
+    bodies = {
+        "greedy": {"prompt": "The scheduler admits", "max_tokens": 24, "temperature": 0,
+                   "ignore_eos": True},
+        "seeded": {"prompt": "Blocks are reference counted", "max_tokens": 24,
+                   "temperature": 1.0, "top_k": 40, "seed": 7, "ignore_eos": True},
+        "held": {"prompt": "Stop strings hold text back", "max_tokens": 24,
+                 "temperature": 0.8, "seed": 3, "stop": ["zzzz-never"], "ignore_eos": True},
+    }
+    for name, body in bodies.items():
+        whole = run_all(engine, {0: [(name, body)]})[name]
+        for cut in (1, 9, 23):
+            sent = "".join(whole["deltas"][:cut])
+            resume = {"token_ids": whole["ids"][:cut], "text_chars": len(sent)}
+            rest = run_all(engine, {0: [(f"{name}-{cut}", {**body, "resume": resume})]})
+            rest = rest[f"{name}-{cut}"]
+            assert whole["ids"][:cut] + rest["ids"] == whole["ids"], (name, cut)
+            assert sent + rest["text"] == whole["text"], (name, cut)
+            assert rest["finish"]["usage"]["completion_tokens"] == 24
+    with pytest.raises(EngineError, match="resume"):
+        engine.add((b"t", "bad"), {**bodies["greedy"], "resume": {
+            "token_ids": list(range(24)), "text_chars": 0}}, [])
+
+
 def test_cancel_10_of_100_frees_everything(engine) -> None:
     rng = random.Random(5)
     want = {}

@@ -3,7 +3,8 @@
 The test and benchmark engine for the transport. All running requests advance together, one
 token per step, and each step sleeps `step_delay_ms` to stand in for compute.
 
-Request body: {"prompt": str, "max_tokens": int (optional), "fail_at": int (optional)}.
+Request body: {"prompt": str, "max_tokens": int (optional), "fail_at": int (optional),
+"resume": {"token_ids": [...]} (optional: go on after that many tokens, see llm/engine.py)}.
 `fail_at` makes the step that would emit that token raise, so tests can watch the runtime
 fail the batch with INTERNAL and carry on.
 Each step's delta: {"text": str, "token_ids": [index]}; END adds finish_reason and usage.
@@ -50,7 +51,12 @@ class EchoEngine:
         fail_at = body.get("fail_at", -1)
         if not isinstance(fail_at, int):
             raise EngineError(p.BAD_REQUEST, "fail_at must be an integer")
-        self.running[key] = _Echo(tokens[: min(max_tokens, MAX_PROMPT_TOKENS)], 0, fail_at)
+        resume = body.get("resume")
+        done = resume.get("token_ids") if isinstance(resume, dict) else []
+        if not isinstance(done, list) or len(done) >= min(max_tokens, len(tokens)):
+            raise EngineError(p.BAD_REQUEST, "resume.token_ids must be shorter than the reply")
+        self.running[key] = _Echo(tokens[: min(max_tokens, MAX_PROMPT_TOKENS)], len(done),
+                                  fail_at)
 
     def cancel(self, key: RequestKey) -> list[Output]:
         req = self.running.pop(key, None)

@@ -30,24 +30,14 @@ from zeroserve import errors
 from zeroserve import protocol as p
 from zeroserve.codec import TensorCodec
 from zeroserve.config import ClientConfig, SocketConfig, default_endpoint
-from zeroserve.core import (
-    AsyncCollector,
-    Chunk,
-    ClientCore,
-    Result,
-    ThreadCollector,
-    deadline_of,
-    merge_result,
-    request_body,
-    settle,
-    time_left,
-)
+from zeroserve.core import AsyncCollector, Chunk, ClientCore, Result, ThreadCollector, request_body
+from zeroserve.handles import AsyncRequestHandle, RequestHandle
 from zeroserve.keys import PeerKeys
 from zeroserve.sockets import check_transport, make_socket, private_ipc
 
 log = logging.getLogger("zeroserve.client")
 
-__all__ = ["AsyncClient", "Chunk", "Client", "Result"]
+__all__ = ["AsyncClient", "AsyncRequestHandle", "Chunk", "Client", "RequestHandle", "Result"]
 
 
 def _config(endpoints: str | Sequence[str] | None, timeout_s: float | None,
@@ -91,12 +81,15 @@ class Client:
     # -- public API ----------------------------------------------------------------------
 
     def submit(self, model: str, prompt: str | None = None, *, buffers: Sequence[Any] = (),
-               request_id: str | None = None, **params: Any) -> RequestHandle:
-        """Send a request without waiting: returns a handle to stream or wait on."""
+               request_id: str | None = None, resume: bool = True,
+               **params: Any) -> RequestHandle:
+        """Send a request without waiting: returns a handle to stream or wait on. A generation
+        whose worker dies goes on on another one unless resume=False (core.py)."""
         rid = request_id or self.core.new_id()
         sink = ThreadCollector()
         with self._lock:
-            frames = self.core.submit(rid, model, request_body(prompt, params), buffers, sink)
+            frames = self.core.submit(rid, model, request_body(prompt, params), buffers, sink,
+                                      resume)
         self._command(("send", frames))
         return RequestHandle(self, rid, sink)
 
@@ -204,7 +197,9 @@ class Client:
                         except zmq.Again:
                             break
                         with self._lock:
-                            core.on_frames(p.materialize(frames, 4))
+                            again = core.on_frames(p.materialize(frames, 4))
+                        for resumed in again:  # generations whose worker was lost go on
+                            sock.send_multipart(resumed, copy=False)
                 now = time.monotonic()
                 if core.heartbeat_due(now):
                     sock.send_multipart(p.encode(p.HEARTBEAT, {}))
@@ -220,31 +215,6 @@ class Client:
         finally:
             self._closed.set()
             sock.close(0)
-
-
-class RequestHandle:
-    """One in-flight request of the sync client: iterate its chunks or wait for its result."""
-
-    def __init__(self, client: Client, rid: str, sink: ThreadCollector) -> None:
-        self.client, self.id, self.sink = client, rid, sink
-
-    def chunks(self, timeout_s: float | None = None) -> Iterator[Chunk]:
-        deadline = deadline_of(timeout_s, self.client.core.cfg.timeout_s)
-        try:
-            while True:
-                chunk = settle(self.sink.get(time_left(deadline)), self.id)
-                yield chunk
-                if chunk.final:
-                    return
-        finally:
-            if not self.sink.done:  # broke out, timed out: the worker stops at once
-                self.client.cancel(self.id)
-
-    def result(self, timeout_s: float | None = None) -> Result:
-        return merge_result(self.id, list(self.chunks(timeout_s)))
-
-    def cancel(self) -> None:
-        self.client.cancel(self.id)
 
 
 class AsyncClient:
@@ -279,7 +249,8 @@ class AsyncClient:
                 for _ in range(1024):
                     try:
                         frames = await self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        core.on_frames(p.materialize(frames, 4))
+                        for resumed in core.on_frames(p.materialize(frames, 4)):
+                            await self.sock.send_multipart(resumed, copy=False)
                     except zmq.Again:
                         break
             now = time.monotonic()
@@ -293,13 +264,15 @@ class AsyncClient:
                     await self.sock.send_multipart(frames, copy=False)
 
     async def submit(self, model: str, prompt: str | None = None, *, buffers: Sequence[Any] = (),
-                     request_id: str | None = None, **params: Any) -> AsyncRequestHandle:
+                     request_id: str | None = None, resume: bool = True,
+                     **params: Any) -> AsyncRequestHandle:
         if self._closed:
             raise errors.UnavailableError("client is closed")
         self._ensure_reader()
         rid = request_id or self.core.new_id()
         sink = AsyncCollector()
-        frames = self.core.submit(rid, model, request_body(prompt, params), buffers, sink)
+        frames = self.core.submit(rid, model, request_body(prompt, params), buffers, sink,
+                                  resume)
         await self.sock.send_multipart(frames, copy=False)
         return AsyncRequestHandle(self, rid, sink)
 
@@ -373,26 +346,3 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
-
-
-class AsyncRequestHandle:
-    def __init__(self, client: AsyncClient, rid: str, sink: AsyncCollector) -> None:
-        self.client, self.id, self.sink = client, rid, sink
-
-    async def chunks(self, timeout_s: float | None = None) -> AsyncIterator[Chunk]:
-        deadline = deadline_of(timeout_s, self.client.core.cfg.timeout_s)
-        try:
-            while True:
-                chunk = settle(await self.sink.get(time_left(deadline)), self.id)
-                yield chunk
-                if chunk.final:
-                    return
-        finally:
-            if not self.sink.done:
-                self.client.cancel_nowait(self.id)
-
-    async def result(self, timeout_s: float | None = None) -> Result:
-        return merge_result(self.id, [c async for c in self.chunks(timeout_s)])
-
-    async def cancel(self) -> None:
-        await self.client.cancel(self.id)

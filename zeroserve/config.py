@@ -100,6 +100,7 @@ class ClientConfig:
     heartbeat_liveness: int = 3
     timeout_s: float | None = None
     max_resends: int = 3  # failovers an unstarted request survives before UNAVAILABLE
+    max_resumes: int = 2  # lost workers (or brokers) a generation survives before WORKER_LOST
     sockets: SocketConfig = SocketConfig()
 
     @property

@@ -4,6 +4,13 @@
 streaming, when the broker last spoke, what to resend after a reconnect. Replies go to a
 per-request `Collector` that merges text/token deltas while its reader lags, so a slow
 consumer never grows an unbounded per-token queue. `Chunk` and `Result` are what callers see.
+
+Resumable generation: for each text generation in flight the core keeps the token ids and the
+length of text it has received. When its worker is lost (WORKER_LOST) or its broker goes
+silent, it sends the request again with `resume` = {token_ids, text_chars}: the next worker
+goes on from there (llm/engine.py) and the caller's stream continues with no gap and no
+repeat, up to `max_resumes` times. The record lives here, not in the broker, because only
+here does it outlive the broker as well, and the broker never has to decode a chunk.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import threading
 import time
 import uuid
@@ -21,6 +29,9 @@ from typing import Any
 from zeroserve import errors
 from zeroserve import protocol as p
 from zeroserve.config import ClientConfig
+
+log = logging.getLogger("zeroserve.client")
+GENERATION_FIELDS = ("prompt", "messages", "prompt_token_ids")
 
 
 class PayloadView:
@@ -137,11 +148,30 @@ class AsyncCollector(Collector):
 
 
 @dataclass(slots=True)
+class _Resume:
+    """What a resumable generation has received so far, to send again if its worker dies."""
+
+    model: str
+    body: dict[str, Any]
+    token_ids: list[int] = field(default_factory=list)
+    text_chars: int = 0
+    resumes: int = 0
+
+    def record(self, data: dict[str, Any]) -> None:
+        ids, text = data.get("token_ids"), data.get("text")
+        if isinstance(ids, list):
+            self.token_ids.extend(ids)
+        if isinstance(text, str):
+            self.text_chars += len(text)
+
+
+@dataclass(slots=True)
 class _Pending:
     frames: list[bytes]
     sink: Collector
     started: bool = False
     resent: int = 0
+    resume: _Resume | None = None  # None: not a generation, or the caller opted out
 
 
 class ClientCore:
@@ -165,14 +195,16 @@ class ClientCore:
         return f"{self._prefix}-{next(self._ids)}"
 
     def submit(self, rid: str, model: str, body: dict[str, Any], buffers: Sequence[Any],
-               sink: Collector) -> list[Any]:
+               sink: Collector, resumable: bool = True) -> list[Any]:
         frames = p.request(rid, model, body, *buffers)
         limit = self.cfg.sockets.max_message_bytes
         too_big = next((n for n in map(frame_nbytes, frames) if n > limit), None)
         if too_big is not None:  # zmq would drop the connection and the request silently
             raise errors.BadRequestError(f"a frame of {too_big} bytes exceeds the "
                                          f"{limit}-byte message limit", rid)
-        self.pending[rid] = _Pending(frames, sink)
+        resume = (_Resume(model, body) if resumable and not buffers
+                  and any(f in body for f in GENERATION_FIELDS) else None)
+        self.pending[rid] = _Pending(frames, sink, resume=resume)
         return frames
 
     def admin(self, rid: str, op: str, args: dict[str, Any], sink: Collector) -> list[Any]:
@@ -188,35 +220,56 @@ class ClientCore:
         pend.sink.put(errors.CancelledError("cancelled by the client", rid))
         return p.cancel(rid)
 
-    def on_frames(self, frames: list[bytes]) -> None:
+    def on_frames(self, frames: list[bytes]) -> list[list[bytes]]:
+        """Take one message from the broker; return what to send back (resumed requests)."""
         self.last_heard = time.monotonic()
         self.broker_expiry = self.last_heard + self.cfg.expiry_s
         try:
             msg = p.decode(frames)
         except p.ProtocolError:
-            return
+            return []
         if msg.type in (p.HEARTBEAT, p.DISCONNECT):
-            return
+            return []
         rid = msg.header.get("id")
         pend = self.pending.get(rid) if isinstance(rid, str) else None
         if pend is None:
-            return
+            return []
         if msg.type in (p.CHUNK, p.END):
             try:
                 data = p.body(msg)
             except p.ProtocolError as exc:  # a garbled reply fails its request, not the client
                 del self.pending[rid]
                 pend.sink.put(errors.InternalError(f"malformed reply: {exc}", rid))
-                return
+                return []
             final = msg.type == p.END
             if final:
                 del self.pending[rid]
+            elif pend.resume is not None:
+                pend.resume.record(data)
             pend.started = True
             pend.sink.put(Chunk(data, msg.buffers[1:], final=final))
         elif msg.type == p.ERROR:
-            del self.pending[rid]
             h = msg.header
+            if h.get("code") == p.WORKER_LOST and self._resume(rid, pend, "worker lost"):
+                return [pend.frames]
+            del self.pending[rid]
             pend.sink.put(errors.from_code(str(h.get("code")), str(h.get("message")), rid))
+        return []
+
+    def _resume(self, rid: str, pend: _Pending, why: str) -> bool:
+        """Make `pend.frames` the request that goes on from what was received, if allowed."""
+        r = pend.resume
+        if r is None or r.resumes >= self.cfg.max_resumes:
+            return False
+        r.resumes += 1
+        body = r.body
+        if r.token_ids:
+            body = {**body, "resume": {"token_ids": list(r.token_ids),
+                                       "text_chars": r.text_chars}}
+        pend.frames = p.request(rid, r.model, body)
+        log.info("request %s resumed after %d tokens (%s, resume %d of %d)", rid,
+                 len(r.token_ids), why, r.resumes, self.cfg.max_resumes)
+        return True
 
     def heartbeat_due(self, now: float) -> bool:
         if now < self.next_beat:
@@ -229,13 +282,16 @@ class ClientCore:
 
     def failover(self) -> list[list[bytes]]:
         """The broker went silent: move to the next endpoint. Requests that streamed nothing
-        are resent there (up to max_resends times); ones that had started fail with
-        UnavailableError, as do those that ran out of resends: nothing waits forever."""
+        are resent there (up to max_resends times), generations that had started resume there;
+        the others fail with UnavailableError, as do those that ran out of resends: nothing
+        waits forever."""
         self._endpoint_index += 1
         self.broker_expiry = time.monotonic() + self.cfg.expiry_s
         resend = []
         for rid, pend in list(self.pending.items()):
-            if pend.started or pend.resent >= self.cfg.max_resends:
+            if pend.started and self._resume(rid, pend, "broker lost"):
+                resend.append(pend.frames)
+            elif pend.started or pend.resent >= self.cfg.max_resends:
                 del self.pending[rid]
                 why = "broker lost mid-stream" if pend.started else "no broker answered"
                 pend.sink.put(errors.UnavailableError(why, rid))

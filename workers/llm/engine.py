@@ -9,7 +9,11 @@ runtime calls it on its own thread so a huge prompt never stalls the running str
 
 Request body: {"prompt": str | "prompt_token_ids": [int] | "messages": [{role, content}],
 "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-"ignore_eos", "logprobs"}.
+"ignore_eos", "logprobs", "resume"?: {"token_ids": [id], "text_chars": int}}.
+`resume` continues a generation another worker started (it died): the tokens it had emitted
+join the sequence as already generated (they count towards max_tokens), sampling goes on at
+the next token index, and text is streamed from `text_chars` on, so the client sees neither a
+gap nor a repeat.
 Stream delta: {"text", "token_ids": [id], "logprobs"?: [{token_id, token, logprob,
 top: [[id, logprob, token], ...]}]}; END adds finish_reason, usage and queue_ms.
 """
@@ -46,6 +50,8 @@ class Prepared:
 
     prompt_ids: list[int]
     params: params.SamplingParams
+    resume_ids: list[int]
+    resume_chars: int
 
 
 class LLMEngine:
@@ -90,6 +96,8 @@ class LLMEngine:
         runtime calls it beside the engine thread."""
         prompt_ids = self._prompt_ids(body)
         sp = params.parse(body, self.runner.vocab_size)
+        resume_ids, resume_chars = params.parse_resume(body, self.runner.vocab_size,
+                                                       sp.max_tokens)
         n = len(prompt_ids)
         limit = self.runner.max_model_len
         if n + sp.max_tokens > limit:
@@ -100,18 +108,19 @@ class LLMEngine:
             raise EngineError(p.BAD_REQUEST, f"prompt ({n} tokens) + max_tokens "
                                              f"({sp.max_tokens}) can never fit this worker's KV "
                                              f"cache of {have * self.blocks.block_size} tokens")
-        return Prepared(prompt_ids, sp)
+        return Prepared(prompt_ids, sp, resume_ids, resume_chars)
 
     def add(self, key: RequestKey, body: dict[str, Any] | Prepared,
             buffers: list[bytes]) -> None:
         req = body if isinstance(body, Prepared) else self.prepare(body)
         sp = req.params
-        gen = None
-        if not sp.greedy:
-            gen = torch.Generator(device="cpu")
-            gen.manual_seed(sp.seed if sp.seed is not None else random.getrandbits(63))
-        seq = Sequence(key, list(req.prompt_ids), sp, IncrementalDetokenizer(self.tokenizer),
-                       gen)
+        seed = sp.seed if sp.seed is not None else random.getrandbits(63)
+        seq = Sequence(key, [*req.prompt_ids, *req.resume_ids], sp,
+                       IncrementalDetokenizer(self.tokenizer), seed,
+                       prompt_len=len(req.prompt_ids))
+        for token in req.resume_ids:  # the text the first worker had, rebuilt
+            seq.detok.add(token)
+        seq.emitted = req.resume_chars
         self.seqs[key] = seq
         self.scheduler.add(seq)
         self.counters["prompt_tokens"] += seq.prompt_len
@@ -201,7 +210,7 @@ class LLMEngine:
         if not sampling:
             return []
         sps = [s.params for s in sampling]
-        tokens = sampler.sample(logits, sps, [s.generator for s in sampling])
+        tokens = sampler.sample(logits, sps, [(s.seed, s.num_output) for s in sampling])
         lps = sampler.top_logprobs(logits, tokens, [sp.logprobs for sp in sps])
         self.counters["generated_tokens"] += len(tokens)
         return [self._advance(seq, tok, lp) for seq, tok, lp in zip(sampling, tokens, lps,

@@ -79,3 +79,18 @@ def parse(body: dict[str, Any], vocab_size: int) -> SamplingParams:
         ignore_eos=ignore_eos,
         logprobs=_int(body, "logprobs", None, 0, MAX_LOGPROBS),
     )
+
+
+def parse_resume(body: dict[str, Any], vocab_size: int, max_tokens: int) -> tuple[list[int], int]:
+    """`resume`: the token ids and text length a client already has from a lost worker."""
+    resume = body.get("resume")
+    if resume is None:
+        return [], 0
+    ids = resume.get("token_ids") if isinstance(resume, dict) else None
+    chars = resume.get("text_chars") if isinstance(resume, dict) else None
+    if (not isinstance(ids, list) or len(ids) >= max_tokens or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids)
+            or isinstance(chars, bool) or not isinstance(chars, int) or chars < 0):
+        raise _bad("resume must be {token_ids: fewer than max_tokens token ids, text_chars: "
+                   "int >= 0}")
+    return ids, chars

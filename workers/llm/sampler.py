@@ -1,8 +1,9 @@
 """Token sampling as small pure functions over a batch of logits (gpt-fast style).
 
 Greedy rows take the argmax. Sampled rows are shaped by temperature, top-k and top-p and drawn
-with each request's own torch.Generator, so a seeded request draws the same tokens whether it
-runs alone or inside any batch.
+from a generator seeded by (the request's seed, the token's index): counter-based, so a seeded
+request draws the same tokens alone, inside any batch, after a preemption, or resumed on
+another worker from the tokens it had already emitted.
 """
 
 from __future__ import annotations
@@ -29,21 +30,35 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int,
     return probs
 
 
+MASK64 = (1 << 64) - 1
+_generators: dict[torch.device, torch.Generator] = {}
+
+
+def draw_seed(seed: int, index: int) -> int:
+    """The generator seed for token `index` of a request seeded `seed` (splitmix64)."""
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return (z ^ (z >> 31)) >> 1  # manual_seed takes 63 bits
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
-    """[B, V] logits -> B token ids, one per row under that row's parameters."""
+           draws: list[tuple[int, int]]) -> list[int]:
+    """[B, V] logits -> B token ids, one per row under that row's parameters; a sampled row
+    draws with the seed of its (request seed, token index) pair in `draws`."""
     tokens = torch.argmax(logits, dim=-1)  # [B]
     sampled = [i for i, sp in enumerate(params) if not sp.greedy]
     if not sampled:
         return tokens.tolist()
     out = tokens.tolist()
     rows = logits[sampled].float()
+    gen = _generators.get(rows.device)
+    if gen is None:
+        gen = _generators[rows.device] = torch.Generator(device=rows.device)
     for j, i in enumerate(sampled):
         sp = params[i]
         probs = logits_to_probs(rows[j], sp.temperature, sp.top_k, sp.top_p)
-        gen = generators[i]
-        if gen is not None and gen.device != probs.device:
-            probs = probs.to(gen.device)
+        gen.manual_seed(draw_seed(*draws[i]))
         out[i] = int(torch.multinomial(probs, 1, generator=gen).item())
     return out
 

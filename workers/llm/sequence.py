@@ -13,7 +13,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
 from zeroserve.workers.engine import RequestKey
 from zeroserve.workers.llm.detok import IncrementalDetokenizer
 from zeroserve.workers.llm.params import SamplingParams
@@ -31,7 +30,7 @@ class Sequence:
     token_ids: list[int]  # prompt, then sampled tokens
     params: SamplingParams
     detok: IncrementalDetokenizer
-    generator: torch.Generator | None = None
+    seed: int = 0  # sampling draws from (seed, token index): see sampler.py
     status: Status = Status.WAITING
     prompt_len: int = 0
     num_computed: int = 0  # tokens whose K/V are in the blocks

@@ -1,0 +1,111 @@
+"""End to end: a worker killed mid-stream costs its clients a pause, not an error.
+
+Real broker and workers; the worker serving the streams gets SIGKILL while they run. Every
+stream must finish with exactly the text (and tokens) of an undisturbed run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from zeroserve import AsyncClient, WorkerLostError
+
+from .conftest import Pipeline, wait_for
+
+WORDS = " ".join(f"w{i}" for i in range(60))
+
+
+def _busiest(pipeline: Pipeline) -> str:
+    """The id of the worker with the most requests in flight, once any has some."""
+    with pipeline.client() as c:
+        rows = wait_for(lambda: [w for w in c.workers() if w["in_flight"]], 20)
+        assert rows, pipeline.dump_logs()
+        return max(rows, key=lambda w: w["in_flight"])["worker_id"]
+
+
+async def _streams(pipeline: Pipeline, bodies: list[dict], model: str,
+                   kill_after_chunks: int | None = None) -> tuple[list, list[float]]:
+    """Run the streams at once; with kill_after_chunks, SIGKILL the busiest worker once every
+    stream has that many chunks. Returns each stream's (text, token ids) and its largest gap
+    between two chunks."""
+    texts: list[list] = [["", []] for _ in bodies]
+    gaps = [0.0] * len(bodies)
+    counts = [0] * len(bodies)
+
+    async with AsyncClient(pipeline.frontend, heartbeat_interval_s=0.25) as c:
+        async def one(i: int, body: dict) -> None:
+            handle = await c.submit(model, **body)
+            last = time.monotonic()
+            async for chunk in handle.chunks(120):
+                texts[i][0] += chunk.text
+                texts[i][1] += chunk.token_ids
+                counts[i] += 1
+                now = time.monotonic()
+                gaps[i] = max(gaps[i], now - last)
+                last = now
+
+        tasks = [asyncio.create_task(one(i, b)) for i, b in enumerate(bodies)]
+        if kill_after_chunks is not None:
+            while min(counts) < kill_after_chunks:
+                failed = [t for t in tasks if t.done() and t.exception()]
+                if failed:
+                    raise failed[0].exception()  # type: ignore[misc]
+                await asyncio.sleep(0.01)
+            victim = _busiest(pipeline)
+            os.kill(pipeline.workers[victim].pid, signal.SIGKILL)
+        await asyncio.gather(*tasks)
+    return texts, gaps
+
+
+@pytest.mark.timeout(120)
+def test_echo_streams_survive_a_kill_9_with_nothing_repeated_or_missing(pipeline) -> None:
+    pipeline.start_broker()
+    pipeline.wait_broker()
+    for name in ("e1", "e2"):
+        pipeline.start_worker(name, "--step-delay-ms", "20")
+    pipeline.wait_workers(2)
+    bodies = [{"prompt": WORDS} for _ in range(8)]
+    texts, gaps = asyncio.run(_streams(pipeline, bodies, "echo", kill_after_chunks=5))
+    assert [t for t, _ in texts] == [WORDS] * 8, pipeline.dump_logs()
+    assert [ids for _, ids in texts] == [list(range(60))] * 8
+    print(f"largest pause in a resumed stream: {max(gaps) * 1000:.0f} ms")
+
+
+@pytest.mark.timeout(120)
+def test_opting_out_of_resume_gets_worker_lost(pipeline) -> None:
+    pipeline.start_broker()
+    pipeline.wait_broker()
+    for name in ("e1", "e2"):
+        pipeline.start_worker(name, "--step-delay-ms", "20")
+    pipeline.wait_workers(2)
+    with pipeline.client() as c:
+        handle = c.submit("echo", WORDS, resume=False)
+        chunks = handle.chunks(60)
+        next(chunks)
+        os.kill(pipeline.workers[_busiest(pipeline)].pid, signal.SIGKILL)
+        with pytest.raises(WorkerLostError):
+            list(chunks)
+
+
+@pytest.mark.timeout(300)
+def test_llm_greedy_and_seeded_streams_resume_identically(pipeline, tiny_model) -> None:
+    pipeline.start_broker()
+    pipeline.wait_broker()
+    for name in ("l1", "l2"):
+        pipeline.start_worker(name, "--model", str(tiny_model), "--served-name", "tiny",
+                              "--max-model-len", "512", "--dtype", "float32", engine="llm")
+    pipeline.wait_workers(2, timeout_s=120)
+    bodies = [{"prompt": f"stream {i} says", "max_tokens": 48, "ignore_eos": True,
+               **({"temperature": 0} if i % 2 else {"temperature": 0.9, "seed": i})}
+              for i in range(8)]
+    calm, _ = asyncio.run(_streams(pipeline, bodies, "tiny"))
+    hit, gaps = asyncio.run(_streams(pipeline, bodies, "tiny", kill_after_chunks=4))
+    assert [ids for _, ids in hit] == [ids for _, ids in calm], pipeline.dump_logs()
+    assert [t for t, _ in hit] == [t for t, _ in calm]
+    assert all(len(ids) == 48 for _, ids in hit)
+    print(f"largest pause in a resumed stream: {max(gaps) * 1000:.0f} ms")

@@ -12,8 +12,9 @@ Backend out:  REQUEST, CANCEL, HEARTBEAT, DRAIN, DISCONNECT (each behind a route
 
 Each REQUEST goes to the live worker that serves its model with the most free credit; with no
 credit anywhere it waits in a bounded queue (full or too old: BUSY). A worker that goes silent
-for heartbeat_interval_s x heartbeat_liveness is purged: its unstarted jobs are requeued once,
-the others fail with WORKER_LOST. A malformed frame gets an ERROR back and one log line.
+for heartbeat_interval_s x heartbeat_liveness, or whose local process ends (liveness.py), is
+purged: its unstarted jobs are requeued once, the others fail with WORKER_LOST (the SDK then
+resumes them elsewhere). A malformed frame gets an ERROR back and one log line.
 With CURVE keys (auth.py) each socket admits peers by public key and role; cli.py is the CLI.
 """
 
@@ -26,6 +27,7 @@ from typing import Any
 
 import zmq
 from zeroserve.broker import admin
+from zeroserve.broker.liveness import PidWatch
 from zeroserve.broker.table import Job, Table, WorkerState
 
 from zeroserve import protocol as p
@@ -37,7 +39,6 @@ log = logging.getLogger("zeroserve.broker")
 
 BATCH = 512  # messages drained per socket per poll wake-up, so neither side starves the other
 NO_ROUTE = b""
-UNATTRIBUTED = "*"  # request id used for an ERROR that answers a frame with no usable id
 
 
 class Broker:
@@ -55,6 +56,8 @@ class Broker:
 
             self.auth = secure(self.ctx, cfg.keys_dir, cfg.key_name, self.frontend, self.backend,
                                self.admin)
+        self.poller = zmq.Poller()
+        self.pids = PidWatch()
         self.bad_frames = RateLimitedLog(log)
         self.running = True  # until stop(): a SIGTERM during start-up is not lost
         self.counts = {"requests": 0, "busy": 0, "lost": 0, "bad_frames": 0}
@@ -86,16 +89,18 @@ class Broker:
         self.admin.close(0)
         if self.auth is not None:
             self.auth.stop()
+        self.pids.close()
         log.info("broker stopped: %s", self.counts)
 
     def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.frontend, zmq.POLLIN)
-        poller.register(self.backend, zmq.POLLIN)
-        poller.register(self.admin, zmq.POLLIN)
+        poller = self.poller
+        for sock in (self.frontend, self.backend, self.admin):
+            poller.register(sock, zmq.POLLIN)
         while self.running:
             timeout_ms = max(0.0, min(self._next_deadline() - time.monotonic(), 0.2)) * 1000
             events = dict(poller.poll(timeout_ms))
+            for fd in [e for e in events if isinstance(e, int)]:  # a local worker's pidfd
+                self._process_ended(fd)
             if self.backend in events:
                 self._drain(self.backend, self._on_backend)
             if self.frontend in events:
@@ -125,7 +130,7 @@ class Broker:
             msg = p.decode(frames[1:])
         except p.ProtocolError as exc:
             self._bad_frame("frontend", client, exc)
-            self._send_client(client, p.error(_rid_of(frames[1:]), p.BAD_REQUEST, str(exc)))
+            self._send_client(client, p.error(p.rid_of(frames[1:]), p.BAD_REQUEST, str(exc)))
             return
         t = msg.type
         if t == p.REQUEST:
@@ -139,7 +144,7 @@ class Broker:
         elif t == p.ADMIN:
             self._on_admin(client, msg)
         else:
-            rid = msg.header.get("id") if isinstance(msg.header.get("id"), str) else UNATTRIBUTED
+            rid = msg.header.get("id") if isinstance(msg.header.get("id"), str) else p.UNATTRIBUTED
             self._send_client(client, p.error(rid, p.BAD_REQUEST,
                                               f"{p.TYPE_NAMES[t]} is not accepted from clients"))
 
@@ -213,7 +218,7 @@ class Broker:
             msg = p.decode(frames[2:])
         except p.ProtocolError as exc:
             self._bad_frame("backend", identity, exc)
-            self._send_raw_backend(identity, p.error(_rid_of(frames[2:]), p.BAD_REQUEST, str(exc)))
+            self._send_raw_backend(identity, p.error(p.rid_of(frames[2:]), p.BAD_REQUEST, str(exc)))
             return
         route, t = frames[1], msg.type
         if worker is not None:
@@ -252,6 +257,9 @@ class Broker:
             self.bad_frames.warning("refused READY from %s: %s", identity.hex(), exc)
             self._send_raw_backend(identity, p.encode(p.DISCONNECT, {"reason": str(exc)}))
             return
+        fd = self.pids.watch(identity, msg.header)
+        if fd is not None:
+            self.poller.register(fd, zmq.POLLIN)
         log.info(
             "worker registered id=%s models=%s capacity=%d pid=%s device=%s cpus=%s",
             worker.worker_id, ",".join(worker.models), worker.capacity,
@@ -261,15 +269,12 @@ class Broker:
 
     def _on_reply(self, worker: WorkerState, route: bytes, msg: p.Message, frames: list) -> None:
         key = (route, msg.header["id"])
+        job = self.table.jobs.get(key)
+        if job is None or job.worker is not worker:
+            return  # late reply of a job that was cancelled or reassigned
         if msg.type == p.CHUNK:
-            job = self.table.jobs.get(key)
-            if job is None or job.worker is not worker:
-                return  # late chunk of a job that was cancelled or reassigned
             job.streamed = True
         else:
-            job = self.table.jobs.get(key)
-            if job is None or job.worker is not worker:
-                return
             self.table.finish(key)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("request %s %s from worker %s", job.rid, p.TYPE_NAMES[msg.type],
@@ -310,6 +315,12 @@ class Broker:
             self._dispatch(job, worker)
             if worker.identity not in self.table.workers:
                 return
+
+    def _process_ended(self, fd: int) -> None:
+        self.poller.unregister(fd)
+        worker = self.table.workers.get(self.pids.ended(fd) or b"")
+        if worker is not None:
+            self._purge(worker, "process exited")
 
     def _purge(self, worker: WorkerState, why: str) -> None:
         if worker.identity not in self.table.workers:
@@ -387,14 +398,3 @@ class Broker:
         self.counts["bad_frames"] += 1
         self.bad_frames.warning("malformed frame on %s from %s: %s", side, peer.hex(), exc)
 
-
-def _rid_of(frames: list[bytes]) -> str:
-    """Best effort: the id of a message we could not decode, so the client can match the error."""
-    try:
-        head = p.unpackb(frames[2], p.HEADER_LIMIT_BYTES)
-        rid = head.get("id")
-        if isinstance(rid, str) and 0 < len(rid) <= p.MAX_ID_LEN:
-            return rid
-    except Exception:
-        pass
-    return UNATTRIBUTED

@@ -6,10 +6,13 @@ import asyncio
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import zmq
+from zeroserve.broker.liveness import PidWatch
 from zeroserve.broker.table import Job, Table
 
 from zeroserve import (
@@ -19,6 +22,7 @@ from zeroserve import (
     Client,
     UnknownModelError,
     WorkerLostError,
+    procs,
 )
 from zeroserve import protocol as p
 
@@ -143,6 +147,45 @@ def test_unknown_model_is_rejected(pipeline) -> None:
     pipeline.wait_workers(1)
     with pipeline.client() as c, pytest.raises(UnknownModelError):
         c.generate("nope", "x", timeout_s=5)
+
+
+def test_pid_watch_only_trusts_a_matching_local_process() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        info = {**procs.identity(), "pid": child.pid}
+        info["started"] = __import__("psutil").Process(child.pid).create_time()
+        watch = PidWatch()
+        assert watch.watch(b"w", {**info, "boot_id": "another-host"}) is None
+        assert watch.watch(b"w", {**info, "started": info["started"] - 5}) is None  # reused pid
+        assert watch.watch(b"w", {**info, "pid": "1"}) is None
+        fd = watch.watch(b"w", info)
+        assert fd is not None
+        assert watch.watch(b"w2", info) is None  # registered again: the watch moves to w2
+        child.kill()
+        child.wait()
+        assert watch.ended(fd) == b"w2" and not watch.identities
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_local_worker_that_dies_is_purged_without_waiting_for_heartbeats(pipeline) -> None:
+    # heartbeats every 30 s: only the pidfd can tell the broker within the test's bound
+    pipeline.start_broker("--heartbeat-interval-s", "30")
+    pipeline.wait_broker()
+    pipeline.start_worker("victim", "--step-delay-ms", "20")
+    pipeline.start_worker("other", "--step-delay-ms", "20")
+    pipeline.wait_workers(2)
+    with pipeline.client() as c:
+        handle = c.submit("echo", " ".join(["w"] * 200), resume=False)
+        chunks = handle.chunks(20)
+        next(chunks)
+        victim_id = next(w["worker_id"] for w in c.workers() if w["in_flight"])
+        os.kill(pipeline.workers[victim_id].pid, signal.SIGKILL)
+        with pytest.raises(WorkerLostError, match="process exited"):
+            list(chunks)
+        assert [w["worker_id"] for w in c.workers()] == [
+            "other" if victim_id == "victim" else "victim"]
 
 
 def test_kill_9_worker_mid_stream(pipeline) -> None:

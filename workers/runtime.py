@@ -31,6 +31,7 @@ from typing import Any
 import zmq
 from zeroserve.workers.engine import Engine, EngineError, FatalEngineError, Output, RequestKey
 
+from zeroserve import procs
 from zeroserve import protocol as p
 from zeroserve.config import WorkerConfig
 from zeroserve.sockets import make_socket
@@ -216,7 +217,7 @@ class Worker:
             "worker_id": self.worker_id,
             "models": list(self.engine.models),
             "capacity": self.engine.capacity,
-            "pid": os.getpid(),
+            **procs.identity(),  # pid, boot_id, started: lets a local broker watch the pid
             "host": socket.gethostname(),
             "cpus": list(self.cfg.cpus),
             "device": self.engine.device,

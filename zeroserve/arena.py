@@ -80,15 +80,10 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 def shm_domain() -> str:
     """Processes with the same domain can map each other's arenas: same boot of the same host,
     same /dev/shm mount, same uid."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        import socket
+    from zeroserve.procs import boot_id
 
-        boot = socket.gethostname()
     st = os.stat(SHM_DIR)
-    return f"{boot}:{st.st_dev}:{st.st_ino}:{os.getuid()}"
+    return f"{boot_id()}:{st.st_dev}:{st.st_ino}:{os.getuid()}"
 
 
 class DescriptorError(ValueError):

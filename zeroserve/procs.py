@@ -15,6 +15,25 @@ import time
 from collections.abc import Callable, Sequence
 
 
+def boot_id() -> str:
+    """This boot of this host (a pid or a shared-memory file means something only within it)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        import socket
+
+        return socket.gethostname()
+
+
+def identity() -> dict[str, object]:
+    """What names this process to a peer on the same host: pid, boot and start time."""
+    import psutil
+
+    return {"pid": os.getpid(), "boot_id": boot_id(),
+            "started": psutil.Process().create_time()}
+
+
 def spawn(role: str, args: Sequence[str], env: dict[str, str] | None = None,
           wrap: Sequence[str] = (), **popen: object) -> subprocess.Popen:
     """`zeroserve ROLE ARGS` in its own session, run under `wrap` (e.g. numactl) if given."""

@@ -84,6 +84,7 @@ ERROR_CODES = (
 HEADER_LIMIT_BYTES = 64 * 1024
 BODY_LIMIT_BYTES = 64 * 1024 * 1024
 MAX_ID_LEN = 128
+UNATTRIBUTED = "*"  # request id of an ERROR that answers a frame with no usable id
 
 
 class ProtocolError(ValueError):
@@ -197,3 +198,15 @@ def body(msg: Message) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ProtocolError("body is not a map")
     return obj
+
+
+def rid_of(frames: list[bytes]) -> str:
+    """Best effort: the id of a message that could not be decoded, so its sender can match the
+    ERROR that answers it."""
+    try:
+        rid = unpackb(frames[2], HEADER_LIMIT_BYTES).get("id")
+        if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_LEN:
+            return rid
+    except Exception:
+        pass
+    return UNATTRIBUTED

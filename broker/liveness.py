@@ -1,0 +1,68 @@
+"""Local workers' processes, watched through pidfds: a worker on this host that exits is purged
+at once, not after its heartbeats go missing (remote workers stay on heartbeats).
+
+A READY quotes the worker's pid, boot id and process start time (procs.identity). The broker
+opens a pidfd only when all three name a live process of this boot: a pid from another pid
+namespace or a reused pid does not match the start time. The broker polls the pidfds beside
+its sockets; one turns readable when its process ends (killed, crashed or exited), even
+before its parent reaps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import psutil
+
+from zeroserve.procs import boot_id
+
+
+class PidWatch:
+    """pidfd -> the worker identity it watches; one pidfd per process."""
+
+    def __init__(self) -> None:
+        self.identities: dict[int, bytes] = {}
+        self._fd_of_pid: dict[int, int] = {}
+        self._boot = boot_id()
+
+    def watch(self, identity: bytes, info: dict[str, Any]) -> int | None:
+        """A pidfd to poll for this worker's process (None: not a process of this host, or
+        watched already). A process that registers again moves its watch to the new id."""
+        pid, started = info.get("pid"), info.get("started")
+        if (info.get("boot_id") != self._boot or not isinstance(pid, int)
+                or isinstance(pid, bool) or not isinstance(started, int | float)):
+            return None
+        old = self._fd_of_pid.get(pid)
+        if old is not None:
+            self.identities[old] = identity
+            return None
+        try:
+            fd = os.pidfd_open(pid)
+        except (OSError, AttributeError):  # gone already, or no pidfd on this kernel
+            return None
+        try:
+            same = abs(psutil.Process(pid).create_time() - started) < 0.01
+        except psutil.Error:
+            same = False
+        if not same:
+            os.close(fd)
+            return None
+        self.identities[fd] = identity
+        self._fd_of_pid[pid] = fd
+        return fd
+
+    def ended(self, fd: int) -> bytes | None:
+        """The process behind `fd` ended: forget the watch, return whose it was."""
+        identity = self.identities.pop(fd, None)
+        for pid, f in list(self._fd_of_pid.items()):
+            if f == fd:
+                del self._fd_of_pid[pid]
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        return identity
+
+    def close(self) -> None:
+        for fd in list(self.identities):
+            self.ended(fd)

@@ -49,7 +49,23 @@ def test_up_serves_sdk_and_http_then_ctrl_c_stops_everything(tmp_ipc, tiny_model
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
                        json={"model": model, "prompt": "hello", "max_tokens": 3}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        # a worker killed -9: up starts it again while the gateway keeps answering
+        worker = next(c for c in children if "worker" in c.cmdline())
+        worker.kill()
+        with Client(frontend) as c:
+            def back() -> bool:
+                rows = c.workers()
+                return bool(rows) and rows[0]["pid"] != worker.pid
+            assert wait_for(back, 120, 0.2), (tmp_ipc / "up.log").read_text()
+            assert c.generate(model, "again", max_tokens=3, timeout_s=30).token_ids
+            assert b"restarting in" in (tmp_ipc / "up.log").read_bytes()
+            # Ctrl-C while a generation runs: the worker drains it before anything stops
+            chunks = c.submit(model, "last words", max_tokens=64, ignore_eos=True).chunks(60)
+            got = list(next(chunks).token_ids)
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+            for chunk in chunks:
+                got += chunk.token_ids
+            assert len(got) == 64
         assert proc.wait(60) == 0
         time.sleep(0.2)
         assert not [c for c in children if c.is_running() and c.status() != "zombie"]

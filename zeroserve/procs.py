@@ -79,7 +79,8 @@ def exit_on_sigterm() -> None:
 
 
 def stop_all(procs: Sequence[subprocess.Popen], timeout_s: float = 10.0) -> None:
-    """Workers first, then the rest, so in-flight requests can still be answered."""
+    """SIGTERM to each (its process group), then wait; kill what is left at the deadline.
+    Callers stop in order (workers before the broker) by calling this once per group."""
     for proc in procs:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):

@@ -1,9 +1,12 @@
 """`zeroserve up`: the whole pipeline as children of one foreground command.
 
 Starts a broker, N workers (each pinned to its own slice of cores) and the HTTP gateway on
-this deployment's endpoints, waits until the workers have registered, prints how to call them
-(curl and the Python SDK), and on Ctrl-C or SIGTERM stops every process it started (workers
-drain first).
+this deployment's endpoints, waits until the workers have registered, and prints how to call
+them (curl and the Python SDK). A child that exits is started again after a backoff, as
+supervisord would (0.5 s doubling to 30 s; the count resets once it has run 30 s); the others
+keep serving meanwhile (a generation on a dead worker resumes on another). A broker or gateway
+that keeps failing (5 quick exits in a row) stops the whole pipeline. On Ctrl-C or SIGTERM the
+workers drain first (what they started finishes), then the gateway stops, then the broker.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import argparse
 import contextlib
 import logging
 import os
+import subprocess
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from zeroserve.config import default_endpoint
@@ -20,6 +25,50 @@ from zeroserve.logs import setup_logging
 from zeroserve.procs import spawn, stop_all, stop_on_signals
 
 log = logging.getLogger("zeroserve.up")
+
+STABLE_S = 30.0  # a child that ran this long starts its backoff over
+MAX_QUICK_EXITS = 5
+
+
+@dataclass
+class Child:
+    """One process `up` keeps running: started again, with backoff, whenever it exits."""
+
+    name: str
+    role: str
+    args: list[str]
+    proc: subprocess.Popen = field(init=False)
+    started_at: float = 0.0
+    quick_exits: int = 0
+    restart_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        self.proc = spawn(self.role, self.args)
+        self.started_at = time.monotonic()
+
+    def keep_up(self, now: float) -> bool:
+        """Restart it if it exited, once its backoff is over; False once it keeps failing."""
+        if self.restart_at is None:
+            if self.proc.poll() is None:
+                return True
+            ran = now - self.started_at
+            self.quick_exits = 0 if ran >= STABLE_S else self.quick_exits + 1
+            if self.quick_exits >= MAX_QUICK_EXITS:
+                log.error("%s exited %d times in a row within %.0f s of starting: giving up",
+                          self.name, self.quick_exits, STABLE_S)
+                return False
+            delay = min(30.0, 0.5 * 2 ** self.quick_exits)
+            log.warning("%s exited (pid %d, code %s) after %.1f s: restarting in %.1f s",
+                        self.name, self.proc.pid, self.proc.returncode, ran, delay)
+            self.restart_at = now + delay
+        if now >= self.restart_at:
+            self.restart_at = None
+            self.start()
+            log.info("%s restarted (pid %d)", self.name, self.proc.pid)
+        return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,21 +119,22 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.model in PRESETS:
             ensure_built(args.model)  # once, with a progress bar, before the workers start
-    broker = spawn("broker", ["--frontend", frontend, "--backend", backend,
-                              "--log-level", args.log_level])
+    broker = Child("broker", "broker", ["--frontend", frontend, "--backend", backend,
+                                          "--log-level", args.log_level])
     workers = [
-        spawn("worker", ["--broker", backend, "--engine", args.engine, "--model", args.model,
-                         "--slot", str(i), "--slots", str(args.workers), "--device", args.device,
-                         "--worker-id", f"worker-{i}", "--log-level", args.log_level])
+        Child(f"worker-{i}", "worker", [
+            "--broker", backend, "--engine", args.engine, "--model", args.model, "--slot",
+            str(i), "--slots", str(args.workers), "--device", args.device, "--worker-id",
+            f"worker-{i}", "--log-level", args.log_level])
         for i in range(args.workers)
     ]
-    procs = [*workers, broker]
-    if not args.no_gateway:
-        procs.insert(0, spawn("gateway", ["--broker", frontend, "--host", args.host,
-                                          "--port", str(args.port),
-                                          "--log-level", args.log_level]))
+    gateway = [] if args.no_gateway else [
+        Child("gateway", "gateway", ["--broker", frontend, "--host", args.host, "--port",
+                                     str(args.port), "--log-level", args.log_level])]
+    children = [broker, *workers, *gateway]
     try:
-        rows = wait_ready(frontend, args.workers, args.ready_timeout_s, procs, stopping)
+        rows = wait_ready(frontend, args.workers, args.ready_timeout_s,
+                          [c.proc for c in children], stopping)
         if not rows:
             log.error("pipeline did not come up")
             return 1
@@ -107,16 +157,20 @@ Or from Python:
         print(c.generate("{model}", "hello from zeroserve").text)
 """, flush=True)
         while not stopping():
-            dead = [p for p in procs if p.poll() is not None]
-            if dead:
-                log.error("a child exited (pid %d, code %s): stopping", dead[0].pid,
-                          dead[0].returncode)
-                return 1
-            time.sleep(0.2)
+            now = time.monotonic()
+            if not all([c.keep_up(now) for c in children]):  # every child gets its turn
+                if any(c.quick_exits >= MAX_QUICK_EXITS for c in (broker, *gateway)):
+                    return 1
+                workers = [w for w in workers if w.quick_exits < MAX_QUICK_EXITS]
+                if not workers:
+                    return 1
+                children = [broker, *workers, *gateway]
+            time.sleep(0.1)
         return 0
     finally:
-        log.info("stopping %d processes", len(procs))
-        stop_all(procs)
+        log.info("stopping: workers drain first, then the gateway, then the broker")
+        for group in (workers, gateway, [broker]):
+            stop_all([c.proc for c in group], timeout_s=30.0)
         admin = default_endpoint("admin", args.instance)
         for endpoint in (frontend, backend, admin):  # a broker that was killed leaves its files
             if endpoint.startswith("ipc://"):

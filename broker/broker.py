@@ -93,12 +93,11 @@ class Broker:
         log.info("broker stopped: %s", self.counts)
 
     def run(self) -> None:
-        poller = self.poller
         for sock in (self.frontend, self.backend, self.admin):
-            poller.register(sock, zmq.POLLIN)
+            self.poller.register(sock, zmq.POLLIN)
         while self.running:
             timeout_ms = max(0.0, min(self._next_deadline() - time.monotonic(), 0.2)) * 1000
-            events = dict(poller.poll(timeout_ms))
+            events = dict(self.poller.poll(timeout_ms))
             for fd in [e for e in events if isinstance(e, int)]:  # a local worker's pidfd
                 self._process_ended(fd)
             if self.backend in events:
@@ -362,6 +361,7 @@ class Broker:
         self._next_heartbeat = now + self.cfg.heartbeat_interval_s
         for worker in self.table.expired_workers(now):
             self._purge(worker, "heartbeat expired")
+            self.pids.kill(worker.identity)  # a local process that is stopped or hung
         beat = p.encode(p.HEARTBEAT, {})
         for worker in list(self.table.workers.values()):
             self._send_worker(worker, NO_ROUTE, beat)

@@ -7,15 +7,19 @@ stream must finish with exactly the text (and tokens) of an undisturbed run.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import json
 import os
 import signal
 import time
 
+import httpx
 import pytest
 
 from zeroserve import AsyncClient, WorkerLostError
 
 from .conftest import Pipeline, wait_for
+from .test_gateway import start_gateway
 
 WORDS = " ".join(f"w{i}" for i in range(60))
 
@@ -109,3 +113,66 @@ def test_llm_greedy_and_seeded_streams_resume_identically(pipeline, tiny_model) 
     assert [t for t, _ in hit] == [t for t, _ in calm]
     assert all(len(ids) == 48 for _, ids in hit)
     print(f"largest pause in a resumed stream: {max(gaps) * 1000:.0f} ms")
+
+
+@pytest.mark.timeout(120)
+def test_a_stopped_worker_is_purged_killed_and_its_streams_resume(pipeline) -> None:
+    pipeline.start_broker()
+    pipeline.wait_broker()
+    for name in ("e1", "e2"):
+        pipeline.start_worker(name, "--step-delay-ms", "20")
+    pipeline.wait_workers(2)
+
+    async def run() -> list:
+        async with AsyncClient(pipeline.frontend, heartbeat_interval_s=0.25) as c:
+            handles = [await c.submit("echo", WORDS) for _ in range(6)]
+            await asyncio.sleep(0.3)
+            victim = _busiest(pipeline)
+            os.kill(pipeline.workers[victim].pid, signal.SIGSTOP)  # heartbeats stop
+            return [(await h.result(60)).text for h in handles], victim
+
+    texts, victim = asyncio.run(run())
+    assert texts == [WORDS] * 6, pipeline.dump_logs()
+    proc = pipeline.workers[victim]
+    assert wait_for(lambda: proc.poll() is not None, 10)  # killed: a supervisor restarts it
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.timeout(120)
+def test_a_hung_engine_exits_after_the_progress_timeout(pipeline) -> None:
+    pipeline.start_broker()
+    pipeline.wait_broker()
+    worker = pipeline.start_worker("hung", "--progress-timeout-s", "1")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c, pytest.raises(WorkerLostError, match="engine hung"):
+        c.generate("echo", WORDS, stall_at=3, resume=False, timeout_s=30)
+    assert worker.wait(10) == 70
+    assert "progress timeout" in pipeline.dump_logs()
+
+
+@pytest.mark.timeout(120)
+def test_http_requests_through_the_gateway_survive_a_kill_9(pipeline) -> None:
+    pipeline.start_broker()
+    pipeline.wait_broker()
+    for name in ("e1", "e2"):
+        pipeline.start_worker(name, "--step-delay-ms", "20")
+    pipeline.wait_workers(2)
+    url = start_gateway(pipeline)
+
+    def call(i: int) -> httpx.Response:
+        body = {"model": "echo", "prompt": WORDS, "max_tokens": 60, "stream": i % 2 == 1}
+        return httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(call, i) for i in range(8)]
+        time.sleep(0.4)
+        os.kill(pipeline.workers[_busiest(pipeline)].pid, signal.SIGKILL)
+        responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [200] * 8, pipeline.dump_logs()
+    for i, r in enumerate(responses):
+        if i % 2 == 0:
+            assert r.json()["choices"][0]["text"] == WORDS
+        else:  # SSE: the deltas join up to the whole text
+            deltas = [json.loads(line[6:]) for line in r.text.splitlines()
+                      if line.startswith("data: {")]
+            assert "".join(d["choices"][0]["text"] for d in deltas) == WORDS

@@ -6,7 +6,8 @@ token per step, and each step sleeps `step_delay_ms` to stand in for compute.
 Request body: {"prompt": str, "max_tokens": int (optional), "fail_at": int (optional),
 "resume": {"token_ids": [...]} (optional: go on after that many tokens, see llm/engine.py)}.
 `fail_at` makes the step that would emit that token raise, so tests can watch the runtime
-fail the batch with INTERNAL and carry on.
+fail the batch with INTERNAL and carry on; `stall_at` makes that step hang for an hour (a hung
+engine, for the progress timeout).
 Each step's delta: {"text": str, "token_ids": [index]}; END adds finish_reason and usage.
 """
 
@@ -28,6 +29,7 @@ class _Echo:
     tokens: list[str]
     pos: int = 0
     fail_at: int = -1
+    stall_at: int = -1
 
 
 class EchoEngine:
@@ -48,15 +50,15 @@ class EchoEngine:
         max_tokens = body.get("max_tokens", len(tokens))
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise EngineError(p.BAD_REQUEST, "max_tokens must be a positive integer")
-        fail_at = body.get("fail_at", -1)
-        if not isinstance(fail_at, int):
-            raise EngineError(p.BAD_REQUEST, "fail_at must be an integer")
+        fail_at, stall_at = body.get("fail_at", -1), body.get("stall_at", -1)
+        if not isinstance(fail_at, int) or not isinstance(stall_at, int):
+            raise EngineError(p.BAD_REQUEST, "fail_at and stall_at must be integers")
         resume = body.get("resume")
         done = resume.get("token_ids") if isinstance(resume, dict) else []
         if not isinstance(done, list) or len(done) >= min(max_tokens, len(tokens)):
             raise EngineError(p.BAD_REQUEST, "resume.token_ids must be shorter than the reply")
         self.running[key] = _Echo(tokens[: min(max_tokens, MAX_PROMPT_TOKENS)], len(done),
-                                  fail_at)
+                                  fail_at, stall_at)
 
     def cancel(self, key: RequestKey) -> list[Output]:
         req = self.running.pop(key, None)
@@ -81,6 +83,8 @@ class EchoEngine:
         for key, req in self.running.items():
             if req.pos == req.fail_at:
                 raise RuntimeError(f"echo asked to fail at token {req.pos}")
+            if req.pos == req.stall_at:
+                time.sleep(3600)
             word = req.tokens[req.pos]
             delta = {"text": word if req.pos == 0 else " " + word, "token_ids": [req.pos]}
             req.pos += 1

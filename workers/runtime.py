@@ -14,6 +14,9 @@ Threads, as vLLM does it, so socket and text work never stall compute:
   behind it (tokenizers release the GIL while they work);
 - the engine thread (the main thread) drains the inbox between steps and runs ``step()``.
 SIGTERM or a DRAIN drains: no new work, in-flight requests finish, DISCONNECT, exit 0.
+A step that runs past --progress-timeout-s (a hung engine: the IO thread would go on
+heartbeating for it) makes the IO thread send DISCONNECT and exit the process (code 70), so
+the broker resumes its requests elsewhere and a supervisor starts it again.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class Worker:
         self.draining = False
         self.stats: dict[str, Any] = {}
         self.served = 0
+        self.step_started: float | None = None  # set while engine.step() runs
         self._io = threading.Thread(target=self._io_loop, name="worker-io", daemon=True)
         # requests handed to the prepare thread and not yet added; cancels that find one here
         # are held until it arrives (set/discard are atomic under the GIL)
@@ -110,6 +114,7 @@ class Worker:
     def _step(self, failed_steps: int) -> int:
         """One engine step; returns the count of consecutive failed steps."""
         try:
+            self.step_started = time.monotonic()
             outputs = self.engine.step()
             failed_steps = 0
         except FatalEngineError:
@@ -121,6 +126,8 @@ class Worker:
             if failed_steps >= MAX_FAILED_STEPS:
                 self._emit(outputs)
                 raise FatalEngineError(f"{failed_steps} failed steps: {exc}") from exc
+        finally:
+            self.step_started = None
         self._emit(outputs)
         return failed_steps
 
@@ -269,6 +276,7 @@ class Worker:
                                 broker_expiry = 0.0  # told to re-register: reconnect now
                         except Exception:
                             log.exception("unexpected error handling a broker message")
+                self._check_progress(dealer, now)
                 if now >= next_beat:
                     next_beat = now + interval
                     dealer.send_multipart([b"", *p.encode(p.HEARTBEAT, {"stats": self._beat()})])
@@ -286,6 +294,16 @@ class Worker:
         finally:
             dealer.close(0)
             pair.close(0)
+
+    def _check_progress(self, dealer: zmq.Socket, now: float) -> None:
+        started, limit = self.step_started, self.cfg.progress_timeout_s
+        if started is None or not limit or now - started <= limit:
+            return
+        log.error("engine step running for %.1f s (progress timeout %.1f s): exiting so its "
+                  "requests resume on another worker", now - started, limit)
+        dealer.send_multipart([b"", *p.encode(p.DISCONNECT, {"reason": "engine hung"})])
+        time.sleep(0.2)  # let the DISCONNECT leave
+        os._exit(70)
 
     def _beat(self) -> dict[str, Any]:
         return {**self.stats, "served": self.served, "draining": self.draining}

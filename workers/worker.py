@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_key_arguments(ap, "worker")
     ap.add_argument("--heartbeat-interval-s", type=float, default=1.0)
     ap.add_argument("--heartbeat-liveness", type=int, default=3)
+    ap.add_argument("--progress-timeout-s", type=float, default=60.0,
+                    help="exit when one engine step runs longer (a hung engine; 0: never)")
     ap.add_argument("--run-dir", default="", help="count starts of this slot here (ops)")
     ap.add_argument("--log-level", default="INFO")
     return ap
@@ -97,6 +99,7 @@ def config_from_args(args: argparse.Namespace, cpus: tuple[int, ...],
         max_queue_delay_ms=args.max_queue_delay_ms,
         heartbeat_interval_s=args.heartbeat_interval_s,
         heartbeat_liveness=args.heartbeat_liveness,
+        progress_timeout_s=args.progress_timeout_s,
         sockets=SocketConfig(max_message_bytes=args.max_message_mb * MIB, curve=curve,
                              insecure=args.insecure),
     )

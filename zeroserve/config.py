@@ -86,6 +86,7 @@ class WorkerConfig:
     max_queue_delay_ms: float = 2.0
     heartbeat_interval_s: float = 1.0
     heartbeat_liveness: int = 3
+    progress_timeout_s: float = 60.0  # one engine step longer than this: exit (0: never)
     sockets: SocketConfig = SocketConfig()
 
     @property

@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 from zeroserve.broker import admin
 from zeroserve.broker.liveness import PidWatch
-from zeroserve.broker.table import Job, Table, WorkerState
+from zeroserve.broker.table import Job, Table, WorkerState, same_process
 
 from zeroserve import protocol as p
 from zeroserve.config import BrokerConfig
@@ -84,9 +84,8 @@ class Broker:
             self._send_worker(w, NO_ROUTE, p.encode(p.DISCONNECT, {"reason": "broker stopping"}))
         for job in list(self.table.jobs.values()):
             self._reply_error(job, p.UNAVAILABLE, "broker stopping")
-        self.frontend.close(0)
-        self.backend.close(0)
-        self.admin.close(0)
+        for sock in (self.frontend, self.backend, self.admin):
+            sock.close(0)
         if self.auth is not None:
             self.auth.stop()
         self.pids.close()
@@ -231,8 +230,7 @@ class Broker:
         elif t in (p.CHUNK, p.END, p.ERROR):
             self._on_reply(worker, route, msg, frames[2:])
         elif t == p.HEARTBEAT:
-            stats = msg.header.get("stats")
-            if isinstance(stats, dict):
+            if isinstance(stats := msg.header.get("stats"), dict):
                 worker.stats = stats
         elif t == p.DRAIN:
             self._drain_worker(worker, "worker asked")
@@ -247,6 +245,9 @@ class Broker:
             self._bad_frame("backend", identity, p.ProtocolError(f"{p.TYPE_NAMES[t]} from worker"))
 
     def _on_ready(self, identity: bytes, msg: p.Message) -> None:
+        live = self.table.find_by_id(str(msg.header.get("worker_id") or ""))
+        if live is not None and live.identity != identity and same_process(live.info, msg.header):
+            self._purge(live, "reconnected")  # the same process on a new connection
         try:
             worker = self.table.register(
                 identity, msg.header, time.monotonic() + self.cfg.expiry_s
@@ -333,9 +334,8 @@ class Broker:
         for job in reversed(requeue):
             self.table.enqueue(job, front=True)
         for w in list(self.table.workers.values()):
-            if self.table.queued == 0:
-                break
-            self._dispatch_queued(w)
+            if self.table.queued:
+                self._dispatch_queued(w)
 
     def _reply_error(self, job: Job, code: str, message: str) -> None:
         self._send_client(job.client, p.error(job.rid, code, message))

@@ -65,6 +65,13 @@ class WorkerState:
         }
 
 
+def same_process(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two READYs from one process (pid, boot and start time agree): a reconnect, not a
+    second worker claiming the id (procs.identity; `started` is not in the public table)."""
+    keys = ("pid", "boot_id", "started")
+    return a.get("pid") is not None and all(a.get(k) == b.get(k) for k in keys)
+
+
 class Table:
     """Workers by identity, jobs by (client, id), and a bounded FIFO queue per model."""
 

@@ -358,3 +358,24 @@ def test_oversized_frame_is_dropped_and_the_broker_goes_on(pipeline, ctx) -> Non
     assert pipeline.broker.poll() is None
     with pipeline.client() as c:
         assert c.generate("echo", "still fine", timeout_s=5).text == "still fine"
+
+
+def test_a_worker_that_reconnects_replaces_its_own_registration(pipeline, ctx) -> None:
+    # the same process (pid, boot, start time) on a new connection is a reconnect, not a rogue
+    pipeline.start_broker()
+    pipeline.wait_broker()
+    info = {"worker_id": "w", "models": ["m"], "capacity": 2, **procs.identity()}
+    first, second = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    for sock in (first, second):
+        sock.connect(pipeline.backend)
+    first.send_multipart([b"", *p.encode(p.READY, info)])
+    with pipeline.client() as c:
+        assert wait_for(lambda: [w["worker_id"] for w in c.workers()] == ["w"], 10)
+        second.send_multipart([b"", *p.encode(p.READY, info)])
+        handle = c.submit("m", "hello")
+        kinds = set()
+        while p.REQUEST not in kinds and second.poll(5000):  # heartbeats come too
+            kinds.add(p.decode(second.recv_multipart()[1:]).type)
+        assert p.REQUEST in kinds, "the new connection gets the work"
+        handle.cancel()
+        assert [w["worker_id"] for w in c.workers()] == ["w"]

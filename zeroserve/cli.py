@@ -8,6 +8,7 @@
     zeroserve make-model PRESET build the embedded default model (tiny, small) into the cache
     zeroserve supervise         the whole deployment under supervisord (supervisord.conf)
     zeroserve keys generate     a CURVE keypair for a role (broker, client, worker, admin)
+    zeroserve chaos             faults on a live pipeline, each checked against a bound
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ COMMANDS = {
     "gateway": "zeroserve.gateway.gateway",
     "supervise": "zeroserve.ops.supervise",
     "keys": "zeroserve.keys",
+    "chaos": "zeroserve.chaos",
 }
 
 

@@ -184,6 +184,7 @@ class ClientCore:
         self._ids = itertools.count()
         self._endpoint_index = 0
         self.broker_expiry = time.monotonic() + cfg.expiry_s
+        self.failovers = 0  # in a row, with nothing heard in between
         self.last_heard = time.monotonic()  # a grace period for the first connection
         self.next_beat = time.monotonic() + cfg.heartbeat_interval_s
 
@@ -223,6 +224,7 @@ class ClientCore:
     def on_frames(self, frames: list[bytes]) -> list[list[bytes]]:
         """Take one message from the broker; return what to send back (resumed requests)."""
         self.last_heard = time.monotonic()
+        self.failovers = 0
         self.broker_expiry = self.last_heard + self.cfg.expiry_s
         try:
             msg = p.decode(frames)
@@ -246,7 +248,7 @@ class ClientCore:
                 del self.pending[rid]
             elif pend.resume is not None:
                 pend.resume.record(data)
-            pend.started = True
+            pend.started, pend.resent = True, 0  # progress: a fresh failover budget
             pend.sink.put(Chunk(data, msg.buffers[1:], final=final))
         elif msg.type == p.ERROR:
             h = msg.header
@@ -256,19 +258,20 @@ class ClientCore:
             pend.sink.put(errors.from_code(str(h.get("code")), str(h.get("message")), rid))
         return []
 
-    def _resume(self, rid: str, pend: _Pending, why: str) -> bool:
-        """Make `pend.frames` the request that goes on from what was received, if allowed."""
+    def _resume(self, rid: str, pend: _Pending, why: str, count: bool = True) -> bool:
+        """Make `pend.frames` the request that goes on from what was received, if allowed.
+        Only lost workers count against max_resumes (a request that kills every worker it
+        meets must end); broker failovers are bounded by max_resends."""
         r = pend.resume
-        if r is None or r.resumes >= self.cfg.max_resumes:
+        if r is None or (count and r.resumes >= self.cfg.max_resumes):
             return False
-        r.resumes += 1
+        r.resumes += count
         body = r.body
         if r.token_ids:
             body = {**body, "resume": {"token_ids": list(r.token_ids),
                                        "text_chars": r.text_chars}}
         pend.frames = p.request(rid, r.model, body)
-        log.info("request %s resumed after %d tokens (%s, resume %d of %d)", rid,
-                 len(r.token_ids), why, r.resumes, self.cfg.max_resumes)
+        log.info("request %s resumed after %d tokens (%s)", rid, len(r.token_ids), why)
         return True
 
     def heartbeat_due(self, now: float) -> bool:
@@ -286,10 +289,13 @@ class ClientCore:
         the others fail with UnavailableError, as do those that ran out of resends: nothing
         waits forever."""
         self._endpoint_index += 1
-        self.broker_expiry = time.monotonic() + self.cfg.expiry_s
+        self.failovers += 1  # each silent one waits longer: a broker restart takes seconds
+        self.broker_expiry = time.monotonic() + self.cfg.expiry_s * (1 + self.failovers)
         resend = []
         for rid, pend in list(self.pending.items()):
-            if pend.started and self._resume(rid, pend, "broker lost"):
+            if (pend.started and pend.resent < self.cfg.max_resends
+                    and self._resume(rid, pend, "broker lost", count=False)):
+                pend.resent += 1
                 resend.append(pend.frames)
             elif pend.started or pend.resent >= self.cfg.max_resends:
                 del self.pending[rid]

@@ -1,0 +1,348 @@
+"""`zeroserve chaos`: a fixed list of faults on a live pipeline of the tiny model, each checked
+against a bound; a table (or --json) and a non-zero exit if any row misses its bound.
+
+One pipeline for the whole run, on ipc endpoints in a temporary directory: a broker, two LLM
+workers (`l1`, `l2`, the tiny preset) and one echo worker (the test engine that accepts fault
+flags). Peers heartbeat every 0.25 s. This harness plays supervisor: a worker it killed is
+started again. Rows:
+
+  kill-1-of-2      kill -9 of the worker with most streams, mid-stream
+  kill-all         kill -9 of both LLM workers, then start them again
+  sigstop          SIGSTOP of the busiest worker (heartbeats stop; the broker kills it)
+  engine-error     the echo engine raises in a step (fail_at): that batch fails, nothing hangs
+  broker-restart   kill -9 of the broker mid-stream, then start it again on the same endpoints
+  cut-100          100 streams cut by their clients at once
+  abort-10-of-100  10 of 100 streams cancelled mid-stream, the other 90 finish
+  oversized        a 64 MiB frame on a broker whose limit is 32 MiB, beside live streams
+  drain            scale-down under load: one worker drained through the admin endpoint
+
+Every LLM row runs 64 streams (32 greedy, 32 seeded, 48 tokens) and compares each with an
+undisturbed run: `lost` counts streams that failed or differ. Columns: detect_ms (fault until
+the broker dropped the worker), settle_ms (fault until every client had its result or error),
+max_pause_ms (the longest wait between two chunks of any stream: what a client felt), and what
+was left behind at the end (shared-memory files of dead pids, broker RSS and fds). Settle
+bounds scale with the undisturbed run's duration (a row that loses a worker runs the rest on
+half the capacity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from zeroserve.procs import exit_on_sigterm, spawn, stop
+
+HEARTBEAT = ["--heartbeat-interval-s", "0.25"]
+STREAMS = [{"prompt": f"stream {i} says", "max_tokens": 48, "ignore_eos": True,
+            **({"temperature": 0} if i % 2 else {"temperature": 0.9, "seed": i})}
+           for i in range(64)]
+
+
+@dataclass
+class Row:
+    fault: str
+    requests: int
+    completed: int
+    errors: int
+    error_codes: list[str]
+    lost: int
+    detect_ms: float
+    settle_ms: float
+    max_pause_ms: float
+    bound: str
+    ok: bool
+
+
+class Stack:
+    """The pipeline under test: processes by name, started again on demand."""
+
+    def __init__(self, root: Path, model: str) -> None:
+        self.front, self.back, self.admin = (f"ipc://{root}/{n}.sock" for n in "fba")
+        self.logs = root
+        llm = ["--engine", "llm", "--model", model, "--served-name", "tiny", "--dtype",
+               "float32", "--max-model-len", "512"]
+        self.args = {
+            "broker": ["--frontend", self.front, "--backend", self.back, "--admin", self.admin,
+                       "--max-message-mb", "32", *HEARTBEAT],
+            "l1": ["--broker", self.back, "--worker-id", "l1", "--no-pin", *llm, *HEARTBEAT],
+            "l2": ["--broker", self.back, "--worker-id", "l2", "--no-pin", *llm, *HEARTBEAT],
+            "echo": ["--broker", self.back, "--worker-id", "echo", "--no-pin",
+                     "--step-delay-ms", "20", *HEARTBEAT],
+        }
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str) -> None:
+        role = "broker" if name == "broker" else "worker"
+        with open(self.logs / f"{name}.log", "ab") as log:
+            self.procs[name] = spawn(role, self.args[name], stdout=log,
+                                     stderr=subprocess.STDOUT)
+
+    def client(self) -> Any:
+        from zeroserve.client import AsyncClient
+
+        return AsyncClient(self.front, heartbeat_interval_s=0.25)
+
+    async def workers(self) -> list[dict[str, Any]]:
+        async with self.client() as c:
+            with contextlib.suppress(Exception):
+                return await c.workers()
+        return []
+
+    async def wait_workers(self, names: set[str], timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if names <= {w["worker_id"] for w in await self.workers()}:
+                return
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"workers {sorted(names)} did not register")
+
+    async def wait_gone(self, name: str, since: float) -> float:
+        """ms from `since` until the broker's table no longer lists worker `name`."""
+        while name in {w["worker_id"] for w in await self.workers()}:
+            await asyncio.sleep(0.01)
+        return (time.monotonic() - since) * 1000
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            stop(proc, timeout_s=5)
+
+
+async def _streams(stack: Stack, bodies: list[dict], model: str = "tiny",
+                   fault: Callable[[], Awaitable[float]] | None = None,
+                   after_chunks: int = 4, cut: Callable[[int], bool] = lambda i: False
+                   ) -> tuple[list[Any], float, float, float]:
+    """Run the streams; once each has `after_chunks` chunks, run `fault` (it returns the
+    detection time) and cut the streams `cut` picks. Returns each stream's token ids (or its
+    error code, or "cut"), detect_ms, settle_ms and the longest pause between two chunks of
+    any stream."""
+    outs: list[Any] = [[] for _ in bodies]
+    counts = [0] * len(bodies)
+    pause = [0.0]
+    async with stack.client() as c:
+        async def one(i: int) -> None:
+            try:
+                handle = await c.submit(model, **bodies[i])
+                last = time.monotonic()
+                async for chunk in handle.chunks(120):
+                    outs[i] += chunk.token_ids
+                    counts[i] += 1
+                    pause[0] = max(pause[0], time.monotonic() - last)
+                    last = time.monotonic()
+                    if counts[i] > after_chunks and cut(i):
+                        outs[i] = "cut"
+                        return  # leaving the loop cancels the request
+            except Exception as exc:  # noqa: BLE001 - every failure is a row figure
+                outs[i] = getattr(exc, "code", type(exc).__name__)
+
+        tasks = [asyncio.create_task(one(i)) for i in range(len(bodies))]
+        while fault and min(counts) < after_chunks and not all(t.done() for t in tasks):
+            await asyncio.sleep(0.005)
+        t0 = time.monotonic()
+        detect = await fault() if fault else 0.0
+        await asyncio.gather(*tasks)
+    return outs, detect, (time.monotonic() - t0) * 1000, pause[0] * 1000
+
+
+def _busiest(rows: list[dict[str, Any]], among: set[str]) -> str:
+    return max((w for w in rows if w["worker_id"] in among), key=lambda w: w["in_flight"])[
+        "worker_id"]
+
+
+def _row(fault: str, result: tuple[list[Any], float, float, float], calm: list[Any] | None,
+         bound_ms: float, expect_errors: bool = False) -> Row:
+    outs, detect, settle, pause = result
+    done = [o for o in outs if isinstance(o, list)]
+    errors = [o for o in outs if isinstance(o, str) and o != "cut"]
+    differ = sum(1 for o, c in zip(outs, calm or outs, strict=True)
+                 if isinstance(o, list) and o != c)
+    lost = differ + (0 if expect_errors else len(errors))
+    ok = lost == 0 and settle <= bound_ms and (errors or not expect_errors)
+    bound = f"lost 0, settle <= {bound_ms / 1000:.1f} s" + (
+        ", the batch errors" if expect_errors else "")
+    return Row(fault, len(outs), len(done), len(errors), sorted(set(errors)), lost,
+               round(detect, 1), round(settle, 1), round(pause, 1), bound, bool(ok))
+
+
+async def _suite(stack: Stack) -> list[Row]:
+    rows: list[Row] = []
+    calm, _, calm_ms, _ = await _streams(stack, STREAMS)
+    one_left = 2 * calm_ms + 3000  # half the workers for the rest of the run, plus the fault
+    llm = {"l1", "l2"}
+
+    async def kill_busiest(sig: int = signal.SIGKILL) -> float:
+        victim = _busiest(await stack.workers(), llm)
+        t0 = time.monotonic()
+        os.kill(stack.procs[victim].pid, sig)
+        detect = await stack.wait_gone(victim, t0)
+        stack.procs[victim].wait(10)  # after SIGSTOP: until the broker has killed it
+        stack.start(victim)
+        return detect
+
+    async def kill_all() -> float:
+        t0 = time.monotonic()
+        for name in llm:
+            os.kill(stack.procs[name].pid, signal.SIGKILL)
+        detect = max([await stack.wait_gone(n, t0) for n in llm])
+        for name in llm:
+            stack.start(name)
+        return detect
+
+    async def sigstop() -> float:
+        return await kill_busiest(signal.SIGSTOP)
+
+    for name, fault, bound in (("kill-1-of-2", kill_busiest, one_left),
+                               ("kill-all", kill_all, calm_ms + 60000),
+                               ("sigstop", sigstop, one_left + 750)):
+        rows.append(_row(name, await _streams(stack, STREAMS, fault=fault), calm, bound))
+        await stack.wait_workers(llm)
+
+    echo = [{"prompt": " ".join(f"w{j}" for j in range(40)), **({"fail_at": 10} if i == 0
+                                                                 else {})} for i in range(8)]
+    rows.append(_row("engine-error", await _streams(stack, echo, "echo", fault=_no_fault,
+                                                    after_chunks=1),
+                     None, 5000, expect_errors=True))
+
+    async def broker_restart() -> float:
+        t0 = time.monotonic()
+        stack.procs["broker"].kill()
+        stack.procs["broker"].wait()
+        stack.start("broker")
+        return (time.monotonic() - t0) * 1000
+
+    rows.append(_row("broker-restart", await _streams(stack, STREAMS, fault=broker_restart),
+                     calm, calm_ms + 20000))
+    await stack.wait_workers(llm | {"echo"})
+
+    many = [{**STREAMS[i % len(STREAMS)], "max_tokens": 64} for i in range(100)]
+    cut = await _streams(stack, many, fault=_no_fault, after_chunks=1, cut=lambda i: True)
+    idle = await _idle_within(stack, 5.0)  # the engines dropped every cut stream
+    rows.append(_row("cut-100", cut, None, 10000 if idle else -1))
+    rows.append(_row("abort-10-of-100", await _streams(
+        stack, many, fault=_no_fault, after_chunks=1, cut=lambda i: i % 10 == 0), None, 60000))
+
+    async def oversized() -> float:
+        import zmq
+
+        from zeroserve import protocol as p
+
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect(stack.front)
+        sock.send_multipart(p.request("big", "tiny", {"prompt": "x"}, b"\0" * (64 << 20)))
+        await asyncio.sleep(0.5)
+        sock.close(0)
+        ctx.term()
+        return 0.0
+
+    rows.append(_row("oversized", await _streams(stack, STREAMS, fault=oversized), calm,
+                     one_left))
+
+    async def drain() -> float:
+        from zeroserve.client import AsyncClient
+
+        victim = _busiest(await stack.workers(), llm)
+        t0 = time.monotonic()
+        async with AsyncClient(stack.admin, heartbeat_interval_s=0.25) as ops:
+            await ops.admin("drain", worker_id=victim)
+        asyncio.get_running_loop().run_in_executor(None, _restart_after_exit, stack, victim)
+        return (time.monotonic() - t0) * 1000
+
+    rows.append(_row("drain", await _streams(stack, STREAMS, fault=drain), calm, one_left))
+    await stack.wait_workers(llm)
+    return rows
+
+
+async def _no_fault() -> float:
+    return 0.0
+
+
+def _restart_after_exit(stack: Stack, name: str) -> None:
+    stack.procs[name].wait(60)
+    stack.start(name)
+
+
+async def _idle_within(stack: Stack, timeout_s: float) -> bool:
+    """Every worker back to nothing running (the cut streams were cancelled in the engine)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rows = await stack.workers()
+        if rows and all(w["in_flight"] == 0 and not w["stats"].get("running") for w in rows):
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+def _leftovers(stack: Stack, instance: str) -> dict[str, Any]:
+    from zeroserve.arena import SHM_DIR, prefix
+
+    stale = [f for f in os.listdir(SHM_DIR) if f.startswith(prefix(instance) + "-")
+             and not psutil.pid_exists(int(f.split("-")[-2]))]
+    broker = psutil.Process(stack.procs["broker"].pid)
+    return {"stale_shm_files": len(stale), "broker_rss_mib": broker.memory_info().rss >> 20,
+            "broker_fds": broker.num_fds()}
+
+
+def run(model: str) -> dict[str, Any]:
+    from zeroserve.models import PRESETS, ensure_built
+
+    path = str(ensure_built(model)) if model in PRESETS else model
+    instance = f"chaos-{os.getpid()}"
+    os.environ["ZEROSERVE_INSTANCE"] = instance
+    with tempfile.TemporaryDirectory(prefix="zs-chaos-") as tmp:
+        stack = Stack(Path(tmp), path)
+        try:
+            for name in ("broker", "l1", "l2", "echo"):
+                stack.start(name)
+            asyncio.run(stack.wait_workers({"l1", "l2", "echo"}))
+            before = _leftovers(stack, instance)
+            rows = asyncio.run(_suite(stack))
+            after = _leftovers(stack, instance)
+        except BaseException:
+            for log in sorted(Path(tmp).glob("*.log")):
+                print(f"--- {log.name}\n{log.read_text(errors='replace')[-2000:]}")
+            raise
+        finally:
+            stack.close()
+    left = {"stale_shm_files": after["stale_shm_files"],
+            "broker_rss_growth_mib": after["broker_rss_mib"] - before["broker_rss_mib"],
+            "broker_fd_growth": after["broker_fds"] - before["broker_fds"]}
+    left_ok = (left["stale_shm_files"] == 0 and left["broker_rss_growth_mib"] <= 64
+               and left["broker_fd_growth"] <= 16)
+    return {"rows": [asdict(r) for r in rows], "left_behind": left, "left_ok": left_ok,
+            "ok": left_ok and all(r.ok for r in rows)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="zeroserve chaos", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="tiny", help="model directory or preset")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    exit_on_sigterm()  # killed by a timeout: still stop the pipeline it started
+    res = run(args.model)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        cols = ["fault", "requests", "completed", "errors", "lost", "detect_ms", "settle_ms",
+                "max_pause_ms", "ok", "bound"]
+        print("  ".join(f"{c:>12}" if c != "bound" else c for c in cols))
+        for row in res["rows"]:
+            print("  ".join(f"{row[c]!s:>12}" if c != "bound" else row[c] for c in cols))
+        print(f"left behind: {res['left_behind']} ({'ok' if res['left_ok'] else 'TOO MUCH'})")
+    return 0 if res["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint install clean supervise
+.PHONY: up test lint install clean supervise chaos
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,9 @@ up: $(STAMP)
 
 supervise: $(STAMP)
 	$(BIN)/zeroserve supervise
+
+chaos: $(STAMP)
+	$(BIN)/zeroserve chaos
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 ROWS = ["kill-1-of-2", "kill-all", "sigstop", "engine-error", "broker-restart", "cut-100",
-        "abort-10-of-100", "oversized", "drain"]
+        "abort-10-of-100", "oversized", "drain", "gateway-kill", "slow-consumer"]
 
 
 @pytest.mark.timeout(600)

@@ -15,6 +15,9 @@ started again. Rows:
   abort-10-of-100  10 of 100 streams cancelled mid-stream, the other 90 finish
   oversized        a 64 MiB frame on a broker whose limit is 32 MiB, beside live streams
   drain            scale-down under load: one worker drained through the admin endpoint
+  gateway-kill     kill -9 of the gateway with 16 HTTP streams open: their work is cancelled
+                   in the workers, and the gateway started again serves
+  slow-consumer    a client that asks for 8 long streams and never reads, beside live streams
 
 Every LLM row runs 64 streams (32 greedy, 32 seeded, 48 tokens) and compares each with an
 undisturbed run: `lost` counts streams that failed or differ. Columns: detect_ms (fault until
@@ -81,11 +84,16 @@ class Stack:
             "l2": ["--broker", self.back, "--worker-id", "l2", "--no-pin", *llm, *HEARTBEAT],
             "echo": ["--broker", self.back, "--worker-id", "echo", "--no-pin",
                      "--step-delay-ms", "20", *HEARTBEAT],
+            "gateway": ["--broker", self.front, "--port", str(_free_port()), "--cache-mb", "0"],
         }
         self.procs: dict[str, subprocess.Popen] = {}
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.args['gateway'][3]}"
+
     def start(self, name: str) -> None:
-        role = "broker" if name == "broker" else "worker"
+        role = name if name in ("broker", "gateway") else "worker"
         with open(self.logs / f"{name}.log", "ab") as log:
             self.procs[name] = spawn(role, self.args[name], stdout=log,
                                      stderr=subprocess.STDOUT)
@@ -262,11 +270,86 @@ async def _suite(stack: Stack) -> list[Row]:
 
     rows.append(_row("drain", await _streams(stack, STREAMS, fault=drain), calm, one_left))
     await stack.wait_workers(llm)
+    rows.append(await _gateway_kill(stack))
+
+    async def slow_consumer() -> float:
+        import zmq
+
+        from zeroserve import protocol as p
+
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.RCVHWM, 4)
+        sock.connect(stack.front)
+        for i in range(8):
+            sock.send_multipart(p.request(f"slow-{i}", "tiny", {
+                "prompt": "never read", "max_tokens": 400, "ignore_eos": True}))
+        asyncio.get_running_loop().call_later(30, lambda: (sock.close(0), ctx.term()))
+        return 0.0
+
+    rows.append(_row("slow-consumer", await _streams(stack, STREAMS, fault=slow_consumer),
+                     calm, one_left))
     return rows
+
+
+async def _gateway_kill(stack: Stack) -> Row:
+    """16 HTTP streams, then kill -9 of the gateway: settle is the time until the workers
+    dropped that work (the broker cancels a silent client's requests)."""
+    import httpx
+
+    stack.start("gateway")
+    body = {"model": "tiny", "prompt": "over http", "max_tokens": 400, "ignore_eos": True,
+            "stream": True}
+    outs: list[Any] = []
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get("/ready")).status_code == 200:
+                    break
+            await asyncio.sleep(0.2)
+        started = asyncio.Event()
+
+        async def one() -> None:
+            try:
+                async with http.stream("POST", "/v1/completions", json=body) as res:
+                    async for _ in res.aiter_lines():
+                        started.set()
+                outs.append([])
+            except httpx.HTTPError:
+                outs.append("cut")  # the gateway died under it: expected
+
+        tasks = [asyncio.create_task(one()) for _ in range(16)]
+        await asyncio.wait_for(started.wait(), 60)
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        stack.procs["gateway"].kill()
+        stack.procs["gateway"].wait()
+        await asyncio.gather(*tasks)
+        idle = await _idle_within(stack, 10.0)
+        settle = (time.monotonic() - t0) * 1000 if idle else 1e9
+        stack.start("gateway")
+        served = False
+        while not served and time.monotonic() - t0 < 60:
+            with contextlib.suppress(httpx.HTTPError):
+                res = await http.post("/v1/completions", json={**body, "stream": False,
+                                                               "max_tokens": 4})
+                served = res.status_code == 200
+            await asyncio.sleep(0.2)
+    stop(stack.procs.pop("gateway"), timeout_s=5)
+    return _row("gateway-kill", (outs, 0.0, settle, 0.0), None, 5000 if served else -1)
 
 
 async def _no_fault() -> float:
     return 0.0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _restart_after_exit(stack: Stack, name: str) -> None:

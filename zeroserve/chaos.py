@@ -101,7 +101,8 @@ class Stack:
     def client(self) -> Any:
         from zeroserve.client import AsyncClient
 
-        return AsyncClient(self.front, heartbeat_interval_s=0.25)
+        # 0.5 s: a broker restart (seconds) fits in the SDK's failover budget (4 x 1.5 s)
+        return AsyncClient(self.front, heartbeat_interval_s=0.5)
 
     async def workers(self) -> list[dict[str, Any]]:
         async with self.client() as c:

@@ -28,7 +28,9 @@ def test_bench_serve_shared_prefix_hits_the_cache_and_the_comparison_does_not(ti
                 "--num-requests", "12", "--concurrency", "4", "--skip-baselines",
                 "--compare", "no-prefix-caching")
     assert res["requests_failed"] == 0 and res["no_prefix_caching_requests_failed"] == 0
-    assert res["prefix_hit_rate"] > 0.5  # four ~1,000-token system prompts, shared
+    # four ~1,000-token system prompts shared by 12 requests: at most 8 can hit, fewer when
+    # two with one prefix start together (timing): well above 0 is the behaviour
+    assert res["prefix_hit_rate"] > 0.3
     assert res["no_prefix_caching_prefix_hit_rate"] == 0
     assert res["max_running"] > 1 and res["served_tok_s"] > 0
 

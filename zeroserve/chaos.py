@@ -23,7 +23,8 @@ Every LLM row runs 64 streams (32 greedy, 32 seeded, 48 tokens) and compares eac
 undisturbed run: `lost` counts streams that failed or differ. Columns: detect_ms (fault until
 the broker dropped the worker), settle_ms (fault until every client had its result or error),
 max_pause_ms (the longest wait between two chunks of any stream: what a client felt), and what
-was left behind at the end (shared-memory files of dead pids, broker RSS and fds). Settle
+each row left behind (shared-memory files of dead pids, broker RSS and fd growth), and the
+whole run too. Settle
 bounds scale with the undisturbed run's duration (a row that loses a worker runs the rest on
 half the capacity).
 """
@@ -40,7 +41,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ class Row:
     max_pause_ms: float
     bound: str
     ok: bool
+    left: dict[str, Any] = field(default_factory=dict)  # what the row left behind
 
 
 class Stack:
@@ -187,6 +189,15 @@ def _row(fault: str, result: tuple[list[Any], float, float, float], calm: list[A
 
 async def _suite(stack: Stack) -> list[Row]:
     rows: list[Row] = []
+    last = [_leftovers(stack)]
+
+    def add(row: Row) -> None:
+        now = _leftovers(stack)
+        row.left = _growth(last[0], now)
+        row.ok = row.ok and _acceptable(row.left)
+        last[0] = now
+        rows.append(row)
+
     calm, _, calm_ms, _ = await _streams(stack, STREAMS)
     one_left = 2 * calm_ms + 3000  # half the workers for the rest of the run, plus the fault
     llm = {"l1", "l2"}
@@ -215,12 +226,12 @@ async def _suite(stack: Stack) -> list[Row]:
     for name, fault, bound in (("kill-1-of-2", kill_busiest, one_left),
                                ("kill-all", kill_all, calm_ms + 60000),
                                ("sigstop", sigstop, one_left + 750)):
-        rows.append(_row(name, await _streams(stack, STREAMS, fault=fault), calm, bound))
+        add(_row(name, await _streams(stack, STREAMS, fault=fault), calm, bound))
         await stack.wait_workers(llm)
 
     echo = [{"prompt": " ".join(f"w{j}" for j in range(40)), **({"fail_at": 10} if i == 0
                                                                  else {})} for i in range(8)]
-    rows.append(_row("engine-error", await _streams(stack, echo, "echo", fault=_no_fault,
+    add(_row("engine-error", await _streams(stack, echo, "echo", fault=_no_fault,
                                                     after_chunks=1),
                      None, 5000, expect_errors=True))
 
@@ -231,15 +242,15 @@ async def _suite(stack: Stack) -> list[Row]:
         stack.start("broker")
         return (time.monotonic() - t0) * 1000
 
-    rows.append(_row("broker-restart", await _streams(stack, STREAMS, fault=broker_restart),
+    add(_row("broker-restart", await _streams(stack, STREAMS, fault=broker_restart),
                      calm, calm_ms + 20000))
     await stack.wait_workers(llm | {"echo"})
 
     many = [{**STREAMS[i % len(STREAMS)], "max_tokens": 64} for i in range(100)]
     cut = await _streams(stack, many, fault=_no_fault, after_chunks=1, cut=lambda i: True)
     idle = await _idle_within(stack, 5.0)  # the engines dropped every cut stream
-    rows.append(_row("cut-100", cut, None, 10000 if idle else -1))
-    rows.append(_row("abort-10-of-100", await _streams(
+    add(_row("cut-100", cut, None, 10000 if idle else -1))
+    add(_row("abort-10-of-100", await _streams(
         stack, many, fault=_no_fault, after_chunks=1, cut=lambda i: i % 10 == 0), None, 60000))
 
     async def oversized() -> float:
@@ -256,7 +267,7 @@ async def _suite(stack: Stack) -> list[Row]:
         ctx.term()
         return 0.0
 
-    rows.append(_row("oversized", await _streams(stack, STREAMS, fault=oversized), calm,
+    add(_row("oversized", await _streams(stack, STREAMS, fault=oversized), calm,
                      one_left))
 
     async def drain() -> float:
@@ -269,9 +280,9 @@ async def _suite(stack: Stack) -> list[Row]:
         asyncio.get_running_loop().run_in_executor(None, _restart_after_exit, stack, victim)
         return (time.monotonic() - t0) * 1000
 
-    rows.append(_row("drain", await _streams(stack, STREAMS, fault=drain), calm, one_left))
+    add(_row("drain", await _streams(stack, STREAMS, fault=drain), calm, one_left))
     await stack.wait_workers(llm)
-    rows.append(await _gateway_kill(stack))
+    add(await _gateway_kill(stack))
 
     async def slow_consumer() -> float:
         import zmq
@@ -288,7 +299,7 @@ async def _suite(stack: Stack) -> list[Row]:
         asyncio.get_running_loop().call_later(30, lambda: (sock.close(0), ctx.term()))
         return 0.0
 
-    rows.append(_row("slow-consumer", await _streams(stack, STREAMS, fault=slow_consumer),
+    add(_row("slow-consumer", await _streams(stack, STREAMS, fault=slow_consumer),
                      calm, one_left))
     return rows
 
@@ -369,42 +380,52 @@ async def _idle_within(stack: Stack, timeout_s: float) -> bool:
     return False
 
 
-def _leftovers(stack: Stack, instance: str) -> dict[str, Any]:
+def _leftovers(stack: Stack) -> dict[str, Any]:
     from zeroserve.arena import SHM_DIR, prefix
 
-    stale = [f for f in os.listdir(SHM_DIR) if f.startswith(prefix(instance) + "-")
+    stale = [f for f in os.listdir(SHM_DIR) if f.startswith(prefix() + "-")
              and not psutil.pid_exists(int(f.split("-")[-2]))]
     broker = psutil.Process(stack.procs["broker"].pid)
-    return {"stale_shm_files": len(stale), "broker_rss_mib": broker.memory_info().rss >> 20,
-            "broker_fds": broker.num_fds()}
+    return {"stale_shm_files": len(stale), "broker_pid": broker.pid,
+            "broker_rss_mib": broker.memory_info().rss >> 20, "broker_fds": broker.num_fds()}
+
+
+def _growth(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What a stretch of the run left: stale shm files, and the broker's RSS and fd growth
+    (None across a broker restart)."""
+    same = before["broker_pid"] == after["broker_pid"]
+    return {"stale_shm_files": after["stale_shm_files"],
+            "broker_rss_growth_mib": after["broker_rss_mib"] - before["broker_rss_mib"]
+            if same else None,
+            "broker_fd_growth": after["broker_fds"] - before["broker_fds"] if same else None}
+
+
+def _acceptable(left: dict[str, Any]) -> bool:
+    return (left["stale_shm_files"] == 0 and (left["broker_rss_growth_mib"] or 0) <= 64
+            and (left["broker_fd_growth"] or 0) <= 16)
 
 
 def run(model: str) -> dict[str, Any]:
     from zeroserve.models import PRESETS, ensure_built
 
     path = str(ensure_built(model)) if model in PRESETS else model
-    instance = f"chaos-{os.getpid()}"
-    os.environ["ZEROSERVE_INSTANCE"] = instance
+    os.environ["ZEROSERVE_INSTANCE"] = f"chaos-{os.getpid()}"  # its own ipc and shm names
     with tempfile.TemporaryDirectory(prefix="zs-chaos-") as tmp:
         stack = Stack(Path(tmp), path)
         try:
             for name in ("broker", "l1", "l2", "echo"):
                 stack.start(name)
             asyncio.run(stack.wait_workers({"l1", "l2", "echo"}))
-            before = _leftovers(stack, instance)
+            before = _leftovers(stack)
             rows = asyncio.run(_suite(stack))
-            after = _leftovers(stack, instance)
+            left = _growth(before, _leftovers(stack))
         except BaseException:
             for log in sorted(Path(tmp).glob("*.log")):
                 print(f"--- {log.name}\n{log.read_text(errors='replace')[-2000:]}")
             raise
         finally:
             stack.close()
-    left = {"stale_shm_files": after["stale_shm_files"],
-            "broker_rss_growth_mib": after["broker_rss_mib"] - before["broker_rss_mib"],
-            "broker_fd_growth": after["broker_fds"] - before["broker_fds"]}
-    left_ok = (left["stale_shm_files"] == 0 and left["broker_rss_growth_mib"] <= 64
-               and left["broker_fd_growth"] <= 16)
+    left_ok = _acceptable(left)
     return {"rows": [asdict(r) for r in rows], "left_behind": left, "left_ok": left_ok,
             "ok": left_ok and all(r.ok for r in rows)}
 
@@ -420,10 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res, indent=2))
     else:
         cols = ["fault", "requests", "completed", "errors", "lost", "detect_ms", "settle_ms",
-                "max_pause_ms", "ok", "bound"]
-        print("  ".join(f"{c:>12}" if c != "bound" else c for c in cols))
+                "max_pause_ms", "ok", "bound", "left"]
+        print("  ".join(f"{c:>12}" if c not in ("bound", "left") else c for c in cols))
         for row in res["rows"]:
-            print("  ".join(f"{row[c]!s:>12}" if c != "bound" else row[c] for c in cols))
+            print("  ".join(f"{row[c]!s:>12}" if c not in ("bound", "left") else str(row[c])
+                            for c in cols))
         print(f"left behind: {res['left_behind']} ({'ok' if res['left_ok'] else 'TOO MUCH'})")
     return 0 if res["ok"] else 1
 

@@ -85,7 +85,8 @@ class Gateway:
 
     # -- per request ---------------------------------------------------------------------
 
-    def authorize(self, request: Request, model: str) -> ApiKey | None:
+    def authenticate(self, request: Request) -> ApiKey | None:
+        """The caller's key (None when no keys are configured); 401 without a valid one."""
         if not self.keys.enabled:
             return None
         key = self.keys.check(request.headers.get("authorization"))
@@ -93,7 +94,11 @@ class Gateway:
             raise ApiError(401, "missing or invalid API key", "invalid_request_error",
                            "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         request.state.key_id = key.id
-        if not key.may_use(model):
+        return key
+
+    def authorize(self, request: Request, model: str) -> ApiKey | None:
+        key = self.authenticate(request)
+        if key is not None and not key.may_use(model):
             raise ApiError(403, f"this key may not use model {model!r}",
                            "permission_error", "model_not_allowed")
         return key
@@ -129,8 +134,10 @@ def create_app(cfg: GatewayConfig) -> Any:
         finally:
             await gw.stop()
 
+    docs = {} if not gw.keys.enabled else {  # with keys, nothing is served without one
+        "docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="zeroserve", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible gateway of zeroserve")
+                  description="OpenAI-compatible gateway of zeroserve", **docs)
     app.state.gateway = gw
 
     @app.exception_handler(ApiError)
@@ -141,7 +148,10 @@ def create_app(cfg: GatewayConfig) -> Any:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
-        msg = f"{loc}: {first.get('msg')}" if loc else str(first.get("msg", "invalid request"))
+        text = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        if first.get("type") == "extra_forbidden":
+            text = "unknown field (this server refuses fields it would not honour)"
+        msg = f"{loc}: {text}" if loc else text
         return JSONResponse(ApiError(400, msg, param=loc, code="invalid_value").body(), 400)
 
     @app.get("/health")
@@ -155,17 +165,13 @@ def create_app(cfg: GatewayConfig) -> Any:
                             200 if n else 503)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        gw.authenticate(request)
         return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        key = None
-        if gw.keys.enabled:
-            key = gw.keys.check(request.headers.get("authorization"))
-            if key is None:
-                raise ApiError(401, "missing or invalid API key", code="invalid_api_key",
-                               headers={"WWW-Authenticate": "Bearer"})
+        key = gw.authenticate(request)
         names = sorted({m for w in gw.table.get("workers", []) for m in w["models"]
                         if key is None or key.may_use(m)})
         return {"object": "list", "data": [
@@ -205,10 +211,16 @@ def create_app(cfg: GatewayConfig) -> Any:
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
                             headers=rl_headers)
 
-    def count(route: str, status: int) -> None:
-        gw.metrics.requests.labels(route, str(status)).inc()
+    routes = {getattr(r, "path", "") for r in app.routes}
 
-    return Frontline(app, cfg.max_body_bytes, count)
+    def count(path: str, status: int) -> None:  # a label per route, not per path asked for
+        gw.metrics.requests.labels(path if path in routes else "other", str(status)).inc()
+
+    def key_ok(authorization: bytes | None) -> bool:
+        return not gw.keys.enabled or gw.keys.check(
+            authorization.decode("latin-1") if authorization else None) is not None
+
+    return Frontline(app, cfg.max_body_bytes, count, key_ok)
 
 
 async def _unless_disconnected(request: Request, handle: AsyncRequestHandle, work: Any) -> Any:
@@ -243,7 +255,7 @@ async def _generate(gw: Gateway, request: Request, req: Any, route: str, chat: b
     state.model = req.model
     ckey = None
     if not req.stream and gw.cache.enabled and _cache_allowed(request):
-        ckey = cache_key(route, req.model_dump(exclude_none=True))
+        ckey = cache_key(route, req.model_dump(exclude_none=True), key_id)
         if ckey is not None:
             hit = gw.cache.get(ckey)
             gw.metrics.cache.labels("hit" if hit else "miss").inc()

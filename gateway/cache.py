@@ -9,12 +9,13 @@ from collections import OrderedDict
 from typing import Any
 
 
-def cache_key(route: str, body: dict[str, Any]) -> str | None:
-    """A key for deterministic requests (greedy, or a fixed seed); None for the others."""
+def cache_key(route: str, body: dict[str, Any], tenant: str) -> str | None:
+    """A key for deterministic requests (greedy, or a fixed seed); None for the others.
+    Keys are per tenant (API key id): a hit must not tell one tenant what another asked."""
     temperature = body.get("temperature", 1.0)
     if temperature not in (0, 0.0) and body.get("seed") is None:
         return None
-    canon = json.dumps({"route": route, **{k: v for k, v in body.items()
+    canon = json.dumps({"route": route, "tenant": tenant, **{k: v for k, v in body.items()
                                            if k not in ("stream", "stream_options", "user")}},
                        sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from zeroserve import errors
+
+log = logging.getLogger("zeroserve.gateway")
 
 
 class ApiError(Exception):
@@ -36,4 +39,8 @@ def from_zeroserve(exc: errors.ZeroserveError) -> ApiError:
     }
     status, type_, headers = table.get(type(exc), (500, "internal_error", {}))
     code = "model_not_found" if isinstance(exc, errors.UnknownModelError) else exc.code.lower()
-    return ApiError(status, exc.message, type_, code, headers=headers)
+    message = exc.message
+    if status == 500:  # the detail is for operators (the log), not for clients
+        log.warning("request %s failed inside the server: %s", exc.request_id, message)
+        message = f"internal error (request id {exc.request_id})"
+    return ApiError(status, message, type_, code, headers=headers)

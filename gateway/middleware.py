@@ -1,6 +1,7 @@
 """Pure ASGI middleware around every gateway request (no buffering of streamed responses).
 
 - request ids: `X-Request-Id` accepted (or generated) and returned on the response;
+- API keys: a POST without a valid key gets 401 before its body is read or parsed;
 - body limit: a body larger than max_body_bytes gets 413 before any route sees it;
 - access log: one JSON line per request when its response has been sent.
 """
@@ -27,10 +28,12 @@ def _error_body(message: str, type_: str, code: str) -> bytes:
 
 class Frontline:
     def __init__(self, app: Any, max_body_bytes: int,
-                 on_done: Callable[[str, int], None] | None = None) -> None:
+                 on_done: Callable[[str, int], None] | None = None,
+                 key_ok: Callable[[bytes | None], bool] = lambda _: True) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.on_done = on_done
+        self.key_ok = key_ok
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -56,7 +59,10 @@ class Frontline:
             length = int(headers.get(b"content-length", b"0") or 0)
         except ValueError:
             length = 0
-        if length > self.max_body_bytes:
+        if scope["method"] == "POST" and not self.key_ok(headers.get(b"authorization")):
+            await self._send_error(send_wrapper, 401, "missing or invalid API key",
+                                   "invalid_request_error", "invalid_api_key")
+        elif length > self.max_body_bytes:
             await self._reject(send_wrapper)
         else:
             body = await self._read_body(scope, receive) if scope["method"] == "POST" else None
@@ -91,11 +97,17 @@ class Frontline:
                 return b"".join(chunks)
 
     async def _reject(self, send: Any) -> None:
-        body = _error_body(f"request body exceeds {self.max_body_bytes} bytes",
-                           "invalid_request_error", "request_too_large")
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+        await self._send_error(send, 413, f"request body exceeds {self.max_body_bytes} bytes",
+                               "invalid_request_error", "request_too_large")
+
+    async def _send_error(self, send: Any, status: int, message: str, type_: str,
+                          code: str) -> None:
+        body = _error_body(message, type_, code)
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode())]
+        if status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 

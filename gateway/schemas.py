@@ -2,32 +2,56 @@
 
 Only the request side is modelled: it is what needs validating. Responses are built in
 responses.py, in exactly OpenAI's shapes, which is cheaper on the streaming hot path.
+Unknown fields are refused (400), never silently dropped: a client that asks for
+`response_format` or `tools` must not get plain text back as if it had been honoured. Sizes
+are bounded with the engines' own limits (config.py).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from zeroserve.config import MAX_EMBED_INPUTS, MAX_EMBED_TEXT_CHARS, MAX_PROMPT_CHARS
+
+# OpenAI request fields this server does not implement yet: named in the 400, not ignored.
+UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function_call",
+               "parallel_tool_calls", "logit_bias", "presence_penalty", "frequency_penalty",
+               "repetition_penalty", "best_of", "suffix", "audio", "modalities", "prediction",
+               "dimensions")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            asked = [k for k in UNSUPPORTED if data.get(k) not in (None, 0, {}, [])]
+            if asked:
+                raise ValueError(f"{', '.join(asked)}: not supported by this server yet")
+            data = {k: v for k, v in data.items() if k not in UNSUPPORTED}  # defaults: fine
+        return data
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class _Sampling(_Strict):
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=1 << 20)
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    metadata: dict[str, str] | None = None  # accepted and not used
+    seed: int | None = Field(default=None, ge=-(1 << 63), le=(1 << 63) - 1)
     ignore_eos: bool = False
     user: str | None = None
 
@@ -86,6 +110,15 @@ class CompletionRequest(_Sampling):
     def prompt_chars(self) -> int:
         return len(self.prompt) if isinstance(self.prompt, str) else len(self.prompt) * 4
 
+    @field_validator("prompt")
+    @classmethod
+    def _bounded(cls, v: str | list[int] | list[str]) -> str | list[int] | list[str]:
+        n = len(v) if isinstance(v, str) else sum(len(x) if isinstance(x, str) else 4
+                                                   for x in v)
+        if n > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt is {n} characters; the limit is {MAX_PROMPT_CHARS}")
+        return v
+
 
 class ContentPart(BaseModel):
     type: Literal["text"]
@@ -123,14 +156,29 @@ class ChatCompletionRequest(_Sampling):
     def prompt_chars(self) -> int:
         return sum(len(m.text()) for m in self.messages)
 
+    @model_validator(mode="after")
+    def _bounded(self) -> ChatCompletionRequest:
+        n = self.prompt_chars()
+        if n > MAX_PROMPT_CHARS:
+            raise ValueError(f"messages hold {n} characters; the limit is {MAX_PROMPT_CHARS}")
+        return self
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
 
+class EmbeddingRequest(_Strict):
     model: str = Field(min_length=1, max_length=256)
     input: str | list[str] = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _bounded(cls, v: str | list[str]) -> str | list[str]:
+        texts = [v] if isinstance(v, str) else v
+        if len(texts) > MAX_EMBED_INPUTS:
+            raise ValueError(f"at most {MAX_EMBED_INPUTS} inputs per request")
+        if any(len(t) > MAX_EMBED_TEXT_CHARS for t in texts):
+            raise ValueError(f"each input may hold at most {MAX_EMBED_TEXT_CHARS} characters")
+        return v
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else self.input

@@ -22,6 +22,7 @@ KEYS = {"keys": [
     {"id": "full", "key": "sk-full-access"},
     {"id": "tiny-only", "key": "sk-tiny-only", "models": ["tiny"]},
     {"id": "slow", "key": "sk-slow", "rps": 1},
+    {"id": "other", "key": "sk-other-tenant"},
 ]}
 
 
@@ -346,3 +347,53 @@ def test_dead_broker_gives_503_not_a_hang(pipeline) -> None:
     assert time.monotonic() - t0 < 20
     assert httpx.get(f"{url}/ready").status_code == 503
     assert httpx.get(f"{url}/health").status_code == 200  # alive, just not ready
+
+
+def test_fields_it_would_not_honour_and_unbounded_values_get_400(stack) -> None:
+    _, url, _ = stack
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    cases = {
+        "response_format": {"response_format": {"type": "json_object"}},
+        "tools": {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        "logit_bias": {"logit_bias": {"1": 5}},
+        "presence_penalty": {"presence_penalty": 0.5},
+        "made_up_field": {"made_up_field": 1},
+        "seed": {"seed": 1 << 64},
+        "top_k": {"top_k": 1 << 40},
+        "messages hold": {"messages": [{"role": "user", "content": "x" * (4 * 1024 * 1024 + 1)}]},
+    }
+    for word, extra in cases.items():
+        r = httpx.post(f"{url}/v1/chat/completions", json={**base, **extra}, timeout=30)
+        assert r.status_code == 400, (word, r.text)
+        assert word in r.json()["error"]["message"], (word, r.text)
+    ok = httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                    json={**base, "presence_penalty": 0, "user": "u", "metadata": {"a": "b"}})
+    assert ok.status_code == 200, ok.text  # defaults of unsupported fields are harmless
+    many = httpx.post(f"{url}/v1/embeddings", json={"model": "minilm", "input": ["a"] * 2049})
+    assert many.status_code == 400 and "2048" in many.text
+
+
+def test_with_keys_nothing_is_parsed_or_shown_without_one(stack) -> None:
+    pipe, _, secure = stack
+    # an unauthenticated body is refused before it is read: even one that is not JSON
+    r = httpx.post(f"{secure}/v1/chat/completions", content=b"{" * 3000,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    for path in ("/metrics", "/docs", "/openapi.json"):
+        assert httpx.get(f"{secure}{path}").status_code in (401, 404), path
+    auth = {"authorization": "Bearer sk-full-access"}
+    assert httpx.get(f"{secure}/metrics", headers=auth).status_code == 200
+    # the response cache is per key: a hit never answers another tenant
+    body = {"model": "echo", "prompt": "cached per tenant", "temperature": 0}
+    first = httpx.post(f"{secure}/v1/completions", json=body, headers=auth)
+    again = httpx.post(f"{secure}/v1/completions", json=body, headers=auth)
+    assert first.headers["x-zeroserve-cache"] == "miss"
+    assert again.headers["x-zeroserve-cache"] == "hit"
+    other = httpx.post(f"{secure}/v1/completions", json=body,
+                       headers={"authorization": "Bearer sk-other-tenant"})
+    assert other.status_code == 200 and other.headers["x-zeroserve-cache"] == "miss"
+    # metrics: unknown paths share one label instead of making a series each
+    for i in range(5):
+        httpx.get(f"{secure}/no-such-path-{i}")
+    text = httpx.get(f"{secure}/metrics", headers=auth).text
+    assert "no-such-path" not in text and 'route="other"' in text

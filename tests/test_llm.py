@@ -260,3 +260,9 @@ def test_llm_worker_end_to_end(pipeline, tiny_model, reference) -> None:
                 break
             time.sleep(0.1)
         assert row["in_flight"] == 0 and row["stats"]["kv_blocks_used"] == 0
+
+
+def test_oversized_chat_is_refused_before_the_template(engine) -> None:
+    huge = [{"role": "user", "content": "x" * (4 * 1024 * 1024 + 1)}]
+    with pytest.raises(EngineError, match="the limit is"):
+        engine.prepare({"messages": huge, "max_tokens": 2})

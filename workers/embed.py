@@ -15,8 +15,7 @@ from zeroserve.workers.batching import BatchingEngine, Pending
 from zeroserve.workers.engine import EngineError
 
 from zeroserve import protocol as p
-
-MAX_TEXT_CHARS = 100_000
+from zeroserve.config import MAX_EMBED_INPUTS, MAX_EMBED_TEXT_CHARS
 
 
 class EmbedEngine(BatchingEngine):
@@ -35,10 +34,11 @@ class EmbedEngine(BatchingEngine):
         texts = body.get("input")
         if isinstance(texts, str):
             texts = [texts]
-        if (not isinstance(texts, list) or not texts
-                or not all(isinstance(t, str) and len(t) <= MAX_TEXT_CHARS for t in texts)):
-            raise EngineError(p.BAD_REQUEST, "input must be a string or a non-empty list of "
-                                             "strings")
+        if (not isinstance(texts, list) or not 0 < len(texts) <= MAX_EMBED_INPUTS
+                or not all(isinstance(t, str) and len(t) <= MAX_EMBED_TEXT_CHARS for t in texts)):
+            raise EngineError(p.BAD_REQUEST, f"input must be a string or a list of 1 to "
+                                             f"{MAX_EMBED_INPUTS} strings of at most "
+                                             f"{MAX_EMBED_TEXT_CHARS} characters")
         normalize = body.get("normalize", True)
         if not isinstance(normalize, bool):
             raise EngineError(p.BAD_REQUEST, "normalize must be a boolean")

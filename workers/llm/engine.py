@@ -37,11 +37,10 @@ from zeroserve.workers.llm.scheduler import Plan, Scheduler
 from zeroserve.workers.llm.sequence import Sequence
 
 from zeroserve import protocol as p
-from zeroserve.config import WorkerConfig
+from zeroserve.config import MAX_PROMPT_CHARS, WorkerConfig
 
 log = logging.getLogger("zeroserve.worker")
 
-MAX_PROMPT_CHARS = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +281,10 @@ class LLMEngine:
             and isinstance(m.get("content"), str) for m in messages
         ):
             raise EngineError(p.BAD_REQUEST, "messages must be a list of {role, content} strings")
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > MAX_PROMPT_CHARS:  # before the template and the tokenizer spend time on it
+            raise EngineError(p.BAD_REQUEST, f"messages hold {chars} characters; the limit is "
+                                             f"{MAX_PROMPT_CHARS}")
         try:
             out = self.tokenizer.apply_chat_template(
                 [{"role": m["role"], "content": m["content"]} for m in messages],

@@ -181,7 +181,13 @@ class Table:
             while q and worker.free - len(taken) > 0 and not worker.draining:
                 taken.append(q.popleft())
                 self.queued -= 1
+            self._prune(model)
         return taken
+
+    def _prune(self, model: str) -> None:
+        """Drop an empty queue: model names come from clients, the map must not keep them."""
+        if model in self.queues and not self.queues[model]:
+            del self.queues[model]
 
     def unqueue(self, job: Job) -> bool:
         q = self.queues.get(job.model)
@@ -192,16 +198,18 @@ class Table:
         except ValueError:
             return False
         self.queued -= 1
+        self._prune(job.model)
         return True
 
     def expired_jobs(self, now: float) -> list[Job]:
         """Queued jobs that waited longer than max_queue_wait_s (queues are FIFO by age)."""
         out: list[Job] = []
         limit = now - self.max_queue_wait_s
-        for q in self.queues.values():
+        for model, q in list(self.queues.items()):
             while q and q[0].enqueued_at < limit:
                 out.append(q.popleft())
                 self.queued -= 1
+            self._prune(model)
         for job in out:
             self.jobs.pop(job.key, None)
         return out

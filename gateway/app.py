@@ -250,6 +250,7 @@ async def _generate(gw: Gateway, request: Request, req: Any, route: str, chat: b
     except ValueError as exc:
         raise ApiError(400, str(exc), param="prompt") from None
     reserved = req.prompt_chars() // 4 + body["max_tokens"]
+    request.state.prompt_estimate = req.prompt_chars() // 4
     key_id, rl_headers = gw.admit(key, reserved)
     state = request.state
     state.model = req.model
@@ -311,6 +312,13 @@ def _cache_allowed(request: Request) -> bool:
 
 
 def _used(state: Any) -> int:
+    """Tokens to charge: the worker's usage; for a request that streamed tokens and ended
+    without its END (its client left), the prompt estimate and every token streamed."""
+    streamed = getattr(state, "streamed_tokens", 0)
+    if not hasattr(state, "prompt_tokens") and streamed:
+        state.prompt_tokens = getattr(state, "prompt_estimate", 0)
+        state.completion_tokens = streamed
+        state.cut_short = True
     return getattr(state, "prompt_tokens", 0) + getattr(state, "completion_tokens", 0)
 
 
@@ -318,6 +326,7 @@ def _observe(gw: Gateway, chunk: Chunk, t0: float, last: float, state: Any) -> f
     """Record TTFT / ITL for a chunk that carries tokens; returns the new 'last' time."""
     now = time.perf_counter()
     if chunk.token_ids:
+        state.streamed_tokens = getattr(state, "streamed_tokens", 0) + len(chunk.token_ids)
         if not hasattr(state, "ttft_ms"):
             state.ttft_ms = round((now - t0) * 1000, 2)
             gw.metrics.ttft.observe(now - t0)

@@ -75,7 +75,7 @@ class Frontline:
             "request_id": rid, "method": scope["method"], "route": scope["path"],
             "status": status["code"], "duration_ms": round((time.perf_counter() - t0) * 1e3, 2),
             **{k: state[k] for k in ("key_id", "model", "prompt_tokens", "completion_tokens",
-                                     "ttft_ms", "cache") if k in state},
+                                     "ttft_ms", "cache", "cut_short") if k in state},
         }
         log.info(json.dumps(line, separators=(",", ":")))
         if self.on_done is not None:

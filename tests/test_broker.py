@@ -38,6 +38,18 @@ def _table_with(*caps: int) -> Table:
     return table
 
 
+def test_queues_of_client_chosen_model_names_do_not_pile_up() -> None:
+    table = Table(max_queue=10, max_queue_wait_s=0.0)
+    for i in range(3000):  # enqueue + cancel, as a client sending random model names would
+        job = Job(b"c", f"r{i}", f"model-{i}", [], 0.0)
+        table.enqueue(job)
+        assert table.unqueue(job)
+    expired = Job(b"c", "old", "model-x", [], 0.0)
+    table.enqueue(expired)
+    assert table.expired_jobs(1.0) == [expired]
+    assert table.queues == {} and table.queued == 0
+
+
 def test_pick_worker_prefers_most_free_credit_and_rotates_ties() -> None:
     table = _table_with(4, 4)
     picks = [table.pick_worker("m").worker_id for _ in range(4)]

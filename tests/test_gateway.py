@@ -23,6 +23,7 @@ KEYS = {"keys": [
     {"id": "tiny-only", "key": "sk-tiny-only", "models": ["tiny"]},
     {"id": "slow", "key": "sk-slow", "rps": 1},
     {"id": "other", "key": "sk-other-tenant"},
+    {"id": "metered", "key": "sk-metered", "tpm": 600},
 ]}
 
 
@@ -397,3 +398,24 @@ def test_with_keys_nothing_is_parsed_or_shown_without_one(stack) -> None:
         httpx.get(f"{secure}/no-such-path-{i}")
     text = httpx.get(f"{secure}/metrics", headers=auth).text
     assert "no-such-path" not in text and 'route="other"' in text
+
+
+def test_a_stream_cut_by_its_client_is_charged_for_what_it_got(stack) -> None:
+    _, _, secure = stack
+    auth = {"authorization": "Bearer sk-metered"}  # 600 tokens a minute, 10 a second back
+    body = {"model": "echo", "prompt": " ".join(["w"] * 100), "max_tokens": 100,
+            "stream": True}
+    with httpx.stream("POST", f"{secure}/v1/completions", json=body, headers=auth,
+                      timeout=30) as res:
+        assert res.status_code == 200
+        lines = 0
+        for line in res.iter_lines():
+            lines += line.startswith("data: {")
+            if lines >= 40:
+                break  # the client leaves mid-stream
+    time.sleep(0.3)
+    probe = httpx.post(f"{secure}/v1/completions", headers=auth,
+                       json={"model": "echo", "prompt": "a", "max_tokens": 1})
+    assert probe.status_code == 200
+    # charged: ~50 prompt + 40 streamed (not refunded in full, as before)
+    assert int(probe.headers["x-ratelimit-remaining-tokens"]) <= 560

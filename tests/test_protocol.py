@@ -86,3 +86,18 @@ def test_nothing_that_crosses_a_socket_is_pickled() -> None:
                 if pattern.search(line) and "pickle-ok" not in line:
                     offenders.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
     assert offenders == []
+
+
+def test_msgpack_bombs_are_refused_without_the_memory() -> None:
+    import resource
+
+    import msgpack
+
+    fine = msgpack.packb({"messages": [{"role": "user", "content": "x"}] * 1000})
+    assert len(p.unpackb(fine)["messages"]) == 1000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    bomb = b"\xdd" + (1_000_000).to_bytes(4, "big") + b"\x90" * 1_000_000  # 1 MB of []
+    with pytest.raises(p.ProtocolError, match="arrays and maps"):
+        p.unpackb(bomb, 8 << 20)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 32 * 1024  # a million empty lists would be some 60 MiB

@@ -170,3 +170,16 @@ def test_text_work_runs_beside_the_engine_and_honours_cancels(pipeline, tiny_mod
             gate.set()
         worker.drain()
         runner.join(10)
+
+
+def test_a_body_of_too_many_containers_is_a_bad_request(pipeline) -> None:
+    from zeroserve import BadRequestError
+
+    pipeline.start_broker()
+    worker = pipeline.start_worker("a")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c:
+        with pytest.raises(BadRequestError, match="arrays and maps"):
+            c.generate("echo", "x", junk=[[]] * 70_000, timeout_s=10)
+        assert c.generate("echo", "still here", timeout_s=10).text == "still here"
+    assert worker.poll() is None

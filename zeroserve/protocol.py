@@ -84,6 +84,7 @@ ERROR_CODES = (
 HEADER_LIMIT_BYTES = 64 * 1024
 BODY_LIMIT_BYTES = 64 * 1024 * 1024
 MAX_ID_LEN = 128
+MAX_CONTAINERS = 1 << 16  # arrays and maps in one decoded payload
 UNATTRIBUTED = "*"  # request id of an ERROR that answers a frame with no usable id
 
 
@@ -109,9 +110,20 @@ def packb(obj: Any) -> bytes:
 
 
 def unpackb(data: bytes, limit: int = BODY_LIMIT_BYTES) -> Any:
-    """Decode untrusted msgpack with every length bounded by ``limit``."""
+    """Decode untrusted msgpack with every length bounded by ``limit`` and the number of
+    arrays and maps by MAX_CONTAINERS: one byte of msgpack is an empty list, some 60 bytes of
+    Python, so a few MiB of them would otherwise cost hundreds of MiB."""
     if len(data) > limit:
         raise ProtocolError(f"msgpack payload of {len(data)} bytes exceeds {limit}")
+    containers = 0
+
+    def counted(obj: Any) -> Any:
+        nonlocal containers
+        containers += 1
+        if containers > MAX_CONTAINERS:
+            raise ProtocolError(f"msgpack payload holds over {MAX_CONTAINERS} arrays and maps")
+        return obj
+
     try:
         return msgpack.unpackb(
             data,
@@ -122,6 +134,8 @@ def unpackb(data: bytes, limit: int = BODY_LIMIT_BYTES) -> Any:
             max_array_len=min(limit, 1 << 20),
             max_map_len=min(limit, 1 << 16),
             max_ext_len=0,
+            list_hook=counted,
+            object_hook=counted,
         )
     except ProtocolError:
         raise

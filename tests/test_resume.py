@@ -24,6 +24,14 @@ from .test_gateway import start_gateway
 WORDS = " ".join(f"w{i}" for i in range(60))
 
 
+def _two_echo_workers(pipeline: Pipeline) -> None:
+    pipeline.start_broker()
+    pipeline.wait_broker()
+    for name in ("e1", "e2"):
+        pipeline.start_worker(name, "--step-delay-ms", "20")
+    pipeline.wait_workers(2)
+
+
 def _busiest(pipeline: Pipeline) -> str:
     """The id of the worker with the most requests in flight, once any has some."""
     with pipeline.client() as c:
@@ -68,11 +76,7 @@ async def _streams(pipeline: Pipeline, bodies: list[dict], model: str,
 
 @pytest.mark.timeout(120)
 def test_echo_streams_survive_a_kill_9_with_nothing_repeated_or_missing(pipeline) -> None:
-    pipeline.start_broker()
-    pipeline.wait_broker()
-    for name in ("e1", "e2"):
-        pipeline.start_worker(name, "--step-delay-ms", "20")
-    pipeline.wait_workers(2)
+    _two_echo_workers(pipeline)
     bodies = [{"prompt": WORDS} for _ in range(8)]
     texts, gaps = asyncio.run(_streams(pipeline, bodies, "echo", kill_after_chunks=5))
     assert [t for t, _ in texts] == [WORDS] * 8, pipeline.dump_logs()
@@ -82,11 +86,7 @@ def test_echo_streams_survive_a_kill_9_with_nothing_repeated_or_missing(pipeline
 
 @pytest.mark.timeout(120)
 def test_opting_out_of_resume_gets_worker_lost(pipeline) -> None:
-    pipeline.start_broker()
-    pipeline.wait_broker()
-    for name in ("e1", "e2"):
-        pipeline.start_worker(name, "--step-delay-ms", "20")
-    pipeline.wait_workers(2)
+    _two_echo_workers(pipeline)
     with pipeline.client() as c:
         handle = c.submit("echo", WORDS, resume=False)
         chunks = handle.chunks(60)
@@ -117,11 +117,7 @@ def test_llm_greedy_and_seeded_streams_resume_identically(pipeline, tiny_model) 
 
 @pytest.mark.timeout(120)
 def test_a_stopped_worker_is_purged_killed_and_its_streams_resume(pipeline) -> None:
-    pipeline.start_broker()
-    pipeline.wait_broker()
-    for name in ("e1", "e2"):
-        pipeline.start_worker(name, "--step-delay-ms", "20")
-    pipeline.wait_workers(2)
+    _two_echo_workers(pipeline)
 
     async def run() -> list:
         async with AsyncClient(pipeline.frontend, heartbeat_interval_s=0.25) as c:
@@ -152,11 +148,7 @@ def test_a_hung_engine_exits_after_the_progress_timeout(pipeline) -> None:
 
 @pytest.mark.timeout(120)
 def test_http_requests_through_the_gateway_survive_a_kill_9(pipeline) -> None:
-    pipeline.start_broker()
-    pipeline.wait_broker()
-    for name in ("e1", "e2"):
-        pipeline.start_worker(name, "--step-delay-ms", "20")
-    pipeline.wait_workers(2)
+    _two_echo_workers(pipeline)
     url = start_gateway(pipeline)
 
     def call(i: int) -> httpx.Response:

@@ -173,8 +173,6 @@ def test_text_work_runs_beside_the_engine_and_honours_cancels(pipeline, tiny_mod
 
 
 def test_a_body_of_too_many_containers_is_a_bad_request(pipeline) -> None:
-    from zeroserve import BadRequestError
-
     pipeline.start_broker()
     worker = pipeline.start_worker("a")
     pipeline.wait_workers(1)

@@ -1,16 +1,35 @@
-"""Logging setup for every process role: one clear line per event, tagged with the role."""
+"""Logging setup for every process role: one clear line per event, tagged with the role.
+
+Messages often quote what peers sent (a worker id, a DISCONNECT reason, a model name): their
+control characters are escaped and very long messages cut, so no peer can forge or flood a
+log line. Tracebacks still print in full after the line.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 
+CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+MAX_MESSAGE_CHARS = 4096
+
+
+class OneLine(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        msg = CONTROL.sub(lambda m: repr(m.group())[1:-1], record.message)
+        if len(msg) > MAX_MESSAGE_CHARS:
+            msg = f"{msg[:MAX_MESSAGE_CHARS]}... ({len(msg)} chars)"
+        record.message = msg
+        return super().formatMessage(record)
+
 
 def setup_logging(level: str = "INFO", role: str = "zeroserve") -> None:
-    fmt = f"%(asctime)s {role}[{os.getpid()}] %(levelname)s %(message)s"
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLine(f"%(asctime)s {role}[{os.getpid()}] %(levelname)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 class RateLimitedLog:

@@ -44,18 +44,22 @@ def run_op(broker: Broker, msg: p.Message, privileged: bool) -> tuple[Any, str]:
 def on_admin_socket(broker: Broker, frames: list[bytes]) -> None:
     """One message on the admin endpoint."""
     peer = frames[0]
+
+    def reply(answer: list) -> None:
+        broker.send_quiet(broker.admin, [peer, *answer])
+
     try:
         msg = p.decode(frames[1:])
     except p.ProtocolError as exc:
         broker.counts["bad_frames"] += 1
-        broker.send_admin(peer, p.error("*", p.BAD_REQUEST, str(exc)))
+        reply(p.error("*", p.BAD_REQUEST, str(exc)))
         return
     if msg.type == p.HEARTBEAT:
-        broker.send_admin(peer, p.encode(p.HEARTBEAT, {}))
+        reply(p.encode(p.HEARTBEAT, {}))
     elif msg.type == p.ADMIN:
         result, error = run_op(broker, msg, privileged=True)
         rid = msg.header["id"]
-        broker.send_admin(peer, p.error(rid, p.BAD_REQUEST, error) if error else p.end(rid, result))
+        reply(p.error(rid, p.BAD_REQUEST, error) if error else p.end(rid, result))
     elif msg.type != p.DISCONNECT:
         rid = msg.header.get("id") if isinstance(msg.header.get("id"), str) else "*"
-        broker.send_admin(peer, p.error(rid, p.BAD_REQUEST, "the admin endpoint takes ADMIN only"))
+        reply(p.error(rid, p.BAD_REQUEST, "the admin endpoint takes ADMIN only"))

@@ -83,7 +83,7 @@ class Broker:
         for w in list(self.table.workers.values()):
             self._send_worker(w, NO_ROUTE, p.encode(p.DISCONNECT, {"reason": "broker stopping"}))
         for job in list(self.table.jobs.values()):
-            self._reply_error(job, p.UNAVAILABLE, "broker stopping")
+            self._send_client(job.client, p.error(job.rid, p.UNAVAILABLE, "broker stopping"))
         for sock in (self.frontend, self.backend, self.admin):
             sock.close(0)
         if self.auth is not None:
@@ -180,16 +180,22 @@ class Broker:
             self.table.jobs.pop(job.key, None)
             self._send_client(client, p.error(rid, p.CANCELLED, "cancelled while queued"))
 
-    def _client_gone(self, client: bytes) -> None:
-        """The client left: cancel its queued and running jobs, forget it."""
+    def _client_gone(self, client: bytes, why: str = "") -> None:
+        """The client left: cancel its jobs, forget it. With `why` (silent: perhaps only slow)
+        each job's ERROR tells it, best effort, so it can resend instead of waiting forever."""
         self.clients.pop(client, None)
-        for job in self.table.jobs_of_client(client):
+        jobs = self.table.jobs_of_client(client)
+        if why and jobs:
+            log.info("client %s %s: cancelling %d requests", client.hex(), why, len(jobs))
+        for job in jobs:
             if job.worker is not None:
                 self._send_worker(job.worker, client, p.cancel(job.rid))
                 self.table.finish(job.key)
             else:
                 self.table.unqueue(job)
                 self.table.jobs.pop(job.key, None)
+            if why:
+                self.send_quiet(self.frontend, [client, *p.error(job.rid, p.UNAVAILABLE, why)])
 
     def _on_admin(self, client: bytes, msg: p.Message) -> None:
         result, error = admin.run_op(self, msg, privileged=False)
@@ -201,9 +207,9 @@ class Broker:
         self._send_worker(worker, NO_ROUTE, p.encode(p.DRAIN, {}))
         self._drain_worker(worker, why)
 
-    def send_admin(self, peer: bytes, frames: list) -> None:
-        with contextlib.suppress(zmq.ZMQError):  # an admin that left needs no answer
-            self.admin.send_multipart([peer, *frames], zmq.NOBLOCK)
+    def send_quiet(self, sock: zmq.Socket, frames: list) -> None:
+        with contextlib.suppress(zmq.ZMQError):  # a peer that left needs no answer
+            sock.send_multipart(frames, zmq.NOBLOCK)
 
     # -- backend: workers ----------------------------------------------------------------
 
@@ -330,15 +336,13 @@ class Broker:
                     len(requeue), len(lost))
         for job in lost:
             self.counts["lost"] += 1
-            self._reply_error(job, p.WORKER_LOST, f"worker {worker.worker_id} lost: {why}")
+            self._send_client(job.client, p.error(job.rid, p.WORKER_LOST,
+                                                  f"worker {worker.worker_id} lost: {why}"))
         for job in reversed(requeue):
             self.table.enqueue(job, front=True)
         for w in list(self.table.workers.values()):
             if self.table.queued:
                 self._dispatch_queued(w)
-
-    def _reply_error(self, job: Job, code: str, message: str) -> None:
-        self._send_client(job.client, p.error(job.rid, code, message))
 
     # -- timers --------------------------------------------------------------------------
 
@@ -354,8 +358,8 @@ class Broker:
             known = self.table.serves(job.model) or job.model in self.table.known_models
             code = p.BUSY if known else p.UNKNOWN_MODEL
             self.counts["busy"] += code == p.BUSY
-            self._reply_error(job, code, f"no worker for {job.model!r} within "
-                                         f"{self.cfg.max_queue_wait_ms} ms")
+            self._send_client(job.client, p.error(job.rid, code, f"no worker for {job.model!r} "
+                                                  f"within {self.cfg.max_queue_wait_ms} ms"))
         if now < self._next_heartbeat:
             return
         self._next_heartbeat = now + self.cfg.heartbeat_interval_s
@@ -367,10 +371,7 @@ class Broker:
             self._send_worker(worker, NO_ROUTE, beat)
         silent = [c for c, seen in self.clients.items() if now - seen > self.cfg.expiry_s]
         for client in silent:
-            if self.table.jobs_of_client(client):
-                log.info("client silent for %.1fs: cancelling its requests",
-                         now - self.clients[client])
-            self._client_gone(client)
+            self._client_gone(client, f"silent for {now - self.clients[client]:.1f} s: cancelled")
 
     # -- sending -------------------------------------------------------------------------
 
@@ -391,8 +392,7 @@ class Broker:
             return False
 
     def _send_raw_backend(self, identity: bytes, frames: list) -> None:
-        with contextlib.suppress(zmq.ZMQError):
-            self.backend.send_multipart([identity, NO_ROUTE, *frames], zmq.NOBLOCK)
+        self.send_quiet(self.backend, [identity, NO_ROUTE, *frames])
 
     def _bad_frame(self, side: str, peer: bytes, exc: Exception) -> None:
         self.counts["bad_frames"] += 1

@@ -391,3 +391,23 @@ def test_a_worker_that_reconnects_replaces_its_own_registration(pipeline, ctx) -
         assert p.REQUEST in kinds, "the new connection gets the work"
         handle.cancel()
         assert [w["worker_id"] for w in c.workers()] == ["w"]
+
+
+def test_a_silent_client_is_told_its_requests_were_cancelled(pipeline, ctx) -> None:
+    pipeline.start_broker()
+    pipeline.start_worker("a", "--step-delay-ms", "20")
+    pipeline.wait_workers(1)
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(pipeline.frontend)
+    sock.send_multipart(p.request("slow-1", "echo", {"prompt": " ".join(["w"] * 500)}))
+    time.sleep(1.5)  # no heartbeat for longer than 0.25 s x 3: the broker gives up on us
+    kinds = []
+    while sock.poll(2000):
+        msg = p.decode(sock.recv_multipart())
+        kinds.append(msg.type)
+        if msg.type == p.ERROR:
+            assert msg.header["code"] == p.UNAVAILABLE and "silent" in msg.header["message"]
+            break
+    assert kinds[-1] == p.ERROR, kinds  # not left waiting for replies that never come
+    with pipeline.client() as c:
+        assert wait_for(lambda: c.workers()[0]["in_flight"] == 0, 5)

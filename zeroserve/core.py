@@ -250,7 +250,10 @@ class ClientCore:
             pend.sink.put(Chunk(data, msg.buffers[1:], final=final))
         elif msg.type == p.ERROR:
             h = msg.header
-            if h.get("code") == p.WORKER_LOST and self._resume(rid, pend, "worker lost"):
+            # a lost worker, or a broker that dropped the job (it thought us gone): go on
+            lost = {p.WORKER_LOST: "worker lost", p.UNAVAILABLE: "dropped by the broker"}
+            why = lost.get(h.get("code"))  # type: ignore[call-overload]
+            if why and self._resume(rid, pend, why):
                 return [pend.frames]
             del self.pending[rid]
             pend.sink.put(errors.from_code(str(h.get("code")), str(h.get("message")), rid))

@@ -343,13 +343,19 @@ def test_admin_drain_finishes_in_flight_then_worker_exits(pipeline) -> None:
         assert c.workers() == []
 
 
-def test_client_that_vanishes_has_its_requests_cancelled(pipeline, ctx) -> None:
+def _raw_client_with_a_long_stream(pipeline, ctx, rid: str, words: int) -> zmq.Socket:
+    """A raw DEALER (no SDK, so no heartbeats) that asked one echo worker for a long stream."""
     pipeline.start_broker()
     pipeline.start_worker("a", "--step-delay-ms", "20")
     pipeline.wait_workers(1)
     raw = ctx.socket(zmq.DEALER)
     raw.connect(pipeline.frontend)
-    raw.send_multipart(p.request("r1", "echo", {"prompt": " ".join(["t"] * 1000)}))
+    raw.send_multipart(p.request(rid, "echo", {"prompt": " ".join(["t"] * words)}))
+    return raw
+
+
+def test_client_that_vanishes_has_its_requests_cancelled(pipeline, ctx) -> None:
+    raw = _raw_client_with_a_long_stream(pipeline, ctx, "r1", 1000)
     raw.recv_multipart()  # first chunk: it runs
     raw.close(0)  # gone without a word; no heartbeats either
     with pipeline.client() as c:
@@ -394,12 +400,7 @@ def test_a_worker_that_reconnects_replaces_its_own_registration(pipeline, ctx) -
 
 
 def test_a_silent_client_is_told_its_requests_were_cancelled(pipeline, ctx) -> None:
-    pipeline.start_broker()
-    pipeline.start_worker("a", "--step-delay-ms", "20")
-    pipeline.wait_workers(1)
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(pipeline.frontend)
-    sock.send_multipart(p.request("slow-1", "echo", {"prompt": " ".join(["w"] * 500)}))
+    sock = _raw_client_with_a_long_stream(pipeline, ctx, "slow-1", 500)
     time.sleep(1.5)  # no heartbeat for longer than 0.25 s x 3: the broker gives up on us
     kinds = []
     while sock.poll(2000):

@@ -1,8 +1,8 @@
 """`zeroserve chaos`: a fixed list of faults on a live pipeline of the tiny model, each checked
 against a bound; a table (or --json) and a non-zero exit if any row misses its bound.
 
-One pipeline for the whole run, on ipc endpoints in a temporary directory: a broker, two LLM
-workers (`l1`, `l2`, the tiny preset) and one echo worker (the test engine that accepts fault
+One pipeline for the whole run (chaos_stack.py), on ipc endpoints in a temporary directory:
+a broker, two LLM workers (`l1`, `l2`, the tiny preset) and one echo worker (the test engine that accepts fault
 flags). Peers heartbeat every 0.25 s. This harness plays supervisor: a worker it killed is
 started again. Rows:
 
@@ -37,7 +37,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -45,11 +44,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
+from zeroserve.chaos_stack import (
+    Stack,
+    acceptable,
+    growth,
+    idle_within,
+    leftovers,
+    restart_after_exit,
+)
+from zeroserve.procs import exit_on_sigterm, stop
 
-from zeroserve.procs import exit_on_sigterm, spawn, stop
-
-HEARTBEAT = ["--heartbeat-interval-s", "0.25"]
 STREAMS = [{"prompt": f"stream {i} says", "max_tokens": 48, "ignore_eos": True,
             **({"temperature": 0} if i % 2 else {"temperature": 0.9, "seed": i})}
            for i in range(64)]
@@ -69,66 +73,6 @@ class Row:
     bound: str
     ok: bool
     left: dict[str, Any] = field(default_factory=dict)  # what the row left behind
-
-
-class Stack:
-    """The pipeline under test: processes by name, started again on demand."""
-
-    def __init__(self, root: Path, model: str) -> None:
-        self.front, self.back, self.admin = (f"ipc://{root}/{n}.sock" for n in "fba")
-        self.logs = root
-        llm = ["--engine", "llm", "--model", model, "--served-name", "tiny", "--dtype",
-               "float32", "--max-model-len", "512"]
-        self.args = {
-            "broker": ["--frontend", self.front, "--backend", self.back, "--admin", self.admin,
-                       "--max-message-mb", "32", *HEARTBEAT],
-            "l1": ["--broker", self.back, "--worker-id", "l1", "--no-pin", *llm, *HEARTBEAT],
-            "l2": ["--broker", self.back, "--worker-id", "l2", "--no-pin", *llm, *HEARTBEAT],
-            "echo": ["--broker", self.back, "--worker-id", "echo", "--no-pin",
-                     "--step-delay-ms", "20", *HEARTBEAT],
-            "gateway": ["--broker", self.front, "--port", str(_free_port()), "--cache-mb", "0"],
-        }
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.args['gateway'][3]}"
-
-    def start(self, name: str) -> None:
-        role = name if name in ("broker", "gateway") else "worker"
-        with open(self.logs / f"{name}.log", "ab") as log:
-            self.procs[name] = spawn(role, self.args[name], stdout=log,
-                                     stderr=subprocess.STDOUT)
-
-    def client(self) -> Any:
-        from zeroserve.client import AsyncClient
-
-        # 0.5 s: a broker restart (seconds) fits in the SDK's failover budget (4 x 1.5 s)
-        return AsyncClient(self.front, heartbeat_interval_s=0.5)
-
-    async def workers(self) -> list[dict[str, Any]]:
-        async with self.client() as c:
-            with contextlib.suppress(Exception):
-                return await c.workers()
-        return []
-
-    async def wait_workers(self, names: set[str], timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if names <= {w["worker_id"] for w in await self.workers()}:
-                return
-            await asyncio.sleep(0.1)
-        raise TimeoutError(f"workers {sorted(names)} did not register")
-
-    async def wait_gone(self, name: str, since: float) -> float:
-        """ms from `since` until the broker's table no longer lists worker `name`."""
-        while name in {w["worker_id"] for w in await self.workers()}:
-            await asyncio.sleep(0.01)
-        return (time.monotonic() - since) * 1000
-
-    def close(self) -> None:
-        for proc in self.procs.values():
-            stop(proc, timeout_s=5)
 
 
 async def _streams(stack: Stack, bodies: list[dict], model: str = "tiny",
@@ -189,12 +133,12 @@ def _row(fault: str, result: tuple[list[Any], float, float, float], calm: list[A
 
 async def _suite(stack: Stack) -> list[Row]:
     rows: list[Row] = []
-    last = [_leftovers(stack)]
+    last = [leftovers(stack)]
 
     def add(row: Row) -> None:
-        now = _leftovers(stack)
-        row.left = _growth(last[0], now)
-        row.ok = row.ok and _acceptable(row.left)
+        now = leftovers(stack)
+        row.left = growth(last[0], now)
+        row.ok = row.ok and acceptable(row.left)
         last[0] = now
         rows.append(row)
 
@@ -250,7 +194,7 @@ async def _suite(stack: Stack) -> list[Row]:
 
     many = [{**STREAMS[i % len(STREAMS)], "max_tokens": 64} for i in range(100)]
     cut = await _streams(stack, many, fault=_no_fault, after_chunks=1, cut=lambda i: True)
-    idle = await _idle_within(stack, 5.0)  # the engines dropped every cut stream
+    idle = await idle_within(stack, 5.0)  # the engines dropped every cut stream
     add(_row("cut-100", cut, None, 10000 if idle else -1))
     add(_row("abort-10-of-100", await _streams(
         stack, many, fault=_no_fault, after_chunks=1, cut=lambda i: i % 10 == 0), None, 60000))
@@ -279,7 +223,7 @@ async def _suite(stack: Stack) -> list[Row]:
         t0 = time.monotonic()
         async with AsyncClient(stack.admin, heartbeat_interval_s=0.25) as ops:
             await ops.admin("drain", worker_id=victim)
-        asyncio.get_running_loop().run_in_executor(None, _restart_after_exit, stack, victim)
+        asyncio.get_running_loop().run_in_executor(None, restart_after_exit, stack, victim)
         return (time.monotonic() - t0) * 1000
 
     add(_row("drain", await _streams(stack, STREAMS, fault=drain), calm, one_left))
@@ -340,7 +284,7 @@ async def _gateway_kill(stack: Stack) -> Row:
         stack.procs["gateway"].kill()
         stack.procs["gateway"].wait()
         await asyncio.gather(*tasks)
-        idle = await _idle_within(stack, 10.0)
+        idle = await idle_within(stack, 10.0)
         settle = (time.monotonic() - t0) * 1000 if idle else 1e9
         stack.start("gateway")
         served = False
@@ -358,55 +302,6 @@ async def _no_fault() -> float:
     return 0.0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _restart_after_exit(stack: Stack, name: str) -> None:
-    stack.procs[name].wait(60)
-    stack.start(name)
-
-
-async def _idle_within(stack: Stack, timeout_s: float) -> bool:
-    """Every worker back to nothing running (the cut streams were cancelled in the engine)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        rows = await stack.workers()
-        if rows and all(w["in_flight"] == 0 and not w["stats"].get("running") for w in rows):
-            return True
-        await asyncio.sleep(0.1)
-    return False
-
-
-def _leftovers(stack: Stack) -> dict[str, Any]:
-    from zeroserve.arena import SHM_DIR, prefix
-
-    stale = [f for f in os.listdir(SHM_DIR) if f.startswith(prefix() + "-")
-             and not psutil.pid_exists(int(f.split("-")[-2]))]
-    broker = psutil.Process(stack.procs["broker"].pid)
-    return {"stale_shm_files": len(stale), "broker_pid": broker.pid,
-            "broker_rss_mib": broker.memory_info().rss >> 20, "broker_fds": broker.num_fds()}
-
-
-def _growth(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """What a stretch of the run left: stale shm files, and the broker's RSS and fd growth
-    (None across a broker restart)."""
-    same = before["broker_pid"] == after["broker_pid"]
-    return {"stale_shm_files": after["stale_shm_files"],
-            "broker_rss_growth_mib": after["broker_rss_mib"] - before["broker_rss_mib"]
-            if same else None,
-            "broker_fd_growth": after["broker_fds"] - before["broker_fds"] if same else None}
-
-
-def _acceptable(left: dict[str, Any]) -> bool:
-    return (left["stale_shm_files"] == 0 and (left["broker_rss_growth_mib"] or 0) <= 64
-            and (left["broker_fd_growth"] or 0) <= 16)
-
-
 def run(model: str) -> dict[str, Any]:
     from zeroserve.models import PRESETS, ensure_built
 
@@ -418,16 +313,16 @@ def run(model: str) -> dict[str, Any]:
             for name in ("broker", "l1", "l2", "echo"):
                 stack.start(name)
             asyncio.run(stack.wait_workers({"l1", "l2", "echo"}))
-            before = _leftovers(stack)
+            before = leftovers(stack)
             rows = asyncio.run(_suite(stack))
-            left = _growth(before, _leftovers(stack))
+            left = growth(before, leftovers(stack))
         except BaseException:
             for log in sorted(Path(tmp).glob("*.log")):
                 print(f"--- {log.name}\n{log.read_text(errors='replace')[-2000:]}")
             raise
         finally:
             stack.close()
-    left_ok = _acceptable(left)
+    left_ok = acceptable(left)
     return {"rows": [asdict(r) for r in rows], "left_behind": left, "left_ok": left_ok,
             "ok": left_ok and all(r.ok for r in rows)}
 

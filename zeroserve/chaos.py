@@ -2,9 +2,9 @@
 against a bound; a table (or --json) and a non-zero exit if any row misses its bound.
 
 One pipeline for the whole run (chaos_stack.py), on ipc endpoints in a temporary directory:
-a broker, two LLM workers (`l1`, `l2`, the tiny preset) and one echo worker (the test engine that accepts fault
-flags). Peers heartbeat every 0.25 s. This harness plays supervisor: a worker it killed is
-started again. Rows:
+a broker, two LLM workers (`l1`, `l2`, the tiny preset) and one echo worker (the test engine
+that accepts fault flags). Peers heartbeat every 0.25 s. This harness plays supervisor: a
+worker it killed is started again. Rows:
 
   kill-1-of-2      kill -9 of the worker with most streams, mid-stream
   kill-all         kill -9 of both LLM workers, then start them again

@@ -31,7 +31,7 @@ def run_op(broker: Broker, msg: p.Message, privileged: bool) -> tuple[Any, str]:
     if op == "workers":
         return {"workers": [w.row(now) for w in table.workers.values()], **table.stats()}, ""
     if op == "stats":
-        return {**table.stats(), **broker.counts}, ""
+        return {**table.stats(), **broker.counts, "backlog": len(broker.outbox)}, ""
     if op == "drain":
         worker = table.find_by_id(str(msg.header.get("worker_id")))
         if worker is None:
@@ -49,7 +49,7 @@ def on_admin_socket(broker: Broker, frames: list[bytes]) -> None:
         broker.send_quiet(broker.admin, [peer, *answer])
 
     try:
-        msg = p.decode(frames[1:])
+        msg = p.decode(frames[1:], broker.cfg.sockets.max_message_bytes)
     except p.ProtocolError as exc:
         broker.counts["bad_frames"] += 1
         reply(p.error("*", p.BAD_REQUEST, str(exc)))

@@ -5,16 +5,20 @@ Binds:
     backend   ROUTER  workers connect DEALER sockets here.
     admin     ROUTER  operators' tools connect here for state-changing ADMIN ops (admin.py).
 
-Frontend in:  REQUEST, CANCEL, HEARTBEAT, DISCONNECT, ADMIN {op: workers | stats} (read-only)
+Frontend in:  REQUEST, CANCEL, HEARTBEAT, DISCONNECT, ADMIN {op: workers | stats} (read-only),
+              handled in frontend.py
 Frontend out: CHUNK, END, ERROR (request-scoped), HEARTBEAT (echo of the client's)
 Backend in:   READY, HEARTBEAT, CHUNK, END, ERROR, DRAIN (worker's own SIGTERM), DISCONNECT
 Backend out:  REQUEST, CANCEL, HEARTBEAT, DRAIN, DISCONNECT (each behind a route frame)
 
 Each REQUEST goes to the live worker that serves its model with the most free credit; with no
-credit anywhere it waits in a bounded queue (full or too old: BUSY). A worker that goes silent
-for heartbeat_interval_s x heartbeat_liveness, or whose local process ends (liveness.py), is
-purged: its unstarted jobs are requeued once, the others fail with WORKER_LOST (the SDK then
-resumes them elsewhere). A malformed frame gets an ERROR back and one log line.
+credit anywhere it waits in a bounded, fairly shared queue (table.py; full, over its client's
+or tenant's share, or too old: BUSY). Replies to a client that reads slowly wait in a bounded
+backlog (outbox.py). A client that leaves has its requests cancelled; their credit comes back
+when the worker confirms the cancel (or is purged). A worker that goes silent for
+heartbeat_interval_s x heartbeat_liveness, or whose local process ends (liveness.py), is purged:
+its unstarted jobs are requeued once, the others fail with WORKER_LOST (the SDK then resumes
+them elsewhere). A malformed frame gets an ERROR back and one log line.
 With CURVE keys (auth.py) each socket admits peers by public key and role; cli.py is the CLI.
 """
 
@@ -26,8 +30,9 @@ import time
 from typing import Any
 
 import zmq
-from zeroserve.broker import admin
+from zeroserve.broker import admin, frontend
 from zeroserve.broker.liveness import PidWatch
+from zeroserve.broker.outbox import Outbox, Sent
 from zeroserve.broker.table import Job, Table, WorkerState, same_process
 
 from zeroserve import protocol as p
@@ -45,11 +50,13 @@ class Broker:
     def __init__(self, cfg: BrokerConfig, ctx: zmq.Context | None = None) -> None:
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()
-        self.table = Table(cfg.max_queue, cfg.max_queue_wait_ms / 1000)
+        self.table = Table(cfg.max_queue, cfg.max_queue_wait_ms / 1000, cfg.max_queue_bytes,
+                           cfg.client_share, cfg.tenant_share)
         self.clients: dict[bytes, float] = {}  # client identity -> last time heard from
         self.frontend = make_socket(self.ctx, zmq.ROUTER, cfg.sockets, router_mandatory=True)
         self.backend = make_socket(self.ctx, zmq.ROUTER, cfg.sockets, router_mandatory=True)
         self.admin = make_socket(self.ctx, zmq.ROUTER, cfg.sockets, router_mandatory=True)
+        self.outbox = Outbox(self.frontend, cfg.client_backlog)
         self.auth = None
         if cfg.keys_dir:
             from zeroserve.broker.auth import secure
@@ -60,7 +67,8 @@ class Broker:
         self.pids = PidWatch()
         self.bad_frames = RateLimitedLog(log)
         self.running = True  # until stop(): a SIGTERM during start-up is not lost
-        self.counts = {"requests": 0, "busy": 0, "lost": 0, "bad_frames": 0}
+        self.counts = {"requests": 0, "busy": 0, "lost": 0, "bad_frames": 0, "backlogged": 0,
+                       "slow_clients": 0}
         self._next_heartbeat = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -81,9 +89,9 @@ class Broker:
 
     def close(self) -> None:
         for w in list(self.table.workers.values()):
-            self._send_worker(w, NO_ROUTE, p.encode(p.DISCONNECT, {"reason": "broker stopping"}))
-        for job in list(self.table.jobs.values()):
-            self._send_client(job.client, p.error(job.rid, p.UNAVAILABLE, "broker stopping"))
+            self.send_worker(w, NO_ROUTE, p.encode(p.DISCONNECT, {"reason": "broker stopping"}))
+        for job in [j for j in self.table.jobs.values() if not j.cancelled]:
+            self.send_client(job.client, p.error(job.rid, p.UNAVAILABLE, "broker stopping"))
         for sock in (self.frontend, self.backend, self.admin):
             sock.close(0)
         if self.auth is not None:
@@ -95,17 +103,21 @@ class Broker:
         for sock in (self.frontend, self.backend, self.admin):
             self.poller.register(sock, zmq.POLLIN)
         while self.running:
-            timeout_ms = max(0.0, min(self._next_deadline() - time.monotonic(), 0.2)) * 1000
+            wait = 0.005 if self.outbox.backlog else 0.2  # a slow reader: flush again soon
+            timeout_ms = max(0.0, min(self._next_deadline() - time.monotonic(), wait)) * 1000
             events = dict(self.poller.poll(timeout_ms))
             for fd in [e for e in events if isinstance(e, int)]:  # a local worker's pidfd
                 self._process_ended(fd)
             if self.backend in events:
                 self._drain(self.backend, self._on_backend)
             if self.frontend in events:
-                self._drain(self.frontend, self._on_frontend)
+                self._drain(self.frontend, lambda frames: frontend.on_message(self, frames))
             if self.admin in events:
                 self._drain(self.admin, lambda frames: admin.on_admin_socket(self, frames))
             self._on_timers(time.monotonic())
+            if self.outbox.backlog:
+                for client in self.outbox.flush():
+                    frontend.client_gone(self, client)
 
     def _drain(self, sock: zmq.Socket, handler: Any) -> None:
         for _ in range(BATCH):
@@ -119,92 +131,8 @@ class Broker:
                 self.counts["bad_frames"] += 1
                 log.exception("unexpected error handling a message")
 
-    # -- frontend: clients ---------------------------------------------------------------
-
-    def _on_frontend(self, frames: list[bytes]) -> None:
-        client = frames[0]
-        self.clients[client] = time.monotonic()
-        try:
-            msg = p.decode(frames[1:])
-        except p.ProtocolError as exc:
-            self._bad_frame("frontend", client, exc)
-            self._send_client(client, p.error(p.rid_of(frames[1:]), p.BAD_REQUEST, str(exc)))
-            return
-        t = msg.type
-        if t == p.REQUEST:
-            self._on_request(client, msg, frames[1:])
-        elif t == p.CANCEL:
-            self._on_cancel(client, msg.header["id"])
-        elif t == p.HEARTBEAT:
-            self._send_client(client, p.encode(p.HEARTBEAT, {}))
-        elif t == p.DISCONNECT:
-            self._client_gone(client)
-        elif t == p.ADMIN:
-            self._on_admin(client, msg)
-        else:
-            rid = msg.header.get("id") if isinstance(msg.header.get("id"), str) else p.UNATTRIBUTED
-            self._send_client(client, p.error(rid, p.BAD_REQUEST,
-                                              f"{p.TYPE_NAMES[t]} is not accepted from clients"))
-
-    def _on_request(self, client: bytes, msg: p.Message, frames: list[bytes]) -> None:
-        rid, model = msg.header["id"], msg.header["model"]
-        self.counts["requests"] += 1
-        if (client, rid) in self.table.jobs:
-            self._send_client(client, p.error(rid, p.BAD_REQUEST, f"request id {rid} is in flight"))
-            return
-        job = Job(client, rid, model, frames, time.monotonic())
-        worker = self.table.pick_worker(model)
-        if worker is not None:
-            self.table.jobs[job.key] = job
-            self._dispatch(job, worker)
-            return
-        if self.table.workers and not self.table.serves(model) and (
-            model not in self.table.known_models
-        ):
-            self._send_client(client, p.error(rid, p.UNKNOWN_MODEL, f"no worker serves {model!r}"))
-            return
-        if not self.table.can_enqueue():
-            self.counts["busy"] += 1
-            self._send_client(client, p.error(rid, p.BUSY, "all workers busy and queue full"))
-            return
-        self.table.jobs[job.key] = job
-        self.table.enqueue(job)
-
-    def _on_cancel(self, client: bytes, rid: str) -> None:
-        job = self.table.jobs.get((client, rid))
-        if job is None:
-            return  # already finished: the END crossed the CANCEL
-        if job.worker is not None:
-            self._send_worker(job.worker, client, p.cancel(rid))
-        elif self.table.unqueue(job):
-            self.table.jobs.pop(job.key, None)
-            self._send_client(client, p.error(rid, p.CANCELLED, "cancelled while queued"))
-
-    def _client_gone(self, client: bytes, why: str = "") -> None:
-        """The client left: cancel its jobs, forget it. With `why` (silent: perhaps only slow)
-        each job's ERROR tells it, best effort, so it can resend instead of waiting forever."""
-        self.clients.pop(client, None)
-        jobs = self.table.jobs_of_client(client)
-        if why and jobs:
-            log.info("client %s %s: cancelling %d requests", client.hex(), why, len(jobs))
-        for job in jobs:
-            if job.worker is not None:
-                self._send_worker(job.worker, client, p.cancel(job.rid))
-                self.table.finish(job.key)
-            else:
-                self.table.unqueue(job)
-                self.table.jobs.pop(job.key, None)
-            if why:
-                self.send_quiet(self.frontend, [client, *p.error(job.rid, p.UNAVAILABLE, why)])
-
-    def _on_admin(self, client: bytes, msg: p.Message) -> None:
-        result, error = admin.run_op(self, msg, privileged=False)
-        rid = msg.header["id"]
-        self._send_client(client, p.error(rid, p.BAD_REQUEST, error) if error
-                          else p.end(rid, result))
-
     def drain(self, worker: WorkerState, why: str) -> None:
-        self._send_worker(worker, NO_ROUTE, p.encode(p.DRAIN, {}))
+        self.send_worker(worker, NO_ROUTE, p.encode(p.DRAIN, {}))
         self._drain_worker(worker, why)
 
     def send_quiet(self, sock: zmq.Socket, frames: list) -> None:
@@ -219,9 +147,9 @@ class Broker:
         try:
             if len(frames) < 2:
                 raise p.ProtocolError("missing route frame")
-            msg = p.decode(frames[2:])
+            msg = p.decode(frames[2:], self.cfg.sockets.max_message_bytes)
         except p.ProtocolError as exc:
-            self._bad_frame("backend", identity, exc)
+            self.bad_frame("backend", identity, exc)
             self._send_raw_backend(identity, p.error(p.rid_of(frames[2:]), p.BAD_REQUEST, str(exc)))
             return
         route, t = frames[1], msg.type
@@ -248,7 +176,7 @@ class Broker:
             else:
                 self._purge(worker, f"disconnected ({reason})")
         else:
-            self._bad_frame("backend", identity, p.ProtocolError(f"{p.TYPE_NAMES[t]} from worker"))
+            self.bad_frame("backend", identity, p.ProtocolError(f"{p.TYPE_NAMES[t]} from worker"))
 
     def _on_ready(self, identity: bytes, msg: p.Message) -> None:
         live = self.table.find_by_id(str(msg.header.get("worker_id") or ""))
@@ -274,25 +202,35 @@ class Broker:
         self._dispatch_queued(worker)
 
     def _on_reply(self, worker: WorkerState, route: bytes, msg: p.Message, frames: list) -> None:
-        key = (route, msg.header["id"])
-        job = self.table.jobs.get(key)
+        job = self.table.jobs.get((route, msg.header["id"]))
         if job is None or job.worker is not worker:
             return  # late reply of a job that was cancelled or reassigned
+        if job.cancelled:  # its client left: only the worker's last word matters, for credit
+            if msg.type != p.CHUNK:
+                self.table.finish(job)
+                self._after_credit(worker)
+                self._after_cancel(job)
+            return
         if msg.type == p.CHUNK:
             job.streamed = True
         else:
-            self.table.finish(key)
+            self.table.finish(job)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("request %s %s from worker %s", job.rid, p.TYPE_NAMES[msg.type],
                           worker.worker_id)
-        self._send_client(route, frames)  # on failure the client's jobs are cancelled there
+        self.send_client(route, frames)  # on failure the client's jobs are cancelled there
         if msg.type != p.CHUNK:
             self._after_credit(worker)
+
+    def _after_cancel(self, job: Job) -> None:
+        """A cancelled job is gone for good: the request sent again meanwhile goes now."""
+        if job.successor is not None:
+            frontend.on_request(self, job.client, *job.successor)
 
     def _after_credit(self, worker: WorkerState) -> None:
         if worker.draining:
             if not worker.inflight:
-                self._send_worker(worker, NO_ROUTE, p.encode(p.DISCONNECT, {"reason": "drained"}))
+                self.send_worker(worker, NO_ROUTE, p.encode(p.DISCONNECT, {"reason": "drained"}))
                 log.info("worker drained id=%s served=%d", worker.worker_id, worker.served)
                 self.table.remove_worker(worker)
             return
@@ -309,16 +247,16 @@ class Broker:
 
     # -- dispatch and failure handling ---------------------------------------------------
 
-    def _dispatch(self, job: Job, worker: WorkerState) -> None:
+    def dispatch(self, job: Job, worker: WorkerState) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request %s model=%s -> worker %s", job.rid, job.model, worker.worker_id)
         self.table.assign(job, worker)
-        if not self._send_worker(worker, job.client, job.frames):
+        if not self.send_worker(worker, job.client, job.frames):
             self._purge(worker, "unreachable")
 
     def _dispatch_queued(self, worker: WorkerState) -> None:
         for job in self.table.dequeue_for(worker):
-            self._dispatch(job, worker)
+            self.dispatch(job, worker)
             if worker.identity not in self.table.workers:
                 return
 
@@ -331,15 +269,17 @@ class Broker:
     def _purge(self, worker: WorkerState, why: str) -> None:
         if worker.identity not in self.table.workers:
             return
-        requeue, lost = self.table.remove_worker(worker)
+        requeue, lost, cancelled = self.table.remove_worker(worker)
         log.warning("worker purged id=%s (%s): %d requeued, %d lost", worker.worker_id, why,
                     len(requeue), len(lost))
         for job in lost:
             self.counts["lost"] += 1
-            self._send_client(job.client, p.error(job.rid, p.WORKER_LOST,
+            self.send_client(job.client, p.error(job.rid, p.WORKER_LOST,
                                                   f"worker {worker.worker_id} lost: {why}"))
         for job in reversed(requeue):
             self.table.enqueue(job, front=True)
+        for job in cancelled:
+            self._after_cancel(job)
         for w in list(self.table.workers.values()):
             if self.table.queued:
                 self._dispatch_queued(w)
@@ -358,7 +298,7 @@ class Broker:
             known = self.table.serves(job.model) or job.model in self.table.known_models
             code = p.BUSY if known else p.UNKNOWN_MODEL
             self.counts["busy"] += code == p.BUSY
-            self._send_client(job.client, p.error(job.rid, code, f"no worker for {job.model!r} "
+            self.send_client(job.client, p.error(job.rid, code, f"no worker for {job.model!r} "
                                                   f"within {self.cfg.max_queue_wait_ms} ms"))
         if now < self._next_heartbeat:
             return
@@ -368,23 +308,27 @@ class Broker:
             self.pids.kill(worker.identity)  # a local process that is stopped or hung
         beat = p.encode(p.HEARTBEAT, {})
         for worker in list(self.table.workers.values()):
-            self._send_worker(worker, NO_ROUTE, beat)
+            self.send_worker(worker, NO_ROUTE, beat)
         silent = [c for c, seen in self.clients.items() if now - seen > self.cfg.expiry_s]
         for client in silent:
-            self._client_gone(client, f"silent for {now - self.clients[client]:.1f} s: cancelled")
+            quiet_s = now - self.clients[client]
+            frontend.client_gone(self, client, f"silent for {quiet_s:.1f} s: cancelled")
 
     # -- sending -------------------------------------------------------------------------
 
-    def _send_client(self, client: bytes, frames: list) -> bool:
-        try:
-            self.frontend.send_multipart([client, *frames], zmq.NOBLOCK)
-            return True
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: gone; EAGAIN: not reading
-            log.info("client %s unreachable (%s): cancelling its requests", client.hex(), exc)
-            self._client_gone(client)
-            return False
+    def send_client(self, client: bytes, frames: list, droppable: bool = False) -> bool:
+        sent = self.outbox.send(client, frames, droppable)
+        if sent is Sent.GONE:
+            log.info("client %s unreachable: cancelling its requests", client.hex())
+            frontend.client_gone(self, client)
+        elif sent is Sent.QUEUED:
+            self.counts["backlogged"] += 1
+        elif sent is Sent.OVERFLOW:
+            self.counts["slow_clients"] += 1
+            frontend.client_gone(self, client, f"fell {self.cfg.client_backlog} messages behind")
+        return sent in (Sent.SENT, Sent.QUEUED)
 
-    def _send_worker(self, worker: WorkerState, route: bytes, frames: list) -> bool:
+    def send_worker(self, worker: WorkerState, route: bytes, frames: list) -> bool:
         try:
             self.backend.send_multipart([worker.identity, route, *frames], zmq.NOBLOCK)
             return True
@@ -394,7 +338,7 @@ class Broker:
     def _send_raw_backend(self, identity: bytes, frames: list) -> None:
         self.send_quiet(self.backend, [identity, NO_ROUTE, *frames])
 
-    def _bad_frame(self, side: str, peer: bytes, exc: Exception) -> None:
+    def bad_frame(self, side: str, peer: bytes, exc: Exception) -> None:
         self.counts["bad_frames"] += 1
         self.bad_frames.warning("malformed frame on %s from %s: %s", side, peer.hex(), exc)
 

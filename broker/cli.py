@@ -31,9 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--instance", default=None, help="deployment name for default ipc paths")
     ap.add_argument("--heartbeat-interval-s", type=float, default=1.0)
     ap.add_argument("--heartbeat-liveness", type=int, default=3)
-    ap.add_argument("--max-queue", type=int, default=1024)
-    ap.add_argument("--max-queue-wait-ms", type=int, default=30_000)
-    ap.add_argument("--max-message-mb", type=int, default=512, help="MAXMSGSIZE of sockets")
+    d = BrokerConfig("", "", "")
+    ap.add_argument("--max-queue", type=int, default=d.max_queue, help="jobs waiting, in all")
+    ap.add_argument("--max-queue-mb", type=int, default=d.max_queue_bytes // MIB)
+    ap.add_argument("--max-queue-wait-ms", type=int, default=d.max_queue_wait_ms)
+    ap.add_argument("--client-share", type=float, default=d.client_share,
+                    help="fraction of the queue one client may hold")
+    ap.add_argument("--tenant-share", type=float, default=d.tenant_share,
+                    help="fraction of the queue one tenant (API key) of a client may hold")
+    ap.add_argument("--client-backlog", type=int, default=d.client_backlog,
+                    help="replies owed to a slow client before its requests are cancelled")
+    ap.add_argument("--max-message-mb", type=int, default=d.sockets.max_message_bytes // MIB,
+                    help="largest message (all its frames) a socket takes")
+    ap.add_argument("--hwm", type=int, default=d.sockets.hwm,
+                    help="messages ZeroMQ buffers per peer and direction")
     add_key_arguments(ap, "broker")
     ap.add_argument("--log-level", default="INFO")
     return ap
@@ -47,10 +58,14 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         heartbeat_interval_s=args.heartbeat_interval_s,
         heartbeat_liveness=args.heartbeat_liveness,
         max_queue=args.max_queue,
+        max_queue_bytes=args.max_queue_mb * MIB,
         max_queue_wait_ms=args.max_queue_wait_ms,
+        client_share=args.client_share,
+        tenant_share=args.tenant_share,
+        client_backlog=args.client_backlog,
         keys_dir=keys_dir(args),
         key_name=args.key_name,
-        sockets=SocketConfig(max_message_bytes=args.max_message_mb * MIB,
+        sockets=SocketConfig(hwm=args.hwm, max_message_bytes=args.max_message_mb * MIB,
                              insecure=args.insecure),
     )
 

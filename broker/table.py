@@ -1,7 +1,13 @@
 """The broker's bookkeeping: live workers, their credit, jobs in flight and the bounded queue.
 
 Pure data and decisions, no sockets: the broker process (broker.py) does the IO and asks this
-module whom to send a job to, what to requeue and what has expired.
+module whom to send a job to, what to requeue and what has expired. The table is the one owner
+of every job: jobs are added, finished and dropped only through it, so its indexes (by key, by
+client, per model queue, per share) never disagree.
+
+The queue is bounded in jobs and in bytes, and shared fairly: one client may hold at most
+`client_share` of it, and one tenant of a client (the API key a gateway passes along) at most
+`tenant_share`, so no client and no tenant can make the others BUSY.
 """
 
 from __future__ import annotations
@@ -21,9 +27,16 @@ class Job:
     model: str
     frames: list[bytes]  # [version, type, header, *buffers] exactly as the client sent them
     enqueued_at: float
+    tenant: str = ""  # whose share of the queue it counts against, with its client
     worker: WorkerState | None = None
     streamed: bool = False
     requeued: bool = False
+    cancelled: bool = False  # its client left: the worker was told, its credit not yet back
+    successor: Any = None  # the same request id sent again while cancelling: (msg, frames)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(f) for f in self.frames)
 
     @property
     def key(self) -> JobKey:
@@ -73,15 +86,22 @@ def same_process(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 class Table:
-    """Workers by identity, jobs by (client, id), and a bounded FIFO queue per model."""
+    """Workers by identity, jobs by (client, id) and by client, and a bounded FIFO queue per
+    model with per-client and per-tenant shares."""
 
-    def __init__(self, max_queue: int, max_queue_wait_s: float) -> None:
+    def __init__(self, max_queue: int, max_queue_wait_s: float, max_queue_bytes: int = 1 << 62,
+                 client_share: float = 1.0, tenant_share: float = 1.0) -> None:
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self.max_queue_wait_s = max_queue_wait_s
+        self.client_share, self.tenant_share = client_share, tenant_share
         self.workers: dict[bytes, WorkerState] = {}
         self.jobs: dict[JobKey, Job] = {}
+        self.by_client: dict[bytes, dict[str, Job]] = {}
         self.queues: dict[str, deque[Job]] = {}
         self.queued = 0
+        self.queued_bytes = 0
+        self.shares: dict[tuple[bytes, str | None], list[int]] = {}  # -> [jobs, bytes] queued
         self.known_models: set[str] = set()
         self._rr = 0
 
@@ -105,20 +125,24 @@ class Table:
         self.known_models.update(models)
         return worker
 
-    def remove_worker(self, worker: WorkerState) -> tuple[list[Job], list[Job]]:
-        """Forget a worker; return (jobs to requeue, jobs that must fail with WORKER_LOST)."""
+    def remove_worker(self, worker: WorkerState) -> tuple[list[Job], list[Job], list[Job]]:
+        """Forget a worker; return (jobs to requeue, jobs that must fail with WORKER_LOST,
+        jobs it was cancelling: gone now, but a successor may wait on one)."""
         self.workers.pop(worker.identity, None)
-        requeue, lost = [], []
+        requeue, lost, cancelled = [], [], []
         for job in worker.inflight.values():
             job.worker = None
-            if job.streamed or job.requeued:
-                self.jobs.pop(job.key, None)
+            if job.cancelled:
+                self.drop(job)
+                cancelled.append(job)
+            elif job.streamed or job.requeued:
+                self.drop(job)
                 lost.append(job)
             else:
                 job.requeued = True
                 requeue.append(job)
         worker.inflight.clear()
-        return requeue, lost
+        return requeue, lost, cancelled
 
     def expired_workers(self, now: float) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.expiry < now]
@@ -128,6 +152,25 @@ class Table:
 
     def find_by_id(self, worker_id: str) -> WorkerState | None:
         return next((w for w in self.workers.values() if w.worker_id == worker_id), None)
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    def add(self, job: Job) -> None:
+        self.jobs[job.key] = job
+        self.by_client.setdefault(job.client, {})[job.rid] = job
+
+    def drop(self, job: Job) -> None:
+        """Forget a job that is in no queue and holds no credit."""
+        if self.jobs.get(job.key) is job:
+            del self.jobs[job.key]
+            mine = self.by_client[job.client]
+            del mine[job.rid]
+            if not mine:
+                del self.by_client[job.client]
+
+    def jobs_of_client(self, client: bytes) -> list[Job]:
+        """The client's live jobs (not those it left behind, being cancelled)."""
+        return [j for j in self.by_client.get(client, {}).values() if not j.cancelled]
 
     # -- routing -------------------------------------------------------------------------
 
@@ -152,18 +195,45 @@ class Table:
         job.worker = worker
         worker.inflight[job.key] = job
 
-    def finish(self, key: JobKey) -> Job | None:
-        """A job ended (END or ERROR from its worker): free its credit."""
-        job = self.jobs.pop(key, None)
-        if job is not None and job.worker is not None:
-            job.worker.inflight.pop(key, None)
-            job.worker.served += 1
-        return job
+    def finish(self, job: Job) -> None:
+        """A job ended (END or ERROR from its worker): forget it, give its credit back. A
+        cancelled job was not served: its worker only confirmed the cancel."""
+        self.drop(job)
+        if job.worker is not None:
+            job.worker.inflight.pop(job.key, None)
+            job.worker.served += not job.cancelled
 
     # -- queue ---------------------------------------------------------------------------
 
-    def can_enqueue(self) -> bool:
-        return self.queued < self.max_queue
+    def why_not_enqueue(self, job: Job) -> str | None:
+        """None when the queue has room for `job` within its client's and tenant's share,
+        else why not (the text of the BUSY reply)."""
+        size = job.nbytes
+        if self.queued >= self.max_queue or self.queued_bytes + size > self.max_queue_bytes:
+            return "all workers busy and queue full"
+        for key, share, who in self._shares_of(job):
+            jobs, nbytes = self.shares.get(key, (0, 0))
+            if (jobs + 1 > max(1, int(self.max_queue * share))
+                    or nbytes + size > self.max_queue_bytes * share):
+                return f"all workers busy and this {who}'s share of the queue is full"
+        return None
+
+    def _shares_of(self, job: Job) -> list[tuple[tuple[bytes, str | None], float, str]]:
+        out = [((job.client, None), self.client_share, "client")]
+        if job.tenant:
+            out.append(((job.client, job.tenant), self.tenant_share, "tenant"))
+        return out
+
+    def _count(self, job: Job, sign: int) -> None:
+        size = job.nbytes
+        self.queued += sign
+        self.queued_bytes += sign * size
+        for key, _, _ in self._shares_of(job):
+            tally = self.shares.setdefault(key, [0, 0])
+            tally[0] += sign
+            tally[1] += sign * size
+            if tally[0] <= 0:
+                del self.shares[key]
 
     def enqueue(self, job: Job, front: bool = False) -> None:
         q = self.queues.setdefault(job.model, deque())
@@ -171,7 +241,7 @@ class Table:
             q.appendleft(job)
         else:
             q.append(job)
-        self.queued += 1
+        self._count(job, +1)
 
     def dequeue_for(self, worker: WorkerState) -> list[Job]:
         """Pop queued jobs this worker can take now, oldest first, up to its free credit."""
@@ -179,8 +249,9 @@ class Table:
         for model in worker.models:
             q = self.queues.get(model)
             while q and worker.free - len(taken) > 0 and not worker.draining:
-                taken.append(q.popleft())
-                self.queued -= 1
+                job = q.popleft()
+                self._count(job, -1)
+                taken.append(job)
             self._prune(model)
         return taken
 
@@ -197,7 +268,7 @@ class Table:
             q.remove(job)
         except ValueError:
             return False
-        self.queued -= 1
+        self._count(job, -1)
         self._prune(job.model)
         return True
 
@@ -207,24 +278,23 @@ class Table:
         limit = now - self.max_queue_wait_s
         for model, q in list(self.queues.items()):
             while q and q[0].enqueued_at < limit:
-                out.append(q.popleft())
-                self.queued -= 1
+                job = q.popleft()
+                self._count(job, -1)
+                out.append(job)
             self._prune(model)
         for job in out:
-            self.jobs.pop(job.key, None)
+            self.drop(job)
         return out
 
     def next_queue_deadline(self) -> float | None:
         heads = [q[0].enqueued_at for q in self.queues.values() if q]
         return min(heads) + self.max_queue_wait_s if heads else None
 
-    def jobs_of_client(self, client: bytes) -> list[Job]:
-        return [j for j in self.jobs.values() if j.client == client]
-
     def stats(self) -> dict[str, Any]:
         return {
             "live_workers": len(self.workers),
             "queued": self.queued,
+            "queued_bytes": self.queued_bytes,
             "in_flight": sum(len(w.inflight) for w in self.workers.values()),
             "capacity": sum(w.capacity for w in self.workers.values() if not w.draining),
         }

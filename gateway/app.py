@@ -189,12 +189,13 @@ def create_app(cfg: GatewayConfig) -> Any:
     async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
         key = gw.authorize(request, req.model)
         texts = req.texts()
-        _, rl_headers = gw.admit(key, sum(len(t) for t in texts) // 4 + 1)
+        key_id, rl_headers = gw.admit(key, sum(len(t) for t in texts) // 4 + 1)
         request.state.model = req.model
         assert gw.client is not None
         try:
             handle = await gw.client.submit(req.model, request_id=gw.request_id(request),
-                                            input=texts, **gw.client.tensors.domain)
+                                            tenant=key_id, input=texts,
+                                            **gw.client.tensors.domain)
             result = await _unless_disconnected(request, handle, handle.result())
             emb = gw.client.tensors.outputs(result, copy=True)["embeddings"]
         except errors.ZeroserveError as exc:
@@ -271,7 +272,7 @@ async def _generate(gw: Gateway, request: Request, req: Any, route: str, chat: b
         raise from_zeroserve(errors.UnavailableError("the broker is not answering"))
     rid = gw.request_id(request)
     try:
-        handle = await gw.client.submit(req.model, request_id=rid, **body)
+        handle = await gw.client.submit(req.model, request_id=rid, tenant=key_id, **body)
     except errors.ZeroserveError as exc:
         gw.limiter.refund(key_id, reserved)
         raise from_zeroserve(exc) from None

@@ -1,4 +1,4 @@
-"""Broker: routing decisions (unit) and the real process under load, faults and garbage."""
+"""Broker: the real process under load, faults and garbage (table.py: test_table.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import time
 import pytest
 import zmq
 from zeroserve.broker.liveness import PidWatch
-from zeroserve.broker.table import Job, Table
 
 from zeroserve import (
     AsyncClient,
@@ -27,60 +26,6 @@ from zeroserve import (
 from zeroserve import protocol as p
 
 from .conftest import wait_for
-
-# -- unit: the table ---------------------------------------------------------------------
-
-
-def _table_with(*caps: int) -> Table:
-    table = Table(max_queue=2, max_queue_wait_s=1.0)
-    for i, cap in enumerate(caps):
-        table.register(bytes([i]), {"worker_id": f"w{i}", "models": ["m"], "capacity": cap}, 1e9)
-    return table
-
-
-def test_queues_of_client_chosen_model_names_do_not_pile_up() -> None:
-    table = Table(max_queue=10, max_queue_wait_s=0.0)
-    for i in range(3000):  # enqueue + cancel, as a client sending random model names would
-        job = Job(b"c", f"r{i}", f"model-{i}", [], 0.0)
-        table.enqueue(job)
-        assert table.unqueue(job)
-    expired = Job(b"c", "old", "model-x", [], 0.0)
-    table.enqueue(expired)
-    assert table.expired_jobs(1.0) == [expired]
-    assert table.queues == {} and table.queued == 0
-
-
-def test_pick_worker_prefers_most_free_credit_and_rotates_ties() -> None:
-    table = _table_with(4, 4)
-    picks = [table.pick_worker("m").worker_id for _ in range(4)]
-    assert set(picks) == {"w0", "w1"}  # ties rotate
-    w0 = table.workers[b"\x00"]
-    for i in range(3):
-        table.assign(Job(b"c", str(i), "m", [], 0.0), w0)
-    assert all(table.pick_worker("m").worker_id == "w1" for _ in range(3))
-    assert table.pick_worker("other") is None
-
-
-def test_full_workers_give_no_pick_and_queue_is_bounded() -> None:
-    table = _table_with(1)
-    table.assign(Job(b"c", "a", "m", [], 0.0), table.workers[b"\x00"])
-    assert table.pick_worker("m") is None
-    for rid in ("q1", "q2"):
-        assert table.can_enqueue()
-        table.enqueue(Job(b"c", rid, "m", [], time.monotonic()))
-    assert not table.can_enqueue()
-
-
-def test_purge_requeues_unstarted_once_and_loses_streamed() -> None:
-    table = _table_with(4)
-    w = table.workers[b"\x00"]
-    fresh, streamed = Job(b"c", "a", "m", [], 0.0), Job(b"c", "b", "m", [], 0.0, streamed=True)
-    for job in (fresh, streamed):
-        table.jobs[job.key] = job
-        table.assign(job, w)
-    requeue, lost = table.remove_worker(w)
-    assert requeue == [fresh] and lost == [streamed] and fresh.requeued
-
 
 # -- end to end: real broker, real workers -----------------------------------------------
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from zeroserve import protocol as p
 
@@ -52,16 +55,22 @@ def test_constructors_frame_bodies() -> None:
 
 
 @pytest.mark.parametrize("frames, why", [
-    ([], "at least 3"),
-    ([b"ZS1", p.REQUEST], "at least 3"),
+    ([], "3 to"),
+    ([b"ZS1", p.REQUEST], "3 to"),
+    ([b"ZS1", p.HEARTBEAT, b"\x80", *[b""] * (p.MAX_BUFFERS + 1)], "3 to"),
+    ([b"ZS1", p.REQUEST, p.packb({"id": "r", "model": "m", "tenant": 7})], "'tenant' must be"),
+    ([b"ZS1", p.REQUEST, p.packb({"id": "r", "model": "m" * 300})], "'model' is longer"),
+    ([b"ZS1", p.READY, p.packb({"capacity": "64"})], "'capacity' must be int"),
+    ([b"ZS1", p.READY, p.packb({"capacity": True})], "'capacity' must be int"),
+    ([b"ZS1", p.HEARTBEAT, p.packb({"stats": [1]})], "'stats' must be dict"),
     ([b"ZS9", p.REQUEST, b"\x80"], "version"),
     ([b"ZS1", b"\xff", b"\x80"], "unknown message type"),
     ([b"ZS1", p.REQUEST, b"\xc1"], "bad msgpack"),
     ([b"ZS1", p.REQUEST, b"\x91\x01"], "not a map"),
     ([b"ZS1", p.REQUEST, p.packb({"model": "m"})], "string id"),
-    ([b"ZS1", p.REQUEST, p.packb({"id": "x" * 500, "model": "m"})], "string id"),
+    ([b"ZS1", p.REQUEST, p.packb({"id": "x" * 500, "model": "m"})], "'id' is longer"),
     ([b"ZS1", p.REQUEST, p.packb({"id": "x"})], "string model"),
-    ([b"ZS1", p.CANCEL, p.packb({"id": 5})], "string id"),
+    ([b"ZS1", p.CANCEL, p.packb({"id": 5})], "'id' must be str"),
     ([b"ZS1", p.HEARTBEAT, b"\xdb\xff\xff\xff\xff"], "bad msgpack"),  # str32 claims 4 GiB
     ([b"ZS1", p.HEARTBEAT, b"\x80" * (p.HEADER_LIMIT_BYTES + 1)], "exceeds"),
 ])
@@ -101,3 +110,55 @@ def test_msgpack_bombs_are_refused_without_the_memory() -> None:
         p.unpackb(bomb, 8 << 20)
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 32 * 1024  # a million empty lists would be some 60 MiB
+
+
+def test_a_message_is_bounded_as_a_whole_before_anything_is_decoded() -> None:
+    frames = p.request("r", "m", {"prompt": "x"}, b"\0" * 600, b"\0" * 600)
+    assert p.decode(frames, max_bytes=2000).id == "r"
+    with pytest.raises(p.ProtocolError, match="exceeds the 1000-byte limit"):
+        p.decode(frames, max_bytes=1000)  # each frame fits: only the whole is too big
+
+
+def test_error_messages_are_cut_to_what_a_header_may_hold() -> None:
+    msg = p.decode(p.error("r", p.INTERNAL, "x" * 100_000))
+    assert len(msg.header["message"]) <= p.HEADER_FIELDS["message"][1]
+    assert msg.header["message"].endswith("(cut)")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=6))
+def test_fuzz_decode_raises_only_protocol_error(frames: list[bytes]) -> None:
+    """Any bytes at all: a Message or a ProtocolError, never another exception."""
+    for candidate in (frames, [b"ZS1", *frames[:1], *frames[1:]], [b"ZS1", p.REQUEST, *frames]):
+        try:
+            msg = p.decode(candidate)
+        except p.ProtocolError:
+            continue
+        assert isinstance(msg.header, dict)
+        with contextlib.suppress(p.ProtocolError):
+            p.body(msg)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                               max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(list(p.TYPE_NAMES)), st.dictionaries(
+    st.sampled_from([*p.HEADER_FIELDS, "other"]), JSON, max_size=6))
+def test_fuzz_headers_of_any_shape_decode_typed_or_raise(msg_type: bytes, header: dict) -> None:
+    """Well-formed msgpack with fields of any type: whatever decodes has the types that
+    HEADER_FIELDS promise, so no reader of a header can trip on one."""
+    try:
+        msg = p.decode(p.encode(msg_type, header))
+    except p.ProtocolError:
+        return
+    for name, (types, _) in p.HEADER_FIELDS.items():
+        if msg.header.get(name) is not None:
+            assert isinstance(msg.header[name], types)

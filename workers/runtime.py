@@ -312,7 +312,7 @@ class Worker:
         """Handle one message from the broker; True when it asks us to re-register."""
         route = frames[0] if frames else b""
         try:
-            msg = p.decode(frames[1:])
+            msg = p.decode(frames[1:], self.cfg.sockets.max_message_bytes)
         except p.ProtocolError as exc:
             log.warning("malformed frame from broker: %s", exc)
             return False

@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute every prompt in full (no reuse of cached KV blocks)")
     ap.add_argument("--check-blocks", action="store_true",
                     help="debug: assert the KV block accounting after every step")
-    ap.add_argument("--max-message-mb", type=int, default=512, help="MAXMSGSIZE of sockets")
+    ap.add_argument("--max-message-mb", type=int,
+                    default=SocketConfig.max_message_bytes // MIB,
+                    help="largest message (all its frames) a socket takes")
     add_key_arguments(ap, "worker")
     ap.add_argument("--heartbeat-interval-s", type=float, default=1.0)
     ap.add_argument("--heartbeat-liveness", type=int, default=3)

@@ -81,15 +81,16 @@ class Client:
     # -- public API ----------------------------------------------------------------------
 
     def submit(self, model: str, prompt: str | None = None, *, buffers: Sequence[Any] = (),
-               request_id: str | None = None, resume: bool = True,
+               request_id: str | None = None, resume: bool = True, tenant: str = "",
                **params: Any) -> RequestHandle:
         """Send a request without waiting: returns a handle to stream or wait on. A generation
-        whose worker dies goes on on another one unless resume=False (core.py)."""
+        whose worker dies goes on on another one unless resume=False (core.py). `tenant` names
+        whom it is for (the broker shares its queue fairly between tenants)."""
         rid = request_id or self.core.new_id()
         sink = ThreadCollector()
         with self._lock:
             frames = self.core.submit(rid, model, request_body(prompt, params), buffers, sink,
-                                      resume)
+                                      resume, tenant)
         self._command(("send", frames))
         return RequestHandle(self, rid, sink)
 
@@ -264,7 +265,7 @@ class AsyncClient:
                     await self.sock.send_multipart(frames, copy=False)
 
     async def submit(self, model: str, prompt: str | None = None, *, buffers: Sequence[Any] = (),
-                     request_id: str | None = None, resume: bool = True,
+                     request_id: str | None = None, resume: bool = True, tenant: str = "",
                      **params: Any) -> AsyncRequestHandle:
         if self._closed:
             raise errors.UnavailableError("client is closed")
@@ -272,7 +273,7 @@ class AsyncClient:
         rid = request_id or self.core.new_id()
         sink = AsyncCollector()
         frames = self.core.submit(rid, model, request_body(prompt, params), buffers, sink,
-                                  resume)
+                                  resume, tenant)
         await self.sock.send_multipart(frames, copy=False)
         return AsyncRequestHandle(self, rid, sink)
 

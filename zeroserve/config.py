@@ -42,7 +42,7 @@ class SocketConfig:
     """Options set on every socket before bind/connect (later settings do not apply)."""
 
     hwm: int = 100_000
-    max_message_bytes: int = 512 * MIB
+    max_message_bytes: int = 64 * MIB  # one whole message, all its frames together
     linger_ms: int = 0
     curve: Any = None  # keys.PeerKeys: connect with CURVE (a client, worker or gateway)
     insecure: bool = False  # allow tcp without CURVE (one warning)
@@ -56,7 +56,11 @@ class BrokerConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_liveness: int = 3
     max_queue: int = 1024
+    max_queue_bytes: int = 1024 * MIB
     max_queue_wait_ms: int = 30_000
+    client_share: float = 0.5  # of the queue (jobs and bytes) one client may hold
+    tenant_share: float = 0.125  # ... and one tenant (API key) of a client
+    client_backlog: int = 10_000  # messages owed to a slow reader beyond its socket's hwm
     keys_dir: str = ""  # CURVE on both sockets, peers admitted by role (keys.py)
     key_name: str = "broker"
     sockets: SocketConfig = SocketConfig()

@@ -195,12 +195,12 @@ class ClientCore:
         return f"{self._prefix}-{next(self._ids)}"
 
     def submit(self, rid: str, model: str, body: dict[str, Any], buffers: Sequence[Any],
-               sink: Collector, resumable: bool = True) -> list[Any]:
-        frames = p.request(rid, model, body, *buffers)
+               sink: Collector, resumable: bool = True, tenant: str = "") -> list[Any]:
+        frames = p.request(rid, model, body, *buffers, tenant=tenant)
         limit = self.cfg.sockets.max_message_bytes
-        too_big = next((n for n in map(frame_nbytes, frames) if n > limit), None)
-        if too_big is not None:  # zmq would drop the connection and the request silently
-            raise errors.BadRequestError(f"a frame of {too_big} bytes exceeds the "
+        size = sum(map(frame_nbytes, frames))
+        if size > limit:  # the broker would refuse it (and zmq drop a frame over the limit)
+            raise errors.BadRequestError(f"a request of {size} bytes exceeds the "
                                          f"{limit}-byte message limit", rid)
         resume = (_Resume(model, body) if resumable and not buffers
                   and any(f in body for f in GENERATION_FIELDS) else None)
@@ -225,7 +225,7 @@ class ClientCore:
         self.last_heard = time.monotonic()
         self.broker_expiry = self.last_heard + self.cfg.expiry_s
         try:
-            msg = p.decode(frames)
+            msg = p.decode(frames, self.cfg.sockets.max_message_bytes)
         except p.ProtocolError:
             return []
         if msg.type in (p.HEARTBEAT, p.DISCONNECT):

@@ -29,7 +29,12 @@ Message types and their headers (every request-scoped one carries ``id``, the re
     DISCONNECT  either way         {reason}
     ADMIN       client -> broker   {id, op, ...}          reply: END with buffer 0 the result
 
-Nothing here pickles. Decoding untrusted bytes always goes through ``unpackb`` with limits.
+A REQUEST may also carry ``tenant`` (who it is for, e.g. the gateway's API key id): the broker
+gives each tenant of a client a bounded share of its queue.
+
+Nothing here pickles. Decoding untrusted bytes always goes through ``unpackb`` with limits, and
+`decode` checks a whole message before it decodes anything: its frame count, its total size,
+then the type of every header field it knows (HEADER_FIELDS).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+
+from zeroserve.config import SocketConfig
 
 VERSION = b"ZS1"
 
@@ -85,6 +92,24 @@ HEADER_LIMIT_BYTES = 64 * 1024
 BODY_LIMIT_BYTES = 64 * 1024 * 1024
 MAX_ID_LEN = 128
 MAX_CONTAINERS = 1 << 16  # arrays and maps in one decoded payload
+MAX_BUFFERS = 1024  # frames after the header: the body and raw tensor buffers
+MAX_MESSAGE_BYTES = SocketConfig.max_message_bytes  # all frames together (a socket's default)
+MAX_NAME_LEN = 256
+# Header fields with a fixed type: (types, longest str); a present field of another type, or
+# longer, makes the whole message malformed. Other fields are read by their users with care.
+HEADER_FIELDS: dict[str, tuple[tuple[type, ...], int]] = {
+    "id": ((str,), MAX_ID_LEN),
+    "model": ((str,), MAX_NAME_LEN),
+    "tenant": ((str,), MAX_NAME_LEN),
+    "code": ((str,), 64),
+    "message": ((str,), 4096),
+    "reason": ((str,), 4096),
+    "op": ((str,), 64),
+    "worker_id": ((str,), MAX_NAME_LEN),
+    "models": ((list,), 256),
+    "capacity": ((int,), 0),
+    "stats": ((dict,), 0),
+}
 UNATTRIBUTED = "*"  # request id of an ERROR that answers a frame with no usable id
 
 
@@ -148,10 +173,15 @@ def encode(msg_type: bytes, header: dict[str, Any], *buffers: bytes) -> list[byt
     return [VERSION, msg_type, packb(header), *buffers]
 
 
-def decode(frames: list[bytes]) -> Message:
-    """Parse [version, type, header, *buffers]; raise ProtocolError on anything malformed."""
-    if len(frames) < 3:
-        raise ProtocolError(f"expected at least 3 frames, got {len(frames)}")
+def decode(frames: list[Any], max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Parse [version, type, header, *buffers]; raise ProtocolError on anything malformed.
+    The message as a whole is bounded first: at most MAX_BUFFERS buffers and `max_bytes` in
+    all (a socket's MAXMSGSIZE bounds each frame only)."""
+    if not 3 <= len(frames) <= 3 + MAX_BUFFERS:
+        raise ProtocolError(f"expected 3 to {3 + MAX_BUFFERS} frames, got {len(frames)}")
+    size = sum(len(f) for f in frames)
+    if size > max_bytes:
+        raise ProtocolError(f"message of {size} bytes exceeds the {max_bytes}-byte limit")
     version, msg_type, header = frames[0], frames[1], frames[2]
     if version != VERSION:
         raise ProtocolError(f"unsupported protocol version {bytes(version[:8])!r}")
@@ -160,6 +190,14 @@ def decode(frames: list[bytes]) -> Message:
     head = unpackb(header, HEADER_LIMIT_BYTES)
     if not isinstance(head, dict):
         raise ProtocolError("header is not a map")
+    for name, (types, longest) in HEADER_FIELDS.items():
+        value = head.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise ProtocolError(f"header field {name!r} must be {types[0].__name__}")
+        if longest and len(value) > longest:
+            raise ProtocolError(f"header field {name!r} is longer than {longest}")
     if msg_type in _ID_TYPES:
         rid = head.get("id")
         if not isinstance(rid, str) or not 0 < len(rid) <= MAX_ID_LEN:
@@ -174,8 +212,10 @@ _ID_TYPES = frozenset({REQUEST, CHUNK, END, ERROR, CANCEL, ADMIN})
 
 # Constructors for the common messages, so every caller frames them the same way.
 
-def request(rid: str, model: str, body: dict[str, Any], *buffers: bytes) -> list[bytes]:
-    return encode(REQUEST, {"id": rid, "model": model}, packb(body), *buffers)
+def request(rid: str, model: str, body: dict[str, Any], *buffers: bytes,
+            tenant: str = "") -> list[bytes]:
+    head = {"id": rid, "model": model, **({"tenant": tenant} if tenant else {})}
+    return encode(REQUEST, head, packb(body), *buffers)
 
 
 def chunk(rid: str, payload: dict[str, Any], *buffers: bytes) -> list[bytes]:
@@ -187,6 +227,9 @@ def end(rid: str, payload: dict[str, Any], *buffers: bytes) -> list[bytes]:
 
 
 def error(rid: str, code: str, message: str) -> list[bytes]:
+    limit = HEADER_FIELDS["message"][1]
+    if len(message) > limit:
+        message = message[:limit - 20] + "... (cut)"
     return encode(ERROR, {"id": rid, "code": code, "message": message})
 
 

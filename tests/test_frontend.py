@@ -1,0 +1,137 @@
+"""The broker's frontend under clients that read slowly, hog the queue or leave mid-stream
+(broker/frontend.py, broker/outbox.py): a real broker and echo workers over ipc."""
+
+from __future__ import annotations
+
+import time
+
+import zmq
+
+from zeroserve import BusyError
+from zeroserve import protocol as p
+
+from .conftest import wait_for
+
+
+def _slow_reader(pipeline, ctx, hwm: int) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.connect(pipeline.frontend)
+    return sock
+
+
+def _beating(sock: zmq.Socket, until, timeout_s: float) -> bool:
+    """Wait for `until()` while the socket reads nothing but says it is alive (HEARTBEATs):
+    a slow reader, not a silent one."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        sock.send_multipart(p.encode(p.HEARTBEAT, {}))
+        if until():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _read_all(sock: zmq.Socket, timeout_s: float = 20.0) -> dict[str, list[p.Message]]:
+    """Every reply the socket gets until it stays quiet for a second, by request id."""
+    out: dict[str, list[p.Message]] = {}
+    deadline = time.monotonic() + timeout_s
+    n = 0
+    while time.monotonic() < deadline and sock.poll(1000):
+        msg = p.decode(sock.recv_multipart())
+        if msg.type != p.HEARTBEAT:
+            out.setdefault(msg.id, []).append(msg)
+        n += 1
+        if n % 100 == 0:
+            sock.send_multipart(p.encode(p.HEARTBEAT, {}))
+    return out
+
+
+def test_a_slow_reader_gets_every_message_once_it_reads(pipeline, ctx) -> None:
+    # Before: one EAGAIN towards a client cancelled all of its requests.
+    pipeline.start_broker("--hwm", "20", "--client-backlog", "100000")
+    pipeline.start_worker("a")
+    pipeline.wait_workers(1)
+    sock = _slow_reader(pipeline, ctx, 20)
+    words = 20_000
+    sock.send_multipart(p.request("long", "echo", {"prompt": " ".join(["w"] * words)}))
+    with pipeline.client() as c:
+        assert _beating(sock, lambda: c.admin("stats")["backlogged"] > 1000, 10)  # behind
+        msgs = _read_all(sock)["long"]
+        assert msgs[-1].type == p.END, (msgs[-1].header, len(msgs))
+        ids = [i for m in msgs for i in p.body(m).get("token_ids", [])]
+        assert ids == list(range(words))  # nothing lost, nothing twice, in order
+        assert c.admin("stats")["slow_clients"] == 0 and c.workers()[0]["in_flight"] == 0
+
+
+def test_a_reader_too_slow_is_cut_off_alone_and_credit_returns_on_confirm(pipeline, ctx) -> None:
+    pipeline.start_broker("--hwm", "10", "--client-backlog", "50")
+    pipeline.start_worker("a", "--capacity", "8", "--step-delay-ms", "2")
+    pipeline.wait_workers(1)
+    sock = _slow_reader(pipeline, ctx, 10)
+    rids = [f"slow-{i}" for i in range(4)]
+    for rid in rids:
+        sock.send_multipart(p.request(rid, "echo", {"prompt": " ".join(["w"] * 5000)}))
+    with pipeline.client() as c:
+        live = c.submit("echo", " ".join(["v"] * 300))  # a normal client beside it
+        assert _beating(sock, lambda: c.admin("stats")["slow_clients"] == 1, 20)
+        assert live.result(20).token_ids == list(range(300))
+        assert wait_for(lambda: c.workers()[0]["in_flight"] == 0, 10)
+        assert c.workers()[0]["served"] == 1  # the cancelled streams are not counted served
+        got = _read_all(sock)
+        for rid in rids:  # each learns why, once it reads again
+            last = got[rid][-1]
+            assert last.type == p.ERROR and last.header["code"] == p.UNAVAILABLE
+            assert "fell 50 messages behind" in last.header["message"]
+
+
+def test_one_client_cannot_make_the_others_busy(pipeline, ctx) -> None:
+    pipeline.start_broker("--max-queue", "8", "--client-share", "0.5")
+    pipeline.start_worker("a", "--capacity", "1", "--step-delay-ms", "20")
+    pipeline.wait_workers(1)
+    hog = ctx.socket(zmq.DEALER)
+    hog.connect(pipeline.frontend)
+    for i in range(6):  # one runs, four wait (half the queue), the sixth is refused
+        hog.send_multipart(p.request(f"h{i}", "echo", {"prompt": "a b c"}))
+    refused = p.decode(hog.recv_multipart())
+    assert refused.id == "h5" and refused.header["code"] == p.BUSY
+    assert "client's share" in refused.header["message"]
+    with pipeline.client() as c:
+        assert c.generate("echo", "my turn", timeout_s=10).text == "my turn"
+        hog.send_multipart(p.encode(p.DISCONNECT, {}))
+        hog.close(0)
+        try:
+            c.generate("echo", "x", timeout_s=10)
+        except BusyError:  # pragma: no cover - the assertion message says what broke
+            raise AssertionError("a client was refused while another held the queue") from None
+
+
+def test_a_request_resent_while_its_cancel_is_pending_runs_after_it(pipeline, ctx) -> None:
+    # The broker gives up on a silent client and cancels its stream; the worker confirms
+    # only at its next step. The client, alive after all, resends the same request id at
+    # once: it must run after the cancel, not be refused as "in flight" or run twice.
+    pipeline.start_broker("--heartbeat-interval-s", "0.25", "--heartbeat-liveness", "2")
+    pipeline.start_worker("a", "--step-delay-ms", "400")
+    pipeline.wait_workers(1)
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(pipeline.frontend)
+    body = {"prompt": " ".join(["t"] * 6)}
+    sock.send_multipart(p.request("r", "echo", body))
+    msg = p.decode(sock.recv_multipart())  # silent (no heartbeats): dropped with a reason
+    while msg.type == p.CHUNK:
+        msg = p.decode(sock.recv_multipart())
+    assert msg.type == p.ERROR and msg.header["code"] == p.UNAVAILABLE
+    sock.send_multipart(p.request("r", "echo", body))  # before the worker's next step
+    ids: list[int] = []
+    while True:
+        sock.send_multipart(p.encode(p.HEARTBEAT, {}))
+        msg = p.decode(sock.recv_multipart())
+        if msg.type == p.HEARTBEAT:
+            continue
+        assert msg.type in (p.CHUNK, p.END), msg.header
+        ids += p.body(msg).get("token_ids", [])
+        if msg.type == p.END:
+            break
+    assert ids == list(range(6))
+    with pipeline.client() as c:
+        assert wait_for(lambda: c.workers()[0]["in_flight"] == 0, 5)

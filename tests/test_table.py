@@ -1,0 +1,103 @@
+"""The broker's table (broker/table.py): routing, the fair bounded queue, job ownership."""
+
+from __future__ import annotations
+
+import time
+
+from zeroserve.broker.table import Job, Table
+
+
+def _table_with(*caps: int) -> Table:
+    table = Table(max_queue=2, max_queue_wait_s=1.0)
+    for i, cap in enumerate(caps):
+        table.register(bytes([i]), {"worker_id": f"w{i}", "models": ["m"], "capacity": cap}, 1e9)
+    return table
+
+
+def test_queues_of_client_chosen_model_names_do_not_pile_up() -> None:
+    table = Table(max_queue=10, max_queue_wait_s=0.0)
+    for i in range(3000):  # enqueue + cancel, as a client sending random model names would
+        job = Job(b"c", f"r{i}", f"model-{i}", [], 0.0)
+        table.enqueue(job)
+        assert table.unqueue(job)
+    expired = Job(b"c", "old", "model-x", [], 0.0)
+    table.enqueue(expired)
+    assert table.expired_jobs(1.0) == [expired]
+    assert table.queues == {} and table.queued == 0
+
+
+def test_pick_worker_prefers_most_free_credit_and_rotates_ties() -> None:
+    table = _table_with(4, 4)
+    picks = [table.pick_worker("m").worker_id for _ in range(4)]
+    assert set(picks) == {"w0", "w1"}  # ties rotate
+    w0 = table.workers[b"\x00"]
+    for i in range(3):
+        table.assign(Job(b"c", str(i), "m", [], 0.0), w0)
+    assert all(table.pick_worker("m").worker_id == "w1" for _ in range(3))
+    assert table.pick_worker("other") is None
+
+
+def test_full_workers_give_no_pick_and_queue_is_bounded() -> None:
+    table = _table_with(1)
+    table.assign(Job(b"c", "a", "m", [], 0.0), table.workers[b"\x00"])
+    assert table.pick_worker("m") is None
+    for rid in ("q1", "q2"):
+        job = Job(b"c", rid, "m", [], time.monotonic())
+        assert table.why_not_enqueue(job) is None
+        table.enqueue(job)
+    assert table.why_not_enqueue(Job(b"d", "q3", "m", [], 0.0)) == "all workers busy and queue full"
+
+
+def test_purge_requeues_unstarted_once_and_loses_streamed() -> None:
+    table = _table_with(4)
+    w = table.workers[b"\x00"]
+    fresh, streamed = Job(b"c", "a", "m", [], 0.0), Job(b"c", "b", "m", [], 0.0, streamed=True)
+    gone = Job(b"c", "x", "m", [], 0.0, cancelled=True)
+    for job in (fresh, streamed, gone):
+        table.add(job)
+        table.assign(job, w)
+    requeue, lost, cancelled = table.remove_worker(w)
+    assert requeue == [fresh] and lost == [streamed] and fresh.requeued and cancelled == [gone]
+    assert set(table.jobs) == {fresh.key} and table.jobs_of_client(b"c") == [fresh]
+
+
+def test_one_client_or_tenant_cannot_take_the_whole_queue() -> None:
+    table = Table(max_queue=8, max_queue_wait_s=1.0, client_share=0.5, tenant_share=0.25)
+    hog = [Job(b"hog", f"h{i}", "m", [b"x"], 0.0) for i in range(5)]
+    for job in hog[:4]:
+        assert table.why_not_enqueue(job) is None
+        table.enqueue(job)
+    assert "client's share" in table.why_not_enqueue(hog[4])
+    other = Job(b"other", "o", "m", [b"x"], 0.0)
+    assert table.why_not_enqueue(other) is None  # the rest of the queue is still there
+    gw = [Job(b"gw", f"g{i}", "m", [b"x"], 0.0, tenant="key-a") for i in range(3)]
+    for job in gw[:2]:
+        table.enqueue(job)
+    assert "tenant's share" in table.why_not_enqueue(gw[2])
+    assert table.why_not_enqueue(Job(b"gw", "b", "m", [b"x"], 0.0, tenant="key-b")) is None
+    for job in (*hog[:4], *gw[:2]):
+        assert table.unqueue(job)
+    assert table.shares == {} and table.queued == 0 and table.queued_bytes == 0
+
+
+def test_the_queue_is_bounded_in_bytes_too() -> None:
+    table = Table(max_queue=100, max_queue_wait_s=1.0, max_queue_bytes=1000, client_share=1.0)
+    table.enqueue(Job(b"a", "1", "m", [b"x" * 600], 0.0))
+    assert table.why_not_enqueue(Job(b"b", "2", "m", [b"x" * 600], 0.0)) is not None
+    assert table.why_not_enqueue(Job(b"b", "3", "m", [b"x" * 300], 0.0)) is None
+
+
+def test_jobs_are_indexed_by_client_and_a_cancelled_job_frees_credit_unserved() -> None:
+    table = _table_with(3)
+    w = table.workers[b"\x00"]
+    jobs = [Job(c, r, "m", [], 0.0) for c, r in ((b"a", "1"), (b"a", "2"), (b"b", "1"))]
+    for job in jobs:
+        table.add(job)
+        table.assign(job, w)
+    assert table.jobs_of_client(b"a") == jobs[:2]
+    jobs[0].cancelled = True
+    assert table.jobs_of_client(b"a") == [jobs[1]]
+    assert w.free == 0  # a cancel not yet confirmed still holds its credit
+    table.finish(jobs[0])
+    table.finish(jobs[2])
+    assert w.free == 2 and w.served == 1 and set(table.by_client) == {b"a"}

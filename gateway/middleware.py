@@ -2,7 +2,8 @@
 
 - request ids: `X-Request-Id` accepted (or generated) and returned on the response;
 - API keys: a POST without a valid key gets 401 before its body is read or parsed;
-- body limit: a body larger than max_body_bytes gets 413 before any route sees it;
+- body limit: a body larger than max_body_bytes gets 413 before any route sees it (a body
+  that never completes is logged with status 499, nothing answered);
 - access log: one JSON line per request when its response has been sent.
 """
 
@@ -24,6 +25,10 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
 def _error_body(message: str, type_: str, code: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "param": None,
                                  "code": code}}).encode()
+
+
+class ClientGone(Exception):
+    """The connection closed before the request body was complete."""
 
 
 class Frontline:
@@ -65,12 +70,16 @@ class Frontline:
         elif length > self.max_body_bytes:
             await self._reject(send_wrapper)
         else:
-            body = await self._read_body(scope, receive) if scope["method"] == "POST" else None
-            if body is None and scope["method"] == "POST":
-                await self._reject(send_wrapper)
+            try:
+                body = await self._read_body(receive) if scope["method"] == "POST" else None
+            except ClientGone:  # before its body arrived (or it timed out, http.py)
+                status["code"] = 499
             else:
-                await self.app(scope, _replay(body, receive) if body is not None else receive,
-                               send_wrapper)
+                if body is None and scope["method"] == "POST":
+                    await self._reject(send_wrapper)
+                else:
+                    await self.app(scope, _replay(body, receive) if body is not None else receive,
+                                   send_wrapper)
         line = {
             "request_id": rid, "method": scope["method"], "route": scope["path"],
             "status": status["code"], "duration_ms": round((time.perf_counter() - t0) * 1e3, 2),
@@ -81,13 +90,13 @@ class Frontline:
         if self.on_done is not None:
             self.on_done(scope["path"], status["code"])
 
-    async def _read_body(self, scope: dict, receive: Any) -> bytes | None:
-        """The whole body, or None once it passes the limit."""
+    async def _read_body(self, receive: Any) -> bytes | None:
+        """The whole body, or None once it passes the limit; ClientGone if it never came."""
         chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                return b"".join(chunks)
+                raise ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:

@@ -129,6 +129,11 @@ class GatewayConfig:
     cache_bytes: int = 64 * MIB
     cache_ttl_s: float = 300.0
     max_body_bytes: int = 8 * MIB
+    max_connections: int = 4096  # per gateway process (gateway/http.py for these five)
+    header_timeout_s: float = 10.0
+    max_header_bytes: int = 32 * 1024
+    body_timeout_s: float = 60.0
+    keep_alive_s: float = 5.0
     request_timeout_s: float = 600.0
     table_poll_s: float = 0.5
     max_tokens_default: int = 16

@@ -10,6 +10,7 @@ KINDS = {
     "serve": "zeroserve.bench.serve",
     "tensor": "zeroserve.bench.tensor",
     "stall": "zeroserve.bench.stall",
+    "slowloris": "zeroserve.bench.slowloris",
 }
 
 

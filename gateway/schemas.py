@@ -9,7 +9,7 @@ are bounded with the engines' own limits (config.py).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -20,6 +20,11 @@ UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function
                "parallel_tool_calls", "logit_bias", "presence_penalty", "frequency_penalty",
                "repetition_penalty", "best_of", "suffix", "audio", "modalities", "prediction",
                "dimensions")
+
+
+TokenId = Annotated[int, Field(ge=0, lt=1 << 31)]
+Stop = Annotated[str, Field(max_length=1000)]
+Tag = Annotated[str, Field(max_length=512)]
 
 
 class _Strict(BaseModel):
@@ -49,18 +54,11 @@ class _Sampling(_Strict):
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    metadata: dict[str, str] | None = None  # accepted and not used
+    stop: Stop | Annotated[list[Stop], Field(max_length=16)] | None = None
+    metadata: dict[Tag, Tag] | None = Field(default=None, max_length=16)  # accepted, not used
     seed: int | None = Field(default=None, ge=-(1 << 63), le=(1 << 63) - 1)
     ignore_eos: bool = False
-    user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > 16:
-            raise ValueError("at most 16 stop sequences")
-        return v
+    user: Tag | None = None
 
     def engine_body(self, max_tokens_default: int) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -84,7 +82,7 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[TokenId] | list[str]
     echo: Literal[False] = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
 
@@ -112,7 +110,7 @@ class CompletionRequest(_Sampling):
 
     @field_validator("prompt")
     @classmethod
-    def _bounded(cls, v: str | list[int] | list[str]) -> str | list[int] | list[str]:
+    def _bounded(cls, v: str | list[TokenId] | list[str]) -> str | list[TokenId] | list[str]:
         n = len(v) if isinstance(v, str) else sum(len(x) if isinstance(x, str) else 4
                                                    for x in v)
         if n > MAX_PROMPT_CHARS:
@@ -168,7 +166,7 @@ class EmbeddingRequest(_Strict):
     model: str = Field(min_length=1, max_length=256)
     input: str | list[str] = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
-    user: str | None = None
+    user: Tag | None = None
 
     @field_validator("input")
     @classmethod

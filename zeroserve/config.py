@@ -56,7 +56,7 @@ class BrokerConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_liveness: int = 3
     max_queue: int = 1024
-    max_queue_bytes: int = 1024 * MIB
+    max_queue_bytes: int = 256 * MIB
     max_queue_wait_ms: int = 30_000
     client_share: float = 0.5  # of the queue (jobs and bytes) one client may hold
     tenant_share: float = 0.125  # ... and one tenant (API key) of a client

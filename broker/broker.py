@@ -66,6 +66,7 @@ class Broker:
         self.poller = zmq.Poller()
         self.pids = PidWatch()
         self.bad_frames = RateLimitedLog(log)
+        self.errors = RateLimitedLog(log)
         self.running = True  # until stop(): a SIGTERM during start-up is not lost
         self.counts = {"requests": 0, "busy": 0, "lost": 0, "bad_frames": 0, "backlogged": 0,
                        "slow_clients": 0}
@@ -129,7 +130,7 @@ class Broker:
                 handler(frames)
             except Exception:  # a bug must not take the switchboard down: log it, go on
                 self.counts["bad_frames"] += 1
-                log.exception("unexpected error handling a message")
+                self.errors.exception("unexpected error handling a message")
 
     def drain(self, worker: WorkerState, why: str) -> None:
         self.send_worker(worker, NO_ROUTE, p.encode(p.DRAIN, {}))

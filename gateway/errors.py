@@ -6,8 +6,9 @@ import logging
 from typing import Any
 
 from zeroserve import errors
+from zeroserve.logs import RateLimitedLog
 
-log = logging.getLogger("zeroserve.gateway")
+log = RateLimitedLog(logging.getLogger("zeroserve.gateway"))  # internal errors: no floods
 
 
 class ApiError(Exception):

@@ -4,7 +4,9 @@
 - API keys: a POST without a valid key gets 401 before its body is read or parsed;
 - body limit: a body larger than max_body_bytes gets 413 before any route sees it (a body
   that never completes is logged with status 499, nothing answered);
-- access log: one JSON line per request when its response has been sent.
+- access log: one JSON line per request when its response has been sent;
+- unexpected errors: a generic 500 in OpenAI's shape, the detail only in the (rate-limited)
+  log with the request id.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from zeroserve.logs import RateLimitedLog
+
 log = logging.getLogger("zeroserve.access")
+errors = RateLimitedLog(logging.getLogger("zeroserve.gateway"))
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
 
@@ -78,8 +83,7 @@ class Frontline:
                 if body is None and scope["method"] == "POST":
                     await self._reject(send_wrapper)
                 else:
-                    await self.app(scope, _replay(body, receive) if body is not None else receive,
-                                   send_wrapper)
+                    await self._run_app(scope, body, receive, send_wrapper, status, rid)
         line = {
             "request_id": rid, "method": scope["method"], "route": scope["path"],
             "status": status["code"], "duration_ms": round((time.perf_counter() - t0) * 1e3, 2),
@@ -89,6 +93,19 @@ class Frontline:
         log.info(json.dumps(line, separators=(",", ":")))
         if self.on_done is not None:
             self.on_done(scope["path"], status["code"])
+
+    async def _run_app(self, scope: dict, body: bytes | None, receive: Any, send: Any,
+                       status: dict, rid: str) -> None:
+        """The app; an error it did not expect is logged (rate-limited, with the request id)
+        and answered with a generic 500 in OpenAI's shape, never with its detail."""
+        try:
+            await self.app(scope, _replay(body, receive) if body is not None else receive, send)
+        except Exception:
+            errors.exception("request %s failed unexpectedly", rid)
+            if status["code"]:
+                raise  # the response had started: the server closes the connection
+            await self._send_error(send, 500, f"internal error (request id {rid})",
+                                   "internal_error", "internal_error")
 
     async def _read_body(self, receive: Any) -> bytes | None:
         """The whole body, or None once it passes the limit; ClientGone if it never came."""

@@ -6,7 +6,7 @@ import io
 import logging
 import sys
 
-from zeroserve.logs import MAX_MESSAGE_CHARS, setup_logging
+from zeroserve.logs import MAX_MESSAGE_CHARS, RateLimitedLog, setup_logging
 
 
 def test_peer_strings_stay_on_one_line(monkeypatch) -> None:
@@ -26,3 +26,16 @@ def test_peer_strings_stay_on_one_line(monkeypatch) -> None:
     assert len(lines[1]) < MAX_MESSAGE_CHARS + 200 and lines[1].endswith("chars)")
     assert "with a traceback" in lines[2] and "ValueError: boom" in out.getvalue()
     logging.basicConfig(force=True)  # leave no handler on the captured stream
+
+
+def test_unexpected_errors_are_logged_with_tracebacks_at_a_bounded_rate(caplog) -> None:
+    log = RateLimitedLog(logging.getLogger("zeroserve.test"), per_s=5)
+    with caplog.at_level(logging.ERROR, "zeroserve.test"):
+        for i in range(200):  # a hostile request that trips a bug every time
+            try:
+                raise RuntimeError(f"bug {i}")
+            except RuntimeError:
+                log.exception("request %d failed unexpectedly", i)
+    logged = [r for r in caplog.records if r.getMessage().startswith("request")]
+    assert 5 <= len(logged) <= 15  # at most per_s a second (the loop may span two seconds)
+    assert all(r.exc_info and r.exc_info[0] is RuntimeError for r in logged)

@@ -37,9 +37,11 @@ from zeroserve.workers.engine import Engine, EngineError, FatalEngineError, Outp
 from zeroserve import procs
 from zeroserve import protocol as p
 from zeroserve.config import WorkerConfig
+from zeroserve.logs import RateLimitedLog
 from zeroserve.sockets import make_socket
 
 log = logging.getLogger("zeroserve.worker")
+errors = RateLimitedLog(log)  # unexpected errors: a request that trips one each time is no flood
 
 MAX_FAILED_STEPS = 5  # consecutive failing steps before the engine is declared dead
 PREPARE_THREADS = 2  # one huge prompt's text work never holds up every new request
@@ -121,7 +123,7 @@ class Worker:
             raise
         except Exception as exc:
             failed_steps += 1
-            log.exception("engine step failed (%d in a row)", failed_steps)
+            errors.exception("engine step failed (%d in a row)", failed_steps)
             outputs = self.engine.abort_all(p.INTERNAL, f"engine error: {exc}")
             if failed_steps >= MAX_FAILED_STEPS:
                 self._emit(outputs)
@@ -166,7 +168,7 @@ class Worker:
             except EngineError as exc:
                 self._emit([Output(key, error=(exc.code, str(exc)))])
             except Exception as exc:
-                log.exception("engine rejected request %s", key[1])
+                errors.exception("engine rejected request %s", key[1])
                 self._emit([Output(key, error=(p.INTERNAL, f"{type(exc).__name__}: {exc}"))])
         elif kind == CANCEL:
             outs = self.engine.cancel(item[1])
@@ -214,7 +216,7 @@ class Worker:
             except EngineError as exc:
                 self.inbox.put((REJECT, key, (exc.code, str(exc))))
             except Exception as exc:
-                log.exception("preparing request %s failed", key[1])
+                errors.exception("preparing request %s failed", key[1])
                 self.inbox.put((REJECT, key, (p.INTERNAL, f"{type(exc).__name__}: {exc}")))
 
     # -- IO thread -----------------------------------------------------------------------
@@ -275,7 +277,7 @@ class Worker:
                             if self._on_broker(dealer, frames):
                                 broker_expiry = 0.0  # told to re-register: reconnect now
                         except Exception:
-                            log.exception("unexpected error handling a broker message")
+                            errors.exception("unexpected error handling a broker message")
                 self._check_progress(dealer, now)
                 if now >= next_beat:
                     next_beat = now + interval

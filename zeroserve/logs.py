@@ -40,13 +40,20 @@ class RateLimitedLog:
         self.window, self.count, self.suppressed = 0, 0, 0
 
     def warning(self, fmt: str, *args: object) -> None:
+        self.log(logging.WARNING, fmt, *args)
+
+    def exception(self, fmt: str, *args: object) -> None:
+        """An unexpected error, with its traceback (inside an except block)."""
+        self.log(logging.ERROR, fmt, *args, exc_info=True)
+
+    def log(self, level: int, fmt: str, *args: object, exc_info: bool = False) -> None:
         now = int(time.monotonic())
         if now != self.window:
             if self.suppressed:
-                self.logger.warning("... %d more like it suppressed", self.suppressed)
+                self.logger.log(level, "... %d more like it suppressed", self.suppressed)
             self.window, self.count, self.suppressed = now, 0, 0
         self.count += 1
         if self.count <= self.per_s:
-            self.logger.warning(fmt, *args)
+            self.logger.log(level, fmt, *args, exc_info=exc_info)
         else:
             self.suppressed += 1

@@ -135,3 +135,41 @@ def test_a_request_resent_while_its_cancel_is_pending_runs_after_it(pipeline, ct
     assert ids == list(range(6))
     with pipeline.client() as c:
         assert wait_for(lambda: c.workers()[0]["in_flight"] == 0, 5)
+
+
+def test_the_gateway_carries_200_streams_past_a_small_high_water_mark(pipeline) -> None:
+    # One DEALER carries every HTTP stream of a gateway process: with a broker high-water
+    # mark of 50 messages its replies must back up in the broker, not cancel its requests.
+    import asyncio
+    import json
+
+    import httpx
+
+    from .test_gateway import start_gateway
+
+    pipeline.start_broker("--hwm", "50")
+    pipeline.start_worker("a", "--capacity", "256", "--step-delay-ms", "5")
+    pipeline.wait_workers(1)
+    url = start_gateway(pipeline)
+
+    async def stream(client: httpx.AsyncClient, i: int) -> str:
+        text = ""
+        async with client.stream("POST", "/v1/completions", json={
+                "model": "echo", "prompt": " ".join([f"s{i}"] * 60), "max_tokens": 60,
+                "stream": True}) as resp:
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {"):
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        return text
+
+    async def run() -> list[str]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+            return await asyncio.gather(*(stream(client, i) for i in range(200)))
+
+    texts = asyncio.run(run())
+    assert [t.split() for t in texts] == [[f"s{i}"] * 60 for i in range(200)]
+    with pipeline.client() as c:
+        stats = c.admin("stats")
+        assert stats["backlogged"] > 0, "the gateway never fell behind: the test proves nothing"
+        assert stats["slow_clients"] == 0 and stats["lost"] == 0, stats

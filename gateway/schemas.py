@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from zeroserve.config import MAX_EMBED_INPUTS, MAX_EMBED_TEXT_CHARS, MAX_PROMPT_CHARS
 
 # OpenAI request fields this server does not implement yet: named in the 400, not ignored.
-UNSUPPORTED = ("response_format", "tools", "tool_choice", "functions", "function_call",
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call",
                "parallel_tool_calls", "logit_bias", "presence_penalty", "frequency_penalty",
                "repetition_penalty", "best_of", "suffix", "audio", "modalities", "prediction",
                "dimensions")
@@ -135,8 +135,30 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str = Field(default="output", max_length=64)
+    description: str | None = Field(default=None, max_length=4096)
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """Structured output: free text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def engine_field(self) -> dict[str, Any] | None:
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise ValueError("response_format json_schema needs json_schema.schema")
+            return {"type": "json_schema", "schema": self.json_schema.schema_}
+        return {"type": "json_object"} if self.type == "json_object" else None
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    response_format: ResponseFormat | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -149,6 +171,8 @@ class ChatCompletionRequest(_Sampling):
             body["max_tokens"] = self.max_completion_tokens
         body["messages"] = [{"role": "system" if m.role == "developer" else m.role,
                              "content": m.text()} for m in self.messages]
+        if self.response_format is not None and self.response_format.engine_field():
+            body["response_format"] = self.response_format.engine_field()
         return body
 
     def prompt_chars(self) -> int:

@@ -354,7 +354,7 @@ def test_fields_it_would_not_honour_and_unbounded_values_get_400(stack) -> None:
     _, url, _ = stack
     base = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     cases = {
-        "response_format": {"response_format": {"type": "json_object"}},
+        "tool_choice": {"tool_choice": "required"},
         "tools": {"tools": [{"type": "function", "function": {"name": "f"}}]},
         "logit_bias": {"logit_bias": {"1": 5}},
         "presence_penalty": {"presence_penalty": 0.5},

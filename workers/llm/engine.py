@@ -9,7 +9,9 @@ runtime calls it on its own thread so a huge prompt never stalls the running str
 
 Request body: {"prompt": str | "prompt_token_ids": [int] | "messages": [{role, content}],
 "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-"ignore_eos", "logprobs", "resume"?: {"token_ids": [id], "text_chars": int}}.
+"ignore_eos", "logprobs", "response_format"?: {"type": "json_object"} | {"type": "json_schema",
+"schema": {...}} (constrained decoding, grammar.py), "resume"?: {"token_ids": [id],
+"text_chars": int}}.
 `resume` continues a generation another worker started (it died): the tokens it had emitted
 join the sequence as already generated (they count towards max_tokens), sampling goes on at
 the next token index, and text is streamed from `text_chars` on, so the client sees neither a
@@ -32,6 +34,7 @@ from zeroserve.workers.engine import EngineError, Output, RequestKey
 from zeroserve.workers.llm import model_runner, params, sampler
 from zeroserve.workers.llm.block_manager import BlockManager
 from zeroserve.workers.llm.detok import IncrementalDetokenizer
+from zeroserve.workers.llm.grammar import GrammarError, Grammars
 from zeroserve.workers.llm.model_runner import ModelRunner
 from zeroserve.workers.llm.scheduler import Plan, Scheduler
 from zeroserve.workers.llm.sequence import Sequence
@@ -51,6 +54,7 @@ class Prepared:
     params: params.SamplingParams
     resume_ids: list[int]
     resume_chars: int
+    matcher: Any = None  # structured output: the matcher, already past resume_ids
 
 
 class LLMEngine:
@@ -68,6 +72,7 @@ class LLMEngine:
         self.capacity = self.scheduler.max_num_seqs + max(2, self.scheduler.max_num_seqs // 2)
         self.seqs: dict[RequestKey, Sequence] = {}
         self.eos_ids = _eos_ids(model, tokenizer)
+        self._grammars: Grammars | None = None  # built on the first structured-output request
         self.counters = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0,
                          "batch_size": 0, "step_ms": 0.0, "busy_s": 0.0}
 
@@ -107,7 +112,15 @@ class LLMEngine:
             raise EngineError(p.BAD_REQUEST, f"prompt ({n} tokens) + max_tokens "
                                              f"({sp.max_tokens}) can never fit this worker's KV "
                                              f"cache of {have * self.blocks.block_size} tokens")
-        return Prepared(prompt_ids, sp, resume_ids, resume_chars)
+        matcher = None
+        if sp.schema is not None:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.runner.vocab_size, self.eos_ids)
+            try:
+                matcher = self._grammars.matcher(sp.schema, resume_ids)
+            except GrammarError as exc:
+                raise EngineError(p.BAD_REQUEST, str(exc)) from None
+        return Prepared(prompt_ids, sp, resume_ids, resume_chars, matcher)
 
     def add(self, key: RequestKey, body: dict[str, Any] | Prepared,
             buffers: list[bytes]) -> None:
@@ -116,7 +129,7 @@ class LLMEngine:
         seed = sp.seed if sp.seed is not None else random.getrandbits(63)
         seq = Sequence(key, [*req.prompt_ids, *req.resume_ids], sp,
                        IncrementalDetokenizer(self.tokenizer), seed,
-                       prompt_len=len(req.prompt_ids))
+                       prompt_len=len(req.prompt_ids), matcher=req.matcher)
         for token in req.resume_ids:  # the text the first worker had, rebuilt
             seq.detok.add(token)
         seq.emitted = req.resume_chars
@@ -209,6 +222,9 @@ class LLMEngine:
         if not sampling:
             return []
         sps = [s.params for s in sampling]
+        constrained = [(i, s.matcher) for i, s in enumerate(sampling) if s.matcher is not None]
+        if constrained:
+            logits = self._grammars.mask(logits, constrained)  # type: ignore[union-attr]
         tokens = sampler.sample(logits, sps, [(s.seed, s.num_output) for s in sampling])
         lps = sampler.top_logprobs(logits, tokens, [sp.logprobs for sp in sps])
         self.counters["generated_tokens"] += len(tokens)
@@ -222,6 +238,13 @@ class LLMEngine:
         finish = None
         if token in sp.stop_token_ids or (token in self.eos_ids and not sp.ignore_eos):
             finish = "stop"
+        if seq.matcher is not None:
+            if not seq.matcher.consume_token(token):  # never for a masked sample: a bug
+                log.warning("request %s: grammar refused token %d: %s", seq.key[1], token,
+                            seq.matcher.get_error())
+                finish = "length"  # incomplete, never passed off as valid
+            elif seq.matcher.is_stopped():  # the schema's value is complete
+                finish = "stop"
         text = seq.detok.text
         cut = False
         if sp.stop:

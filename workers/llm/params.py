@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zeroserve.workers.engine import EngineError
+from zeroserve.workers.llm.grammar import GrammarError, parse_response_format
 
 from zeroserve import protocol as p
 
@@ -24,6 +25,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    schema: dict[str, Any] | None = None  # structured output: a JSON schema to follow
 
     @property
     def greedy(self) -> bool:
@@ -68,6 +70,10 @@ def parse(body: dict[str, Any], vocab_size: int) -> SamplingParams:
     if not isinstance(ignore_eos, bool):
         raise _bad("ignore_eos must be a boolean")
     top_k = _int(body, "top_k", 0, -1, vocab_size)
+    try:
+        schema = parse_response_format(body.get("response_format"))
+    except GrammarError as exc:
+        raise _bad(str(exc)) from None
     return SamplingParams(
         max_tokens=_int(body, "max_tokens", 16, 1, 1 << 20),  # type: ignore[arg-type]
         temperature=_number(body, "temperature", 1.0, 0.0, 100.0),
@@ -78,6 +84,7 @@ def parse(body: dict[str, Any], vocab_size: int) -> SamplingParams:
         stop_token_ids=tuple(stop_ids),
         ignore_eos=ignore_eos,
         logprobs=_int(body, "logprobs", None, 0, MAX_LOGPROBS),
+        schema=schema,
     )
 
 

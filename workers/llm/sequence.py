@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from zeroserve.workers.engine import RequestKey
 from zeroserve.workers.llm.detok import IncrementalDetokenizer
@@ -31,6 +32,7 @@ class Sequence:
     params: SamplingParams
     detok: IncrementalDetokenizer
     seed: int = 0  # sampling draws from (seed, token index): see sampler.py
+    matcher: Any = None  # structured output: the grammar's matcher (grammar.py)
     status: Status = Status.WAITING
     prompt_len: int = 0
     num_computed: int = 0  # tokens whose K/V are in the blocks

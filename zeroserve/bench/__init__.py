@@ -11,6 +11,7 @@ KINDS = {
     "tensor": "zeroserve.bench.tensor",
     "stall": "zeroserve.bench.stall",
     "slowloris": "zeroserve.bench.slowloris",
+    "structured": "zeroserve.bench.structured",
 }
 
 

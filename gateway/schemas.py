@@ -17,8 +17,7 @@ from zeroserve.config import MAX_EMBED_INPUTS, MAX_EMBED_TEXT_CHARS, MAX_PROMPT_
 
 # OpenAI request fields this server does not implement yet: named in the 400, not ignored.
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call",
-               "parallel_tool_calls", "logit_bias", "presence_penalty", "frequency_penalty",
-               "repetition_penalty", "best_of", "suffix", "audio", "modalities", "prediction",
+               "parallel_tool_calls", "best_of", "suffix", "audio", "modalities", "prediction",
                "dimensions")
 
 
@@ -59,6 +58,14 @@ class _Sampling(_Strict):
     seed: int | None = Field(default=None, ge=-(1 << 63), le=(1 << 63) - 1)
     ignore_eos: bool = False
     user: Tag | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=10.0)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^\d{1,9}$")],
+                     Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None, max_length=300)
+    min_tokens: int = Field(default=0, ge=0, le=1 << 20)
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=16)] | None = None
 
     def engine_body(self, max_tokens_default: int) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -74,6 +81,14 @@ class _Sampling(_Strict):
             body["seed"] = self.seed
         if self.ignore_eos:
             body["ignore_eos"] = True
+        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                              ("repetition_penalty", 1.0), ("min_tokens", 0)):
+            if getattr(self, name) != neutral:
+                body[name] = getattr(self, name)
+        if self.logit_bias:
+            body["logit_bias"] = self.logit_bias
+        if self.stop_token_ids:
+            body["stop_token_ids"] = self.stop_token_ids
         return body
 
     @property

@@ -165,3 +165,23 @@ def test_json_object_mode_and_bad_schemas(client) -> None:
     with pytest.raises(openai.BadRequestError, match="json_schema"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
                                        response_format={"type": "json_schema"})
+
+
+def test_logit_bias_and_penalties_through_the_openai_client(client) -> None:
+    biased = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "anything"}], max_tokens=4,
+        temperature=1.0, logit_bias={"123": 100}, logprobs=True)
+    tokens = [t.token for t in biased.choices[0].logprobs.content]
+    one = client.completions.create(model="tiny", prompt="other", max_tokens=1,
+                                    logit_bias={"123": 100}).choices[0].text
+    assert tokens == [tokens[0]] * 4 and biased.choices[0].message.content == one * 4
+    plain = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "anything"}], max_tokens=12,
+        temperature=0)
+    penalised = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "anything"}], max_tokens=12,
+        temperature=0, frequency_penalty=2.0, presence_penalty=2.0)
+    assert plain.choices[0].message.content != penalised.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.chat.completions.create(model="tiny", max_tokens=2, logit_bias={"x": 1},
+                                       messages=[{"role": "user", "content": "x"}])

@@ -9,9 +9,10 @@ runtime calls it on its own thread so a huge prompt never stalls the running str
 
 Request body: {"prompt": str | "prompt_token_ids": [int] | "messages": [{role, content}],
 "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-"ignore_eos", "logprobs", "response_format"?: {"type": "json_object"} | {"type": "json_schema",
-"schema": {...}} (constrained decoding, grammar.py), "resume"?: {"token_ids": [id],
-"text_chars": int}}.
+"ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
+"logit_bias" ({"id": bias}), "min_tokens" (logits.py), "response_format"?:
+{"type": "json_object"} | {"type": "json_schema", "schema": {...}} (constrained decoding,
+grammar.py), "resume"?: {"token_ids": [id], "text_chars": int}}.
 `resume` continues a generation another worker started (it died): the tokens it had emitted
 join the sequence as already generated (they count towards max_tokens), sampling goes on at
 the next token index, and text is streamed from `text_chars` on, so the client sees neither a
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 from zeroserve.workers.engine import EngineError, Output, RequestKey
+from zeroserve.workers.llm import logits as logits_processing
 from zeroserve.workers.llm import model_runner, params, sampler
 from zeroserve.workers.llm.block_manager import BlockManager
 from zeroserve.workers.llm.detok import IncrementalDetokenizer
@@ -222,6 +224,9 @@ class LLMEngine:
         if not sampling:
             return []
         sps = [s.params for s in sampling]
+        logits = logits_processing.apply(
+            logits, sps, [s.token_ids[:s.prompt_len] for s in sampling],
+            [s.output_ids for s in sampling], self.eos_ids)
         constrained = [(i, s.matcher) for i, s in enumerate(sampling) if s.matcher is not None]
         if constrained:
             logits = self._grammars.mask(logits, constrained)  # type: ignore[union-attr]

@@ -12,6 +12,7 @@ from zeroserve import protocol as p
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries (OpenAI's limit), each within +-100
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     schema: dict[str, Any] | None = None  # structured output: a JSON schema to follow
+    presence_penalty: float = 0.0  # logits.py for these five
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -74,8 +80,9 @@ def parse(body: dict[str, Any], vocab_size: int) -> SamplingParams:
         schema = parse_response_format(body.get("response_format"))
     except GrammarError as exc:
         raise _bad(str(exc)) from None
+    max_tokens = _int(body, "max_tokens", 16, 1, 1 << 20)
     return SamplingParams(
-        max_tokens=_int(body, "max_tokens", 16, 1, 1 << 20),  # type: ignore[arg-type]
+        max_tokens=max_tokens,  # type: ignore[arg-type]
         temperature=_number(body, "temperature", 1.0, 0.0, 100.0),
         top_p=_number(body, "top_p", 1.0, 1e-6, 1.0),
         top_k=max(0, top_k or 0),
@@ -85,7 +92,29 @@ def parse(body: dict[str, Any], vocab_size: int) -> SamplingParams:
         ignore_eos=ignore_eos,
         logprobs=_int(body, "logprobs", None, 0, MAX_LOGPROBS),
         schema=schema,
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 10.0),
+        logit_bias=_logit_bias(body.get("logit_bias"), vocab_size),
+        min_tokens=_int(body, "min_tokens", 0, 0, max_tokens),  # type: ignore[arg-type]
     )
+
+
+def _logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """{"token id": bias} (string keys, as in JSON) -> ((id, bias), ...)."""
+    if not value:
+        return ()
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise _bad(f"logit_bias must map up to {MAX_LOGIT_BIAS} token ids to biases")
+    out = []
+    for key, bias in value.items():
+        token = int(key) if isinstance(key, str) and key.isdigit() else -1
+        if not 0 <= token < vocab_size:
+            raise _bad(f"logit_bias: {str(key)[:20]!r} is not a token id below {vocab_size}")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise _bad("logit_bias values must be numbers in [-100, 100]")
+        out.append((token, float(bias)))
+    return tuple(out)
 
 
 def parse_resume(body: dict[str, Any], vocab_size: int, max_tokens: int) -> tuple[list[int], int]:

@@ -219,3 +219,32 @@ class EmbeddingRequest(_Strict):
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else self.input
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a prompt, or chat messages through the model's template."""
+
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_generation_prompt: bool = True
+
+    def engine_body(self) -> dict[str, Any]:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give a prompt or messages")
+        if self.messages is not None:
+            chars = sum(len(m.text()) for m in self.messages)
+            if chars > MAX_PROMPT_CHARS:
+                raise ValueError(f"messages hold {chars} characters; the limit is "
+                                 f"{MAX_PROMPT_CHARS}")
+            return {"op": "tokenize", "add_generation_prompt": self.add_generation_prompt,
+                    "messages": [{"role": "system" if m.role == "developer" else m.role,
+                                  "content": m.text()} for m in self.messages]}
+        return {"op": "tokenize", "prompt": self.prompt}
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's /detokenize: token ids back to text."""
+
+    model: str = Field(min_length=1, max_length=256)
+    tokens: list[TokenId] = Field(max_length=1 << 20)

@@ -185,3 +185,23 @@ def test_logit_bias_and_penalties_through_the_openai_client(client) -> None:
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
         client.chat.completions.create(model="tiny", max_tokens=2, logit_bias={"x": 1},
                                        messages=[{"role": "user", "content": "x"}])
+
+
+def test_tokenize_detokenize_round_trip_and_context_overflow(client) -> None:
+    import httpx
+
+    url = str(client.base_url).removesuffix("/v1/")
+    text = "hello from zeroserve, tokenized"
+    tok = httpx.post(f"{url}/tokenize", json={"model": "tiny", "prompt": text}).json()
+    assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] == 1024
+    back = httpx.post(f"{url}/detokenize", json={"model": "tiny", "tokens": tok["tokens"]})
+    assert back.json() == {"prompt": text}
+    chat = httpx.post(f"{url}/tokenize", json={
+        "model": "tiny", "messages": [{"role": "user", "content": text}]}).json()
+    assert chat["count"] > tok["count"]  # the template adds its markers
+    bad = httpx.post(f"{url}/detokenize", json={"model": "tiny", "tokens": [10**12]})
+    assert bad.status_code == 400
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt=text, max_tokens=1020)
+    message = str(info.value)
+    assert f"({tok['count']} tokens)" in message and "1020" in message and "1024" in message

@@ -12,7 +12,9 @@ Request body: {"prompt": str | "prompt_token_ids": [int] | "messages": [{role, c
 "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
 "logit_bias" ({"id": bias}), "min_tokens" (logits.py), "response_format"?:
 {"type": "json_object"} | {"type": "json_schema", "schema": {...}} (constrained decoding,
-grammar.py), "resume"?: {"token_ids": [id], "text_chars": int}}.
+grammar.py), "resume"?: {"token_ids": [id], "text_chars": int}}; or a text op, answered
+at the next step without generating: {"op": "tokenize", prompt | messages} or
+{"op": "detokenize", "tokens": [id]}.
 `resume` continues a generation another worker started (it died): the tokens it had emitted
 join the sequence as already generated (they count towards max_tokens), sampling goes on at
 the next token index, and text is streamed from `text_chars` on, so the client sees neither a
@@ -57,6 +59,7 @@ class Prepared:
     resume_ids: list[int]
     resume_chars: int
     matcher: Any = None  # structured output: the matcher, already past resume_ids
+    answer: dict[str, Any] | None = None  # a text op's whole reply: nothing to generate
 
 
 class LLMEngine:
@@ -75,6 +78,7 @@ class LLMEngine:
         self.seqs: dict[RequestKey, Sequence] = {}
         self.eos_ids = _eos_ids(model, tokenizer)
         self._grammars: Grammars | None = None  # built on the first structured-output request
+        self.answers: list[Output] = []  # text ops done, sent with the next step's outputs
         self.counters = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0,
                          "batch_size": 0, "step_ms": 0.0, "busy_s": 0.0}
 
@@ -100,6 +104,8 @@ class LLMEngine:
     def prepare(self, body: dict[str, Any]) -> Prepared:
         """Template, tokenize and validate a request body. Touches no engine state: the
         runtime calls it beside the engine thread."""
+        if body.get("op") is not None:
+            return Prepared([], params.SamplingParams(), [], 0, answer=self._text_op(body))
         prompt_ids = self._prompt_ids(body)
         sp = params.parse(body, self.runner.vocab_size)
         resume_ids, resume_chars = params.parse_resume(body, self.runner.vocab_size,
@@ -127,6 +133,9 @@ class LLMEngine:
     def add(self, key: RequestKey, body: dict[str, Any] | Prepared,
             buffers: list[bytes]) -> None:
         req = body if isinstance(body, Prepared) else self.prepare(body)
+        if req.answer is not None:
+            self.answers.append(Output(key, finish={**req.answer, "finish_reason": "stop"}))
+            return
         sp = req.params
         seed = sp.seed if sp.seed is not None else random.getrandbits(63)
         seq = Sequence(key, [*req.prompt_ids, *req.resume_ids], sp,
@@ -155,15 +164,16 @@ class LLMEngine:
         return outs
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return bool(self.answers) or self.scheduler.has_work()
 
     def step(self) -> list[Output]:
         t0 = time.perf_counter()
+        answered, self.answers = self.answers, []
         plan = self.scheduler.schedule()
         if plan.empty:
-            return []
+            return answered
         logits, sampling = self.runner.forward(plan)  # [K, V], the K sequences that sample
-        outs = self._postprocess(plan, logits, sampling)
+        outs = answered + self._postprocess(plan, logits, sampling)
         if self.check_blocks:
             self.blocks.check(self.scheduler.running)
         c = self.counters
@@ -285,6 +295,26 @@ class LLMEngine:
         """One token's own text, for logprobs (special tokens included)."""
         return self.tokenizer.decode([token_id])
 
+    def _text_op(self, body: dict[str, Any]) -> dict[str, Any]:
+        """{"op": "tokenize", prompt | messages (+ add_generation_prompt)} -> {tokens, count,
+        max_model_len}; {"op": "detokenize", "tokens": [id]} -> {prompt} (vLLM's shapes)."""
+        op = body["op"]
+        if op == "tokenize":
+            ids = self._prompt_ids(body)
+            return {"tokens": ids, "count": len(ids), "max_model_len": self.runner.max_model_len,
+                    "usage": {"prompt_tokens": len(ids), "completion_tokens": 0}}
+        if op == "detokenize":
+            ids = body.get("tokens")
+            vocab = self.runner.vocab_size
+            if not isinstance(ids, list) or len(ids) > 1 << 20 or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                    for t in ids):
+                raise EngineError(p.BAD_REQUEST, f"tokens must be a list of token ids below "
+                                                 f"{vocab}")
+            return {"prompt": self.tokenizer.decode(ids), "usage": {
+                "prompt_tokens": len(ids), "completion_tokens": 0}}
+        raise EngineError(p.BAD_REQUEST, f"unknown op {str(op)[:40]!r}: tokenize or detokenize")
+
     def _prompt_ids(self, body: dict[str, Any]) -> list[int]:
         if "prompt_token_ids" in body:
             ids = body["prompt_token_ids"]
@@ -296,14 +326,14 @@ class LLMEngine:
                                                  f"token ids below {vocab}")
             return ids
         if "messages" in body:
-            return self._chat_ids(body["messages"])
+            return self._chat_ids(body["messages"], body.get("add_generation_prompt") is not False)
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt or len(prompt) > MAX_PROMPT_CHARS:
             raise EngineError(p.BAD_REQUEST, "prompt must be a non-empty string "
                                              "(or give prompt_token_ids or messages)")
         return self.tokenizer.encode(prompt)
 
-    def _chat_ids(self, messages: Any) -> list[int]:
+    def _chat_ids(self, messages: Any, add_generation_prompt: bool = True) -> list[int]:
         if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str)
             and isinstance(m.get("content"), str) for m in messages
@@ -316,7 +346,7 @@ class LLMEngine:
         try:
             out = self.tokenizer.apply_chat_template(
                 [{"role": m["role"], "content": m["content"]} for m in messages],
-                add_generation_prompt=True, tokenize=True)
+                add_generation_prompt=add_generation_prompt, tokenize=True)
         except Exception as exc:
             raise EngineError(p.BAD_REQUEST, f"chat template failed: {exc}") from None
         ids = out["input_ids"] if hasattr(out, "keys") else out

@@ -17,6 +17,7 @@ from zeroserve.config import MIB, BrokerConfig, SocketConfig, default_endpoint
 from zeroserve.keys import KeysError, keys_dir
 from zeroserve.keys import add_arguments as add_key_arguments
 from zeroserve.logs import setup_logging
+from zeroserve.procs import release_large_frees
 from zeroserve.sockets import InsecureError, PrivateDirError
 
 log = logging.getLogger("zeroserve.broker")
@@ -73,6 +74,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, "broker")
+    release_large_frees()  # a burst of large messages must not stay as RSS
     try:
         broker = Broker(config_from_args(args))
     except KeysError as exc:

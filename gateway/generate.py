@@ -4,6 +4,11 @@
 answer from the response cache when it may, submit to the broker through the gateway's one
 AsyncClient, then collect the whole reply or stream it as OpenAI's server-sent events; the
 tokens reserved for the rate limit are settled whatever way the request ends.
+
+`n` > 1 sends n requests (request ids `<id>`, `<id>-c1`, ...; with a seed, choice i is
+seeded seed + i, so a seed reproduces every choice). They share the prompt's KV through the
+worker's prefix cache when they land on one worker; streamed, their deltas interleave, each
+tagged with its choice index.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ if TYPE_CHECKING:
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def unless_disconnected(request: Request, handle: AsyncRequestHandle, work: Any) -> Any:
-    """Await `work` unless the HTTP client goes away first; then cancel the request."""
+async def unless_disconnected(request: Request, handles: AsyncRequestHandle | list, work: Any
+                              ) -> Any:
+    """Await `work` unless the HTTP client goes away first; then cancel the request(s)."""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -39,8 +45,10 @@ async def unless_disconnected(request: Request, handle: AsyncRequestHandle, work
         gone.cancel()
     if not task.done():
         task.cancel()
-        handle.client.cancel_nowait(handle.id)
-        raise errors.CancelledError("client disconnected", handle.id)
+        handles = handles if isinstance(handles, list) else [handles]
+        for handle in handles:
+            handle.client.cancel_nowait(handle.id)
+        raise errors.CancelledError("client disconnected", handles[0].id)
     return task.result()
 
 
@@ -55,7 +63,8 @@ async def generate(gw: Gateway, request: Request, req: Any, route: str, chat: bo
         body = req.engine_body(gw.cfg.max_tokens_default) if not chat else req.engine_body()
     except ValueError as exc:
         raise ApiError(400, str(exc), param="prompt") from None
-    reserved = req.prompt_chars() // 4 + body["max_tokens"]
+    n = getattr(req, "n", 1)
+    reserved = req.prompt_chars() // 4 + body["max_tokens"] * n
     request.state.prompt_estimate = req.prompt_chars() // 4
     key_id, rl_headers = gw.admit(key, reserved)
     state = request.state
@@ -76,9 +85,14 @@ async def generate(gw: Gateway, request: Request, req: Any, route: str, chat: bo
         gw.limiter.refund(key_id, reserved)
         raise from_zeroserve(errors.UnavailableError("the broker is not answering"))
     rid = gw.request_id(request)
+    handles: list[AsyncRequestHandle] = []
     try:
-        handle = await gw.client.submit(req.model, request_id=rid, tenant=key_id, **body)
+        for i, choice_body in enumerate(_choices(body, n)):
+            handles.append(await gw.client.submit(req.model, request_id=rid if not i else
+                                                  f"{rid}-c{i}", tenant=key_id, **choice_body))
     except errors.ZeroserveError as exc:
+        for handle in handles:
+            gw.client.cancel_nowait(handle.id)
         gw.limiter.refund(key_id, reserved)
         raise from_zeroserve(exc) from None
     meta = {"id": ("chatcmpl-" if chat else "cmpl-") + rid, "created": int(time.time()),
@@ -87,28 +101,42 @@ async def generate(gw: Gateway, request: Request, req: Any, route: str, chat: bo
     if req.stream:
         # Wait for the first reply before sending headers, so a rejected request gets a real
         # HTTP error instead of an error event inside a 200 stream.
-        chunks = handle.chunks().__aiter__()
+        chunks = handles[0].chunks().__aiter__()
         try:
-            first = await unless_disconnected(request, handle, chunks.__anext__())
+            first = await unless_disconnected(request, handles, chunks.__anext__())
         except errors.ZeroserveError as exc:
+            for handle in handles[1:]:
+                gw.client.cancel_nowait(handle.id)
             gw.limiter.refund(key_id, reserved)
             raise from_zeroserve(exc) from None
-        stream = _sse(gw, request, first, chunks, t0, meta, chat, req.include_usage, key_id,
+        parts = (_indexed(first, chunks) if n == 1 else
+                 _merged([_chain(first, chunks), *(h.chunks() for h in handles[1:])]))
+        stream = _sse(gw, request, parts, n, t0, meta, chat, req.include_usage, key_id,
                       reserved)
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={**SSE_HEADERS, **rl_headers})
     try:
-        text, data, lps = await unless_disconnected(
-            request, handle, _collect(gw, handle, t0, state))
+        choices = await unless_disconnected(request, handles, asyncio.gather(
+            *(_collect(gw, handle, t0, state) for handle in handles)))
     except errors.ZeroserveError as exc:
         raise from_zeroserve(exc) from None
     finally:
         gw.limiter.refund(key_id, reserved - _used(state))
     gw.metrics.e2e.observe(time.perf_counter() - t0)
-    raw = responses.completion_body(meta, chat, text, data, lps if "logprobs" in body else None)
+    raw = responses.completion_body(meta, chat, choices, "logprobs" in body)
     if ckey is not None:
         gw.cache.put(ckey, raw)
     return Response(raw, media_type="application/json", headers=rl_headers)
+
+
+def _choices(body: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """The engine body of each of n choices: choice i of a seeded request is seeded seed+i."""
+    out = [body]
+    for i in range(1, n):
+        seed = body.get("seed")
+        out.append(body if seed is None else
+                   {**body, "seed": (seed + i + (1 << 63)) % (1 << 64) - (1 << 63)})
+    return out
 
 
 def _cache_allowed(request: Request) -> bool:
@@ -143,11 +171,13 @@ def _observe(gw: Gateway, chunk: Chunk, t0: float, last: float, state: Any) -> f
 
 
 def _record_usage(gw: Gateway, state: Any, data: dict[str, Any]) -> None:
+    """One choice's END: the prompt counts once, completions add up."""
     usage = data.get("usage") or {}
     state.prompt_tokens = usage.get("prompt_tokens", 0)
-    state.completion_tokens = usage.get("completion_tokens", 0)
+    state.completion_tokens = getattr(state, "completion_tokens", 0) + usage.get(
+        "completion_tokens", 0)
     gw.metrics.tokens.labels("prompt").inc(state.prompt_tokens)
-    gw.metrics.tokens.labels("completion").inc(state.completion_tokens)
+    gw.metrics.tokens.labels("completion").inc(usage.get("completion_tokens", 0))
     if "queue_ms" in data:
         gw.metrics.queue.observe(data["queue_ms"] / 1000)
 
@@ -169,37 +199,88 @@ async def _collect(gw: Gateway, handle: AsyncRequestHandle, t0: float, state: An
 
 
 async def _chain(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-    yield first
-    if not first.final:
-        async for chunk in rest:
-            yield chunk
+    """`first`, then the rest; closing it closes the rest (which cancels its request)."""
+    try:
+        yield first
+        if not first.final:
+            async for chunk in rest:
+                yield chunk
+    finally:
+        with contextlib.suppress(Exception):
+            await rest.aclose()  # type: ignore[attr-defined]
 
 
-async def _sse(gw: Gateway, request: Request, first: Chunk, rest: AsyncIterator[Chunk],
+async def _indexed(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[tuple[int, Chunk]]:
+    """One choice's chunks as (0, chunk); closing it cancels the request."""
+    chain = _chain(first, rest)
+    try:
+        async for chunk in chain:
+            yield 0, chunk
+    finally:
+        await chain.aclose()
+
+
+async def _merged(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:
+    """Several choices' chunks as (index, chunk), in arrival order; an error in any ends it,
+    and closing it cancels every choice still running."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[Chunk]) -> None:
+        try:
+            async for chunk in stream:
+                await queue.put((i, chunk))
+        except errors.ZeroserveError as exc:
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, None))
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # type: ignore[attr-defined]
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, errors.ZeroserveError):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _sse(gw: Gateway, request: Request, parts: AsyncIterator[tuple[int, Chunk]], n: int,
                t0: float, meta: dict[str, Any], chat: bool, include_usage: bool, key_id: str,
                reserved: int) -> AsyncIterator[bytes]:
-    """OpenAI's SSE: role first (chat), content deltas, finish_reason, usage, [DONE]."""
+    """OpenAI's SSE: role first (chat), content deltas, finish_reason per choice, usage of
+    them all, [DONE]."""
     events = responses.SseEvents(meta, chat)
     state = request.state
     last = t0
+    finals: list[dict[str, Any]] = []
     try:
         if chat:
-            yield events.role()
-        async for chunk in _chain(first, rest):
+            for i in range(n):
+                yield events.role(i)
+        async for i, chunk in parts:
             last = _observe(gw, chunk, t0, last, state)
             lps = chunk.data.get("logprobs")
             if chunk.text or lps:
-                yield events.content(chunk.text, None, lps)
+                yield events.content(chunk.text, None, lps, i)
             if chunk.final:
                 _record_usage(gw, state, chunk.data)
-                yield events.content("", chunk.data.get("finish_reason"))
-                if include_usage:
-                    yield events.usage(chunk.data)
+                finals.append(chunk.data)
+                yield events.content("", chunk.data.get("finish_reason"), None, i)
+        if include_usage:
+            yield events.usage(finals)
         gw.metrics.e2e.observe(time.perf_counter() - t0)
     except errors.ZeroserveError as exc:  # the stream has started: report in-band
         yield events.error(from_zeroserve(exc).body())
     finally:
         gw.limiter.refund(key_id, reserved - _used(state))
         with contextlib.suppress(Exception):
-            await rest.aclose()  # type: ignore[attr-defined]  # cancels if unfinished
+            await parts.aclose()  # type: ignore[attr-defined]  # cancels if unfinished
     yield events.DONE

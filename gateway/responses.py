@@ -19,12 +19,14 @@ def finish_reason(reason: str | None) -> str | None:
     return "stop" if reason == "cancelled" else reason
 
 
-def usage_of(data: dict[str, Any]) -> dict[str, Any]:
-    usage = data.get("usage") or {}
-    p, c = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+def usage_of(datas: list[dict[str, Any]]) -> dict[str, Any]:
+    """The usage of n choices of one prompt: the prompt once, their completions added up."""
+    usages = [d.get("usage") or {} for d in datas]
+    p = usages[0].get("prompt_tokens", 0) if usages else 0
+    c = sum(u.get("completion_tokens", 0) for u in usages)
     out: dict[str, Any] = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-    if "cached_tokens" in usage:  # prompt tokens served from the worker's prefix cache
-        out["prompt_tokens_details"] = {"cached_tokens": usage["cached_tokens"]}
+    if usages and "cached_tokens" in usages[0]:  # prompt tokens from the prefix cache
+        out["prompt_tokens_details"] = {"cached_tokens": usages[0]["cached_tokens"]}
     return out
 
 
@@ -49,22 +51,25 @@ def chat_logprobs(lps: list[dict[str, Any]]) -> dict[str, Any]:
                         for lp in lps]}
 
 
-def completion_body(meta: dict[str, Any], chat: bool, text: str, data: dict[str, Any],
-                    lps: list[dict[str, Any]] | None) -> bytes:
-    """A whole (non-streamed) completion or chat completion."""
-    fin = finish_reason(data.get("finish_reason"))
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": chat_logprobs(lps) if lps is not None else None,
-                  "finish_reason": fin}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text,
-                  "logprobs": completion_logprobs(lps) if lps is not None else None,
-                  "finish_reason": fin}
-        obj = "text_completion"
-    return _dumps({**meta, "object": obj, "choices": [choice],
-                   "usage": usage_of(data)}).encode()
+def completion_body(meta: dict[str, Any], chat: bool,
+                    choices: list[tuple[str, dict[str, Any], list[dict[str, Any]]]],
+                    with_logprobs: bool) -> bytes:
+    """A whole (non-streamed) completion or chat completion: (text, END fields, logprobs) of
+    each choice."""
+    out = []
+    for i, (text, data, lps) in enumerate(choices):
+        fin = finish_reason(data.get("finish_reason"))
+        if chat:
+            out.append({"index": i, "message": {"role": "assistant", "content": text},
+                        "logprobs": chat_logprobs(lps) if with_logprobs else None,
+                        "finish_reason": fin})
+        else:
+            out.append({"index": i, "text": text,
+                        "logprobs": completion_logprobs(lps) if with_logprobs else None,
+                        "finish_reason": fin})
+    obj = "chat.completion" if chat else "text_completion"
+    return _dumps({**meta, "object": obj, "choices": out,
+                   "usage": usage_of([d for _, d, _ in choices])}).encode()
 
 
 class SseEvents:
@@ -76,32 +81,35 @@ class SseEvents:
         self.chat = chat
         obj = "chat.completion.chunk" if chat else "text_completion"
         self.head = _dumps({**meta, "object": obj})[:-1]  # without the closing brace
-        self.offset = 0  # text offset for completions logprobs
+        self.offsets: dict[int, int] = {}  # text offset of each choice, for completions
 
     def _event(self, choice: str) -> bytes:
         return f'data: {self.head},"choices":[{choice}]}}\n\n'.encode()
 
-    def role(self) -> bytes:
-        return self._event('{"index":0,"delta":{"role":"assistant","content":""},'
+    def role(self, index: int = 0) -> bytes:
+        return self._event(f'{{"index":{index},"delta":{{"role":"assistant","content":""}},'
                            '"logprobs":null,"finish_reason":null}')
 
     def content(self, text: str, finish: str | None = None,
-                lps: list[dict[str, Any]] | None = None) -> bytes:
+                lps: list[dict[str, Any]] | None = None, index: int = 0) -> bytes:
         fin = json.dumps(finish_reason(finish))
         logprobs = "null"
         if lps:
-            shaped = chat_logprobs(lps) if self.chat else completion_logprobs(lps, self.offset)
-            self.offset += sum(len(lp["token"]) for lp in lps)
+            offset = self.offsets.get(index, 0)
+            shaped = chat_logprobs(lps) if self.chat else completion_logprobs(lps, offset)
+            self.offsets[index] = offset + sum(len(lp["token"]) for lp in lps)
             logprobs = _dumps(shaped)
         if self.chat:
             delta = f'{{"content":{json.dumps(text)}}}' if text else "{}"
-            return self._event(f'{{"index":0,"delta":{delta},"logprobs":{logprobs},'
+            return self._event(f'{{"index":{index},"delta":{delta},"logprobs":{logprobs},'
                                f'"finish_reason":{fin}}}')
-        return self._event(f'{{"index":0,"text":{json.dumps(text)},"logprobs":{logprobs},'
-                           f'"finish_reason":{fin}}}')
+        return self._event(f'{{"index":{index},"text":{json.dumps(text)},'
+                           f'"logprobs":{logprobs},"finish_reason":{fin}}}')
 
-    def usage(self, data: dict[str, Any]) -> bytes:
-        return f'data: {self.head},"choices":[],"usage":{_dumps(usage_of(data))}}}\n\n'.encode()
+    def usage(self, finals: list[dict[str, Any]]) -> bytes:
+        """The usage of every choice (their END fields)."""
+        usage = _dumps(usage_of(finals))
+        return f'data: {self.head},"choices":[],"usage":{usage}}}\n\n'.encode()
 
     @staticmethod
     def error(body: dict[str, Any]) -> bytes:

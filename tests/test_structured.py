@@ -205,3 +205,23 @@ def test_tokenize_detokenize_round_trip_and_context_overflow(client) -> None:
         client.completions.create(model="tiny", prompt=text, max_tokens=1020)
     message = str(info.value)
     assert f"({tok['count']} tokens)" in message and "1020" in message and "1024" in message
+
+
+def test_n_choices_share_a_prompt_and_a_seed_reproduces_them(client) -> None:
+    ask = {"model": "tiny", "messages": [{"role": "user", "content": "three ways"}],
+           "max_tokens": 8, "temperature": 1.0, "n": 3, "seed": 21}
+    first = client.chat.completions.create(**ask)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2] and len(set(texts)) > 1
+    assert [c.message.content for c in client.chat.completions.create(**ask).choices] == texts
+    assert 3 <= first.usage.completion_tokens <= 24  # three choices of at most 8 tokens
+    streamed = ["", "", ""]
+    usage = None
+    for chunk in client.chat.completions.create(**ask, stream=True,
+                                                stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+        usage = chunk.usage or usage
+    assert streamed == texts
+    assert usage.completion_tokens == first.usage.completion_tokens
+    assert usage.prompt_tokens == first.usage.prompt_tokens

@@ -34,6 +34,22 @@ def identity() -> dict[str, object]:
             "started": psutil.Process().create_time()}
 
 
+def release_large_frees(threshold: int = 64 * 1024) -> bool:
+    """Have glibc's malloc serve allocations of `threshold` bytes or more with mmap, so they go
+    back to the system when freed. A process that holds other peers' messages for a moment (the
+    broker) would otherwise keep a burst of large ones as heap for good: RSS that only grows.
+    False where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_mmap_threshold = -3
+        return bool(libc.mallopt(m_mmap_threshold, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def spawn(role: str, args: Sequence[str], env: dict[str, str] | None = None,
           wrap: Sequence[str] = (), **popen: object) -> subprocess.Popen:
     """`zeroserve ROLE ARGS` in its own session, run under `wrap` (e.g. numactl) if given."""

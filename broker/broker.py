@@ -38,11 +38,15 @@ from zeroserve.broker.table import Job, Table, WorkerState, same_process
 from zeroserve import protocol as p
 from zeroserve.config import BrokerConfig
 from zeroserve.logs import RateLimitedLog
-from zeroserve.sockets import check_transport, make_socket, private_ipc
+from zeroserve.procs import trim_heap
+from zeroserve.sockets import check_transport, make_socket, private_ipc, recv_bounded
 
 log = logging.getLogger("zeroserve.broker")
 
 BATCH = 512  # messages drained per socket per poll wake-up, so neither side starves the other
+BATCH_S = 0.02  # ... and at most this long, so timers (heartbeats, expiry) keep their pace
+MAX_FRAMES = 2 + 3 + p.MAX_BUFFERS  # identity, route, version, type, header, buffers
+TRIM_AFTER = 1_000  # messages handled before a heartbeat tick trims the heap (1-3 ms)
 NO_ROUTE = b""
 
 
@@ -71,6 +75,7 @@ class Broker:
         self.counts = {"requests": 0, "busy": 0, "lost": 0, "bad_frames": 0, "backlogged": 0,
                        "slow_clients": 0}
         self._next_heartbeat = 0.0
+        self.handled = 0  # messages since the heap was last trimmed
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -121,11 +126,15 @@ class Broker:
                     frontend.client_gone(self, client)
 
     def _drain(self, sock: zmq.Socket, handler: Any) -> None:
+        end = time.monotonic() + BATCH_S
         for _ in range(BATCH):
+            if time.monotonic() > end:
+                return
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_bounded(sock, MAX_FRAMES, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            self.handled += 1
             try:
                 handler(frames)
             except Exception:  # a bug must not take the switchboard down: log it, go on
@@ -304,9 +313,13 @@ class Broker:
         if now < self._next_heartbeat:
             return
         self._next_heartbeat = now + self.cfg.heartbeat_interval_s
+        self._drain(self.backend, self._on_backend)  # a busy broker is not a silent worker
         for worker in self.table.expired_workers(now):
             self._purge(worker, "heartbeat expired")
             self.pids.kill(worker.identity)  # a local process that is stopped or hung
+        if self.handled >= TRIM_AFTER:  # a burst is over (or goes on): hand back its memory
+            self.handled = 0
+            trim_heap()
         beat = p.encode(p.HEARTBEAT, {})
         for worker in list(self.table.workers.values()):
             self.send_worker(worker, NO_ROUTE, beat)

@@ -45,6 +45,8 @@ async def unless_disconnected(request: Request, handles: AsyncRequestHandle | li
         gone.cancel()
     if not task.done():
         task.cancel()
+        with contextlib.suppress(BaseException):  # collect it: no "never retrieved" noise
+            await task
         handles = handles if isinstance(handles, list) else [handles]
         for handle in handles:
             handle.client.cancel_nowait(handle.id)

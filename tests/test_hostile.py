@@ -9,6 +9,7 @@ import asyncio
 import json
 import random
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -35,8 +36,11 @@ def stack():
     try:
         # what one client may park in the broker is bounded by these (queue bytes, backlog,
         # the worker's credit): the test looks for growth beyond them, i.e. kept state
-        pipe.start_broker("--client-backlog", "1000", "--max-queue-mb", "16")
-        pipe.start_worker("echo", "--model", "echo", "--capacity", "64")
+        # and the default heartbeats (1 s x 3), not the tests' 0.25 s: a flood that saturates
+        # two cores must not pass for a dead worker
+        beat = ("--heartbeat-interval-s", "1")
+        pipe.start_broker("--client-backlog", "1000", "--max-queue-mb", "16", *beat)
+        pipe.start_worker("echo", "--model", "echo", "--capacity", "64", *beat)
         pipe.wait_workers(1)
         pipe.url = start_gateway(pipe)
         yield pipe
@@ -259,11 +263,13 @@ def test_10000_hostile_messages_at_each_socket_leave_every_process_serving(stack
             _flood(ctx, endpoint, make, HOSTILE // 4)
         asyncio.run(_http_flood(stack.url, HOSTILE // 10))
         assert settled()
+        time.sleep(2.5)
         before = {name: _rss(pr.pid) for name, pr in procs.items()}
 
         replies = {endpoint: _flood(ctx, endpoint, make, HOSTILE) for endpoint, make in floods}
         statuses = asyncio.run(_http_flood(stack.url, HOSTILE))
         assert settled()
+        time.sleep(2.5)  # past the broker's next heartbeat tick, which trims its heap
 
     grown = {name: (_rss(pr.pid) - before[name]) / MIB for name, pr in procs.items()}
     print(f"RSS growth after {HOSTILE} hostile messages per socket, MiB: {grown}")

@@ -63,6 +63,7 @@ def test_constructors_frame_bodies() -> None:
     ([b"ZS1", p.READY, p.packb({"capacity": "64"})], "'capacity' must be int"),
     ([b"ZS1", p.READY, p.packb({"capacity": True})], "'capacity' must be int"),
     ([b"ZS1", p.HEARTBEAT, p.packb({"stats": [1]})], "'stats' must be dict"),
+    ([b"ZS1", p.HEARTBEAT, p.packb({"stats": {"a": [[]] * 70}})], "over 64 arrays and maps"),
     ([b"ZS9", p.REQUEST, b"\x80"], "version"),
     ([b"ZS1", b"\xff", b"\x80"], "unknown message type"),
     ([b"ZS1", p.REQUEST, b"\xc1"], "bad msgpack"),

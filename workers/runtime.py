@@ -164,7 +164,10 @@ class Worker:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("request %s accepted", key[1])
             try:
-                self.engine.add(key, body, buffers)
+                self.engine.add(key, p.decode_body(body) if isinstance(body, bytes) else body,
+                                buffers)
+            except p.ProtocolError as exc:
+                self._emit([Output(key, error=(p.BAD_REQUEST, str(exc)))])
             except EngineError as exc:
                 self._emit([Output(key, error=(exc.code, str(exc)))])
             except Exception as exc:
@@ -210,9 +213,11 @@ class Worker:
     def _prepare_loop(self) -> None:
         prepare = self.engine.prepare  # type: ignore[attr-defined]
         while (job := self.prepare_q.get()) is not None:
-            key, body, buffers = job
+            key, raw, buffers = job
             try:
-                self.inbox.put((ADD, key, prepare(body), buffers))
+                self.inbox.put((ADD, key, prepare(p.decode_body(raw)), buffers))
+            except p.ProtocolError as exc:
+                self.inbox.put((REJECT, key, (p.BAD_REQUEST, str(exc))))
             except EngineError as exc:
                 self.inbox.put((REJECT, key, (exc.code, str(exc))))
             except Exception as exc:
@@ -319,19 +324,14 @@ class Worker:
             log.warning("malformed frame from broker: %s", exc)
             return False
         t = msg.type
-        if t == p.REQUEST:
-            rid = msg.header["id"]
-            try:
-                body = p.body(msg)
-            except p.ProtocolError as exc:
-                dealer.send_multipart([route, *p.error(rid, p.BAD_REQUEST, str(exc))])
-                return False
-            key = (route, rid)
+        if t == p.REQUEST:  # the body is decoded on the prepare or engine thread, not here
+            key = (route, msg.header["id"])
+            raw = msg.buffers[0] if msg.buffers else b""
             if not self._prep:
-                self.inbox.put((ADD, key, body, msg.buffers[1:]))
+                self.inbox.put((ADD, key, raw, msg.buffers[1:]))
             else:
                 self.preparing.add(key)
-                self.prepare_q.put((key, body, msg.buffers[1:]))
+                self.prepare_q.put((key, raw, msg.buffers[1:]))
         elif t == p.CANCEL:
             self.inbox.put((CANCEL, (route, msg.header["id"])))
         elif t == p.DRAIN:

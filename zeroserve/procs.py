@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def boot_id() -> str:
@@ -34,20 +35,31 @@ def identity() -> dict[str, object]:
             "started": psutil.Process().create_time()}
 
 
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def release_large_frees(threshold: int = 64 * 1024) -> bool:
     """Have glibc's malloc serve allocations of `threshold` bytes or more with mmap, so they go
     back to the system when freed. A process that holds other peers' messages for a moment (the
     broker) would otherwise keep a burst of large ones as heap for good: RSS that only grows.
     False where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
+    m_mmap_threshold = -3
+    libc = _libc()
+    return bool(getattr(libc, "mallopt", None) and libc.mallopt(m_mmap_threshold, threshold))
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_mmap_threshold = -3
-        return bool(libc.mallopt(m_mmap_threshold, threshold))
-    except (OSError, AttributeError):
-        return False
+
+def trim_heap() -> bool:
+    """Give the heap's free pages back to the system (glibc's malloc_trim): after a burst of
+    many small messages (ZeroMQ allocates per frame), what was freed stops counting as RSS."""
+    libc = _libc()
+    return bool(getattr(libc, "malloc_trim", None) and libc.malloc_trim(0))
 
 
 def spawn(role: str, args: Sequence[str], env: dict[str, str] | None = None,

@@ -88,10 +88,11 @@ ERROR_CODES = (
 )
 
 # Limits for decoding untrusted msgpack: a header is small, a body may hold long prompts.
-HEADER_LIMIT_BYTES = 64 * 1024
+HEADER_LIMIT_BYTES = 16 * 1024
+MAX_HEADER_CONTAINERS = 64  # a header is a small flat map (READY: its models and cpus lists)
 BODY_LIMIT_BYTES = 64 * 1024 * 1024
 MAX_ID_LEN = 128
-MAX_CONTAINERS = 1 << 16  # arrays and maps in one decoded payload
+MAX_CONTAINERS = 1 << 14  # arrays and maps in one decoded payload (a 2,000-message chat: 2k)
 MAX_BUFFERS = 1024  # frames after the header: the body and raw tensor buffers
 MAX_MESSAGE_BYTES = SocketConfig.max_message_bytes  # all frames together (a socket's default)
 MAX_NAME_LEN = 256
@@ -134,10 +135,12 @@ def packb(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def unpackb(data: bytes, limit: int = BODY_LIMIT_BYTES) -> Any:
+def unpackb(data: bytes, limit: int = BODY_LIMIT_BYTES,
+            max_containers: int = MAX_CONTAINERS) -> Any:
     """Decode untrusted msgpack with every length bounded by ``limit`` and the number of
-    arrays and maps by MAX_CONTAINERS: one byte of msgpack is an empty list, some 60 bytes of
-    Python, so a few MiB of them would otherwise cost hundreds of MiB."""
+    arrays and maps by `max_containers`: one byte of msgpack is an empty list, some 60 bytes
+    of Python and a third of a microsecond to build, so a few MiB of them would otherwise cost
+    hundreds of MiB and seconds."""
     if len(data) > limit:
         raise ProtocolError(f"msgpack payload of {len(data)} bytes exceeds {limit}")
     containers = 0
@@ -145,8 +148,8 @@ def unpackb(data: bytes, limit: int = BODY_LIMIT_BYTES) -> Any:
     def counted(obj: Any) -> Any:
         nonlocal containers
         containers += 1
-        if containers > MAX_CONTAINERS:
-            raise ProtocolError(f"msgpack payload holds over {MAX_CONTAINERS} arrays and maps")
+        if containers > max_containers:
+            raise ProtocolError(f"msgpack payload holds over {max_containers} arrays and maps")
         return obj
 
     try:
@@ -187,7 +190,7 @@ def decode(frames: list[Any], max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
         raise ProtocolError(f"unsupported protocol version {bytes(version[:8])!r}")
     if msg_type not in TYPE_NAMES:
         raise ProtocolError(f"unknown message type {bytes(msg_type[:4])!r}")
-    head = unpackb(header, HEADER_LIMIT_BYTES)
+    head = unpackb(header, HEADER_LIMIT_BYTES, MAX_HEADER_CONTAINERS)
     if not isinstance(head, dict):
         raise ProtocolError("header is not a map")
     for name, (types, longest) in HEADER_FIELDS.items():
@@ -249,9 +252,16 @@ def materialize(frames: list[Any], n: int) -> list[Any]:
 
 def body(msg: Message) -> dict[str, Any]:
     """The msgpack body in buffer 0 of a REQUEST, CHUNK or END, as a map."""
-    if not msg.buffers:
+    return decode_body(msg.buffers[0] if msg.buffers else b"")
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """A body's raw msgpack bytes as a map ({} for none). Decoding a hostile body can cost
+    milliseconds of CPU (up to MAX_CONTAINERS objects): a process's IO thread should hand the
+    raw bytes on and let a worker thread decode them."""
+    if not raw:
         return {}
-    obj = unpackb(msg.buffers[0])
+    obj = unpackb(raw)
     if not isinstance(obj, dict):
         raise ProtocolError("body is not a map")
     return obj
@@ -261,7 +271,7 @@ def rid_of(frames: list[bytes]) -> str:
     """Best effort: the id of a message that could not be decoded, so its sender can match the
     ERROR that answers it."""
     try:
-        rid = unpackb(frames[2], HEADER_LIMIT_BYTES).get("id")
+        rid = unpackb(frames[2], HEADER_LIMIT_BYTES, MAX_HEADER_CONTAINERS).get("id")
         if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_LEN:
             return rid
     except Exception:

@@ -41,6 +41,19 @@ def make_socket(
     return sock
 
 
+def recv_bounded(sock: zmq.Socket, max_frames: int, flags: int = 0) -> list[bytes]:
+    """One whole message, keeping at most `max_frames` + 1 of its frames (the rest are read
+    and dropped, so a message of a million empty frames cannot cost memory, and a decoder
+    still sees that it had too many). ZeroMQ bounds each frame's size, never their count."""
+    frames: list[bytes] = []
+    while True:
+        frame = sock.recv(flags if not frames else 0, copy=False)
+        if len(frames) <= max_frames:
+            frames.append(frame.bytes)
+        if not frame.more:
+            return frames
+
+
 class InsecureError(RuntimeError):
     """A tcp endpoint without CURVE, and no --insecure."""
 

@@ -113,7 +113,8 @@ def client_gone(broker: Broker, client: bytes, why: str = "") -> None:
             broker.table.unqueue(job)
             broker.table.drop(job)
     if why:
-        broker.outbox.cut(client, [p.error(j.rid, p.UNAVAILABLE, why) for j in jobs])
+        broker.outbox.cut(client, {j.rid for j in jobs},
+                          [p.error(j.rid, p.UNAVAILABLE, why) for j in jobs])
     else:
         broker.outbox.drop(client)
 

@@ -6,10 +6,10 @@ reads slower than its replies arrive, ZeroMQ first buffers up to the socket's hi
 messages wait here, in order, and the broker flushes them as the client catches up; other
 clients are not affected. Only when a client falls `limit` messages behind even this backlog
 is it too slow to serve: `send` says OVERFLOW and the broker cancels that client's requests
-(`cut`: the CHUNKs it was owed are dropped, its ENDs and ERRORs kept, and each cancelled
-request gets one ERROR, so the client learns why once it reads again). A message that may be
-dropped (a HEARTBEAT echo) is, while a backlog waits. A send that fails for another reason
-(EHOSTUNREACH: the client's connection is gone) says GONE.
+(`cut`: the CHUNKs it was owed for those requests are dropped, the rest kept, and each
+cancelled request gets one ERROR, so the client learns why once it reads again). A message
+that may be dropped (a HEARTBEAT echo) is, while a backlog waits. A send that fails for
+another reason (EHOSTUNREACH: the client's connection is gone) says GONE.
 """
 
 from __future__ import annotations
@@ -51,10 +51,12 @@ class Outbox:
         waiting.append(frames)
         return Sent.QUEUED
 
-    def cut(self, client: bytes, messages: list[list]) -> None:
-        """Drop the CHUNKs the client was owed (their requests are cancelled), keep its ENDs
-        and ERRORs, add `messages`: at most `limit` in all, the newest."""
-        kept = [m for m in self.backlog.get(client, ()) if m[1] != p.CHUNK] + messages
+    def cut(self, client: bytes, cancelled: set[str], messages: list[list]) -> None:
+        """Drop the CHUNKs the client was owed for the `cancelled` request ids, keep the rest
+        (a request that finished keeps every part of its reply), add `messages`: at most
+        `limit` in all, the newest."""
+        kept = [m for m in self.backlog.get(client, ())
+                if m[1] != p.CHUNK or p.rid_of(m) not in cancelled] + messages
         if kept:
             self.backlog[client] = collections.deque(kept[-self.limit:])
             self.flush_one(client)

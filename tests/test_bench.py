@@ -50,3 +50,18 @@ def test_bench_transport_curve_reports_both_sides():
     for path in ("direct", "proxy", "broker", "tcp", "curve"):
         assert res[f"{path}_rtt_us_p50"] > 0 and res[f"{path}_msgs_per_s"] > 0, path
     assert res["curve_over_tcp_rtt_p50"] > 0 and res["curve_over_tcp_msgs"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_bench_structured_reports_both_kinds(tiny_model):
+    res = bench("structured", "--model", str(tiny_model), "--requests", "4", "--concurrency",
+                "4", "--max-tokens", "200", "--rounds", "1")
+    assert res["free_tok_s"] > 0 and res["constrained_tok_s"] > 0
+    assert res["constrained_total"] == 4 and res["ratio_median_of_rounds"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_bench_slowloris_holds_the_connections_and_reports_both_rounds():
+    res = bench("slowloris", "--idle", "40", "--slow", "5", "--round-s", "2", "--rounds", "1")
+    assert res["idle_connections"] == 40 and res["requests"] > 10
+    assert res["quiet_p50_ms"] > 0 and res["loaded_p50_ms"] > 0

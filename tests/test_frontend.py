@@ -147,8 +147,10 @@ def test_the_gateway_carries_200_streams_past_a_small_high_water_mark(pipeline) 
 
     from .test_gateway import start_gateway
 
-    pipeline.start_broker("--hwm", "50")
-    pipeline.start_worker("a", "--capacity", "256", "--step-delay-ms", "5")
+    # heartbeats as deployed (1 s x 3 everywhere; the gateway's SDK beats once a second)
+    beat = ("--heartbeat-interval-s", "1")
+    pipeline.start_broker("--hwm", "50", *beat)
+    pipeline.start_worker("a", "--capacity", "256", "--step-delay-ms", "5", *beat)
     pipeline.wait_workers(1)
     url = start_gateway(pipeline)
 
@@ -173,3 +175,44 @@ def test_the_gateway_carries_200_streams_past_a_small_high_water_mark(pipeline) 
         stats = c.admin("stats")
         assert stats["backlogged"] > 0, "the gateway never fell behind: the test proves nothing"
         assert stats["slow_clients"] == 0 and stats["lost"] == 0, stats
+
+
+def test_a_cut_drops_only_the_cancelled_requests_chunks(ctx) -> None:
+    # A request that finished while its client was behind keeps every part of its reply: a
+    # cut that dropped its CHUNKs but kept its END passed a shortened answer off as whole.
+    from zeroserve.broker.outbox import Outbox, Sent
+
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    router.setsockopt(zmq.SNDHWM, 10)
+    router.bind("inproc://outbox-cut")  # no kernel buffers: the high-water marks are all
+    reader = ctx.socket(zmq.DEALER)
+    reader.setsockopt(zmq.RCVHWM, 10)
+    reader.setsockopt(zmq.ROUTING_ID, b"c")
+    reader.connect("inproc://outbox-cut")
+    reader.send(b"hello")  # the router knows the reader once this arrives
+    assert router.poll(5000)
+    router.recv_multipart()
+    outbox = Outbox(router, limit=100_000)
+    sent = [outbox.send(b"c", p.chunk(rid, {"text": f"{rid}{i} "})) for i in range(300)
+            for rid in ("done", "gone")]
+    assert Sent.QUEUED in sent  # the reader fell behind: the rest waits in the backlog
+    outbox.send(b"c", p.end("done", {"finish_reason": "length"}))
+    outbox.cut(b"c", {"gone"}, [p.error("gone", p.UNAVAILABLE, "cut")])
+    got: dict[str, str] = {"done": "", "gone": ""}
+    ends = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        outbox.flush()  # as the broker's loop does, every few milliseconds
+        if not reader.poll(20):
+            if not outbox.backlog:
+                break
+            continue
+        msg = p.decode(reader.recv_multipart())
+        if msg.type == p.CHUNK:
+            got[msg.id] += p.body(msg)["text"]
+        else:
+            ends.append((msg.id, p.TYPE_NAMES[msg.type]))
+    assert got["done"] == "".join(f"done{i} " for i in range(300))  # nothing of it lost
+    assert len(got["gone"]) < len("".join(f"gone{i} " for i in range(300)))
+    assert ends == [("done", "END"), ("gone", "ERROR")]

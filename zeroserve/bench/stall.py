@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import tempfile
 import time
 
+from zeroserve.bench.pipeline import llm_pipeline
 from zeroserve.bench.stats import percentile, report
 from zeroserve.errors import BadRequestError
-from zeroserve.procs import exit_on_sigterm, spawn, stop_all
+from zeroserve.procs import exit_on_sigterm
 
 
 async def one_round(endpoint: str, streams: int, max_tokens: int, big_chars: int
@@ -71,25 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()  # a benchmark killed by `timeout` still stops its pipeline
 
     from zeroserve.models import resolve
-    from zeroserve.up import wait_ready
 
-    model_dir = resolve(args.model)
-    with tempfile.TemporaryDirectory(prefix="zs-stall-") as tmp:
-        front, back = f"ipc://{tmp}/f", f"ipc://{tmp}/b"
-        procs = [spawn("broker", ["--frontend", front, "--backend", back,
-                                  "--log-level", "WARNING"]),
-                 spawn("worker", ["--broker", back, "--engine", "llm", "--model",
-                                  str(model_dir), "--served-name", "bench",
-                                  "--max-num-seqs", str(args.streams + 2),
-                                  "--log-level", "WARNING"])]
-        try:
-            if not wait_ready(front, 1, 600, procs):
-                raise RuntimeError("the pipeline did not come up")
-            quiet = asyncio.run(one_round(front, args.streams, args.max_tokens, 0))
-            loaded = asyncio.run(one_round(front, args.streams, args.max_tokens,
-                                           args.big_chars))
-        finally:
-            stop_all(procs)
+    with llm_pipeline(resolve(args.model), args.streams + 2, "zs-stall-") as front:
+        quiet = asyncio.run(one_round(front, args.streams, args.max_tokens, 0))
+        loaded = asyncio.run(one_round(front, args.streams, args.max_tokens, args.big_chars))
     res = {"streams": args.streams, "big_chars": args.big_chars,
            "quiet_itl_ms_p50": quiet["itl_ms_p50"], "quiet_itl_ms_p99": quiet["itl_ms_p99"],
            "big_itl_ms_p50": loaded["itl_ms_p50"], "big_itl_ms_p99": loaded["itl_ms_p99"],

@@ -14,11 +14,11 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
 import time
 
+from zeroserve.bench.pipeline import llm_pipeline
 from zeroserve.bench.stats import report
-from zeroserve.procs import exit_on_sigterm, spawn, stop_all
+from zeroserve.procs import exit_on_sigterm
 
 SCHEMA = {
     "type": "object",
@@ -75,33 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
 
     from zeroserve.models import resolve
-    from zeroserve.up import wait_ready
 
-    model_dir = resolve(args.model)
     free: list[float] = []
     constrained: list[float] = []
     valid = total = 0
-    with tempfile.TemporaryDirectory(prefix="zs-structured-") as tmp:
-        front, back = f"ipc://{tmp}/f", f"ipc://{tmp}/b"
-        procs = [spawn("broker", ["--frontend", front, "--backend", back,
-                                  "--log-level", "WARNING"]),
-                 spawn("worker", ["--broker", back, "--engine", "llm", "--model",
-                                  str(model_dir), "--served-name", "bench",
-                                  "--max-num-seqs", str(args.concurrency),
-                                  "--log-level", "WARNING"])]
-        try:
-            if not wait_ready(front, 1, 600, procs):
-                raise RuntimeError("the pipeline did not come up")
-            asyncio.run(one_round(front, 4, 4, 8, True))  # warm up, grammar engine included
-            for _ in range(args.rounds):
-                free.append(asyncio.run(one_round(front, args.requests, args.concurrency,
-                                                  args.max_tokens, False))[0])
-                tok_s, ok, n = asyncio.run(one_round(front, args.requests, args.concurrency,
-                                                     args.max_tokens, True))
-                constrained.append(tok_s)
-                valid, total = valid + ok, total + n
-        finally:
-            stop_all(procs)
+    with llm_pipeline(resolve(args.model), args.concurrency, "zs-structured-") as front:
+        asyncio.run(one_round(front, 4, 4, 8, True))  # warm up, grammar engine included
+        for _ in range(args.rounds):
+            free.append(asyncio.run(one_round(front, args.requests, args.concurrency,
+                                              args.max_tokens, False))[0])
+            tok_s, ok, n = asyncio.run(one_round(front, args.requests, args.concurrency,
+                                                 args.max_tokens, True))
+            constrained.append(tok_s)
+            valid, total = valid + ok, total + n
     res = {"concurrency": args.concurrency, "requests_per_round": args.requests,
            "rounds": args.rounds, "free_tok_s": statistics.median(free),
            "constrained_tok_s": statistics.median(constrained),

@@ -58,8 +58,8 @@ class BrokerConfig:
     max_queue: int = 1024
     max_queue_bytes: int = 256 * MIB
     max_queue_wait_ms: int = 30_000
-    client_share: float = 0.5  # of the queue (jobs and bytes) one client may hold
-    tenant_share: float = 0.125  # ... and one tenant (API key) of a client
+    client_share: float = 0.75  # of the queue (jobs and bytes) one client may hold
+    tenant_share: float = 0.25  # ... and one tenant (API key) of a client
     client_backlog: int = 10_000  # messages owed to a slow reader beyond its socket's hwm
     keys_dir: str = ""  # CURVE on both sockets, peers admitted by role (keys.py)
     key_name: str = "broker"

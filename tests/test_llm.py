@@ -1,7 +1,12 @@
-"""LLM engine: greedy parity with model.generate, seeded sampling, cancel, stops, text."""
+"""LLM engine: greedy parity with model.generate, seeded sampling, cancel, stops, text.
+
+ZEROSERVE_TEST_DEVICE=cuda runs the engine, the reference and the worker on the GPU
+(scripts/gpu_check.sh does); the default is the CPU.
+"""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -12,6 +17,8 @@ from zeroserve.workers.llm.engine import LLMEngine
 
 from zeroserve.config import WorkerConfig
 
+DEVICE = os.environ.get("ZEROSERVE_TEST_DEVICE", "cpu")
+
 
 @pytest.fixture(scope="module")
 def engine(tiny_model) -> LLMEngine:
@@ -19,7 +26,8 @@ def engine(tiny_model) -> LLMEngine:
     eng = LLMEngine.from_config(WorkerConfig(broker="-", engine="llm", model=str(tiny_model),
                                              max_num_seqs=16, max_batched_tokens=64,
                                              max_model_len=512, kv_cache_tokens=64 * 512,
-                                             dtype="float32", check_blocks=True))
+                                             dtype="float32", check_blocks=True,
+                                             device=DEVICE))
     eng.warmup()
     return eng
 
@@ -28,7 +36,7 @@ def engine(tiny_model) -> LLMEngine:
 def reference(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).to(DEVICE).eval()
 
 
 def run_all(eng: LLMEngine, joins: dict[int, list[tuple[str, dict]]] | None = None) -> dict:
@@ -53,12 +61,13 @@ def run_all(eng: LLMEngine, joins: dict[int, list[tuple[str, dict]]] | None = No
 
 def hf_greedy(reference, ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
     # an explicit mask: token 0 is also the pad token, which generate() would mask out
-    out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                                                                            dtype=torch.long),
+    out = reference.generate(torch.tensor([ids], device=DEVICE),
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                                                       device=DEVICE),
                              max_new_tokens=n, do_sample=False,
                              output_scores=True, return_dict_in_generate=True,
                              pad_token_id=reference.config.pad_token_id)
-    return out.sequences[0, len(ids):].tolist(), torch.stack(out.scores)[:, 0]
+    return out.sequences[0, len(ids):].tolist(), torch.stack(out.scores)[:, 0].cpu()
 
 
 def test_greedy_parity_with_staggered_joins(engine, reference) -> None:
@@ -234,7 +243,7 @@ def test_llm_worker_end_to_end(pipeline, tiny_model, reference) -> None:
     pipeline.start_broker()
     pipeline.start_worker("llm-0", "--model", str(tiny_model), "--served-name", "tiny",
                           "--max-num-seqs", "8", "--max-model-len", "256", "--dtype", "float32",
-                          engine="llm")
+                          "--device", DEVICE, engine="llm")
     rows = pipeline.wait_workers(1, timeout_s=120)
     assert rows[0]["models"] == ["tiny"] and rows[0]["engine"] == "llm"
     tok_ids = [5, 17, 300, 42, 7]

@@ -42,7 +42,7 @@ __all__ = ["AsyncClient", "AsyncRequestHandle", "Chunk", "Client", "RequestHandl
 
 def _config(endpoints: str | Sequence[str] | None, timeout_s: float | None,
             heartbeat_interval_s: float, keys: PeerKeys | None = None,
-            insecure: bool = False) -> ClientConfig:
+            insecure: bool = False, max_message_mb: int | None = None) -> ClientConfig:
     if endpoints is None:
         endpoints = os.environ.get("ZEROSERVE_ENDPOINT") or default_endpoint("frontend")
     if isinstance(endpoints, str):
@@ -52,7 +52,9 @@ def _config(endpoints: str | Sequence[str] | None, timeout_s: float | None,
         private_ipc(endpoint)
     return ClientConfig(tuple(endpoints), heartbeat_interval_s=heartbeat_interval_s,
                         timeout_s=timeout_s,
-                        sockets=SocketConfig(curve=keys, insecure=insecure))
+                        sockets=SocketConfig(curve=keys, insecure=insecure,
+                                             **({"max_message_bytes": max_message_mb << 20}
+                                                if max_message_mb else {})))
 
 
 class Client:
@@ -65,9 +67,9 @@ class Client:
     def __init__(self, endpoints: str | Sequence[str] | None = None, *,
                  timeout_s: float | None = None, heartbeat_interval_s: float = 1.0,
                  keys: PeerKeys | None = None, insecure: bool = False,
-                 ctx: zmq.Context | None = None) -> None:
+                 max_message_mb: int | None = None, ctx: zmq.Context | None = None) -> None:
         self.core = ClientCore(_config(endpoints, timeout_s, heartbeat_interval_s, keys,
-                                       insecure))
+                                       insecure, max_message_mb))
         self.tensors = TensorCodec(self.core.cfg.endpoints)
         self.ctx = ctx or zmq.Context.instance()
         self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
@@ -224,9 +226,9 @@ class AsyncClient:
     def __init__(self, endpoints: str | Sequence[str] | None = None, *,
                  timeout_s: float | None = None, heartbeat_interval_s: float = 1.0,
                  keys: PeerKeys | None = None, insecure: bool = False,
-                 ctx: zmq.asyncio.Context | None = None) -> None:
+                 max_message_mb: int | None = None, ctx: zmq.asyncio.Context | None = None) -> None:
         self.core = ClientCore(_config(endpoints, timeout_s, heartbeat_interval_s, keys,
-                                       insecure))
+                                       insecure, max_message_mb))
         self.tensors = TensorCodec(self.core.cfg.endpoints)
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.sock = self._connect()

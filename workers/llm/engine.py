@@ -42,6 +42,7 @@ from zeroserve.workers.llm.grammar import GrammarError, Grammars
 from zeroserve.workers.llm.model_runner import ModelRunner
 from zeroserve.workers.llm.scheduler import Plan, Scheduler
 from zeroserve.workers.llm.sequence import Sequence
+from zeroserve.workers.llm.transfer import to_host
 
 from zeroserve import protocol as p
 from zeroserve.config import MAX_PROMPT_CHARS, WorkerConfig
@@ -240,8 +241,11 @@ class LLMEngine:
         constrained = [(i, s.matcher) for i, s in enumerate(sampling) if s.matcher is not None]
         if constrained:
             logits = self._grammars.mask(logits, constrained)  # type: ignore[union-attr]
-        tokens = sampler.sample(logits, sps, [(s.seed, s.num_output) for s in sampling])
-        lps = sampler.top_logprobs(logits, tokens, [sp.logprobs for sp in sps])
+        chosen = sampler.sample(logits, sps, [(s.seed, s.num_output) for s in sampling])
+        asked = sampler.top_logprobs(logits, chosen, [sp.logprobs for sp in sps])
+        # the step's one host synchronisation: its tokens (and logprobs) read back together
+        tokens, *host = to_host([chosen, *(asked.tensors() if asked else [])])
+        lps = asked.entries(host, tokens, len(tokens)) if asked else [None] * len(tokens)
         self.counters["generated_tokens"] += len(tokens)
         return [self._advance(seq, tok, lp) for seq, tok, lp in zip(sampling, tokens, lps,
                                                                      strict=True)]

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
+from zeroserve.workers.llm.transfer import to_device
 
 MAX_SCHEMA_CHARS = 64 * 1024
 CACHE_SIZE = 256  # compiled grammars kept, by schema
@@ -98,8 +99,11 @@ class Grammars:
         lt.fill_next_token_bitmask_par(self.executor, [(m, j) for j, (_, m) in
                                                        enumerate(rows)], bitmask)
         allowed = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
-        idx = torch.tensor([i for i, _ in rows], device=logits.device)
-        allowed[idx] = unpack(bitmask.to(logits.device), logits.shape[-1])
+        dev = logits.device
+        idx = to_device([i for i, _ in rows], torch.long, dev)
+        if dev.type == "cuda":  # llguidance fills pageable memory: pin it, copy without waiting
+            bitmask = bitmask.pin_memory()
+        allowed[idx] = unpack(bitmask.to(dev, non_blocking=True), logits.shape[-1])
         return logits.masked_fill(~allowed, float("-inf"))
 
 

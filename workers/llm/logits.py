@@ -21,6 +21,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 from zeroserve.workers.llm.params import SamplingParams
+from zeroserve.workers.llm.transfer import to_device
 
 
 def wanted(sp: SamplingParams) -> bool:
@@ -30,12 +31,8 @@ def wanted(sp: SamplingParams) -> bool:
 
 def _counts(rows: Seq[Seq[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """[R, vocab] how many times each token appears in each row's id list."""
-    width = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), width + 1), vocab, dtype=torch.long)  # pad: a spare column
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    ids = ids.to(device)
+    width = max((len(r) for r in rows), default=0) + 1  # pad with a spare column, `vocab`
+    ids = to_device([[*r, *[vocab] * (width - len(r))] for r in rows], torch.long, device)
     counts = torch.zeros(len(rows), vocab + 1, device=device)
     counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
     return counts[:, :vocab]
@@ -49,26 +46,28 @@ def apply(logits: torch.Tensor, params: Seq[SamplingParams], prompts: Seq[Seq[in
     if not rows:
         return logits
     vocab, device = logits.shape[-1], logits.device
-    idx = torch.tensor(rows, device=device)
+    idx = to_device(rows, torch.long, device)
     x = logits[idx].float()
     sps = [params[i] for i in rows]
     out_counts = _counts([outputs[i] for i in rows], vocab, device)
-    rep = torch.tensor([sp.repetition_penalty for sp in sps], device=device).unsqueeze(1)
-    if (rep != 1.0).any():
+    # one transfer for every row's numbers: repetition, frequency, presence
+    nums = to_device([[sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty]
+                      for sp in sps], torch.float32, device)
+    if any(sp.repetition_penalty != 1.0 for sp in sps):
+        rep = nums[:, 0:1]
         seen = (_counts([prompts[i] for i in rows], vocab, device) + out_counts) > 0
         scaled = torch.where(x > 0, x / rep, x * rep)
         x = torch.where(seen, scaled, x)
-    freq = torch.tensor([sp.frequency_penalty for sp in sps], device=device).unsqueeze(1)
-    pres = torch.tensor([sp.presence_penalty for sp in sps], device=device).unsqueeze(1)
-    x = x - freq * out_counts - pres * (out_counts > 0).float()
-    for j, sp in enumerate(sps):
-        if sp.logit_bias:
-            tokens = torch.tensor([t for t, _ in sp.logit_bias], device=device)
-            x[j, tokens] += torch.tensor([b for _, b in sp.logit_bias], device=device)
+    x = x - nums[:, 1:2] * out_counts - nums[:, 2:3] * (out_counts > 0).float()
+    bias = [(j, t, b) for j, sp in enumerate(sps) for t, b in sp.logit_bias]
+    ends = [t for t in stop_ids if t < vocab]
+    for j, sp in enumerate(sps):  # min_tokens: ends are -inf (a bias of -inf) until then
         if sp.min_tokens and len(outputs[rows[j]]) < sp.min_tokens:
-            ends = [t for t in (*stop_ids, *sp.stop_token_ids) if t < vocab]
-            if ends:
-                x[j, ends] = float("-inf")
+            bias += [(j, t, float("-inf")) for t in (*ends, *sp.stop_token_ids) if t < vocab]
+    if bias:
+        at = to_device([[j, t] for j, t, _ in bias], torch.long, device)
+        x.index_put_((at[:, 0], at[:, 1]), to_device([b for _, _, b in bias], torch.float32,
+                                                     device), accumulate=True)
     full = logits.float().clone()
     full[idx] = x
     return full

@@ -17,6 +17,7 @@ from zeroserve.workers.llm import attention
 from zeroserve.workers.llm.kv_cache import KVCache
 from zeroserve.workers.llm.scheduler import Plan
 from zeroserve.workers.llm.sequence import Sequence
+from zeroserve.workers.llm.transfer import to_device
 
 log = logging.getLogger("zeroserve.worker")
 
@@ -130,20 +131,20 @@ class ModelRunner:
                 blocks = None
                 if start:
                     nb = -(-(start + n) // bs)
-                    blocks = torch.tensor(seq.block_table[:nb], device=dev)
+                    blocks = to_device(seq.block_table[:nb], torch.long, dev)
                 prefills.append(attention.PrefillChunk(a, a + n, start, blocks))
         rows = max([g.blocks.numel() for g in decodes]
                    + [c.blocks.numel() for c in prefills if c.blocks is not None] + [0])
         k_buf, v_buf = self._workspaces(rows)
-        ctx = attention.ForwardContext(self.kv.k, self.kv.v, torch.tensor(slots, device=dev),
+        ctx = attention.ForwardContext(self.kv.k, self.kv.v, to_device(slots, torch.long, dev),
                                        k_buf, v_buf, decodes, prefills)
         attention.set_context(ctx)
         try:
             out = self.model(
-                input_ids=torch.tensor([ids], device=dev),
-                position_ids=torch.tensor([pos], device=dev),
+                input_ids=to_device([ids], torch.long, dev),
+                position_ids=to_device([pos], torch.long, dev),
                 use_cache=False,
-                logits_to_keep=torch.tensor(keep, dtype=torch.long, device=dev),
+                logits_to_keep=to_device(keep, torch.long, dev),
             )
         finally:
             attention.set_context(None)
@@ -163,10 +164,10 @@ class ModelRunner:
         lens = [s.num_computed + 1 for s in group]  # context including the token fed now
         nb = -(-max(lens) // bs)
         table = [s.block_table[:nb] + [0] * (nb - len(s.block_table[:nb])) for s in group]
-        blocks = torch.tensor(table, device=self.device)
+        blocks = to_device(table, torch.long, self.device)
         if min(lens) == max(lens):
             return attention.DecodeGroup(a, a + len(group), blocks, None, lens[0])
-        lens_t = torch.tensor(lens, device=self.device)
+        lens_t = to_device(lens, torch.long, self.device)
         mask = torch.arange(nb * bs, device=self.device)[None, :] < lens_t[:, None]  # [G, L]
         return attention.DecodeGroup(a, a + len(group), blocks, mask[:, None, None, :], nb * bs)
 

@@ -12,6 +12,8 @@ KINDS = {
     "stall": "zeroserve.bench.stall",
     "slowloris": "zeroserve.bench.slowloris",
     "structured": "zeroserve.bench.structured",
+    "step": "zeroserve.bench.step",
+    "parity": "zeroserve.bench.parity",
 }
 
 

@@ -6,7 +6,8 @@
   hf_continuous   transformers' continuous batching manager, created once and warmed first
   engine          zeroserve's own LLM engine driven in-process (no sockets, no threads), at
                   the same concurrency: what the pipeline adds is served / engine
-Each returns output tokens per second. Nothing here binds or connects.
+Each returns output tokens per second, on the device the model is on (after the work is
+done: generate returns only then). Nothing here binds or connects.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from typing import Any
 from tqdm import tqdm
 
 
-def load(model_dir: Path, dtype: str = "float32", attn: str = "sdpa"):  # -> model
+def load(model_dir: Path, dtype: str = "float32", attn: str = "sdpa",
+         device: str = "cpu"):  # -> model
     import torch
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
-                                                attn_implementation=attn).eval()
+                                                attn_implementation=attn).to(device).eval()
 
 
 def hf_sequential(model: Any, workload: list) -> float:
@@ -32,7 +34,8 @@ def hf_sequential(model: Any, workload: list) -> float:
     tokens, t0 = 0, time.perf_counter()
     with torch.inference_mode():
         for _, ids, n in tqdm(workload, desc="hf sequential", leave=False):
-            model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n,
+            model.generate(torch.tensor([ids], device=model.device), max_new_tokens=n,
+                           min_new_tokens=n,
                            do_sample=False, pad_token_id=0)
             tokens += n
     return tokens / (time.perf_counter() - t0)
@@ -52,7 +55,8 @@ def static_batches(model: Any, workload: list, concurrency: int) -> float:
                 inp[i, width - len(ids):] = torch.tensor(ids)
                 mask[i, width - len(ids):] = 1
             n = max(out for _, _, out in batch)
-            model.generate(inp, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+            model.generate(inp.to(model.device), attention_mask=mask.to(model.device),
+                           max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=0)
             tokens += sum(out for _, _, out in batch)  # only each request's own tokens count
     return tokens / (time.perf_counter() - t0)

@@ -11,6 +11,7 @@ in-process as baselines (baselines.py), in the worker's dtype:
   hf_sequential_tok_s   one model.generate at a time (on the first --sequential-requests)
   static_batch_tok_s    padded static batches of `concurrency` requests
   hf_continuous_tok_s   transformers' continuous batching manager, warmed before timing
+(--baselines picks which; --device cuda runs the worker and the baselines on the GPU.)
 --compare FLAG[=VALUE] runs the same pipeline again with one worker flag changed (e.g.
 `--compare no-prefix-caching`, `--compare max-num-seqs=8`, `--compare dtype=float32`) and
 prints its figures under that name beside the main run's. Each run also reports the worker's
@@ -40,6 +41,8 @@ from zeroserve.bench import baselines
 from zeroserve.bench.drivers import drive_http, drive_sdk, idle_ttft, summarize
 from zeroserve.bench.stats import report
 from zeroserve.procs import exit_on_sigterm, spawn, stop_all
+
+BASELINES = ("engine", "static_batch", "hf_continuous", "hf_sequential")
 
 
 def make_workload(n: int, tokenizer: Any, seed: int = 0,
@@ -173,10 +176,51 @@ def _wait_http(url: str, proc: Any = None, timeout_s: float = 300) -> None:
     raise TimeoutError(f"{url} did not come up")
 
 
+def baseline_phase(res: dict[str, Any], args: argparse.Namespace, model_dir: Path,
+                   workload: list, via: list[str], chosen: set[str], device: str,
+                   dtype: str) -> None:
+    """The in-process baselines in `chosen`, with the pipeline stopped; engine rounds
+    alternate with served rounds (--rounds)."""
+    import torch
+
+    if "engine" in chosen:
+        from zeroserve.workers.worker import build_parser, config_from_args
+
+        wargs = build_parser().parse_args(["--engine", "llm", "--model", str(model_dir),
+                                           "--broker", "-", *worker_flags(args)])
+        cfg = config_from_args(wargs, ())
+        # served vs engine alone: --rounds alternates the two and keeps the medians, so the
+        # ratio survives a noisy machine
+        served = [res["served_tok_s"]]
+        engine = [baselines.engine(model_dir, workload, args.concurrency, cfg)]
+        for _ in range(args.rounds - 1):
+            again = serve_phase(model_dir, workload, args.concurrency, args.rate,
+                                worker_flags(args), via[:1])
+            served.append(again[via[0]]["served_tok_s"])
+            engine.append(baselines.engine(model_dir, workload, args.concurrency, cfg))
+        if args.rounds > 1:
+            res["served_tok_s_rounds"], res["engine_tok_s_rounds"] = served, engine
+            res["served_tok_s"] = statistics.median(served)
+        res["engine_tok_s"] = statistics.median(engine)
+    torch.manual_seed(0)
+    model = baselines.load(model_dir, dtype, device=device)
+    if "static_batch" in chosen:
+        res["static_batch_tok_s"] = baselines.static_batches(model, workload, args.concurrency)
+    if "hf_sequential" in chosen:
+        res["hf_sequential_tok_s"] = baselines.hf_sequential(
+            model, workload[:args.sequential_requests])
+    if "hf_continuous" in chosen:
+        res["hf_continuous_tok_s"] = baselines.hf_continuous(model, workload, args.concurrency)
+    for name in BASELINES:
+        if name in chosen:
+            res[f"served_over_{name}"] = res["served_tok_s"] / res[f"{name}_tok_s"]
+
+
 def worker_flags(args: argparse.Namespace, change: str = "") -> list[str]:
     """The worker's command line for this run; `change` is one --compare entry."""
     flags = {"max-num-seqs": str(args.max_num_seqs or max(args.concurrency, 8)),
-             "max-model-len": str(args.max_model_len), "dtype": args.dtype}
+             "max-model-len": str(args.max_model_len), "dtype": args.dtype,
+             "device": args.device}
     for name in ("kv-cache-tokens", "block-size", "max-batched-tokens"):  # 0: worker default
         if value := getattr(args, name.replace("-", "_")):
             flags[name] = str(value)
@@ -211,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batched-tokens", type=int, default=0, help="0: the worker's default")
     ap.add_argument("--block-size", type=int, default=0, help="0: the worker's default")
     ap.add_argument("--dtype", default="auto", help="the worker's and the baselines' dtype")
+    ap.add_argument("--device", default="cpu", help="the worker's and the baselines' device: "
+                                                    "cpu or cuda (the worker takes cuda:0)")
+    ap.add_argument("--baselines", default=",".join(BASELINES),
+                    help=f"which in-process baselines to run, of {','.join(BASELINES)}")
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--rounds", type=int, default=1,
@@ -231,9 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = resolve(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     workload = make_workload(args.num_requests, tokenizer, kind=args.workload)
-    dtype = str(pick_dtype(args.dtype, torch.device("cpu"))[0]).removeprefix("torch.")
+    device = "cuda:0" if args.device == "cuda" else args.device
+    dtype = str(pick_dtype(args.dtype, torch.device(device))[0]).removeprefix("torch.")
+    chosen = set(args.baselines.split(",")) - {""}
+    if chosen - set(BASELINES):
+        ap.error(f"--baselines: unknown {', '.join(sorted(chosen - set(BASELINES)))}")
     res: dict[str, Any] = {"concurrency": args.concurrency, "num_requests": args.num_requests,
-                           "model": str(args.model), "workload": args.workload, "dtype": dtype}
+                           "model": str(args.model), "workload": args.workload, "dtype": dtype,
+                           "device": device}
     phases = serve_phase(model_dir, workload, args.concurrency, args.rate,
                          worker_flags(args), via)
     idle = phases.pop("idle", None)
@@ -269,33 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         if "http" in phases:
             res["http_over_peer_tok_s"] = res["http_tok_s"] / res["peer_tok_s"]
             res["http_over_peer_ttft_p99"] = res["http_ttft_ms_p99"] / res["peer_ttft_ms_p99"]
-    if not args.skip_baselines:
-        from zeroserve.workers.worker import build_parser, config_from_args
-
-        wargs = build_parser().parse_args(["--engine", "llm", "--model", str(model_dir),
-                                           "--broker", "-", *worker_flags(args)])
-        cfg = config_from_args(wargs, ())
-        # served vs engine alone: --rounds alternates the two and keeps the medians, so the
-        # ratio survives a noisy machine
-        served = [res["served_tok_s"]]
-        engine = [baselines.engine(model_dir, workload, args.concurrency, cfg)]
-        for _ in range(args.rounds - 1):
-            again = serve_phase(model_dir, workload, args.concurrency, args.rate,
-                                worker_flags(args), via[:1])
-            served.append(again[via[0]]["served_tok_s"])
-            engine.append(baselines.engine(model_dir, workload, args.concurrency, cfg))
-        if args.rounds > 1:
-            res["served_tok_s_rounds"], res["engine_tok_s_rounds"] = served, engine
-            res["served_tok_s"] = statistics.median(served)
-        res["engine_tok_s"] = statistics.median(engine)
-        torch.manual_seed(0)
-        model = baselines.load(model_dir, dtype)
-        res["static_batch_tok_s"] = baselines.static_batches(model, workload, args.concurrency)
-        res["hf_sequential_tok_s"] = baselines.hf_sequential(
-            model, workload[:args.sequential_requests])
-        res["hf_continuous_tok_s"] = baselines.hf_continuous(model, workload, args.concurrency)
-        for name in ("engine", "static_batch", "hf_continuous", "hf_sequential"):
-            res[f"served_over_{name}"] = res["served_tok_s"] / res[f"{name}_tok_s"]
+    if not args.skip_baselines and chosen:
+        baseline_phase(res, args, model_dir, workload, via, chosen, device, dtype)
     report(res, args.json, f"zeroserve bench serve (concurrency {args.concurrency})")
     return 0
 

@@ -7,7 +7,8 @@ One run, float32 tensors of 1 MiB and 64 MiB, client -> broker -> worker -> clie
   pickle_in_ms_*   a naive Python server: the array pickled through multiprocessing.Queue
   shm_out_ms_64mib the module returns a 64 MiB tensor: one copy into the worker's arena
   memcpy_ms_64mib  the floor: one 64 MiB copy inside one process
-Each figure is the median of --repeat round trips.
+Each figure is the median of --repeat round trips. With --device cuda the workers run their
+modules on the GPU: inputs cross to it and outputs back, inside each round trip.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from zeroserve.bench.stats import report
 from zeroserve.procs import spawn, stop_all
 
 SIZES = {"1mib": 1 << 20, "64mib": 64 << 20}
+MESSAGE_MB = 80
 
 
 def _median_ms(fn: Callable[[], object], repeat: int, bar: tqdm) -> float:
@@ -69,7 +71,7 @@ def pickle_baseline(repeat: int, bar: tqdm) -> dict[str, float]:
     return out
 
 
-def run(repeat: int) -> dict[str, float]:
+def run(repeat: int, device: str = "cpu") -> dict[str, float]:
     from zeroserve.client import Client
     from zeroserve.up import wait_ready
 
@@ -77,16 +79,19 @@ def run(repeat: int) -> dict[str, float]:
     bar = tqdm(total=repeat * 8, desc="bench tensor", leave=False)
     with tempfile.TemporaryDirectory(prefix="zs-bench-") as tmp:
         front, back = f"ipc://{tmp}/f", f"ipc://{tmp}/b"
-        procs = [spawn("broker", ["--frontend", front, "--backend", back,
+        # a 64 MiB tensor as a frame, with its header, is past the 64 MiB default limit
+        limit = ["--max-message-mb", str(MESSAGE_MB)]
+        procs = [spawn("broker", ["--frontend", front, "--backend", back, *limit,
                                   "--log-level", "WARNING"])]
         for name in ("first_element", "big_output"):
             procs.append(spawn("worker", [
                 "--broker", back, "--engine", "tensor", "--model", name, "--no-pin",
-                "--module", f"zeroserve.bench.modules:{name}", "--log-level", "WARNING"]))
+                "--module", f"zeroserve.bench.modules:{name}", "--device", device, *limit,
+                "--log-level", "WARNING"]))
         try:
             if not wait_ready(front, 2, 120, procs):
                 raise RuntimeError("the pipeline did not come up")
-            with Client(front) as client:
+            with Client(front, max_message_mb=MESSAGE_MB) as client:
                 for label, nbytes in SIZES.items():
                     x = client.empty((nbytes // 4,), torch.float32)
                     x.fill_(1.0)
@@ -114,9 +119,11 @@ def run(repeat: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="zeroserve bench tensor", description=__doc__)
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--device", default="cpu", help="the tensor workers' device: cpu or cuda")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    report(run(args.repeat), args.json, "zeroserve bench tensor (float32, median ms)")
+    report({"device": args.device, **run(args.repeat, args.device)}, args.json,
+           f"zeroserve bench tensor (float32, median ms, workers on {args.device})")
     return 0
 
 

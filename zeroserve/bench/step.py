@@ -1,0 +1,141 @@
+"""`zeroserve bench step`: one decode step of the engine against the model's forward alone.
+
+In-process, nothing binds or connects. --batch sequences of --prompt-tokens random tokens are
+prefilled, then --steps decode steps are timed, each a whole `engine.step()` (schedule, the
+packed forward through the block tables, sampling, detokenizing, stop checks), greedy and
+then sampled (temperature 0.8, top-p 0.95). The same model, loaded as transformers ships it
+(sdpa attention, its own KV cache), runs the same batch's decode forward alone: the floor.
+  decode_step_ms / forward_ms    the engine's step, the forward alone (medians)
+  step_over_forward              what the engine adds around the model (goal: at most 1.5)
+  implicit_syncs_per_step        CUDA only: host waits torch made on its own (pageable
+                                 copies, .item(), .tolist()); the step's one deliberate wait
+                                 (transfer.to_host) is not counted
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from zeroserve.bench.stats import report
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def engine_steps(cfg: Any, batch: int, prompt: int, steps: int,
+                 body: dict[str, Any]) -> tuple[list[float], float]:
+    """Per-step wall times (ms) of `steps` decode steps at `batch`, and implicit syncs."""
+    from zeroserve.workers.llm.engine import LLMEngine
+
+    eng = LLMEngine.from_config(cfg)
+    eng.warmup()
+    rng = random.Random(0)
+    vocab = eng.runner.vocab_size
+    for i in range(batch):
+        eng.add((b"", f"s{i}"), {**body, "prompt_token_ids": [rng.randrange(3, vocab)
+                                                              for _ in range(prompt)],
+                                 "max_tokens": steps + 16, "ignore_eos": True}, [])
+    while any(s.num_computed < s.total_len - 1 for s in eng.seqs.values()):
+        eng.step()  # prefill
+    for _ in range(3):
+        eng.step()  # warm the decode shapes
+    device = torch.device(cfg.device)
+    times, syncs = [], 0
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")
+    try:
+        for _ in range(steps):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                t0 = time.perf_counter()
+                outs = eng.step()
+                times.append((time.perf_counter() - t0) * 1000)
+            syncs += sum("synchroniz" in str(w.message) for w in caught)
+            assert len(outs) == batch, "every sequence decodes one token a step"
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+        eng.close()
+    return times, syncs / steps
+
+
+def forward_alone(model: Any, device: torch.device, batch: int, prompt: int,
+                  steps: int) -> list[float]:
+    """Per-step times (ms) of the model's own decode forward at `batch`, with its KV cache."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device)
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        times = []
+        for i in range(steps + 3):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            if i >= 3:
+                times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def run(model: str, device: str, dtype: str, batch: int, prompt: int,
+        steps: int) -> dict[str, Any]:
+    from zeroserve.bench import baselines
+    from zeroserve.config import WorkerConfig
+    from zeroserve.models import resolve
+    from zeroserve.workers.llm.model_runner import pick_dtype
+
+    path = resolve(model)
+    dev = torch.device(device)
+    dt = pick_dtype(dtype, dev)[0]
+    cfg = WorkerConfig(broker="-", engine="llm", model=str(path), device=device,
+                       dtype=str(dt).removeprefix("torch."), max_num_seqs=batch,
+                       max_model_len=prompt + steps + 64,
+                       kv_cache_tokens=batch * (prompt + steps + 64))
+    res: dict[str, Any] = {"device": device, "dtype": cfg.dtype, "batch": batch,
+                           "prompt_tokens": prompt, "steps": steps}
+    greedy, syncs = engine_steps(cfg, batch, prompt, steps, {"temperature": 0})
+    sampled, syncs_sampled = engine_steps(cfg, batch, prompt, steps,
+                                          {"temperature": 0.8, "top_p": 0.95, "seed": 1})
+    ref = baselines.load(path, cfg.dtype).to(dev)
+    alone = forward_alone(ref, dev, batch, prompt, steps)
+    res["decode_step_ms"] = statistics.median(greedy)
+    res["decode_step_sampled_ms"] = statistics.median(sampled)
+    res["forward_ms"] = statistics.median(alone)
+    res["step_over_forward"] = res["decode_step_ms"] / res["forward_ms"]
+    res["sampled_step_over_forward"] = res["decode_step_sampled_ms"] / res["forward_ms"]
+    if dev.type == "cuda":
+        res["implicit_syncs_per_step"] = max(syncs, syncs_sampled)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="zeroserve bench step", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="small", help="preset or model directory")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    res = run(args.model, args.device, args.dtype, args.batch, args.prompt_tokens, args.steps)
+    report(res, args.json, f"zeroserve bench step (batch {args.batch}, {args.device})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

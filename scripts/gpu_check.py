@@ -63,9 +63,10 @@ def run_step(name: str, cmd: list[str], cwd: Path, env: dict[str, str], limit_s:
     t0 = time.monotonic()
     log = logs / f"{name}.log"
     try:
-        with open(log, "w") as err:
-            proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=err,
-                                  text=True, timeout=limit_s, start_new_session=True)
+        with open(log, "w") as err:  # pytest reports on stdout: all of it goes to the log
+            proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=err if name == "tests" else
+                                  subprocess.PIPE, stderr=err, text=True, timeout=limit_s,
+                                  start_new_session=True)
         out: dict[str, Any] = {"rc": proc.returncode}
         if name != "tests":
             try:
@@ -100,6 +101,7 @@ def goals(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "c128_served_over_hf_sequential": goal(c128.get("served_over_hf_sequential"), ">=", 10),
         "c128_served_over_static_batch": goal(c128.get("served_over_static_batch"), ">=", 0.9),
         "decode_step_over_forward_b32": goal(step.get("step_over_forward"), "<=", 1.5),
+        "host_syncs_per_step": goal(step.get("host_syncs_per_step"), "<=", 1),
         "parity_divergences": goal(res.get("parity", {}).get("divergences"), "<=", 0),
     }
 
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             if wanted and name not in wanted:
                 continue
             if name == "tests":
-                junit = scratch / "junit.xml"
+                junit = logs / "junit.xml"
                 full = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         f"--junitxml={junit}", *cmd]
                 res[name] = {**run_step(name, full, scratch, env, args.step_limit_s, logs),

@@ -275,3 +275,26 @@ def test_oversized_chat_is_refused_before_the_template(engine) -> None:
     huge = [{"role": "user", "content": "x" * (4 * 1024 * 1024 + 1)}]
     with pytest.raises(EngineError, match="the limit is"):
         engine.prepare({"messages": huge, "max_tokens": 2})
+
+
+def test_the_cuda_layout_gives_the_cpu_layouts_tokens(engine, monkeypatch) -> None:
+    """First chunks packed into one attention call and decode groups never split (what the
+    runner does on CUDA) give the same greedy tokens as one call per chunk and split groups."""
+    rng = random.Random(11)
+    vocab = engine.runner.vocab_size
+    joins: dict[int, list] = {}
+    for i in range(12):  # four at a time: several first chunks share a step
+        ids = [rng.randrange(vocab) for _ in range(rng.randint(4, 15))]
+        joins.setdefault(i // 4 * 5, []).append(
+            (f"c{i}", {"prompt_token_ids": ids, "max_tokens": 12, "temperature": 0}))
+    runner = engine.runner
+    monkeypatch.setattr(engine.blocks, "prefix_caching", False)  # every first chunk is fresh
+    split = run_all(engine, joins)
+    packs = []
+    real_mask = runner._packed_mask
+    monkeypatch.setattr(runner, "_packed_mask", lambda seg: packs.append(seg) or real_mask(seg))
+    monkeypatch.setattr(runner, "pack_prefills", True)
+    monkeypatch.setattr(runner, "split_blocks", 10**6)
+    packed = run_all(engine, joins)
+    assert len(packs) >= 3 and max(max(seg) for seg in packs) >= 2  # 3+ chunks in one call
+    assert {k: v["ids"] for k, v in packed.items()} == {k: v["ids"] for k, v in split.items()}

@@ -9,7 +9,9 @@ slots (block * block_size + offset), then:
   similar length; each group is one batched SDPA over its sequences' gathered blocks, masked to
   each one's length, so the work follows the tokens in use, not the longest context;
 - prompt chunks attend one sequence at a time: causal over the chunk itself, or, when the
-  sequence already has computed tokens (an earlier chunk or a cached prefix), over its blocks.
+  sequence already has computed tokens (an earlier chunk or a cached prefix), over its blocks;
+  on CUDA, where each call's launches cost more than the arithmetic, the first chunks of
+  several sequences go in one call instead, masked causal within each (PackedPrefills).
 The batch layout lives in a ForwardContext set by the model runner around each forward.
 """
 
@@ -41,6 +43,13 @@ class PrefillChunk:
 
 
 @dataclass
+class PackedPrefills:
+    a: int  # rows [a, b) hold several sequences' first chunks, side by side
+    b: int
+    mask: torch.Tensor  # [b - a, b - a] causal within each chunk, nothing across chunks
+
+
+@dataclass
 class ForwardContext:
     k_cache: list[torch.Tensor]  # per layer [num_blocks, block_size, Hkv, D]
     v_cache: list[torch.Tensor]
@@ -49,6 +58,7 @@ class ForwardContext:
     v_buf: torch.Tensor  # group and layer (allocating 10s of MiB per call costs page faults)
     decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
+    packed: PackedPrefills | None = None
 
 
 _ctx: ForwardContext | None = None
@@ -91,6 +101,11 @@ def block_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
             gather(vc, g.blocks, g.length, ctx.v_buf),
             attn_mask=g.mask, scale=scaling, enable_gqa=gqa)
         out[0, g.a:g.b] = o[:, :, 0]
+    if (pk := ctx.packed) is not None:  # one call for many first chunks (CUDA: launches cost)
+        o = F.scaled_dot_product_attention(
+            query[:, :, pk.a:pk.b], key[:, :, pk.a:pk.b], value[:, :, pk.a:pk.b],
+            attn_mask=pk.mask, scale=scaling, enable_gqa=gqa)
+        out[0, pk.a:pk.b] = o[0].transpose(0, 1)
     for c in ctx.prefills:
         q = query[:, :, c.a:c.b]  # [1, H, n, D]
         if c.blocks is None:

@@ -23,8 +23,9 @@ log = logging.getLogger("zeroserve.worker")
 
 KV_MEMORY_FRACTION = 0.3  # of available host memory (CPU) or free device memory (CUDA)
 # A decode group is split where padding its shorter contexts would cost more than this many
-# blocks of gathered K/V: roughly what one more SDPA call per layer costs.
-GROUP_SPLIT_BLOCKS = 16
+# blocks of gathered K/V: roughly what one more SDPA call per layer costs. On CUDA a call's
+# launches cost far more than copying padding at memory bandwidth.
+GROUP_SPLIT_BLOCKS = {"cpu": 16, "cuda": 2048}
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -94,6 +95,9 @@ class ModelRunner:
                              f"{block_size}: raise --kv-cache-tokens")
         self.kv = KVCache(layers, num_blocks, block_size, kv_heads, head_dim, dtype, device)
         self._bufs = (torch.empty(0), torch.empty(0))  # gather workspaces, grown on demand
+        self.split_blocks = GROUP_SPLIT_BLOCKS.get(device.type, GROUP_SPLIT_BLOCKS["cpu"])
+        # first chunks of several sequences in one attention call (attention.PackedPrefills)
+        self.pack_prefills = device.type == "cuda"
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s)", num_blocks,
                  block_size, num_blocks * block_size,
                  num_blocks * block_size * per_token / 2**20, dtype)
@@ -122,10 +126,20 @@ class ModelRunner:
         singles = sorted((s for s, n in plan.chunks if n == 1), key=lambda s: s.num_computed)
         for seq in singles:
             place(seq, 1)
-        decodes = [self._decode_group(group, a) for group, a in _groups(singles, bs)]
+        decodes = [self._decode_group(group, a)
+                   for group, a in _groups(singles, bs, self.split_blocks)]
+        packed = None
+        fresh = [(s, n) for s, n in plan.chunks if n > 1 and s.num_computed == 0]
+        if self.pack_prefills and len(fresh) > 1:
+            a = len(ids)
+            segment: list[int] = []  # which chunk each row belongs to
+            for i, (seq, n) in enumerate(fresh):
+                place(seq, n)
+                segment += [i] * n
+            packed = attention.PackedPrefills(a, len(ids), self._packed_mask(segment))
         prefills = []
         for seq, n in plan.chunks:
-            if n > 1:
+            if n > 1 and (packed is None or seq.num_computed > 0):
                 start = seq.num_computed
                 a = place(seq, n)
                 blocks = None
@@ -137,7 +151,7 @@ class ModelRunner:
                    + [c.blocks.numel() for c in prefills if c.blocks is not None] + [0])
         k_buf, v_buf = self._workspaces(rows)
         ctx = attention.ForwardContext(self.kv.k, self.kv.v, to_device(slots, torch.long, dev),
-                                       k_buf, v_buf, decodes, prefills)
+                                       k_buf, v_buf, decodes, prefills, packed)
         attention.set_context(ctx)
         try:
             out = self.model(
@@ -149,6 +163,12 @@ class ModelRunner:
         finally:
             attention.set_context(None)
         return out.logits[0], sampled  # [K, V]
+
+    def _packed_mask(self, segment: list[int]) -> torch.Tensor:
+        """[N, N]: row i sees row j when both are in one chunk and j <= i."""
+        seg = to_device(segment, torch.long, self.device)
+        rows = torch.arange(len(segment), device=self.device)
+        return (seg[:, None] == seg[None, :]) & (rows[None, :] <= rows[:, None])
 
     def _workspaces(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather buffers of at least `rows` blocks, kept across steps (grown by doubling)."""
@@ -172,14 +192,15 @@ class ModelRunner:
         return attention.DecodeGroup(a, a + len(group), blocks, mask[:, None, None, :], nb * bs)
 
 
-def _groups(singles: list[Sequence], bs: int) -> list[tuple[list[Sequence], int]]:
+def _groups(singles: list[Sequence], bs: int,
+            split_blocks: int) -> list[tuple[list[Sequence], int]]:
     """Cut length-sorted single-token rows into groups: a new group starts where padding the
-    group's shorter contexts up to the next one would cost more than GROUP_SPLIT_BLOCKS."""
+    group's shorter contexts up to the next one would cost more than `split_blocks`."""
     groups: list[tuple[list[Sequence], int]] = []
     top = 0
     for i, seq in enumerate(singles):
         nb = -(-(seq.num_computed + 1) // bs)
-        if groups and (nb - top) * len(groups[-1][0]) <= GROUP_SPLIT_BLOCKS:
+        if groups and (nb - top) * len(groups[-1][0]) <= split_blocks:
             groups[-1][0].append(seq)
         else:
             groups.append(([seq], i))

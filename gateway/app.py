@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from zeroserve.gateway.auth import ApiKey, KeyStore
 from zeroserve.gateway.cache import ResponseCache
 from zeroserve.gateway.errors import ApiError, from_zeroserve
@@ -171,7 +171,8 @@ def create_app(cfg: GatewayConfig) -> Any:
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         gw.authenticate(request)
-        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(gw.metrics.exposition(gw.cfg.metrics_vllm_names),
+                        media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

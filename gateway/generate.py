@@ -124,7 +124,7 @@ async def generate(gw: Gateway, request: Request, req: Any, route: str, chat: bo
         raise from_zeroserve(exc) from None
     finally:
         gw.limiter.refund(key_id, reserved - _used(state))
-    gw.metrics.e2e.observe(time.perf_counter() - t0)
+    gw.metrics.e2e.labels(req.model).observe(time.perf_counter() - t0)
     raw = responses.completion_body(meta, chat, choices, "logprobs" in body)
     if ckey is not None:
         gw.cache.put(ckey, raw)
@@ -165,9 +165,9 @@ def _observe(gw: Gateway, chunk: Chunk, t0: float, last: float, state: Any) -> f
         state.streamed_tokens = getattr(state, "streamed_tokens", 0) + len(chunk.token_ids)
         if not hasattr(state, "ttft_ms"):
             state.ttft_ms = round((now - t0) * 1000, 2)
-            gw.metrics.ttft.observe(now - t0)
+            gw.metrics.ttft.labels(state.model).observe(now - t0)
         else:
-            gw.metrics.itl.observe(now - last)
+            gw.metrics.itl.labels(state.model).observe(now - last)
         return now
     return last
 
@@ -181,7 +181,7 @@ def _record_usage(gw: Gateway, state: Any, data: dict[str, Any]) -> None:
     gw.metrics.tokens.labels("prompt").inc(state.prompt_tokens)
     gw.metrics.tokens.labels("completion").inc(usage.get("completion_tokens", 0))
     if "queue_ms" in data:
-        gw.metrics.queue.observe(data["queue_ms"] / 1000)
+        gw.metrics.queue.labels(state.model).observe(data["queue_ms"] / 1000)
 
 
 async def _collect(gw: Gateway, handle: AsyncRequestHandle, t0: float, state: Any
@@ -278,7 +278,7 @@ async def _sse(gw: Gateway, request: Request, parts: AsyncIterator[tuple[int, Ch
                 yield events.content("", chunk.data.get("finish_reason"), None, i)
         if include_usage:
             yield events.usage(finals)
-        gw.metrics.e2e.observe(time.perf_counter() - t0)
+        gw.metrics.e2e.labels(meta["model"]).observe(time.perf_counter() - t0)
     except errors.ZeroserveError as exc:  # the stream has started: report in-band
         yield events.error(from_zeroserve(exc).body())
     finally:

@@ -137,6 +137,7 @@ class GatewayConfig:
     request_timeout_s: float = 600.0
     table_poll_s: float = 0.5
     max_tokens_default: int = 16
+    metrics_vllm_names: bool = False  # /metrics also under vLLM's names (gateway/metrics.py)
     keys_dir: str = ""  # CURVE to the broker with the keypair key_name (a client key)
     key_name: str = "gateway"
     insecure: bool = False

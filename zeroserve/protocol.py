@@ -98,6 +98,10 @@ MAX_MESSAGE_BYTES = SocketConfig.max_message_bytes  # all frames together (a soc
 MAX_NAME_LEN = 256
 # Header fields with a fixed type: (types, longest str); a present field of another type, or
 # longer, makes the whole message malformed. Other fields are read by their users with care.
+# A worker's stats: an LLM engine's step-time histogram, "step_s_buckets", counts the steps
+# in each bucket of these upper bounds (seconds), the last bucket +Inf.
+STEP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
 HEADER_FIELDS: dict[str, tuple[tuple[type, ...], int]] = {
     "id": ((str,), MAX_ID_LEN),
     "model": ((str,), MAX_NAME_LEN),

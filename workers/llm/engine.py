@@ -25,6 +25,7 @@ top: [[id, logprob, token], ...]}]}; END adds finish_reason, usage and queue_ms.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import random
 import time
@@ -48,6 +49,7 @@ from zeroserve import protocol as p
 from zeroserve.config import MAX_PROMPT_CHARS, WorkerConfig
 
 log = logging.getLogger("zeroserve.worker")
+
 
 
 
@@ -80,8 +82,11 @@ class LLMEngine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self._grammars: Grammars | None = None  # built on the first structured-output request
         self.answers: list[Output] = []  # text ops done, sent with the next step's outputs
-        self.counters = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0,
-                         "batch_size": 0, "step_ms": 0.0, "busy_s": 0.0}
+        # cumulative since start, sent on heartbeats (the gateway's /metrics exports them)
+        self.counters: dict[str, Any] = {
+            "steps": 0, "generated_tokens": 0, "prompt_tokens": 0, "batch_size": 0,
+            "step_ms": 0.0, "busy_s": 0.0, "prefill_tokens": 0, "decode_tokens": 0,
+            "step_s_buckets": [0] * (len(p.STEP_BUCKETS_S) + 1)}  # per bucket; last: +Inf
 
     @classmethod
     def from_config(cls, cfg: WorkerConfig) -> LLMEngine:
@@ -181,8 +186,12 @@ class LLMEngine:
         c["steps"] += 1
         c["batch_size"] = len(plan.chunks)
         c["step_tokens"] = sum(n for _, n in plan.chunks)
+        decoded = sum(1 for _, n in plan.chunks if n == 1)
+        c["decode_tokens"] += decoded
+        c["prefill_tokens"] += c["step_tokens"] - decoded
         c["step_ms"] = (time.perf_counter() - t0) * 1000
         c["busy_s"] += c["step_ms"] / 1000  # time spent in steps: utilisation over uptime
+        c["step_s_buckets"][bisect.bisect_left(p.STEP_BUCKETS_S, c["step_ms"] / 1000)] += 1
         return outs
 
     def warmup(self) -> None:
@@ -201,7 +210,9 @@ class LLMEngine:
         self.blocks.prefix_caching = caching  # random warmup prompts never fill the cache
         self.scheduler.preemptions = self.scheduler.max_running = 0
         self.blocks.hit_tokens = self.blocks.queried_tokens = 0
-        self.counters.update(steps=0, generated_tokens=0, prompt_tokens=0, busy_s=0.0)
+        self.counters.update(steps=0, generated_tokens=0, prompt_tokens=0, busy_s=0.0,
+                             prefill_tokens=0, decode_tokens=0,
+                             step_s_buckets=[0] * (len(p.STEP_BUCKETS_S) + 1))
 
     def stats(self) -> dict[str, Any]:
         b, s = self.blocks, self.scheduler

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -349,6 +351,12 @@ def test_engine_metrics_per_worker_move_and_carry_vllm_names(stack) -> None:
         ("vllm:time_to_first_token_seconds_count", "tiny")]
     secure = httpx.get(f"{stack[2]}/metrics", headers={"authorization": "Bearer sk-full-access"})
     assert "vllm:" not in secure.text  # off by default
+    # the Grafana dashboard in the repo queries only what /metrics exports
+    board = (Path(__file__).parent.parent / "scripts" / "grafana" / "zeroserve.json").read_text()
+    queried = set(re.findall(r"zeroserve_[a-z_]+", board))
+    exported = set(re.findall(r"^(zeroserve_[a-z_]+)", httpx.get(f"{url}/metrics").text,
+                              re.MULTILINE))
+    assert len(queried) >= 15 and queried <= exported, queried - exported
 
 
 def test_fields_it_would_not_honour_and_unbounded_values_get_400(stack) -> None:

@@ -36,6 +36,7 @@ from zeroserve.broker.outbox import Outbox, Sent
 from zeroserve.broker.table import Job, Table, WorkerState, same_process
 
 from zeroserve import protocol as p
+from zeroserve import tracing
 from zeroserve.config import BrokerConfig
 from zeroserve.logs import RateLimitedLog
 from zeroserve.procs import trim_heap
@@ -261,6 +262,11 @@ class Broker:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request %s model=%s -> worker %s", job.rid, job.model, worker.worker_id)
         self.table.assign(job, worker)
+        if job.trace and tracing.enabled():  # arrival (or requeue) to now
+            now = tracing.now_ns()
+            tracing.record("broker.queue", job.trace,
+                           now - int((time.monotonic() - job.enqueued_at) * 1e9), now,
+                           worker=worker.worker_id, model=job.model, requeued=job.requeued)
         if not self.send_worker(worker, job.client, job.frames):
             self._purge(worker, "unreachable")
 

@@ -13,6 +13,7 @@ import signal
 
 from zeroserve.broker.broker import Broker
 
+from zeroserve import tracing
 from zeroserve.config import MIB, BrokerConfig, SocketConfig, default_endpoint
 from zeroserve.keys import KeysError, keys_dir
 from zeroserve.keys import add_arguments as add_key_arguments
@@ -74,6 +75,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, "broker")
+    tracing.setup("broker")
     release_large_frees()  # a burst of large messages must not stay as RSS
     try:
         broker = Broker(config_from_args(args))

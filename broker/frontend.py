@@ -65,7 +65,8 @@ def on_request(broker: Broker, client: bytes, msg: p.Message, frames: list[bytes
             broker.send_client(client, p.error(rid, p.BAD_REQUEST,
                                                f"request id {rid} is in flight"))
         return
-    job = Job(client, rid, model, frames, time.monotonic(), msg.header.get("tenant", ""))
+    job = Job(client, rid, model, frames, time.monotonic(), msg.header.get("tenant", ""),
+              msg.header.get("trace", ""))
     worker = broker.table.pick_worker(model)
     if worker is not None:
         broker.table.add(job)

@@ -28,6 +28,7 @@ class Job:
     frames: list[bytes]  # [version, type, header, *buffers] exactly as the client sent them
     enqueued_at: float
     tenant: str = ""  # whose share of the queue it counts against, with its client
+    trace: str = ""  # its traceparent, when the client traces it (zeroserve/tracing.py)
     worker: WorkerState | None = None
     streamed: bool = False
     requeued: bool = False

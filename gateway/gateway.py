@@ -13,6 +13,7 @@ import functools
 import json
 import os
 
+from zeroserve import tracing
 from zeroserve.config import GatewayConfig, default_endpoint
 from zeroserve.keys import add_arguments as add_key_arguments
 from zeroserve.keys import keys_dir
@@ -72,6 +73,7 @@ def app_from_env():  # uvicorn factory: each gateway process builds its app from
     from zeroserve.gateway.app import create_app
 
     setup_logging(os.environ.get("ZEROSERVE_LOG_LEVEL", "INFO"), "gateway")
+    tracing.setup("gateway")
     return create_app(GatewayConfig(**json.loads(os.environ[ENV_CONFIG])))
 
 

@@ -91,7 +91,9 @@ async def generate(gw: Gateway, request: Request, req: Any, route: str, chat: bo
     try:
         for i, choice_body in enumerate(_choices(body, n)):
             handles.append(await gw.client.submit(req.model, request_id=rid if not i else
-                                                  f"{rid}-c{i}", tenant=key_id, **choice_body))
+                                                  f"{rid}-c{i}", tenant=key_id,
+                                                  trace=getattr(state, "trace", ""),
+                                                  **choice_body))
     except errors.ZeroserveError as exc:
         for handle in handles:
             gw.client.cancel_nowait(handle.id)

@@ -5,6 +5,8 @@
 - body limit: a body larger than max_body_bytes gets 413 before any route sees it (a body
   that never completes is logged with status 499, nothing answered);
 - access log: one JSON line per request when its response has been sent;
+- traces: when tracing is on (zeroserve/tracing.py), a server span per request, under the
+  client's `traceparent` if it sent one; its traceparent goes with the request to the broker;
 - unexpected errors: a generic 500 in OpenAI's shape, the detail only in the (rate-limited)
   log with the request id.
 """
@@ -19,11 +21,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from zeroserve import tracing
 from zeroserve.logs import RateLimitedLog
 
 log = logging.getLogger("zeroserve.access")
 errors = RateLimitedLog(logging.getLogger("zeroserve.gateway"))
 
+UNTRACED = frozenset({"/health", "/ready", "/metrics"})  # probes: no span each
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
 
 
@@ -56,6 +60,13 @@ class Frontline:
             rid = uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = rid
+        span = None
+        if tracing.enabled() and scope["path"] not in UNTRACED:  # the broker's and worker's
+            # spans hang under this one
+            span = tracing.start(f"{scope['method']} {scope['path']}",
+                                 headers.get(b"traceparent", b"").decode("latin-1")[:64],
+                                 server=True, request_id=rid)
+            state["trace"] = tracing.traceparent(span)
         status = {"code": 0}
         rid_header = (b"x-request-id", rid.encode())
 
@@ -91,6 +102,12 @@ class Frontline:
                                      "ttft_ms", "cache", "cut_short") if k in state},
         }
         log.info(json.dumps(line, separators=(",", ":")))
+        if span is not None:
+            if "ttft_ms" in state:  # from the first token to the end of the response
+                first = span.start_time + int(state["ttft_ms"] * 1e6)
+                tracing.record("gateway.stream", state["trace"], first, tracing.now_ns())
+            tracing.end(span, status=status["code"], model=state.get("model"),
+                        completion_tokens=state.get("completion_tokens"))
         if self.on_done is not None:
             self.on_done(scope["path"], status["code"])
 

@@ -34,7 +34,7 @@ from typing import Any
 import zmq
 from zeroserve.workers.engine import Engine, EngineError, FatalEngineError, Output, RequestKey
 
-from zeroserve import procs
+from zeroserve import procs, tracing
 from zeroserve import protocol as p
 from zeroserve.config import WorkerConfig
 from zeroserve.logs import RateLimitedLog
@@ -70,6 +70,8 @@ class Worker:
         # requests handed to the prepare thread and not yet added; cancels that find one here
         # are held until it arrives (set/discard are atomic under the GIL)
         self.preparing: set[RequestKey] = set()
+        # traced requests in flight: [traceparent, arrived ns, first token ns] (tracing.py)
+        self.traces: dict[RequestKey, list[Any]] = {}
         self.cancelled_early: set[RequestKey] = set()
         self.prepare_q: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._prep: list[threading.Thread] = []
@@ -193,6 +195,8 @@ class Worker:
     def _emit(self, outputs: list[Output]) -> None:
         for out in outputs:
             route, rid = out.key
+            if self.traces and out.key in self.traces:
+                self._trace(out)
             if out.error is not None:
                 self._send(route, p.error(rid, *out.error))
                 self.served += 1
@@ -204,6 +208,25 @@ class Worker:
                 self.served += 1
             elif out.delta is not None:
                 self._send(route, p.chunk(rid, out.delta, *out.buffers))
+
+    def _trace(self, out: Output) -> None:
+        """Note a traced request's first token; at its end, record its spans (tracing.py)."""
+        span = self.traces[out.key]
+        now = tracing.now_ns()
+        if not span[2] and out.delta and out.delta.get("token_ids"):
+            span[2] = now
+        if out.finish is None and out.error is None:
+            return
+        parent, arrived, first = self.traces.pop(out.key)
+        finish = out.finish or {}
+        request = tracing.record("worker.request", parent, arrived, now, worker=self.worker_id,
+                                 finish=finish.get("finish_reason") or "error",
+                                 tokens=(finish.get("usage") or {}).get("completion_tokens", 0))
+        seated = min(now, arrived + int(finish.get("queue_ms", 0) * 1e6))
+        tracing.record("worker.queue", request, arrived, seated)
+        if first:
+            tracing.record("worker.prefill", request, seated, first)
+            tracing.record("worker.decode", request, first, now)
 
     def _send(self, route: bytes, frames: list[Any]) -> None:
         self.outbox.send_multipart([route, *frames], copy=False)
@@ -326,6 +349,8 @@ class Worker:
         t = msg.type
         if t == p.REQUEST:  # the body is decoded on the prepare or engine thread, not here
             key = (route, msg.header["id"])
+            if "trace" in msg.header and tracing.enabled():
+                self.traces[key] = [msg.header["trace"], tracing.now_ns(), 0]
             raw = msg.buffers[0] if msg.buffers else b""
             if not self._prep:
                 self.inbox.put((ADD, key, raw, msg.buffers[1:]))

@@ -12,6 +12,7 @@ import os
 
 from zeroserve.workers import pinning
 
+from zeroserve import tracing
 from zeroserve.config import MIB, SocketConfig, WorkerConfig, default_endpoint
 from zeroserve.keys import KeysError, PeerKeys, keys_dir
 from zeroserve.keys import add_arguments as add_key_arguments
@@ -110,6 +111,7 @@ def config_from_args(args: argparse.Namespace, cpus: tuple[int, ...],
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, "worker")
+    tracing.setup("worker")
     if args.instance:  # shared-memory names follow the deployment
         os.environ["ZEROSERVE_INSTANCE"] = args.instance
     if args.run_dir:

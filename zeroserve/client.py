@@ -84,15 +84,16 @@ class Client:
 
     def submit(self, model: str, prompt: str | None = None, *, buffers: Sequence[Any] = (),
                request_id: str | None = None, resume: bool = True, tenant: str = "",
-               **params: Any) -> RequestHandle:
+               trace: str = "", **params: Any) -> RequestHandle:
         """Send a request without waiting: returns a handle to stream or wait on. A generation
         whose worker dies goes on on another one unless resume=False (core.py). `tenant` names
-        whom it is for (the broker shares its queue fairly between tenants)."""
+        whom it is for (the broker shares its queue fairly between tenants); `trace`, a W3C
+        traceparent, makes the broker's and worker's spans its children (tracing.py)."""
         rid = request_id or self.core.new_id()
         sink = ThreadCollector()
         with self._lock:
             frames = self.core.submit(rid, model, request_body(prompt, params), buffers, sink,
-                                      resume, tenant)
+                                      resume, tenant, trace)
         self._command(("send", frames))
         return RequestHandle(self, rid, sink)
 
@@ -268,14 +269,14 @@ class AsyncClient:
 
     async def submit(self, model: str, prompt: str | None = None, *, buffers: Sequence[Any] = (),
                      request_id: str | None = None, resume: bool = True, tenant: str = "",
-                     **params: Any) -> AsyncRequestHandle:
+                     trace: str = "", **params: Any) -> AsyncRequestHandle:
         if self._closed:
             raise errors.UnavailableError("client is closed")
         self._ensure_reader()
         rid = request_id or self.core.new_id()
         sink = AsyncCollector()
         frames = self.core.submit(rid, model, request_body(prompt, params), buffers, sink,
-                                  resume, tenant)
+                                  resume, tenant, trace)
         await self.sock.send_multipart(frames, copy=False)
         return AsyncRequestHandle(self, rid, sink)
 

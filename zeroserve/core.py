@@ -153,6 +153,8 @@ class _Resume:
 
     model: str
     body: dict[str, Any]
+    tenant: str = ""
+    trace: str = ""
     token_ids: list[int] = field(default_factory=list)
     text_chars: int = 0
     resumes: int = 0
@@ -195,14 +197,15 @@ class ClientCore:
         return f"{self._prefix}-{next(self._ids)}"
 
     def submit(self, rid: str, model: str, body: dict[str, Any], buffers: Sequence[Any],
-               sink: Collector, resumable: bool = True, tenant: str = "") -> list[Any]:
-        frames = p.request(rid, model, body, *buffers, tenant=tenant)
+               sink: Collector, resumable: bool = True, tenant: str = "",
+               trace: str = "") -> list[Any]:
+        frames = p.request(rid, model, body, *buffers, tenant=tenant, trace=trace)
         limit = self.cfg.sockets.max_message_bytes
         size = sum(map(frame_nbytes, frames))
         if size > limit:  # the broker would refuse it (and zmq drop a frame over the limit)
             raise errors.BadRequestError(f"a request of {size} bytes exceeds the "
                                          f"{limit}-byte message limit", rid)
-        resume = (_Resume(model, body) if resumable and not buffers
+        resume = (_Resume(model, body, tenant, trace) if resumable and not buffers
                   and any(f in body for f in GENERATION_FIELDS) else None)
         self.pending[rid] = _Pending(frames, sink, resume=resume)
         return frames
@@ -271,7 +274,7 @@ class ClientCore:
         if r.token_ids:
             body = {**body, "resume": {"token_ids": list(r.token_ids),
                                        "text_chars": r.text_chars}}
-        pend.frames = p.request(rid, r.model, body)
+        pend.frames = p.request(rid, r.model, body, tenant=r.tenant, trace=r.trace)
         log.info("request %s resumed after %d tokens (%s)", rid, len(r.token_ids), why)
         return True
 

@@ -106,6 +106,7 @@ HEADER_FIELDS: dict[str, tuple[tuple[type, ...], int]] = {
     "id": ((str,), MAX_ID_LEN),
     "model": ((str,), MAX_NAME_LEN),
     "tenant": ((str,), MAX_NAME_LEN),
+    "trace": ((str,), 64),  # a W3C traceparent (zeroserve/tracing.py)
     "code": ((str,), 64),
     "message": ((str,), 4096),
     "reason": ((str,), 4096),
@@ -220,8 +221,9 @@ _ID_TYPES = frozenset({REQUEST, CHUNK, END, ERROR, CANCEL, ADMIN})
 # Constructors for the common messages, so every caller frames them the same way.
 
 def request(rid: str, model: str, body: dict[str, Any], *buffers: bytes,
-            tenant: str = "") -> list[bytes]:
-    head = {"id": rid, "model": model, **({"tenant": tenant} if tenant else {})}
+            tenant: str = "", trace: str = "") -> list[bytes]:
+    head = {"id": rid, "model": model, **({"tenant": tenant} if tenant else {}),
+            **({"trace": trace} if trace else {})}
     return encode(REQUEST, head, packb(body), *buffers)
 
 

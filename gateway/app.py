@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.middleware.cors import CORSMiddleware
 from zeroserve.gateway.auth import ApiKey, KeyStore
 from zeroserve.gateway.cache import ResponseCache
 from zeroserve.gateway.errors import ApiError, from_zeroserve
@@ -251,4 +252,10 @@ def create_app(cfg: GatewayConfig) -> Any:
         return not gw.keys.enabled or gw.keys.check(
             authorization.decode("latin-1") if authorization else None) is not None
 
-    return Frontline(app, cfg.max_body_bytes, count, key_ok)
+    front = Frontline(app, cfg.max_body_bytes, count, key_ok)
+    if not cfg.cors_origins:
+        return front
+    # outermost: its headers reach every answer, a 401 or 413 from Frontline included
+    origins = [o.strip() for o in cfg.cors_origins.split(",") if o.strip()]
+    return CORSMiddleware(front, allow_origins=origins, allow_methods=["GET", "POST"],
+                          allow_headers=["*"], expose_headers=["x-request-id"], max_age=600)

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep-alive-s", type=float, default=d.keep_alive_s,
                     help="an idle kept-alive connection is closed after it")
     ap.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
+    ap.add_argument("--cors-origins", default=d.cors_origins,
+                    help="comma-separated origins browsers may call from ('*': any; off)")
     ap.add_argument("--metrics-vllm-names", action="store_true",
                     help="/metrics also exports the engine figures under vLLM's names")
     add_key_arguments(ap, "gateway")  # a client key
@@ -64,6 +66,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_connections=args.max_connections, header_timeout_s=args.header_timeout_s,
         max_header_bytes=args.max_header_bytes, body_timeout_s=args.body_timeout_s,
         keep_alive_s=args.keep_alive_s, metrics_vllm_names=args.metrics_vllm_names,
+        cors_origins=args.cors_origins,
         keys_dir=keys_dir(args), key_name=args.key_name,
         insecure=args.insecure,
     )

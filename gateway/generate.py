@@ -24,6 +24,7 @@ from fastapi.responses import Response, StreamingResponse
 from zeroserve.gateway import responses
 from zeroserve.gateway.cache import cache_key
 from zeroserve.gateway.errors import ApiError, from_zeroserve
+from zeroserve.gateway.tools import ToolStream
 
 from zeroserve import errors
 from zeroserve.client import AsyncRequestHandle, Chunk
@@ -115,8 +116,10 @@ async def generate(gw: Gateway, request: Request, req: Any, route: str, chat: bo
             raise from_zeroserve(exc) from None
         parts = (_indexed(first, chunks) if n == 1 else
                  _merged([_chain(first, chunks), *(h.chunks() for h in handles[1:])]))
+        calls = [ToolStream(mode == "forced", f"{meta['id']}_{i}") for i in range(n)] if (
+            chat and (mode := req.tool_mode())) else None
         stream = _sse(gw, request, parts, n, t0, meta, chat, req.include_usage, key_id,
-                      reserved)
+                      reserved, calls)
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={**SSE_HEADERS, **rl_headers})
     try:
@@ -127,7 +130,8 @@ async def generate(gw: Gateway, request: Request, req: Any, route: str, chat: bo
     finally:
         gw.limiter.refund(key_id, reserved - _used(state))
     gw.metrics.e2e.labels(req.model).observe(time.perf_counter() - t0)
-    raw = responses.completion_body(meta, chat, choices, "logprobs" in body)
+    raw = responses.completion_body(meta, chat, choices, "logprobs" in body,
+                                    req.tool_mode() if chat else None)
     if ckey is not None:
         gw.cache.put(ckey, raw)
     return Response(raw, media_type="application/json", headers=rl_headers)
@@ -258,9 +262,10 @@ async def _merged(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[in
 
 async def _sse(gw: Gateway, request: Request, parts: AsyncIterator[tuple[int, Chunk]], n: int,
                t0: float, meta: dict[str, Any], chat: bool, include_usage: bool, key_id: str,
-               reserved: int) -> AsyncIterator[bytes]:
+               reserved: int, calls: list[ToolStream] | None = None) -> AsyncIterator[bytes]:
     """OpenAI's SSE: role first (chat), content deltas, finish_reason per choice, usage of
-    them all, [DONE]."""
+    them all, [DONE]. With tools in play (`calls`: one ToolStream a choice) the text goes
+    through them and may come out as tool-call deltas."""
     events = responses.SseEvents(meta, chat)
     state = request.state
     last = t0
@@ -272,12 +277,22 @@ async def _sse(gw: Gateway, request: Request, parts: AsyncIterator[tuple[int, Ch
         async for i, chunk in parts:
             last = _observe(gw, chunk, t0, last, state)
             lps = chunk.data.get("logprobs")
-            if chunk.text or lps:
+            fin = chunk.data.get("finish_reason") if chunk.final else None
+            if calls is not None:
+                for delta in calls[i].feed(chunk.text):
+                    yield events.delta(delta, i)
+                if chunk.final:
+                    rest, fin = calls[i].finish(fin)
+                    for delta in rest:
+                        yield events.delta(delta, i)
+                if lps:
+                    yield events.content("", None, lps, i)
+            elif chunk.text or lps:
                 yield events.content(chunk.text, None, lps, i)
             if chunk.final:
                 _record_usage(gw, state, chunk.data)
                 finals.append(chunk.data)
-                yield events.content("", chunk.data.get("finish_reason"), None, i)
+                yield events.content("", fin, None, i)
         if include_usage:
             yield events.usage(finals)
         gw.metrics.e2e.labels(meta["model"]).observe(time.perf_counter() - t0)

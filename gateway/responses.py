@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from zeroserve.gateway import tools
+
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
@@ -53,14 +55,21 @@ def chat_logprobs(lps: list[dict[str, Any]]) -> dict[str, Any]:
 
 def completion_body(meta: dict[str, Any], chat: bool,
                     choices: list[tuple[str, dict[str, Any], list[dict[str, Any]]]],
-                    with_logprobs: bool) -> bytes:
+                    with_logprobs: bool, tool_mode: str | None = None) -> bytes:
     """A whole (non-streamed) completion or chat completion: (text, END fields, logprobs) of
-    each choice."""
+    each choice; with tools in play (tool_mode, gateway/tools.py) the text may be calls."""
     out = []
     for i, (text, data, lps) in enumerate(choices):
         fin = finish_reason(data.get("finish_reason"))
         if chat:
-            out.append({"index": i, "message": {"role": "assistant", "content": text},
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if tool_mode is not None:
+                content, calls = tools.parse(text, tool_mode == "forced", f"{meta['id']}_{i}")
+                message["content"] = content
+                if calls:
+                    message["tool_calls"] = calls
+                    fin = "tool_calls" if fin == "stop" else fin
+            out.append({"index": i, "message": message,
                         "logprobs": chat_logprobs(lps) if with_logprobs else None,
                         "finish_reason": fin})
         else:
@@ -105,6 +114,11 @@ class SseEvents:
                                f'"finish_reason":{fin}}}')
         return self._event(f'{{"index":{index},"text":{json.dumps(text)},'
                            f'"logprobs":{logprobs},"finish_reason":{fin}}}')
+
+    def delta(self, delta: dict[str, Any], index: int = 0, finish: str | None = None) -> bytes:
+        """A chat delta of any shape (tool-call deltas: gateway/tools.py)."""
+        return self._event(f'{{"index":{index},"delta":{_dumps(delta)},"logprobs":null,'
+                           f'"finish_reason":{json.dumps(finish_reason(finish))}}}')
 
     def usage(self, finals: list[dict[str, Any]]) -> bytes:
         """The usage of every choice (their END fields)."""

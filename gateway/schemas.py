@@ -9,16 +9,18 @@ are bounded with the engines' own limits (config.py).
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from zeroserve.gateway.tools import forced_schema
 
 from zeroserve.config import MAX_EMBED_INPUTS, MAX_EMBED_TEXT_CHARS, MAX_PROMPT_CHARS
 
 # OpenAI request fields this server does not implement yet: named in the 400, not ignored.
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call",
-               "parallel_tool_calls", "best_of", "suffix", "audio", "modalities", "prediction",
-               "dimensions")
+UNSUPPORTED = ("functions", "function_call", "best_of", "suffix", "audio", "modalities",
+               "prediction", "dimensions")
+MAX_TOOLS = 64
 
 
 TokenId = Annotated[int, Field(ge=0, lt=1 << 31)]
@@ -138,16 +140,69 @@ class ContentPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(max_length=64)
+    arguments: str = Field(default="{}", max_length=MAX_PROMPT_CHARS)
+
+
+class ToolCall(BaseModel):
+    id: str = Field(default="", max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = ""
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(default=None, max_length=256)
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def engine_message(self) -> dict[str, Any]:
+        """What the chat template sees: tool calls with their arguments as objects."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                               "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [{"type": "function", "id": c.id, "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDef(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = Field(default=None, max_length=4096)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ToolChoiceFunction(BaseModel):
+    name: str = Field(max_length=64)
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: ToolChoiceFunction
 
 
 class JsonSchemaFormat(BaseModel):
@@ -177,6 +232,16 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; a forced choice makes one call
+
+    def tool_mode(self) -> str | None:
+        """None (no tools in play), "auto" (parse the reply) or "forced" (one call, by
+        constrained decoding): gateway/tools.py."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return "auto" if self.tool_choice in (None, "auto") else "forced"
 
     def engine_body(self, max_tokens_default: int = 256) -> dict[str, Any]:
         body = super().engine_body(max_tokens_default)
@@ -184,14 +249,31 @@ class ChatCompletionRequest(_Sampling):
             body["logprobs"] = self.top_logprobs or 0
         if self.max_completion_tokens:
             body["max_tokens"] = self.max_completion_tokens
-        body["messages"] = [{"role": "system" if m.role == "developer" else m.role,
-                             "content": m.text()} for m in self.messages]
+        body["messages"] = [m.engine_message() for m in self.messages]
         if self.response_format is not None and self.response_format.engine_field():
             body["response_format"] = self.response_format.engine_field()
+        mode = self.tool_mode()
+        if mode is not None:
+            functions = [t.function.model_dump(exclude_none=True) for t in self.tools or ()]
+            body["tools"] = [{"type": "function", "function": f} for f in functions]
+            if mode == "forced":
+                if "response_format" in body:
+                    raise ValueError("tool_choice required or a function cannot be combined "
+                                     "with response_format")
+                if isinstance(self.tool_choice, NamedToolChoice):
+                    name = self.tool_choice.function.name
+                    functions = [f for f in functions if f["name"] == name]
+                    if not functions:
+                        raise ValueError(f"tool_choice names {name!r}, which is not in tools")
+                body["response_format"] = {"type": "json_schema",
+                                           "schema": forced_schema(functions)}
         return body
 
     def prompt_chars(self) -> int:
-        return sum(len(m.text()) for m in self.messages)
+        calls = sum(len(c.function.arguments) for m in self.messages for c in m.tool_calls or ())
+        shown = len(json.dumps([t.model_dump(exclude_none=True) for t in self.tools])
+                    ) if self.tools else 0
+        return sum(len(m.text()) for m in self.messages) + calls + shown
 
     @model_validator(mode="after")
     def _bounded(self) -> ChatCompletionRequest:

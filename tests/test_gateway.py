@@ -363,8 +363,12 @@ def test_fields_it_would_not_honour_and_unbounded_values_get_400(stack) -> None:
     _, url, _ = stack
     base = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     cases = {
-        "tool_choice": {"tool_choice": "required"},
-        "tools": {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        "functions": {"functions": [{"name": "f"}]},
+        "not in tools": {"tools": [{"type": "function", "function": {"name": "f"}}],
+                         "tool_choice": {"type": "function", "function": {"name": "g"}}},
+        "cannot be combined": {"tools": [{"type": "function", "function": {"name": "f"}}],
+                               "tool_choice": "required",
+                               "response_format": {"type": "json_object"}},
         "best_of": {"best_of": 3},
         "presence_penalty": {"presence_penalty": 5.0},
         "made_up_field": {"made_up_field": 1},

@@ -138,6 +138,7 @@ class GatewayConfig:
     table_poll_s: float = 0.5
     max_tokens_default: int = 16
     metrics_vllm_names: bool = False  # /metrics also under vLLM's names (gateway/metrics.py)
+    cors_origins: str = ""  # comma-separated origins browsers may call from ("*": any); off
     keys_dir: str = ""  # CURVE to the broker with the keypair key_name (a client key)
     key_name: str = "gateway"
     insecure: bool = False

@@ -22,11 +22,21 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-BUILD_VERSION = 1  # bump when the build recipe changes: the cache key changes with it
+BUILD_VERSION = 2  # bump when the build recipe changes: the cache key changes with it
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+# Tools and tool calls render in the Hermes format (<tool_call>{"name", "arguments"}</tool_call>),
+# the one the gateway's "auto" tool choice parses (gateway/tools.py).
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if tools %}<|system|>\nYou may call these tools; answer each call as "
+    "<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>.\n<tools>\n"
+    "{% for t in tools %}{{ t | tojson }}\n{% endfor %}</tools><|end|>\n{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n"
+    "{% if m['role'] == 'tool' %}<tool_response>{{ m['content'] }}</tool_response>"
+    "{% else %}{{ m['content'] }}{% endif %}"
+    "{% for c in m.get('tool_calls') or [] %}<tool_call>{\"name\": "
+    "{{ c['function']['name'] | tojson }}, \"arguments\": "
+    "{{ c['function']['arguments'] | tojson }}}</tool_call>{% endfor %}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 

@@ -7,10 +7,12 @@ KV memory is paged (block_manager.py) with automatic prefix caching and preempti
 `prepare()` does a request's text work (chat template, tokenization, validation); the worker
 runtime calls it on its own thread so a huge prompt never stalls the running streams.
 
-Request body: {"prompt": str | "prompt_token_ids": [int] | "messages": [{role, content}],
+Request body: {"prompt": str | "prompt_token_ids": [int] | "messages": [{role, content,
+tool_calls?, tool_call_id?}],
 "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
 "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
-"logit_bias" ({"id": bias}), "min_tokens" (logits.py), "response_format"?:
+"logit_bias" ({"id": bias}), "min_tokens" (logits.py), "tools"? (shown to the model by the
+chat template, [{type, function}]), "response_format"?:
 {"type": "json_object"} | {"type": "json_schema", "schema": {...}} (constrained decoding,
 grammar.py), "resume"?: {"token_ids": [id], "text_chars": int}}; or a text op, answered
 at the next step without generating: {"op": "tokenize", prompt | messages} or
@@ -26,6 +28,7 @@ top: [[id, logprob, token], ...]}]}; END adds finish_reason, usage and queue_ms.
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import random
 import time
@@ -341,26 +344,39 @@ class LLMEngine:
                                                  f"token ids below {vocab}")
             return ids
         if "messages" in body:
-            return self._chat_ids(body["messages"], body.get("add_generation_prompt") is not False)
+            return self._chat_ids(body["messages"], body.get("add_generation_prompt") is not False,
+                                  body.get("tools"))
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt or len(prompt) > MAX_PROMPT_CHARS:
             raise EngineError(p.BAD_REQUEST, "prompt must be a non-empty string "
                                              "(or give prompt_token_ids or messages)")
         return self.tokenizer.encode(prompt)
 
-    def _chat_ids(self, messages: Any, add_generation_prompt: bool = True) -> list[int]:
+    def _chat_ids(self, messages: Any, add_generation_prompt: bool = True,
+                  tools: Any = None) -> list[int]:
+        """Messages ({role, content, tool_calls?, tool_call_id?}) and the tools to show, through
+        the chat template."""
         if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str) for m in messages
+            and isinstance(m.get("content"), str)
+            and isinstance(m.get("tool_calls", []), list)
+            and isinstance(m.get("tool_call_id", ""), str) for m in messages
         ):
             raise EngineError(p.BAD_REQUEST, "messages must be a list of {role, content} strings")
-        chars = sum(len(m["content"]) for m in messages)
+        if tools is not None and not (isinstance(tools, list) and len(tools) <= 64
+                                      and all(isinstance(t, dict) for t in tools)):
+            raise EngineError(p.BAD_REQUEST, "tools must be a list of at most 64 objects")
+        extra = [m for m in messages if "tool_calls" in m or "tool_call_id" in m]
+        chars = sum(len(m["content"]) for m in messages) + (
+            len(json.dumps([tools, [m.get("tool_calls") for m in extra]])) if tools or extra
+            else 0)
         if chars > MAX_PROMPT_CHARS:  # before the template and the tokenizer spend time on it
             raise EngineError(p.BAD_REQUEST, f"messages hold {chars} characters; the limit is "
                                              f"{MAX_PROMPT_CHARS}")
+        keep = ("role", "content", "tool_calls", "tool_call_id")
         try:
             out = self.tokenizer.apply_chat_template(
-                [{"role": m["role"], "content": m["content"]} for m in messages],
+                [{k: m[k] for k in keep if k in m} for m in messages], tools=tools or None,
                 add_generation_prompt=add_generation_prompt, tokenize=True)
         except Exception as exc:
             raise EngineError(p.BAD_REQUEST, f"chat template failed: {exc}") from None

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.cors import CORSMiddleware
+from zeroserve.gateway import responses_api
 from zeroserve.gateway.auth import ApiKey, KeyStore
 from zeroserve.gateway.cache import ResponseCache
 from zeroserve.gateway.errors import ApiError, from_zeroserve
@@ -35,6 +36,7 @@ from zeroserve.gateway.schemas import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    ResponsesRequest,
     TokenizeRequest,
 )
 
@@ -190,6 +192,10 @@ def create_app(cfg: GatewayConfig) -> Any:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         return await generate(gw, request, req, "/v1/chat/completions", chat=True)
+
+    @app.post("/v1/responses")
+    async def create_response(req: ResponsesRequest, request: Request) -> Response:
+        return await responses_api.create(gw, request, req)
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest, request: Request) -> Response:

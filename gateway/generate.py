@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -60,7 +61,23 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def generate(gw: Gateway, request: Request, req: Any, route: str, chat: bool) -> Response:
+@dataclass
+class Started:
+    """A generation submitted to the broker: what finishing it (JSON or SSE) needs."""
+
+    handles: list[AsyncRequestHandle]
+    meta: dict[str, Any]  # id, created, model
+    t0: float
+    key_id: str
+    reserved: int  # tokens reserved for the rate limit, settled when it ends
+    headers: dict[str, str]  # rate-limit (and cache) headers for the response
+    body: dict[str, Any]  # the engine body of choice 0
+
+
+async def start(gw: Gateway, request: Request, req: Any, route: str, chat: bool,
+                cacheable: bool = True) -> Started | Response:
+    """Authorize, rate-limit, answer from the response cache when it may (a Response), else
+    submit the request's choices to the broker."""
     key = gw.authorize(request, req.model)
     try:
         body = req.engine_body(gw.cfg.max_tokens_default) if not chat else req.engine_body()
@@ -72,11 +89,10 @@ async def generate(gw: Gateway, request: Request, req: Any, route: str, chat: bo
     key_id, rl_headers = gw.admit(key, reserved)
     state = request.state
     state.model = req.model
-    ckey = None
-    if not req.stream and gw.cache.enabled and _cache_allowed(request):
-        ckey = cache_key(route, req.model_dump(exclude_none=True), key_id)
-        if ckey is not None:
-            hit = gw.cache.get(ckey)
+    if cacheable and not req.stream and gw.cache.enabled and _cache_allowed(request):
+        state.cache_key = cache_key(route, req.model_dump(exclude_none=True), key_id)
+        if state.cache_key is not None:
+            hit = gw.cache.get(state.cache_key)
             gw.metrics.cache.labels("hit" if hit else "miss").inc()
             state.cache = "hit" if hit else "miss"
             rl_headers["x-zeroserve-cache"] = state.cache
@@ -102,7 +118,15 @@ async def generate(gw: Gateway, request: Request, req: Any, route: str, chat: bo
         raise from_zeroserve(exc) from None
     meta = {"id": ("chatcmpl-" if chat else "cmpl-") + rid, "created": int(time.time()),
             "model": req.model}
-    t0 = time.perf_counter()
+    return Started(handles, meta, time.perf_counter(), key_id, reserved, rl_headers, body)
+
+
+async def generate(gw: Gateway, request: Request, req: Any, route: str, chat: bool) -> Response:
+    started = await start(gw, request, req, route, chat)
+    if isinstance(started, Response):
+        return started
+    handles, meta, t0, n = started.handles, started.meta, started.t0, len(started.handles)
+    key_id, reserved, state = started.key_id, started.reserved, request.state
     if req.stream:
         # Wait for the first reply before sending headers, so a rejected request gets a real
         # HTTP error instead of an error event inside a 200 stream.
@@ -111,30 +135,30 @@ async def generate(gw: Gateway, request: Request, req: Any, route: str, chat: bo
             first = await unless_disconnected(request, handles, chunks.__anext__())
         except errors.ZeroserveError as exc:
             for handle in handles[1:]:
-                gw.client.cancel_nowait(handle.id)
+                gw.client.cancel_nowait(handle.id)  # type: ignore[union-attr]
             gw.limiter.refund(key_id, reserved)
             raise from_zeroserve(exc) from None
         parts = (_indexed(first, chunks) if n == 1 else
-                 _merged([_chain(first, chunks), *(h.chunks() for h in handles[1:])]))
+                 _merged([chain(first, chunks), *(h.chunks() for h in handles[1:])]))
         calls = [ToolStream(mode == "forced", f"{meta['id']}_{i}") for i in range(n)] if (
             chat and (mode := req.tool_mode())) else None
         stream = _sse(gw, request, parts, n, t0, meta, chat, req.include_usage, key_id,
                       reserved, calls)
         return StreamingResponse(stream, media_type="text/event-stream",
-                                 headers={**SSE_HEADERS, **rl_headers})
+                                 headers={**SSE_HEADERS, **started.headers})
     try:
         choices = await unless_disconnected(request, handles, asyncio.gather(
-            *(_collect(gw, handle, t0, state) for handle in handles)))
+            *(collect(gw, handle, t0, state) for handle in handles)))
     except errors.ZeroserveError as exc:
         raise from_zeroserve(exc) from None
     finally:
-        gw.limiter.refund(key_id, reserved - _used(state))
+        gw.limiter.refund(key_id, reserved - used(state))
     gw.metrics.e2e.labels(req.model).observe(time.perf_counter() - t0)
-    raw = responses.completion_body(meta, chat, choices, "logprobs" in body,
+    raw = responses.completion_body(meta, chat, choices, "logprobs" in started.body,
                                     req.tool_mode() if chat else None)
-    if ckey is not None:
-        gw.cache.put(ckey, raw)
-    return Response(raw, media_type="application/json", headers=rl_headers)
+    if getattr(state, "cache_key", None) is not None:
+        gw.cache.put(state.cache_key, raw)
+    return Response(raw, media_type="application/json", headers=started.headers)
 
 
 def _choices(body: dict[str, Any], n: int) -> list[dict[str, Any]]:
@@ -153,7 +177,7 @@ def _cache_allowed(request: Request) -> bool:
         request.headers.get("x-zeroserve-cache", "").lower() != "off")
 
 
-def _used(state: Any) -> int:
+def used(state: Any) -> int:
     """Tokens to charge: the worker's usage; for a request that streamed tokens and ended
     without its END (its client left), the prompt estimate and every token streamed."""
     streamed = getattr(state, "streamed_tokens", 0)
@@ -164,7 +188,7 @@ def _used(state: Any) -> int:
     return getattr(state, "prompt_tokens", 0) + getattr(state, "completion_tokens", 0)
 
 
-def _observe(gw: Gateway, chunk: Chunk, t0: float, last: float, state: Any) -> float:
+def observe(gw: Gateway, chunk: Chunk, t0: float, last: float, state: Any) -> float:
     """Record TTFT / ITL for a chunk that carries tokens; returns the new 'last' time."""
     now = time.perf_counter()
     if chunk.token_ids:
@@ -178,7 +202,7 @@ def _observe(gw: Gateway, chunk: Chunk, t0: float, last: float, state: Any) -> f
     return last
 
 
-def _record_usage(gw: Gateway, state: Any, data: dict[str, Any]) -> None:
+def record_usage(gw: Gateway, state: Any, data: dict[str, Any]) -> None:
     """One choice's END: the prompt counts once, completions add up."""
     usage = data.get("usage") or {}
     state.prompt_tokens = usage.get("prompt_tokens", 0)
@@ -190,23 +214,23 @@ def _record_usage(gw: Gateway, state: Any, data: dict[str, Any]) -> None:
         gw.metrics.queue.labels(state.model).observe(data["queue_ms"] / 1000)
 
 
-async def _collect(gw: Gateway, handle: AsyncRequestHandle, t0: float, state: Any
+async def collect(gw: Gateway, handle: AsyncRequestHandle, t0: float, state: Any
                    ) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
     """Text, END fields and logprobs of a whole request, recording its timings."""
     parts: list[str] = []
     lps: list[dict[str, Any]] = []
     last = t0
     async for chunk in handle.chunks():
-        last = _observe(gw, chunk, t0, last, state)
+        last = observe(gw, chunk, t0, last, state)
         parts.append(chunk.text)
         lps.extend(chunk.data.get("logprobs") or ())
         if chunk.final:
-            _record_usage(gw, state, chunk.data)
+            record_usage(gw, state, chunk.data)
             return "".join(parts), chunk.data, lps
     return "".join(parts), {}, lps
 
 
-async def _chain(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+async def chain(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
     """`first`, then the rest; closing it closes the rest (which cancels its request)."""
     try:
         yield first
@@ -220,12 +244,12 @@ async def _chain(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chun
 
 async def _indexed(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[tuple[int, Chunk]]:
     """One choice's chunks as (0, chunk); closing it cancels the request."""
-    chain = _chain(first, rest)
+    chained = chain(first, rest)
     try:
-        async for chunk in chain:
+        async for chunk in chained:
             yield 0, chunk
     finally:
-        await chain.aclose()
+        await chained.aclose()
 
 
 async def _merged(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:
@@ -275,7 +299,7 @@ async def _sse(gw: Gateway, request: Request, parts: AsyncIterator[tuple[int, Ch
             for i in range(n):
                 yield events.role(i)
         async for i, chunk in parts:
-            last = _observe(gw, chunk, t0, last, state)
+            last = observe(gw, chunk, t0, last, state)
             lps = chunk.data.get("logprobs")
             fin = chunk.data.get("finish_reason") if chunk.final else None
             if calls is not None:
@@ -290,7 +314,7 @@ async def _sse(gw: Gateway, request: Request, parts: AsyncIterator[tuple[int, Ch
             elif chunk.text or lps:
                 yield events.content(chunk.text, None, lps, i)
             if chunk.final:
-                _record_usage(gw, state, chunk.data)
+                record_usage(gw, state, chunk.data)
                 finals.append(chunk.data)
                 yield events.content("", fin, None, i)
         if include_usage:
@@ -299,7 +323,7 @@ async def _sse(gw: Gateway, request: Request, parts: AsyncIterator[tuple[int, Ch
     except errors.ZeroserveError as exc:  # the stream has started: report in-band
         yield events.error(from_zeroserve(exc).body())
     finally:
-        gw.limiter.refund(key_id, reserved - _used(state))
+        gw.limiter.refund(key_id, reserved - used(state))
         with contextlib.suppress(Exception):
             await parts.aclose()  # type: ignore[attr-defined]  # cancels if unfinished
     yield events.DONE

@@ -40,7 +40,7 @@ def completion_logprobs(lps: list[dict[str, Any]], start: int = 0) -> dict[str, 
         pos += len(lp["token"])
     return {"tokens": [lp["token"] for lp in lps],
             "token_logprobs": [lp["logprob"] for lp in lps],
-            "top_logprobs": [{tok: v for _, v, tok in lp["top"]} for lp in lps],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in lp["top"]} for lp in lps],
             "text_offset": offsets}
 
 
@@ -49,7 +49,7 @@ def chat_logprobs(lps: list[dict[str, Any]]) -> dict[str, Any]:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     return {"content": [{**entry(lp["token"], lp["logprob"]),
-                         "top_logprobs": [entry(tok, v) for _, v, tok in lp["top"]]}
+                         "top_logprobs": [entry(a["token"], a["logprob"]) for a in lp["top"]]}
                         for lp in lps]}
 
 

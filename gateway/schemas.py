@@ -15,16 +15,24 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from zeroserve.gateway.tools import forced_schema
 
+from zeroserve import contract as c
 from zeroserve.config import MAX_EMBED_INPUTS, MAX_EMBED_TEXT_CHARS, MAX_PROMPT_CHARS
 
 # OpenAI request fields this server does not implement yet: named in the 400, not ignored.
 UNSUPPORTED = ("functions", "function_call", "best_of", "suffix", "audio", "modalities",
                "prediction", "dimensions")
-MAX_TOOLS = 64
 
 
 TokenId = Annotated[int, Field(ge=0, lt=1 << 31)]
-Stop = Annotated[str, Field(max_length=1000)]
+
+
+def number(name: str, default: Any = ...) -> Any:
+    """A field with the contract's bounds for `name` (zeroserve/contract.py) and its default
+    (or `default`)."""
+    b = c.NUMBERS[name]
+    return Field(default=b.default if default is ... else default, ge=b.lo, le=b.hi)
+
+Stop = Annotated[str, Field(min_length=1, max_length=c.MAX_STOP_CHARS)]
 Tag = Annotated[str, Field(max_length=512)]
 
 
@@ -48,26 +56,26 @@ class StreamOptions(BaseModel):
 
 class _Sampling(_Strict):
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1, le=1 << 20)
-    n: int = Field(default=1, ge=1, le=8)
+    max_tokens: int | None = number("max_tokens", None)  # None: the route's default
+    temperature: float = number("temperature")
+    top_p: float = number("top_p")
+    top_k: int | None = number("top_k", None)
+    n: int = number("n")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Stop | Annotated[list[Stop], Field(max_length=16)] | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=c.MAX_STOP)] | None = None
     metadata: dict[Tag, Tag] | None = Field(default=None, max_length=16)  # accepted, not used
-    seed: int | None = Field(default=None, ge=-(1 << 63), le=(1 << 63) - 1)
+    seed: int | None = number("seed")
     ignore_eos: bool = False
     user: Tag | None = None
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, ge=0.01, le=10.0)
+    presence_penalty: float = number("presence_penalty")
+    frequency_penalty: float = number("frequency_penalty")
+    repetition_penalty: float = number("repetition_penalty")
     logit_bias: dict[Annotated[str, Field(pattern=r"^\d{1,9}$")],
-                     Annotated[float, Field(ge=-100, le=100)]] | None = Field(
-        default=None, max_length=300)
-    min_tokens: int = Field(default=0, ge=0, le=1 << 20)
-    stop_token_ids: Annotated[list[TokenId], Field(max_length=16)] | None = None
+                     Annotated[float, Field(ge=-c.LOGIT_BIAS_LIMIT, le=c.LOGIT_BIAS_LIMIT)]
+                     ] | None = Field(default=None, max_length=c.MAX_LOGIT_BIAS)
+    min_tokens: int = number("min_tokens")
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=c.MAX_STOP_TOKEN_IDS)] | None = None
 
     def engine_body(self, max_tokens_default: int) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -101,9 +109,9 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     prompt: str | list[TokenId] | list[str]
     echo: Literal[False] = False
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: int | None = number("logprobs")
 
-    def engine_body(self, max_tokens_default: int = 16) -> dict[str, Any]:
+    def engine_body(self, max_tokens_default: int = c.default("max_tokens")) -> dict[str, Any]:
         body = super().engine_body(max_tokens_default)
         if self.logprobs is not None:
             body["logprobs"] = self.logprobs
@@ -156,7 +164,7 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = ""
-    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=c.MAX_TOOLS)
     tool_call_id: str | None = Field(default=None, max_length=256)
 
     def text(self) -> str:
@@ -229,10 +237,10 @@ class ResponseFormat(_Strict):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     response_format: ResponseFormat | None = None
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
+    max_completion_tokens: int | None = number("max_tokens", None)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    top_logprobs: int | None = number("logprobs")
+    tools: list[Tool] | None = Field(default=None, max_length=c.MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # accepted; a forced choice makes one call
 
@@ -243,7 +251,7 @@ class ChatCompletionRequest(_Sampling):
             return None
         return "auto" if self.tool_choice in (None, "auto") else "forced"
 
-    def engine_body(self, max_tokens_default: int = 256) -> dict[str, Any]:
+    def engine_body(self, max_tokens_default: int = c.CHAT_MAX_TOKENS) -> dict[str, Any]:
         body = super().engine_body(max_tokens_default)
         if self.logprobs:
             body["logprobs"] = self.top_logprobs or 0
@@ -330,3 +338,80 @@ class DetokenizeRequest(_Strict):
 
     model: str = Field(min_length=1, max_length=256)
     tokens: list[TokenId] = Field(max_length=1 << 20)
+
+
+class InputPart(BaseModel):
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+class InputMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # id, status of an earlier output item
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[InputPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content
+
+
+class TextFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str = Field(default="output", max_length=64)
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextOptions(BaseModel):
+    format: TextFormat = Field(default_factory=TextFormat)
+
+
+class ResponsesRequest(_Strict):
+    """/v1/responses: text in and out, streamed or not. No state is kept on the server: the
+    whole conversation comes as `input` (previous_response_id is refused)."""
+
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[InputMessage] = Field(min_length=1)
+    instructions: str | None = None
+    max_output_tokens: int | None = number("max_tokens", None)
+    temperature: float = number("temperature")
+    top_p: float = number("top_p")
+    stream: bool = False
+    text: TextOptions | None = None
+    store: bool = False  # accepted, and answered false: nothing is stored
+    metadata: dict[Tag, Tag] | None = Field(default=None, max_length=16)
+    user: Tag | None = None
+    previous_response_id: None = Field(default=None, description="refused: no server state")
+    tools: Annotated[list[Any], Field(max_length=0)] = Field(default_factory=list)
+    tool_choice: Literal["none", "auto"] = "auto"
+    parallel_tool_calls: bool = True
+    truncation: Literal["disabled"] = "disabled"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stateless(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("previous_response_id"):
+            raise ValueError("previous_response_id: this server keeps no responses; send the "
+                             "whole conversation as input")
+        return data
+
+    def chat(self) -> ChatCompletionRequest:
+        """The same request as a chat completion (how it is served)."""
+        turns = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else [
+            {"role": m.role, "content": m.text()} for m in self.input]
+        if self.instructions:
+            turns.insert(0, {"role": "system", "content": self.instructions})
+        fmt = self.text.format if self.text else TextFormat()
+        response_format = None
+        if fmt.type == "json_schema":
+            response_format = {"type": "json_schema", "json_schema": {
+                "name": fmt.name, "schema": fmt.schema_ or {}, "strict": fmt.strict}}
+        elif fmt.type == "json_object":
+            response_format = {"type": "json_object"}
+        return ChatCompletionRequest(
+            model=self.model, messages=turns, max_tokens=self.max_output_tokens,
+            temperature=self.temperature, top_p=self.top_p, stream=self.stream,
+            response_format=response_format, user=self.user)

@@ -115,7 +115,7 @@ JSON = st.recursive(
 def test_generated_requests_never_get_a_500(stack) -> None:
     schemas = _schemas(stack.url)
     assert set(schemas) == {"/v1/completions", "/v1/chat/completions", "/v1/embeddings",
-                            "/tokenize", "/detokenize"}
+                            "/v1/responses", "/tokenize", "/detokenize"}
     client = httpx.Client(base_url=stack.url, timeout=30)
     seen: dict[int, int] = {}
 
@@ -129,7 +129,8 @@ def test_generated_requests_never_get_a_500(stack) -> None:
 
     fields = st.sampled_from(["model", "prompt", "messages", "input", "max_tokens", "stop",
                               "seed", "top_k", "stream", "logprobs", "n", "temperature",
-                              "stream_options", "encoding_format", "metadata", "user"])
+                              "stream_options", "encoding_format", "metadata", "user",
+                              "tools", "tool_choice", "instructions", "text"])
 
     @settings(max_examples=400, deadline=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
@@ -230,7 +231,7 @@ async def _http_flood(url: str, n: int) -> dict[int, int]:
         b'{"model": "echo", "messages": [{"role": "user", "content": "x"}], "n": 5}',
         b'{"model": "echo", "input": ["x"], "encoding_format": "hex"}',
     ]
-    paths = ["/v1/completions", "/v1/chat/completions", "/v1/embeddings"]
+    paths = ["/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses"]
     seen: dict[int, int] = {}
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         async def one(i: int) -> None:

@@ -16,6 +16,7 @@ from zeroserve.workers.llm.detok import IncrementalDetokenizer
 from zeroserve.workers.llm.engine import LLMEngine
 
 from zeroserve.config import WorkerConfig
+from zeroserve.errors import BadRequestError
 
 DEVICE = os.environ.get("ZEROSERVE_TEST_DEVICE", "cpu")
 
@@ -217,7 +218,7 @@ def test_logprobs(engine) -> None:
     lps = [o.delta["logprobs"][0] for o in outs]
     assert len(lps) == 3
     for lp in lps:
-        assert len(lp["top"]) == 2 and lp["top"][0][0] == lp["token_id"]  # greedy: top-1
+        assert len(lp["top"]) == 2 and lp["top"][0]["token_id"] == lp["token_id"]  # greedy: top-1
         assert lp["logprob"] <= 0
 
 
@@ -254,6 +255,13 @@ def test_llm_worker_end_to_end(pipeline, tiny_model, reference) -> None:
         for h in handles:
             res = h.result(60)
             assert res.token_ids == want and res.finish_reason in ("length", "stop")
+        turn = [{"role": "user", "content": "hi there"}]
+        said = c.chat("tiny", turn, max_tokens=4, temperature=0, timeout_s=60)
+        assert said.token_ids == c.generate("tiny", messages=turn, max_tokens=4,
+                                            temperature=0, timeout_s=60).token_ids
+        assert said.data["usage"]["prompt_tokens"] > 3  # the template's tokens too
+        with pytest.raises(BadRequestError, match="temperature"):  # the SDK's own check
+            c.chat("tiny", turn, temperature=3.0)
         parts = list(c.stream("tiny", "hello", max_tokens=10, temperature=0, ignore_eos=True,
                               timeout_s=60))
         assert sum(len(ch.token_ids) for ch in parts) == 10 and parts[-1].final

@@ -76,6 +76,6 @@ def test_logprobs_read_back_with_the_tokens() -> None:
     assert entries[1] is None
     assert entries[0]["token_id"] == 2 and math.isclose(entries[0]["logprob"], lp[0, 2],
                                                         rel_tol=1e-6)
-    assert [t for t, _ in entries[0]["top"]] == [2, 1]
+    assert [a["token_id"] for a in entries[0]["top"]] == [2, 1]
     assert entries[2]["top"] == [] and entries[2]["token_id"] == 2
     assert sampler.top_logprobs(logits, tokens, [None] * 3) is None

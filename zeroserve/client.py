@@ -105,6 +105,12 @@ class Client:
                **params: Any) -> Iterator[Chunk]:
         yield from self.submit(model, prompt, **params).chunks(timeout_s)
 
+    def chat(self, model: str, messages: list[dict[str, Any]], *,
+             timeout_s: float | None = None, **params: Any) -> Result:
+        """A chat turn: `messages` through the model's chat template; `params` as generate's
+        (zeroserve/contract.py)."""
+        return self.submit(model, messages=messages, **params).result(timeout_s)
+
     def empty(self, shape: Sequence[int], dtype: Any = None) -> Any:
         """A tensor allocated in this client's shared-memory arena: fill it and `infer` sends
         it without a copy."""
@@ -290,6 +296,13 @@ class AsyncClient:
         handle = await self.submit(model, prompt, **params)
         async for chunk in handle.chunks(timeout_s):
             yield chunk
+
+    async def chat(self, model: str, messages: list[dict[str, Any]], *,
+                   timeout_s: float | None = None, **params: Any) -> Result:
+        """A chat turn: `messages` through the model's chat template; `params` as generate's
+        (zeroserve/contract.py)."""
+        handle = await self.submit(model, messages=messages, **params)
+        return await handle.result(timeout_s)
 
     def empty(self, shape: Sequence[int], dtype: Any = None) -> Any:
         import torch

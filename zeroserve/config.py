@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from zeroserve import contract
+
 MIB = 1024 * 1024
 # What one request may ask for: the engines and the gateway check the same numbers.
 MAX_PROMPT_CHARS = 4 * MIB  # a prompt, or all of a chat's messages together
@@ -136,7 +138,7 @@ class GatewayConfig:
     keep_alive_s: float = 5.0
     request_timeout_s: float = 600.0
     table_poll_s: float = 0.5
-    max_tokens_default: int = 16
+    max_tokens_default: int = contract.default("max_tokens")  # /v1/completions naming none
     metrics_vllm_names: bool = False  # /metrics also under vLLM's names (gateway/metrics.py)
     cors_origins: str = ""  # comma-separated origins browsers may call from ("*": any); off
     keys_dir: str = ""  # CURVE to the broker with the keypair key_name (a client key)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from zeroserve import errors
+from zeroserve import contract, errors
 from zeroserve import protocol as p
 from zeroserve.config import ClientConfig
 
@@ -325,6 +325,12 @@ def frame_nbytes(frame: Any) -> int:
 
 
 def request_body(prompt: str | None, params: dict[str, Any]) -> dict[str, Any]:
+    """The body to send, its parameters checked against the contract first (a
+    BadRequestError here, not a round trip to a worker)."""
+    try:
+        contract.check(params)
+    except ValueError as exc:
+        raise errors.BadRequestError(str(exc)) from None
     return params if prompt is None else {"prompt": prompt, **params}
 
 

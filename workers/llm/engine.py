@@ -21,8 +21,7 @@ at the next step without generating: {"op": "tokenize", prompt | messages} or
 join the sequence as already generated (they count towards max_tokens), sampling goes on at
 the next token index, and text is streamed from `text_chars` on, so the client sees neither a
 gap nor a repeat.
-Stream delta: {"text", "token_ids": [id], "logprobs"?: [{token_id, token, logprob,
-top: [[id, logprob, token], ...]}]}; END adds finish_reason, usage and queue_ms.
+Stream delta and END: contract.Delta and contract.Finish (zeroserve/contract.py).
 """
 
 from __future__ import annotations
@@ -300,7 +299,8 @@ class LLMEngine:
         seq.emitted = max(upto, seq.emitted)
         if logprob is not None:
             logprob["token"] = self._piece(logprob["token_id"])
-            logprob["top"] = [[t, lp, self._piece(t)] for t, lp in logprob["top"]]
+            for alt in logprob["top"]:
+                alt["token"] = self._piece(alt["token_id"])
             delta["logprobs"] = [logprob]
         if finish is None:
             return Output(seq.key, delta)

@@ -91,7 +91,8 @@ class Logprobs:
         out: list[dict | None] = [None] * size
         for j, (i, k) in enumerate(zip(self.rows, self.counts, strict=True)):
             out[i] = {"token_id": tokens[i], "logprob": chosen[j],
-                      "top": [[t, v] for t, v in zip(ids[j][:k], values[j][:k], strict=True)]}
+                      "top": [{"token_id": t, "logprob": v}
+                              for t, v in zip(ids[j][:k], values[j][:k], strict=True)]}
         return out
 
 

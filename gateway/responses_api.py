@@ -1,0 +1,164 @@
+"""POST /v1/responses: OpenAI's Responses API, text in and out, served as a chat completion.
+
+The request becomes a chat request (schemas.ResponsesRequest.chat) and goes through the same
+start as /v1/chat/completions (generate.start: auth, rate limits, submit); its reply comes
+back as a Response object: one `message` output item holding one `output_text` part, status
+`completed` (or `incomplete` with reason `max_output_tokens` when cut by it), usage as input
+and output tokens. Streamed, it is OpenAI's typed event sequence, each event
+`event: <type>` + `data: {...}` with a sequence_number: response.created,
+response.in_progress, response.output_item.added, response.content_part.added,
+response.output_text.delta (one per chunk), response.output_text.done,
+response.content_part.done, response.output_item.done, response.completed. Nothing is
+stored (store is answered false).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
+from zeroserve.gateway.errors import ApiError, from_zeroserve
+from zeroserve.gateway.generate import (
+    SSE_HEADERS,
+    chain,
+    collect,
+    observe,
+    record_usage,
+    start,
+    unless_disconnected,
+    used,
+)
+from zeroserve.gateway.schemas import ResponsesRequest
+
+from zeroserve import errors
+from zeroserve.client import Chunk
+
+if TYPE_CHECKING:
+    from zeroserve.gateway.app import Gateway
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
+def _item(rid: str, text: str | None, status: str) -> dict[str, Any]:
+    return {"type": "message", "id": f"msg_{rid}", "status": status, "role": "assistant",
+            "content": [] if text is None else [_part(text)]}
+
+
+def response_object(req: ResponsesRequest, rid: str, created: int, status: str,
+                    text: str | None = None, data: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """The Response: in progress (no output yet), or done with `text` and its END `data`."""
+    usage = None
+    incomplete = None
+    if data is not None:
+        u = data.get("usage") or {}
+        p, c = u.get("prompt_tokens", 0), u.get("completion_tokens", 0)
+        usage = {"input_tokens": p, "output_tokens": c, "total_tokens": p + c,
+                 "input_tokens_details": {"cached_tokens": u.get("cached_tokens", 0)},
+                 "output_tokens_details": {"reasoning_tokens": 0}}
+        if data.get("finish_reason") == "length":
+            status, incomplete = "incomplete", {"reason": "max_output_tokens"}
+    fmt = req.text.format.model_dump(by_alias=True, exclude_none=True) if req.text else {
+        "type": "text"}
+    return {
+        "id": f"resp_{rid}", "object": "response", "created_at": created, "status": status,
+        "model": req.model, "output": [] if text is None else [_item(rid, text, "completed")],
+        "usage": usage, "incomplete_details": incomplete, "error": None,
+        "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
+        "temperature": req.temperature, "top_p": req.top_p, "tools": [],
+        "tool_choice": req.tool_choice, "parallel_tool_calls": req.parallel_tool_calls,
+        "text": {"format": fmt}, "truncation": req.truncation, "store": False,
+        "metadata": req.metadata or {}, "user": req.user, "previous_response_id": None,
+        "reasoning": None,
+    }
+
+
+async def create(gw: Gateway, request: Request, req: ResponsesRequest) -> Response:
+    try:
+        chat = req.chat()
+    except ValidationError as exc:
+        raise ApiError(400, "; ".join(e["msg"] for e in exc.errors()), param="input") from None
+    started = await start(gw, request, chat, "/v1/responses", chat=True, cacheable=False)
+    assert not isinstance(started, Response)
+    handle, state = started.handles[0], request.state
+    rid = started.meta["id"].removeprefix("chatcmpl-")
+    created = started.meta["created"]
+    if req.stream:  # the first reply before the headers: a refusal is a real HTTP error
+        chunks = handle.chunks().__aiter__()
+        try:
+            first = await unless_disconnected(request, handle, chunks.__anext__())
+        except errors.ZeroserveError as exc:
+            gw.limiter.refund(started.key_id, started.reserved)
+            raise from_zeroserve(exc) from None
+        return StreamingResponse(_events(gw, request, req, started, chain(first, chunks)),
+                                 media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, **started.headers})
+    try:
+        text, data, _ = await unless_disconnected(request, handle,
+                                                  collect(gw, handle, started.t0, state))
+    except errors.ZeroserveError as exc:
+        raise from_zeroserve(exc) from None
+    finally:
+        gw.limiter.refund(started.key_id, started.reserved - used(state))
+    gw.metrics.e2e.labels(req.model).observe(time.perf_counter() - started.t0)
+    body = response_object(req, rid, created, "completed", text, data)
+    return Response(_dumps(body), media_type="application/json", headers=started.headers)
+
+
+async def _events(gw: Gateway, request: Request, req: ResponsesRequest, started: Any,
+                  chunks: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
+    rid, created = started.meta["id"].removeprefix("chatcmpl-"), started.meta["created"]
+    seq = 0
+
+    def event(kind: str, **fields: Any) -> bytes:
+        nonlocal seq
+        seq += 1
+        return f"event: {kind}\ndata: {_dumps({'type': kind, 'sequence_number': seq, **fields})}"\
+               "\n\n".encode()
+
+    state, t0 = request.state, started.t0
+    at = {"item_id": f"msg_{rid}", "output_index": 0, "content_index": 0}
+    parts: list[str] = []
+    try:
+        yield event("response.created",
+                    response=response_object(req, rid, created, "in_progress"))
+        yield event("response.in_progress",
+                    response=response_object(req, rid, created, "in_progress"))
+        yield event("response.output_item.added", output_index=0,
+                    item=_item(rid, None, "in_progress"))
+        yield event("response.content_part.added", **at, part=_part(""))
+        last = t0
+        async for chunk in chunks:
+            last = observe(gw, chunk, t0, last, state)
+            if chunk.text:
+                parts.append(chunk.text)
+                yield event("response.output_text.delta", **at, delta=chunk.text, logprobs=[])
+            if chunk.final:
+                record_usage(gw, state, chunk.data)
+                text = "".join(parts)
+                yield event("response.output_text.done", **at, text=text, logprobs=[])
+                yield event("response.content_part.done", **at, part=_part(text))
+                yield event("response.output_item.done", output_index=0,
+                            item=_item(rid, text, "completed"))
+                done = response_object(req, rid, created, "completed", text, chunk.data)
+                kind = ("response.completed" if done["status"] == "completed"
+                        else "response.incomplete")
+                yield event(kind, response=done)
+        gw.metrics.e2e.labels(req.model).observe(time.perf_counter() - t0)
+    except errors.ZeroserveError as exc:  # the stream has started: report in-band
+        err = from_zeroserve(exc).body()["error"]
+        yield event("error", code=err.get("code"), message=err.get("message"), param=None)
+    finally:
+        gw.limiter.refund(started.key_id, started.reserved - used(state))
+        await chunks.aclose()  # type: ignore[attr-defined]  # cancels it if unfinished

@@ -1,0 +1,120 @@
+"""The generation request contract, written once: each parameter's default and limits, and
+the shapes of what comes back. The gateway's schemas (gateway/schemas.py), the SDK's check
+(client.py) and the engine's parse (workers/llm/params.py) all read them from here, so a
+default or a bound cannot differ between the three. Pure data: no torch, no IO.
+
+Request body of a generation (what the SDK and the gateway send a worker):
+  prompt | prompt_token_ids | messages   the input (engine.py)
+  every name in NUMBERS                  a number within its bounds; absent: its default
+  stop: [str] (MAX_STOP strings of at most MAX_STOP_CHARS), stop_token_ids: [id]
+  (MAX_STOP_TOKEN_IDS), ignore_eos: bool, logit_bias: {"id": bias} (MAX_LOGIT_BIAS entries
+  within +-LOGIT_BIAS_LIMIT), response_format, tools (MAX_TOOLS), resume
+
+Replies (Delta on each CHUNK, Finish added on END): the TypedDicts below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NotRequired, TypedDict
+
+
+@dataclass(frozen=True)
+class Bounds:
+    default: float | int | None
+    lo: float | int
+    hi: float | int
+    integer: bool = False
+
+    def check(self, name: str, value: Any) -> None:
+        """ValueError naming the field unless `value` is a number within the bounds."""
+        kinds = int if self.integer else int | float
+        if isinstance(value, bool) or not isinstance(value, kinds) or not (
+                self.lo <= value <= self.hi):
+            what = "an integer" if self.integer else "a number"
+            raise ValueError(f"{name} must be {what} in [{self.lo}, {self.hi}]")
+
+
+I64 = 1 << 63
+NUMBERS: dict[str, Bounds] = {
+    "max_tokens": Bounds(16, 1, 1 << 20, integer=True),
+    "temperature": Bounds(1.0, 0.0, 2.0),
+    "top_p": Bounds(1.0, 1e-6, 1.0),
+    "top_k": Bounds(0, -1, 1 << 20, integer=True),  # 0 and -1: no cut; the engine caps at vocab
+    "seed": Bounds(None, -I64, I64 - 1, integer=True),
+    "presence_penalty": Bounds(0.0, -2.0, 2.0),
+    "frequency_penalty": Bounds(0.0, -2.0, 2.0),
+    "repetition_penalty": Bounds(1.0, 0.01, 10.0),
+    "min_tokens": Bounds(0, 0, 1 << 20, integer=True),  # and at most max_tokens
+    "logprobs": Bounds(None, 0, 20, integer=True),  # alternatives per token; None: none
+    "n": Bounds(1, 1, 8, integer=True),  # choices (the gateway sends one request each)
+}
+CHAT_MAX_TOKENS = 256  # max_tokens of a chat completion that names none (OpenAI: the rest)
+MAX_STOP = 16
+MAX_STOP_CHARS = 1000
+MAX_STOP_TOKEN_IDS = 16
+MAX_LOGIT_BIAS = 300  # entries (OpenAI's limit)
+LOGIT_BIAS_LIMIT = 100
+MAX_TOOLS = 64
+
+
+def default(name: str) -> Any:
+    return NUMBERS[name].default
+
+
+def check(params: dict[str, Any]) -> None:
+    """The SDK's check before sending: every number in NUMBERS within its bounds, stop and
+    logit_bias within theirs. ValueError names the first field that is not."""
+    for name, value in params.items():
+        if name in NUMBERS and value is not None:
+            NUMBERS[name].check(name, value)
+    stop = params.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list | tuple) or len(stops) > MAX_STOP or not all(
+                isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop must be a string or a list of up to {MAX_STOP} non-empty "
+                             f"strings of at most {MAX_STOP_CHARS} characters")
+    bias = params.get("logit_bias")
+    if bias is not None and (not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS or not all(
+            isinstance(v, int | float) and not isinstance(v, bool)
+            and abs(v) <= LOGIT_BIAS_LIMIT for v in bias.values())):
+        raise ValueError(f"logit_bias must map up to {MAX_LOGIT_BIAS} token ids to numbers in "
+                         f"[-{LOGIT_BIAS_LIMIT}, {LOGIT_BIAS_LIMIT}]")
+
+
+class Alternative(TypedDict):
+    token_id: int
+    logprob: float
+    token: str
+
+
+class Logprob(TypedDict):
+    """One generated token's logprob and the top alternatives asked for."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[Alternative]
+
+
+class Usage(TypedDict):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: NotRequired[int]  # prompt tokens served from the prefix cache
+
+
+class Delta(TypedDict):
+    """A CHUNK: the text and token ids since the last one."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: NotRequired[list[Logprob]]
+
+
+class Finish(TypedDict):
+    """What an END adds to its last Delta."""
+
+    finish_reason: str  # stop, length, cancelled
+    usage: Usage
+    queue_ms: NotRequired[float]

@@ -30,13 +30,13 @@ import time
 from typing import Any
 
 import zmq
+
+from zeroserve import protocol as p
+from zeroserve import tracing
 from zeroserve.broker import admin, frontend
 from zeroserve.broker.liveness import PidWatch
 from zeroserve.broker.outbox import Outbox, Sent
 from zeroserve.broker.table import Job, Table, WorkerState, same_process
-
-from zeroserve import protocol as p
-from zeroserve import tracing
 from zeroserve.config import BrokerConfig
 from zeroserve.logs import RateLimitedLog
 from zeroserve.procs import trim_heap

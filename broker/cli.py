@@ -11,9 +11,8 @@ import argparse
 import logging
 import signal
 
-from zeroserve.broker.broker import Broker
-
 from zeroserve import tracing
+from zeroserve.broker.broker import Broker
 from zeroserve.config import MIB, BrokerConfig, SocketConfig, default_endpoint
 from zeroserve.keys import KeysError, keys_dir
 from zeroserve.keys import add_arguments as add_key_arguments

@@ -17,10 +17,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from zeroserve import protocol as p
 from zeroserve.broker import admin
 from zeroserve.broker.table import Job
-
-from zeroserve import protocol as p
 
 if TYPE_CHECKING:
     from zeroserve.broker.broker import Broker

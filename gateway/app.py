@@ -23,6 +23,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.cors import CORSMiddleware
+
+from zeroserve import errors
+from zeroserve.client import AsyncClient
+from zeroserve.config import GatewayConfig
 from zeroserve.gateway import responses_api
 from zeroserve.gateway.auth import ApiKey, KeyStore
 from zeroserve.gateway.cache import ResponseCache
@@ -39,10 +43,6 @@ from zeroserve.gateway.schemas import (
     ResponsesRequest,
     TokenizeRequest,
 )
-
-from zeroserve import errors
-from zeroserve.client import AsyncClient
-from zeroserve.config import GatewayConfig
 from zeroserve.keys import PeerKeys
 
 log = logging.getLogger("zeroserve.gateway")
@@ -125,7 +125,7 @@ class Gateway:
 
     def request_id(self, request: Request) -> str:
         rid = request.state.request_id
-        if self.client is not None and rid in self.client.core.pending:
+        if self.client is not None and self.client.in_flight(rid):
             rid = f"{rid}-{uuid.uuid4().hex[:6]}"  # the same X-Request-Id twice in flight
         return rid
 

@@ -92,6 +92,7 @@ def raise_fd_limit(want: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
+
     from zeroserve.gateway.http import GuardedHttpToolsProtocol
 
     args = build_parser().parse_args(argv)

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+
+from zeroserve import errors
+from zeroserve.client import AsyncRequestHandle, Chunk
 from zeroserve.gateway import responses
 from zeroserve.gateway.cache import cache_key
 from zeroserve.gateway.errors import ApiError, from_zeroserve
 from zeroserve.gateway.tools import ToolStream
-
-from zeroserve import errors
-from zeroserve.client import AsyncRequestHandle, Chunk
 
 if TYPE_CHECKING:
     from zeroserve.gateway.app import Gateway
@@ -100,7 +100,7 @@ async def start(gw: Gateway, request: Request, req: Any, route: str, chat: bool,
                 gw.limiter.refund(key_id, reserved)
                 return Response(hit, media_type="application/json", headers=rl_headers)
     assert gw.client is not None
-    if not gw.client.core.broker_alive:
+    if not gw.client.broker_alive:
         gw.limiter.refund(key_id, reserved)
         raise from_zeroserve(errors.UnavailableError("the broker is not answering"))
     rid = gw.request_id(request)

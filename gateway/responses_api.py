@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
+
+from zeroserve import errors
+from zeroserve.client import Chunk
 from zeroserve.gateway.errors import ApiError, from_zeroserve
 from zeroserve.gateway.generate import (
     SSE_HEADERS,
@@ -34,9 +37,6 @@ from zeroserve.gateway.generate import (
     used,
 )
 from zeroserve.gateway.schemas import ResponsesRequest
-
-from zeroserve import errors
-from zeroserve.client import Chunk
 
 if TYPE_CHECKING:
     from zeroserve.gateway.app import Gateway

@@ -13,10 +13,10 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from zeroserve.gateway.tools import forced_schema
 
 from zeroserve import contract as c
 from zeroserve.config import MAX_EMBED_INPUTS, MAX_EMBED_TEXT_CHARS, MAX_PROMPT_CHARS
+from zeroserve.gateway.tools import forced_schema
 
 # OpenAI request fields this server does not implement yet: named in the 400, not ignored.
 UNSUPPORTED = ("functions", "function_call", "best_of", "suffix", "audio", "modalities",

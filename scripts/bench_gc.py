@@ -17,10 +17,9 @@ import time
 
 
 def run_once(model: str, steps: int, freeze: bool) -> dict[str, float]:
-    from zeroserve.workers.llm.engine import LLMEngine
-
     from zeroserve.bench.stats import percentile
     from zeroserve.config import WorkerConfig
+    from zeroserve.workers.llm.engine import LLMEngine
 
     eng = LLMEngine.from_config(WorkerConfig(broker="-", engine="llm", model=model,
                                              max_num_seqs=32, max_model_len=512))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from zeroserve.workers.llm.block_manager import BlockManager, chain_key
 from zeroserve.workers.llm.params import SamplingParams
 from zeroserve.workers.llm.sequence import Sequence

@@ -12,7 +12,6 @@ import time
 
 import pytest
 import zmq
-from zeroserve.broker.liveness import PidWatch
 
 from zeroserve import (
     AsyncClient,
@@ -24,6 +23,7 @@ from zeroserve import (
     procs,
 )
 from zeroserve import protocol as p
+from zeroserve.broker.liveness import PidWatch
 
 from .conftest import wait_for
 

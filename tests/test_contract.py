@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
-from zeroserve.gateway.schemas import ChatCompletionRequest, CompletionRequest
-from zeroserve.workers.engine import EngineError
-from zeroserve.workers.llm import params as engine_params
 
 from zeroserve import contract, errors
 from zeroserve.core import request_body
+from zeroserve.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from zeroserve.workers.engine import EngineError
+from zeroserve.workers.llm import params as engine_params
 
 VOCAB = 1 << 21  # past every bound: the engine's vocabulary cap does not enter
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+
 from zeroserve.workers.llm.grammar import GrammarError, Grammars, parse_response_format, unpack
 
 from .test_llm import engine, run_all  # noqa: F401 (the engine fixture)

@@ -11,12 +11,12 @@ import random
 
 import pytest
 import torch
-from zeroserve.workers.engine import EngineError
-from zeroserve.workers.llm.detok import IncrementalDetokenizer
-from zeroserve.workers.llm.engine import LLMEngine
 
 from zeroserve.config import WorkerConfig
 from zeroserve.errors import BadRequestError
+from zeroserve.workers.engine import EngineError
+from zeroserve.workers.llm.detok import IncrementalDetokenizer
+from zeroserve.workers.llm.engine import LLMEngine
 
 DEVICE = os.environ.get("ZEROSERVE_TEST_DEVICE", "cpu")
 

@@ -10,10 +10,10 @@ import random
 
 import pytest
 import torch
-from zeroserve.workers.engine import EngineError
-from zeroserve.workers.llm.engine import LLMEngine
 
 from zeroserve.config import WorkerConfig
+from zeroserve.workers.engine import EngineError
+from zeroserve.workers.llm.engine import LLMEngine
 
 from .test_llm import hf_greedy, run_all
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from zeroserve.workers.llm import logits as lp
 from zeroserve.workers.llm.params import SamplingParams, parse
 

@@ -7,6 +7,7 @@ import logging
 
 import httpx
 import pytest
+
 from zeroserve.gateway.middleware import Frontline
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from zeroserve.workers.llm import sampler
 from zeroserve.workers.llm.params import SamplingParams
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jsonschema
+
 from zeroserve.gateway.tools import ToolStream, forced_schema, parse
 
 F = {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}

@@ -7,11 +7,11 @@ import signal
 import time
 
 import pytest
+
+from zeroserve import BadRequestError, InternalError
 from zeroserve.workers import pinning
 from zeroserve.workers.echo import EchoEngine
 from zeroserve.workers.engine import EngineError
-
-from zeroserve import BadRequestError, InternalError
 
 from .conftest import wait_for
 
@@ -106,10 +106,9 @@ def test_text_work_runs_beside_the_engine_and_honours_cancels(pipeline, tiny_mod
     prepare ends as cancelled and is never run."""
     import threading
 
+    from zeroserve.config import WorkerConfig
     from zeroserve.workers.llm.engine import LLMEngine
     from zeroserve.workers.runtime import Worker
-
-    from zeroserve.config import WorkerConfig
 
     pipeline.start_broker()
     pipeline.wait_broker()  # a worker that beats the broker's bind reconnects: keep it simple

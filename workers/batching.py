@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from zeroserve.workers.engine import EngineError, Output, RequestKey
 
 from zeroserve import protocol as p
 from zeroserve import tensors
 from zeroserve.arena import Arena, DescriptorError, Mappings, shm_domain
+from zeroserve.workers.engine import EngineError, Output, RequestKey
 
 
 @dataclass(slots=True)

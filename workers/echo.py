@@ -17,9 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from zeroserve.workers.engine import EngineError, Output, RequestKey
-
 from zeroserve import protocol as p
+from zeroserve.workers.engine import EngineError, Output, RequestKey
 
 MAX_PROMPT_TOKENS = 1_000_000
 

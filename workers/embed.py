@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from zeroserve.workers.batching import BatchingEngine, Pending
-from zeroserve.workers.engine import EngineError
 
 from zeroserve import protocol as p
 from zeroserve.config import MAX_EMBED_INPUTS, MAX_EMBED_TEXT_CHARS
+from zeroserve.workers.batching import BatchingEngine, Pending
+from zeroserve.workers.engine import EngineError
 
 
 class EmbedEngine(BatchingEngine):

@@ -32,13 +32,13 @@ import uuid
 from typing import Any
 
 import zmq
-from zeroserve.workers.engine import Engine, EngineError, FatalEngineError, Output, RequestKey
 
 from zeroserve import procs, tracing
 from zeroserve import protocol as p
 from zeroserve.config import WorkerConfig
 from zeroserve.logs import RateLimitedLog
 from zeroserve.sockets import make_socket
+from zeroserve.workers.engine import Engine, EngineError, FatalEngineError, Output, RequestKey
 
 log = logging.getLogger("zeroserve.worker")
 errors = RateLimitedLog(log)  # unexpected errors: a request that trips one each time is no flood

@@ -12,11 +12,11 @@ import importlib
 from typing import Any
 
 import torch
-from zeroserve.workers.batching import BatchingEngine, Pending, split_rows
-from zeroserve.workers.engine import EngineError
 
 from zeroserve import protocol as p
 from zeroserve import tensors
+from zeroserve.workers.batching import BatchingEngine, Pending, split_rows
+from zeroserve.workers.engine import EngineError
 
 
 def load_factory(spec: str) -> Any:

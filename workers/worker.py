@@ -10,14 +10,13 @@ import argparse
 import logging
 import os
 
-from zeroserve.workers import pinning
-
 from zeroserve import tracing
 from zeroserve.config import MIB, SocketConfig, WorkerConfig, default_endpoint
 from zeroserve.keys import KeysError, PeerKeys, keys_dir
 from zeroserve.keys import add_arguments as add_key_arguments
 from zeroserve.logs import setup_logging
 from zeroserve.sockets import InsecureError, PrivateDirError, check_transport, private_ipc
+from zeroserve.workers import pinning
 
 log = logging.getLogger("zeroserve.worker")
 

@@ -338,6 +338,15 @@ class AsyncClient:
     async def cancel(self, rid: str) -> None:
         self.cancel_nowait(rid)
 
+    @property
+    def broker_alive(self) -> bool:
+        """Whether a broker has answered within its heartbeat expiry."""
+        return self.core.broker_alive
+
+    def in_flight(self, rid: str) -> bool:
+        """Whether request `rid` is still waiting for its reply."""
+        return rid in self.core.pending
+
     def cancel_nowait(self, rid: str) -> None:
         """Cancel without awaiting: safe inside a task that is itself being cancelled."""
         frames = self.core.cancel(rid)

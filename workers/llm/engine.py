@@ -36,9 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from zeroserve import protocol as p
+from zeroserve.config import MAX_PROMPT_CHARS, WorkerConfig
 from zeroserve.workers.engine import EngineError, Output, RequestKey
 from zeroserve.workers.llm import logits as logits_processing
-from zeroserve.workers.llm import model_runner, params, sampler
+from zeroserve.workers.llm import model_runner, params, sampler, stopping
 from zeroserve.workers.llm.block_manager import BlockManager
 from zeroserve.workers.llm.detok import IncrementalDetokenizer
 from zeroserve.workers.llm.grammar import GrammarError, Grammars
@@ -46,9 +49,6 @@ from zeroserve.workers.llm.model_runner import ModelRunner
 from zeroserve.workers.llm.scheduler import Plan, Scheduler
 from zeroserve.workers.llm.sequence import Sequence
 from zeroserve.workers.llm.transfer import to_host
-
-from zeroserve import protocol as p
-from zeroserve.config import MAX_PROMPT_CHARS, WorkerConfig
 
 log = logging.getLogger("zeroserve.worker")
 
@@ -264,39 +264,19 @@ class LLMEngine:
                                                                      strict=True)]
 
     def _advance(self, seq: Sequence, token: int, logprob: dict | None) -> Output:
-        sp = seq.params
+        """One sampled token: append it, decide whether the sequence ends (stopping.py), and
+        the Delta (and Finish) it streams."""
         seq.token_ids.append(token)
         seq.detok.add(token)
-        finish = None
-        if token in sp.stop_token_ids or (token in self.eos_ids and not sp.ignore_eos):
+        finish = stopping.by_token(seq, token, self.eos_ids)
+        cut = stopping.cut_at_stop(seq)
+        if cut:
             finish = "stop"
-        if seq.matcher is not None:
-            if not seq.matcher.consume_token(token):  # never for a masked sample: a bug
-                log.warning("request %s: grammar refused token %d: %s", seq.key[1], token,
-                            seq.matcher.get_error())
-                finish = "length"  # incomplete, never passed off as valid
-            elif seq.matcher.is_stopped():  # the schema's value is complete
-                finish = "stop"
-        text = seq.detok.text
-        cut = False
-        if sp.stop:
-            longest = max(map(len, sp.stop))
-            window_start = max(0, seq.emitted - longest)
-            hits = [i for i in (text.find(s, window_start) for s in sp.stop) if i >= 0]
-            if hits:
-                seq.detok.text = text = text[:min(hits)]
-                finish, cut = "stop", True
-        if finish is None and (seq.num_output >= sp.max_tokens
-                               or seq.total_len >= self.runner.max_model_len):
+        elif finish is None and (seq.num_output >= seq.params.max_tokens
+                                 or seq.total_len >= self.runner.max_model_len):
             finish = "length"
-        if finish is not None and not cut:
-            text += seq.detok.flush()  # bytes of an unfinished character, if any
-        upto = len(text)
-        if finish is None and sp.stop:
-            upto -= max(map(len, sp.stop)) - 1  # hold back what may start a stop string
-        delta: dict[str, Any] = {"text": text[seq.emitted:max(upto, seq.emitted)],
+        delta: dict[str, Any] = {"text": stopping.new_text(seq, finish is not None, cut),
                                  "token_ids": [token]}
-        seq.emitted = max(upto, seq.emitted)
         if logprob is not None:
             logprob["token"] = self._piece(logprob["token_id"])
             for alt in logprob["top"]:

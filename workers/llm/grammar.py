@@ -24,6 +24,7 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
+
 from zeroserve.workers.llm.transfer import to_device
 
 MAX_SCHEMA_CHARS = 64 * 1024

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 
 import torch
+
 from zeroserve.workers.llm.params import SamplingParams
 from zeroserve.workers.llm.transfer import to_device
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import torch
+
 from zeroserve.workers.llm import attention
 from zeroserve.workers.llm.kv_cache import KVCache
 from zeroserve.workers.llm.scheduler import Plan

@@ -6,11 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from zeroserve.workers.engine import EngineError
-from zeroserve.workers.llm.grammar import GrammarError, parse_response_format
-
 from zeroserve import contract as c
 from zeroserve import protocol as p
+from zeroserve.workers.engine import EngineError
+from zeroserve.workers.llm.grammar import GrammarError, parse_response_format
 
 
 @dataclass(frozen=True, slots=True)

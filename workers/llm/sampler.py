@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from zeroserve.workers.llm.params import SamplingParams
 from zeroserve.workers.llm.transfer import to_device
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -23,3 +24,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: zeroserve bench {{{','.join(KINDS)}}} [--json] ...")
         return 2
     return int(importlib.import_module(KINDS[argv[0]]).main(argv[1:]) or 0)
+
+
+def model_parser(kind: str, doc: str | None) -> argparse.ArgumentParser:
+    """The flags of an in-process model benchmark: --model, --device, --dtype, --json."""
+    ap = argparse.ArgumentParser(prog=f"zeroserve bench {kind}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="small", help="preset or model directory")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--json", action="store_true")
+    return ap

@@ -15,12 +15,12 @@ above, it is a divergence, a bug.
 
 from __future__ import annotations
 
-import argparse
 import random
 from typing import Any
 
 import torch
 
+from zeroserve.bench import model_parser
 from zeroserve.bench.stats import report
 
 
@@ -97,15 +97,10 @@ def run(model: str, device: str, dtype: str, prompts: int, max_tokens: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="zeroserve bench parity", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="small", help="preset or model directory")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    ap.add_argument("--dtype", default="auto")
+    ap = model_parser("parity", __doc__)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--tie-gap", type=float, default=None)
-    ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     res = run(args.model, args.device, args.dtype, args.prompts, args.max_tokens, args.tie_gap)
     report(res, args.json, f"zeroserve bench parity ({args.device}, {res['dtype']})")

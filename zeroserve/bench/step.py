@@ -15,7 +15,6 @@ floor.
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from zeroserve.bench import model_parser
 from zeroserve.bench.stats import report
 
 
@@ -127,15 +127,10 @@ def run(model: str, device: str, dtype: str, batch: int, prompt: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="zeroserve bench step", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="small", help="preset or model directory")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    ap.add_argument("--dtype", default="auto")
+    ap = model_parser("step", __doc__)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     res = run(args.model, args.device, args.dtype, args.batch, args.prompt_tokens, args.steps)
     report(res, args.json, f"zeroserve bench step (batch {args.batch}, {args.device})")

@@ -3,12 +3,15 @@
 Fills in the ZEROSERVE_* variables the config reads (defaults below; the environment wins),
 starts supervisord, starts ZEROSERVE_WORKERS worker slots once the broker is up, and on Ctrl-C
 or SIGTERM stops supervisord, which stops every program (workers drain first).
+`--render PATH` instead writes the config with those variables filled in, for an ops team's
+/etc/supervisor/conf.d, and starts nothing.
 """
 
 from __future__ import annotations
 
 import getpass
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,6 +48,17 @@ def environment(run_dir: str | None = None) -> dict[str, str]:
     return {**os.environ, **env}
 
 
+def render(env: dict[str, str], config: str) -> str:
+    """The config with every %(ENV_X)s filled in from `env`: a concrete file for
+    /etc/supervisor/conf.d (supervisord's own %(process_num)s and the like stay)."""
+    def value(m: re.Match) -> str:
+        if m.group(1) not in env:
+            raise KeyError(f"{config} reads ${m.group(1)}, which is not set")
+        return env[m.group(1)].replace("%", "%%")
+
+    return re.sub(r"%\(ENV_(\w+)\)s", value, Path(config).read_text())
+
+
 def start(env: dict[str, str], config: str | None = None) -> subprocess.Popen:
     run = Path(env["ZEROSERVE_RUN_DIR"])
     run.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -78,7 +92,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="zeroserve supervise", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(REPO / "supervisord.conf"))
+    ap.add_argument("--render", metavar="PATH", default=None,
+                    help="write the config with its variables filled in to PATH, and exit")
     args = ap.parse_args(argv)
+    if args.render:
+        Path(args.render).write_text(render(environment(), args.config))
+        print(f"wrote {args.render}: start its {environment()['ZEROSERVE_WORKERS']} worker "
+              "slot(s) with scripts/scale_workers.py once supervisord runs it")
+        return 0
     from zeroserve.client import Client
     from zeroserve.models import PRESETS, ensure_built
     from zeroserve.ops.scale import scale

@@ -11,7 +11,7 @@ import argparse
 import logging
 import signal
 
-from zeroserve import tracing
+from zeroserve import flags, tracing
 from zeroserve.broker.broker import Broker
 from zeroserve.config import MIB, BrokerConfig, SocketConfig, default_endpoint
 from zeroserve.keys import KeysError, keys_dir
@@ -21,6 +21,9 @@ from zeroserve.procs import release_large_frees
 from zeroserve.sockets import InsecureError, PrivateDirError
 
 log = logging.getLogger("zeroserve.broker")
+# BrokerConfig fields that are flags as they are (zeroserve/flags.py)
+FLAGS = ("heartbeat_interval_s", "heartbeat_liveness", "max_queue", "max_queue_wait_ms",
+         "client_share", "tenant_share", "client_backlog")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,18 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", default=None, help="endpoint workers connect to")
     ap.add_argument("--admin", default=None, help="endpoint for state-changing ADMIN ops")
     ap.add_argument("--instance", default=None, help="deployment name for default ipc paths")
-    ap.add_argument("--heartbeat-interval-s", type=float, default=1.0)
-    ap.add_argument("--heartbeat-liveness", type=int, default=3)
     d = BrokerConfig("", "", "")
-    ap.add_argument("--max-queue", type=int, default=d.max_queue, help="jobs waiting, in all")
-    ap.add_argument("--max-queue-mb", type=int, default=d.max_queue_bytes // MIB)
-    ap.add_argument("--max-queue-wait-ms", type=int, default=d.max_queue_wait_ms)
-    ap.add_argument("--client-share", type=float, default=d.client_share,
-                    help="fraction of the queue one client may hold")
-    ap.add_argument("--tenant-share", type=float, default=d.tenant_share,
-                    help="fraction of the queue one tenant (API key) of a client may hold")
-    ap.add_argument("--client-backlog", type=int, default=d.client_backlog,
-                    help="replies owed to a slow client before its requests are cancelled")
+    flags.add(ap, BrokerConfig, FLAGS)
+    ap.add_argument("--max-queue-mb", type=int, default=d.max_queue_bytes // MIB,
+                    help="bytes waiting, in all")
     ap.add_argument("--max-message-mb", type=int, default=d.sockets.max_message_bytes // MIB,
                     help="largest message (all its frames) a socket takes")
     ap.add_argument("--hwm", type=int, default=d.sockets.hwm,
@@ -56,14 +51,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         frontend=args.frontend or default_endpoint("frontend", args.instance),
         backend=args.backend or default_endpoint("backend", args.instance),
         admin=args.admin or default_endpoint("admin", args.instance),
-        heartbeat_interval_s=args.heartbeat_interval_s,
-        heartbeat_liveness=args.heartbeat_liveness,
-        max_queue=args.max_queue,
-        max_queue_bytes=args.max_queue_mb * MIB,
-        max_queue_wait_ms=args.max_queue_wait_ms,
-        client_share=args.client_share,
-        tenant_share=args.tenant_share,
-        client_backlog=args.client_backlog,
+        max_queue_bytes=args.max_queue_mb * MIB, **flags.values(args, FLAGS),
         keys_dir=keys_dir(args),
         key_name=args.key_name,
         sockets=SocketConfig(hwm=args.hwm, max_message_bytes=args.max_message_mb * MIB,

@@ -13,44 +13,28 @@ import functools
 import json
 import os
 
-from zeroserve import tracing
-from zeroserve.config import GatewayConfig, default_endpoint
+from zeroserve import flags, tracing
+from zeroserve.config import MIB, GatewayConfig, default_endpoint
 from zeroserve.keys import add_arguments as add_key_arguments
 from zeroserve.keys import keys_dir
 from zeroserve.logs import setup_logging
 
 ENV_CONFIG = "ZEROSERVE_GATEWAY_CONFIG"
+# GatewayConfig fields that are flags as they are (zeroserve/flags.py)
+FLAGS = ("host", "port", "workers", "api_keys_file", "rate_rps", "rate_tpm", "cache_ttl_s",
+         "max_body_bytes", "max_connections", "header_timeout_s", "max_header_bytes",
+         "body_timeout_s", "keep_alive_s", "request_timeout_s", "cors_origins",
+         "metrics_vllm_names")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="zeroserve gateway", description=__doc__.split("\n")[0])
     ap.add_argument("--broker", default=None, help="broker frontend endpoint")
     ap.add_argument("--instance", default=None)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--workers", type=int, default=1, help="gateway processes")
-    ap.add_argument("--api-keys-file", default="", help="JSON key file (see gateway/auth.py)")
-    ap.add_argument("--rate-rps", type=float, default=0.0, help="per-key requests/s (0: off)")
-    ap.add_argument("--rate-tpm", type=float, default=0.0, help="per-key tokens/min (0: off)")
-    ap.add_argument("--cache-mb", type=int, default=64, help="response cache size (0: off)")
-    ap.add_argument("--cache-ttl-s", type=float, default=300.0)
-    d = GatewayConfig(broker="")
-    ap.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
-    ap.add_argument("--max-connections", type=int, default=d.max_connections,
-                    help="per gateway process; beyond it: 503")
-    ap.add_argument("--header-timeout-s", type=float, default=d.header_timeout_s,
-                    help="a request head must arrive within it: else 408")
-    ap.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
-                    help="largest request head: beyond it 431")
-    ap.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s,
-                    help="a request body must arrive within it of its head: else 408")
-    ap.add_argument("--keep-alive-s", type=float, default=d.keep_alive_s,
-                    help="an idle kept-alive connection is closed after it")
-    ap.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s)
-    ap.add_argument("--cors-origins", default=d.cors_origins,
-                    help="comma-separated origins browsers may call from ('*': any; off)")
-    ap.add_argument("--metrics-vllm-names", action="store_true",
-                    help="/metrics also exports the engine figures under vLLM's names")
+    flags.add(ap, GatewayConfig, FLAGS[:7])
+    ap.add_argument("--cache-mb", type=int, default=GatewayConfig.cache_bytes // MIB,
+                    help="response cache size (0: off)")
+    flags.add(ap, GatewayConfig, FLAGS[7:])
     add_key_arguments(ap, "gateway")  # a client key
     ap.add_argument("--log-level", default="INFO")
     return ap
@@ -59,14 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(
         broker=args.broker or default_endpoint("frontend", args.instance),
-        host=args.host, port=args.port, workers=args.workers,
-        api_keys_file=args.api_keys_file, rate_rps=args.rate_rps, rate_tpm=args.rate_tpm,
-        cache_bytes=args.cache_mb * 1024 * 1024, cache_ttl_s=args.cache_ttl_s,
-        max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout_s,
-        max_connections=args.max_connections, header_timeout_s=args.header_timeout_s,
-        max_header_bytes=args.max_header_bytes, body_timeout_s=args.body_timeout_s,
-        keep_alive_s=args.keep_alive_s, metrics_vllm_names=args.metrics_vllm_names,
-        cors_origins=args.cors_origins,
+        cache_bytes=args.cache_mb * MIB, **flags.values(args, FLAGS),
         keys_dir=keys_dir(args), key_name=args.key_name,
         insecure=args.insecure,
     )

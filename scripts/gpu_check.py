@@ -40,21 +40,21 @@ def plan(device: str, model: str) -> dict[str, list[str]]:
     smoke = device == "cpu"
     serve = ["bench", "serve", "--model", model, "--device", device, "--json",
              "--baselines", "engine,static_batch,hf_sequential"]
-    sizes = {32: "64", 128: "256"} if not smoke else {4: "8", 8: "16"}
+    sizes = {32: "64", 128: "256"} if not smoke else {2: "4", 4: "8"}
     steps = {
         "tests": [*LLM_TESTS] if not smoke else ["tests/test_sampler.py", "tests/test_llm.py",
                                                  "-k", "parity or sampler or seeded"],
         "parity": ["bench", "parity", "--model", model, "--device", device, "--json",
-                   "--prompts", "8" if smoke else "32", "--max-tokens", "16" if smoke else "64"],
+                   "--prompts", "4" if smoke else "32", "--max-tokens", "8" if smoke else "64"],
         "step": ["bench", "step", "--model", model, "--device", device, "--json",
-                 "--batch", "8" if smoke else "32", "--steps", "10" if smoke else "50"],
+                 "--batch", "4" if smoke else "32", "--steps", "5" if smoke else "50"],
     }
     for i, (conc, n) in enumerate(sizes.items()):
         steps[f"serve_c{(32, 128)[i]}"] = [*serve, "--concurrency", str(conc),
                                            "--num-requests", n, "--sequential-requests",
-                                           "2" if smoke else "8"]
+                                           "1" if smoke else "8"]
     steps["tensor"] = ["bench", "tensor", "--device", device, "--json",
-                       "--repeat", "5" if smoke else "30"]
+                       "--repeat", "3" if smoke else "30"]
     return steps
 
 

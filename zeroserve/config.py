@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zeroserve import contract
+from zeroserve.flags import knob
 
 MIB = 1024 * 1024
 # What one request may ask for: the engines and the gateway check the same numbers.
@@ -55,14 +56,17 @@ class BrokerConfig:
     frontend: str
     backend: str
     admin: str  # state-changing ADMIN ops are accepted only here
-    heartbeat_interval_s: float = 1.0
-    heartbeat_liveness: int = 3
-    max_queue: int = 1024
+    heartbeat_interval_s: float = knob(1.0, "seconds between heartbeats both ways")
+    heartbeat_liveness: int = knob(3, "heartbeats missed before a peer is presumed dead")
+    max_queue: int = knob(1024, "jobs waiting, in all")
     max_queue_bytes: int = 256 * MIB
-    max_queue_wait_ms: int = 30_000
-    client_share: float = 0.75  # of the queue (jobs and bytes) one client may hold
-    tenant_share: float = 0.25  # ... and one tenant (API key) of a client
-    client_backlog: int = 10_000  # messages owed to a slow reader beyond its socket's hwm
+    max_queue_wait_ms: int = knob(30_000, "longest a job waits for a worker: then BUSY")
+    client_share: float = knob(0.75, "fraction of the queue (jobs and bytes) one client may "
+                                     "hold")
+    tenant_share: float = knob(0.25, "fraction of the queue one tenant (API key) of a client "
+                                     "may hold")
+    client_backlog: int = knob(10_000, "replies owed to a slow client beyond its socket's "
+                                       "hwm before its requests are cancelled")
     keys_dir: str = ""  # CURVE on both sockets, peers admitted by role (keys.py)
     key_name: str = "broker"
     sockets: SocketConfig = SocketConfig()
@@ -122,25 +126,29 @@ class ClientConfig:
 @dataclass(frozen=True)
 class GatewayConfig:
     broker: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
-    api_keys_file: str = ""
-    rate_rps: float = 0.0  # per key; 0: unlimited
-    rate_tpm: float = 0.0
+    host: str = knob("127.0.0.1", "address to listen on")
+    port: int = knob(8000, "port to listen on")
+    workers: int = knob(1, "gateway processes")
+    api_keys_file: str = knob("", "JSON key file (see gateway/auth.py)")
+    rate_rps: float = knob(0.0, "per-key requests/s (0: off)")
+    rate_tpm: float = knob(0.0, "per-key tokens/min (0: off)")
     cache_bytes: int = 64 * MIB
-    cache_ttl_s: float = 300.0
-    max_body_bytes: int = 8 * MIB
-    max_connections: int = 4096  # per gateway process (gateway/http.py for these five)
-    header_timeout_s: float = 10.0
-    max_header_bytes: int = 32 * 1024
-    body_timeout_s: float = 60.0
-    keep_alive_s: float = 5.0
-    request_timeout_s: float = 600.0
+    cache_ttl_s: float = knob(300.0, "seconds a cached response is served")
+    max_body_bytes: int = knob(8 * MIB, "largest request body: beyond it 413")
+    # gateway/http.py for these five
+    max_connections: int = knob(4096, "per gateway process; beyond it: 503")
+    header_timeout_s: float = knob(10.0, "a request head must arrive within it: else 408")
+    max_header_bytes: int = knob(32 * 1024, "largest request head: beyond it 431")
+    body_timeout_s: float = knob(60.0, "a request body must arrive within it of its head: "
+                                       "else 408")
+    keep_alive_s: float = knob(5.0, "an idle kept-alive connection is closed after it")
+    request_timeout_s: float = knob(600.0, "longest a request may take end to end")
     table_poll_s: float = 0.5
     max_tokens_default: int = contract.default("max_tokens")  # /v1/completions naming none
-    metrics_vllm_names: bool = False  # /metrics also under vLLM's names (gateway/metrics.py)
-    cors_origins: str = ""  # comma-separated origins browsers may call from ("*": any); off
+    metrics_vllm_names: bool = knob(False, "/metrics also exports the engine figures under "
+                                           "vLLM's names (gateway/metrics.py)")
+    cors_origins: str = knob("", "comma-separated origins browsers may call from ('*': any; "
+                                 "default: off)")
     keys_dir: str = ""  # CURVE to the broker with the keypair key_name (a client key)
     key_name: str = "gateway"
     insecure: bool = False

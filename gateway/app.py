@@ -40,7 +40,6 @@ from zeroserve.gateway.schemas import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
-    ResponsesRequest,
     TokenizeRequest,
 )
 from zeroserve.keys import PeerKeys
@@ -194,7 +193,8 @@ def create_app(cfg: GatewayConfig) -> Any:
         return await generate(gw, request, req, "/v1/chat/completions", chat=True)
 
     @app.post("/v1/responses")
-    async def create_response(req: ResponsesRequest, request: Request) -> Response:
+    async def create_response(req: responses_api.ResponsesRequest,
+                              request: Request) -> Response:
         return await responses_api.create(gw, request, req)
 
     @app.post("/v1/embeddings")

@@ -1,6 +1,6 @@
 """POST /v1/responses: OpenAI's Responses API, text in and out, served as a chat completion.
 
-The request becomes a chat request (schemas.ResponsesRequest.chat) and goes through the same
+The request becomes a chat request (ResponsesRequest.chat) and goes through the same
 start as /v1/chat/completions (generate.start: auth, rate limits, submit); its reply comes
 back as a Response object: one `message` output item holding one `output_text` part, status
 `completed` (or `incomplete` with reason `max_output_tokens` when cut by it), usage as input
@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from zeroserve import errors
 from zeroserve.client import Chunk
@@ -36,10 +36,87 @@ from zeroserve.gateway.generate import (
     unless_disconnected,
     used,
 )
-from zeroserve.gateway.schemas import ResponsesRequest
+from zeroserve.gateway.schemas import ChatCompletionRequest, Strict, Tag, number
 
 if TYPE_CHECKING:
     from zeroserve.gateway.app import Gateway
+
+
+class InputPart(BaseModel):
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+class InputMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # id, status of an earlier output item
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[InputPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content
+
+
+class TextFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str = Field(default="output", max_length=64)
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextOptions(BaseModel):
+    format: TextFormat = Field(default_factory=TextFormat)
+
+
+class ResponsesRequest(Strict):
+    """/v1/responses: text in and out, streamed or not. No state is kept on the server: the
+    whole conversation comes as `input` (previous_response_id is refused)."""
+
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[InputMessage] = Field(min_length=1)
+    instructions: str | None = None
+    max_output_tokens: int | None = number("max_tokens", None)
+    temperature: float = number("temperature")
+    top_p: float = number("top_p")
+    stream: bool = False
+    text: TextOptions | None = None
+    store: bool = False  # accepted, and answered false: nothing is stored
+    metadata: dict[Tag, Tag] | None = Field(default=None, max_length=16)
+    user: Tag | None = None
+    previous_response_id: None = Field(default=None, description="refused: no server state")
+    tools: Annotated[list[Any], Field(max_length=0)] = Field(default_factory=list)
+    tool_choice: Literal["none", "auto"] = "auto"
+    parallel_tool_calls: bool = True
+    truncation: Literal["disabled"] = "disabled"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stateless(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("previous_response_id"):
+            raise ValueError("previous_response_id: this server keeps no responses; send the "
+                             "whole conversation as input")
+        return data
+
+    def chat(self) -> ChatCompletionRequest:
+        """The same request as a chat completion (how it is served)."""
+        turns = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else [
+            {"role": m.role, "content": m.text()} for m in self.input]
+        if self.instructions:
+            turns.insert(0, {"role": "system", "content": self.instructions})
+        fmt = self.text.format if self.text else TextFormat()
+        response_format = None
+        if fmt.type == "json_schema":
+            response_format = {"type": "json_schema", "json_schema": {
+                "name": fmt.name, "schema": fmt.schema_ or {}, "strict": fmt.strict}}
+        elif fmt.type == "json_object":
+            response_format = {"type": "json_object"}
+        return ChatCompletionRequest(
+            model=self.model, messages=turns, max_tokens=self.max_output_tokens,
+            temperature=self.temperature, top_p=self.top_p, stream=self.stream,
+            response_format=response_format, user=self.user)
 
 
 def _dumps(obj: Any) -> str:

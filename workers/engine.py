@@ -8,13 +8,16 @@ final result, or an error, per request.
 An engine may also define ``prepare(body) -> object``: the request's text work (templating,
 tokenization, validation), which touches no engine state. The runtime then calls it on a
 thread of its own and hands its result to ``add`` in place of the body, so text work never
-runs inside a step.
+runs inside a step. `build(cfg)` constructs the engine a worker's config names.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from zeroserve.config import WorkerConfig
 
 RequestKey = tuple[bytes, str]  # (route: the client identity, request id)
 
@@ -66,3 +69,26 @@ class Engine(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
+
+
+def build(cfg: WorkerConfig) -> Engine:
+    """Construct the engine named by the config (heavy imports happen only here)."""
+    if cfg.engine == "echo":
+        from zeroserve.workers.echo import EchoEngine
+
+        return EchoEngine(cfg.served_name or cfg.model, cfg.capacity, cfg.step_delay_ms)
+    if cfg.engine == "llm":
+        from zeroserve.workers.llm.engine import LLMEngine
+
+        return LLMEngine.from_config(cfg)
+    if cfg.engine == "tensor":
+        from zeroserve.workers.tensor import TensorEngine, load_factory
+
+        return TensorEngine(load_factory(cfg.module), cfg.served_name or cfg.model,
+                            cfg.max_batch_size, cfg.max_queue_delay_ms, cfg.device)
+    if cfg.engine == "embed":
+        from zeroserve.workers.embed import EmbedEngine
+
+        return EmbedEngine(cfg.model, cfg.served_name, cfg.max_batch_size,
+                           cfg.max_queue_delay_ms, cfg.device)
+    raise ValueError(f"unknown engine {cfg.engine!r}")

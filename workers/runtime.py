@@ -38,7 +38,14 @@ from zeroserve import protocol as p
 from zeroserve.config import WorkerConfig
 from zeroserve.logs import RateLimitedLog
 from zeroserve.sockets import make_socket
-from zeroserve.workers.engine import Engine, EngineError, FatalEngineError, Output, RequestKey
+from zeroserve.workers.engine import (
+    Engine,
+    EngineError,
+    FatalEngineError,
+    Output,
+    RequestKey,
+    build,
+)
 
 log = logging.getLogger("zeroserve.worker")
 errors = RateLimitedLog(log)  # unexpected errors: a request that trips one each time is no flood
@@ -212,21 +219,10 @@ class Worker:
     def _trace(self, out: Output) -> None:
         """Note a traced request's first token; at its end, record its spans (tracing.py)."""
         span = self.traces[out.key]
-        now = tracing.now_ns()
         if not span[2] and out.delta and out.delta.get("token_ids"):
-            span[2] = now
-        if out.finish is None and out.error is None:
-            return
-        parent, arrived, first = self.traces.pop(out.key)
-        finish = out.finish or {}
-        request = tracing.record("worker.request", parent, arrived, now, worker=self.worker_id,
-                                 finish=finish.get("finish_reason") or "error",
-                                 tokens=(finish.get("usage") or {}).get("completion_tokens", 0))
-        seated = min(now, arrived + int(finish.get("queue_ms", 0) * 1e6))
-        tracing.record("worker.queue", request, arrived, seated)
-        if first:
-            tracing.record("worker.prefill", request, seated, first)
-            tracing.record("worker.decode", request, first, now)
+            span[2] = tracing.now_ns()
+        if out.finish is not None or out.error is not None:
+            tracing.worker_spans(*self.traces.pop(out.key), out.finish, self.worker_id)
 
     def _send(self, route: bytes, frames: list[Any]) -> None:
         self.outbox.send_multipart([route, *frames], copy=False)
@@ -370,33 +366,10 @@ class Worker:
         return False
 
 
-def build_engine(cfg: WorkerConfig) -> Engine:
-    """Construct the engine named by the config (heavy imports happen only here)."""
-    if cfg.engine == "echo":
-        from zeroserve.workers.echo import EchoEngine
-
-        return EchoEngine(cfg.served_name or cfg.model, cfg.capacity, cfg.step_delay_ms)
-    if cfg.engine == "llm":
-        from zeroserve.workers.llm.engine import LLMEngine
-
-        return LLMEngine.from_config(cfg)
-    if cfg.engine == "tensor":
-        from zeroserve.workers.tensor import TensorEngine, load_factory
-
-        return TensorEngine(load_factory(cfg.module), cfg.served_name or cfg.model,
-                            cfg.max_batch_size, cfg.max_queue_delay_ms, cfg.device)
-    if cfg.engine == "embed":
-        from zeroserve.workers.embed import EmbedEngine
-
-        return EmbedEngine(cfg.model, cfg.served_name, cfg.max_batch_size,
-                           cfg.max_queue_delay_ms, cfg.device)
-    raise ValueError(f"unknown engine {cfg.engine!r}")
-
-
 def serve(cfg: WorkerConfig) -> int:
     """Load and warm the engine, then register with the broker and serve until drained."""
     t0 = time.monotonic()
-    engine = build_engine(cfg)
+    engine = build(cfg)
     engine.warmup()
     log.info("engine %s ready in %.2fs (models=%s device=%s)", cfg.engine,
              time.monotonic() - t0, ",".join(engine.models), engine.device)

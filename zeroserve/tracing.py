@@ -111,3 +111,19 @@ def record(name: str, parent: str, start_ns: int, end_ns: int, **attrs: Any) -> 
         return ""
     end(span, end_ns)
     return traceparent(span)
+
+
+def worker_spans(parent: str, arrived: int, first: int, finish: dict[str, Any] | None,
+                 worker_id: str) -> None:
+    """A finished request's worker spans: worker.request, and under it worker.queue (to its
+    seat, from the END's queue_ms), worker.prefill (to the first token), worker.decode."""
+    now = now_ns()
+    finish = finish or {}
+    request = record("worker.request", parent, arrived, now, worker=worker_id,
+                     finish=finish.get("finish_reason") or "error",
+                     tokens=(finish.get("usage") or {}).get("completion_tokens", 0))
+    seated = min(now, arrived + int(finish.get("queue_ms", 0) * 1e6))
+    record("worker.queue", request, arrived, seated)
+    if first:
+        record("worker.prefill", request, seated, first)
+        record("worker.decode", request, first, now)

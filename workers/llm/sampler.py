@@ -1,11 +1,12 @@
 """Token sampling, batched on the logits' device: no per-row loop, no host synchronisation.
 
 Greedy rows take the argmax. Sampled rows are shaped by temperature, top-k and top-p (one
-top-k or sort where any row asks) and drawn by inverse CDF: one uniform number per row
-against the cumulative sum of its probabilities. The uniform comes from a key derived from
-(the request's seed, the token's index), so a seeded request draws the same tokens alone,
-inside any batch, after a preemption, or resumed on another worker from the tokens it had
-already emitted; the key is computed on the host, so the draw is the same on CPU and CUDA.
+top-k or sort where any row asks) and drawn by the Gumbel-max trick: the token with the
+largest logit + Gumbel noise, the noise of (row, token) a counter-based hash of the row's key
+and the token id. The key is derived from (the request's seed, the token's index) on the
+host, so a seeded request draws the same tokens alone, inside any batch, after a preemption,
+or resumed on another worker from the tokens it had already emitted, and the same on CPU and
+CUDA (integer arithmetic only).
 
 `sample` and `top_logprobs` return device tensors; the engine reads them back together
 (transfer.to_host), once a step.
@@ -32,9 +33,23 @@ def draw_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def uniform(key: int) -> float:
-    """The draw in [0, 1) of a key: its top 53 bits."""
-    return (key >> 10) * 2.0 ** -53
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """murmur3's finaliser on int64 values in [0, 2**32): a bijection that spreads every bit
+    (products wrap past 2**63 as two's complement; the mask keeps the low 32 bits)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & M32
+    return h ^ (h >> 16)
+
+
+def gumbel(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[R] int64 keys, [R, W] token ids -> [R, W] float32 standard Gumbel noise, a pure
+    function of (key, token id): the same in any batch and on any device."""
+    lo, hi = (keys & M32)[:, None], (keys >> 32)[:, None]
+    h = _mix32(_mix32(((ids * 0x9E3779B1) & M32) ^ lo) ^ hi)
+    u = (h.double() + 0.5) * 2.0 ** -32  # in (0, 1)
+    return (-torch.log(-torch.log(u))).float()
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
@@ -48,9 +63,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     dev, vocab = logits.device, logits.shape[-1]
     sps = [params[i] for i in rows]
     ks = [sp.top_k if 0 < sp.top_k < vocab else vocab for sp in sps]  # vocab: no cut
-    # one transfer for every row's settings and draw
-    meta = to_device([[max(sp.temperature, 1e-5), k, sp.top_p, uniform(draw_seed(*draws[i]))]
-                      for i, sp, k in zip(rows, sps, ks, strict=True)], torch.float64, dev)
+    keys = [draw_seed(*draws[i]) for i in rows]
+    # one transfer for every row's settings and key (float64 holds each exactly, the key
+    # in two halves)
+    meta = to_device([[max(sp.temperature, 1e-5), k, sp.top_p, key & M32, key >> 32]
+                      for sp, k, key in zip(sps, ks, keys, strict=True)], torch.float64, dev)
     idx = to_device(rows, torch.long, dev)
     x = logits[idx].float() / meta[:, :1].float()
     cuts = [k for k in ks if k < vocab]
@@ -59,17 +76,23 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         kth = top.gather(1, (meta[:, 1:2].long() - 1).clamp_(max=top.shape[-1] - 1))
         kth = kth.masked_fill(meta[:, 1:2] >= vocab, float("-inf"))
         x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
     if any(sp.top_p < 1.0 for sp in sps):  # the smallest set of likeliest tokens reaching top_p
+        probs = torch.softmax(x, dim=-1)
         desc = torch.sort(probs, dim=-1, descending=True).values
         cum = torch.cumsum(desc, dim=-1)
         reach = torch.minimum(meta[:, 2:3].float(), cum[:, -1:])
         last = torch.searchsorted(cum, reach).clamp_(max=vocab - 1)
-        probs = probs.masked_fill(probs < desc.gather(1, last), 0.0)
-    # the draw runs over the tokens in id order, whatever the batch asked of other rows
-    cdf = torch.cumsum(probs, dim=-1)
-    choice = torch.searchsorted(cdf, meta[:, 3:4].float() * cdf[:, -1:], right=True)
-    drawn = choice.clamp_(max=vocab - 1)[:, 0]
+        x = x.masked_fill(probs < desc.gather(1, last), float("-inf"))
+    # Gumbel-max: the largest logit + noise keyed by (row key, token id). A float difference
+    # in the logits (another batch, another device) flips a draw only between two near-equal
+    # candidates, not wherever a cumulative sum crosses the draw.
+    key = (meta[:, 4].long() << 32) | meta[:, 3].long()
+    if len(cuts) == len(sps):  # every row keeps at most max(cuts) tokens: noise for those
+        x, cols = torch.topk(x, max(cuts), dim=-1)
+    else:
+        cols = torch.arange(vocab, device=dev).expand(len(rows), -1)
+    choice = torch.argmax(x + gumbel(key, cols), dim=-1, keepdim=True)
+    drawn = cols.gather(1, choice)[:, 0]
     return tokens.index_copy(0, idx, drawn)
 
 

@@ -31,6 +31,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from zeroserve.procs import stop
+
 LLM_TESTS = ["tests/test_llm.py", "tests/test_sampler.py", "tests/test_logits.py",
              "tests/test_grammar.py"]
 
@@ -62,19 +64,23 @@ def run_step(name: str, cmd: list[str], cwd: Path, env: dict[str, str], limit_s:
              logs: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     log = logs / f"{name}.log"
-    try:
-        with open(log, "w") as err:  # pytest reports on stdout: all of it goes to the log
-            proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=err if name == "tests" else
-                                  subprocess.PIPE, stderr=err, text=True, timeout=limit_s,
-                                  start_new_session=True)
-        out: dict[str, Any] = {"rc": proc.returncode}
-        if name != "tests":
-            try:
-                out.update(json.loads(proc.stdout[proc.stdout.index("{"):]))
-            except ValueError:
-                out["error"] = f"no JSON on stdout; see {log}"
-    except subprocess.TimeoutExpired:
-        out = {"rc": 124, "error": f"over {limit_s:.0f} s"}
+    with open(log, "w") as err:  # pytest reports on stdout: all of it goes to the log
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=err if name == "tests" else
+                                subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+        timed_out = False
+        try:
+            stdout, _ = proc.communicate(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            stop(proc)  # its whole group: a bench stops the pipeline it started on SIGTERM
+            stdout, timed_out = "", True
+    out: dict[str, Any] = {"rc": proc.returncode}
+    if timed_out:
+        out.update(rc=124, error=f"over {limit_s:.0f} s")
+    elif name != "tests":
+        try:
+            out.update(json.loads(stdout[stdout.index("{"):]))
+        except ValueError:
+            out["error"] = f"no JSON on stdout; see {log}"
     out["seconds"] = round(time.monotonic() - t0, 1)
     print(f"gpu_check: {name} rc={out['rc']} in {out['seconds']} s", file=sys.stderr,
           flush=True)

@@ -8,18 +8,25 @@ from pathlib import Path
 
 import pytest
 
+from zeroserve.procs import stop
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.timeout(420)
 def test_gpu_check_runs_every_step_on_the_cpu(tmp_path) -> None:
     out = tmp_path / "check.json"
-    proc = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), "--device", "cpu",
-                           "--out", str(out), "--logs", str(tmp_path / "logs")],
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.Popen([str(ROOT / "scripts" / "gpu_check.sh"), "--device", "cpu",
+                             "--out", str(out), "--logs", str(tmp_path / "logs")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=400)
+    finally:
+        stop(proc)  # its whole group, should it still run
     res = json.loads(out.read_text())
-    assert proc.returncode == 0 and res["ok"], (proc.stderr[-3000:], res)
-    assert json.loads(proc.stdout) == res  # the summary is the last thing printed
+    assert proc.returncode == 0 and res["ok"], (stderr[-3000:], res)
+    assert json.loads(stdout) == res  # the summary is the last thing printed
     assert res["tests"]["tests"] >= 5 and res["tests"]["failures"] == 0
     assert res["parity"]["exact"] + res["parity"]["near_ties"] == res["parity"]["prompts"]
     assert res["step"]["decode_step_ms"] > 0 and res["step"]["step_over_forward"] > 0

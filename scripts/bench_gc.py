@@ -18,11 +18,11 @@ import time
 
 def run_once(model: str, steps: int, freeze: bool) -> dict[str, float]:
     from zeroserve.bench.stats import percentile
-    from zeroserve.config import WorkerConfig
+    from zeroserve.config import LLMConfig, WorkerConfig
     from zeroserve.workers.llm.engine import LLMEngine
 
-    eng = LLMEngine.from_config(WorkerConfig(broker="-", engine="llm", model=model,
-                                             max_num_seqs=32, max_model_len=512))
+    eng = LLMEngine.from_config(WorkerConfig(
+        broker="-", engine=LLMConfig(max_num_seqs=32, max_model_len=512), model=model))
     eng.warmup()
     gc.collect()
     if freeze:

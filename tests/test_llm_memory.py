@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from zeroserve.config import WorkerConfig
+from zeroserve.config import LLMConfig, WorkerConfig
 from zeroserve.workers.engine import EngineError
 from zeroserve.workers.llm.engine import LLMEngine
 
@@ -21,9 +21,9 @@ from .test_llm import hf_greedy, run_all
 def make_engine(model, **kw) -> LLMEngine:
     torch.set_num_threads(1)
     cfg = {"max_num_seqs": 16, "max_batched_tokens": 64, "max_model_len": 512,
-           "kv_cache_tokens": 64 * 512, "block_size": 16, "dtype": "float32",
-           "check_blocks": True, **kw}
-    eng = LLMEngine.from_config(WorkerConfig(broker="-", engine="llm", model=str(model), **cfg))
+           "kv_cache_tokens": 64 * 512, "block_size": 16, "check_blocks": True, **kw}
+    eng = LLMEngine.from_config(WorkerConfig(broker="-", engine=LLMConfig(**cfg),
+                                             model=str(model), dtype="float32"))
     eng.warmup()
     return eng
 

@@ -73,22 +73,25 @@ class Engine(Protocol):
 
 def build(cfg: WorkerConfig) -> Engine:
     """Construct the engine named by the config (heavy imports happen only here)."""
-    if cfg.engine == "echo":
+    from zeroserve.config import EchoConfig, EmbedConfig, LLMConfig, TensorConfig
+
+    eng = cfg.engine
+    if isinstance(eng, EchoConfig):
         from zeroserve.workers.echo import EchoEngine
 
-        return EchoEngine(cfg.served_name or cfg.model, cfg.capacity, cfg.step_delay_ms)
-    if cfg.engine == "llm":
+        return EchoEngine(cfg.served_name or cfg.model, cfg.capacity, eng.step_delay_ms)
+    if isinstance(eng, LLMConfig):
         from zeroserve.workers.llm.engine import LLMEngine
 
         return LLMEngine.from_config(cfg)
-    if cfg.engine == "tensor":
+    if isinstance(eng, TensorConfig):
         from zeroserve.workers.tensor import TensorEngine, load_factory
 
-        return TensorEngine(load_factory(cfg.module), cfg.served_name or cfg.model,
-                            cfg.max_batch_size, cfg.max_queue_delay_ms, cfg.device)
-    if cfg.engine == "embed":
+        return TensorEngine(load_factory(eng.module), cfg.served_name or cfg.model,
+                            eng.max_batch_size, eng.max_queue_delay_ms, cfg.device)
+    if isinstance(eng, EmbedConfig):
         from zeroserve.workers.embed import EmbedEngine
 
-        return EmbedEngine(cfg.model, cfg.served_name, cfg.max_batch_size,
-                           cfg.max_queue_delay_ms, cfg.device)
-    raise ValueError(f"unknown engine {cfg.engine!r}")
+        return EmbedEngine(cfg.model, cfg.served_name, eng.max_batch_size,
+                           eng.max_queue_delay_ms, cfg.device)
+    raise ValueError(f"unknown engine {eng!r}")

@@ -254,7 +254,7 @@ class Worker:
             "host": socket.gethostname(),
             "cpus": list(self.cfg.cpus),
             "device": self.engine.device,
-            "engine": self.cfg.engine,
+            "engine": self.cfg.engine.name,
         }
 
     def _connect(self) -> zmq.Socket:
@@ -371,7 +371,7 @@ def serve(cfg: WorkerConfig) -> int:
     t0 = time.monotonic()
     engine = build(cfg)
     engine.warmup()
-    log.info("engine %s ready in %.2fs (models=%s device=%s)", cfg.engine,
+    log.info("engine %s ready in %.2fs (models=%s device=%s)", cfg.engine.name,
              time.monotonic() - t0, ",".join(engine.models), engine.device)
     _freeze_gc()
     worker = Worker(cfg, engine)

@@ -10,8 +10,8 @@ import argparse
 import logging
 import os
 
-from zeroserve import tracing
-from zeroserve.config import MIB, SocketConfig, WorkerConfig, default_endpoint
+from zeroserve import flags, tracing
+from zeroserve.config import ENGINES, MIB, SocketConfig, WorkerConfig, default_endpoint
 from zeroserve.keys import KeysError, PeerKeys, keys_dir
 from zeroserve.keys import add_arguments as add_key_arguments
 from zeroserve.logs import setup_logging
@@ -21,42 +21,29 @@ from zeroserve.workers import pinning
 log = logging.getLogger("zeroserve.worker")
 
 
+WORKER_FLAGS = flags.names(WorkerConfig)
+ENGINE_FLAGS = {name: flags.names(cls) for name, cls in ENGINES.items()}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="zeroserve worker", description="Run one worker process.")
     ap.add_argument("--broker", default=None, help="broker backend endpoint")
     ap.add_argument("--instance", default=None, help="deployment name for default ipc paths")
-    ap.add_argument("--engine", default="echo", choices=["echo", "llm", "tensor", "embed"])
-    ap.add_argument("--module", default="", help="tensor engine: pkg.mod:factory")
-    ap.add_argument("--max-batch-size", type=int, default=64, help="tensor/embed batching")
-    ap.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="tensor/embed")
-    ap.add_argument("--model", default="echo", help="model directory or preset name")
-    ap.add_argument("--served-name", default="", help="name requests use (default: model name)")
-    ap.add_argument("--worker-id", default="")
-    ap.add_argument("--capacity", type=int, default=64, help="max concurrent requests")
+    ap.add_argument("--engine", default=WorkerConfig.engine.name, choices=list(ENGINES))
+    flags.add(ap, WorkerConfig, WORKER_FLAGS)
+    seen: set[str] = set()
+    for cls in ENGINES.values():  # tensor and embed share their batching flags
+        own = tuple(f for f in flags.names(cls) if f not in seen)
+        flags.add(ap, cls, own)
+        seen.update(own)
     ap.add_argument("--cpus", default="", help="pin to these cores, e.g. 0-3 (default: a slice)")
     ap.add_argument("--slot", type=int, default=int(os.environ.get("ZEROSERVE_SLOT", 0)))
     ap.add_argument("--slots", type=int, default=int(os.environ.get("ZEROSERVE_SLOTS", 1)))
     ap.add_argument("--no-pin", action="store_true", help="do not pin to cores")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda:N")
-    ap.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    ap.add_argument("--step-delay-ms", type=float, default=0.0, help="echo engine: delay a step")
-    ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--max-batched-tokens", type=int, default=2048)
-    ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--kv-cache-tokens", type=int, default=0, help="0: size from free memory")
-    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    ap.add_argument("--no-prefix-caching", action="store_true",
-                    help="compute every prompt in full (no reuse of cached KV blocks)")
-    ap.add_argument("--check-blocks", action="store_true",
-                    help="debug: assert the KV block accounting after every step")
     ap.add_argument("--max-message-mb", type=int,
                     default=SocketConfig.max_message_bytes // MIB,
                     help="largest message (all its frames) a socket takes")
     add_key_arguments(ap, "worker")
-    ap.add_argument("--heartbeat-interval-s", type=float, default=1.0)
-    ap.add_argument("--heartbeat-liveness", type=int, default=3)
-    ap.add_argument("--progress-timeout-s", type=float, default=60.0,
-                    help="exit when one engine step runs longer (a hung engine; 0: never)")
     ap.add_argument("--run-dir", default="", help="count starts of this slot here (ops)")
     ap.add_argument("--log-level", default="INFO")
     return ap
@@ -78,32 +65,16 @@ def count_start(run_dir: str, slot: int) -> int:
 
 def config_from_args(args: argparse.Namespace, cpus: tuple[int, ...],
                      curve: PeerKeys | None = None) -> WorkerConfig:
+    own = flags.values(args, WORKER_FLAGS)
+    if own["device"] == "cuda":  # one GPU per slot
+        own["device"] = f"cuda:{args.slot}"
     return WorkerConfig(
         broker=args.broker or default_endpoint("backend", args.instance),
-        engine=args.engine,
-        model=args.model,
-        served_name=args.served_name,
-        worker_id=args.worker_id,
-        capacity=args.capacity,
+        engine=ENGINES[args.engine](**flags.values(args, ENGINE_FLAGS[args.engine])),
         cpus=cpus,
-        device=f"cuda:{args.slot}" if args.device == "cuda" else args.device,
-        dtype=args.dtype,
-        step_delay_ms=args.step_delay_ms,
-        max_num_seqs=args.max_num_seqs,
-        max_batched_tokens=args.max_batched_tokens,
-        max_model_len=args.max_model_len,
-        kv_cache_tokens=args.kv_cache_tokens,
-        block_size=args.block_size,
-        prefix_caching=not args.no_prefix_caching,
-        check_blocks=args.check_blocks,
-        module=args.module,
-        max_batch_size=args.max_batch_size,
-        max_queue_delay_ms=args.max_queue_delay_ms,
-        heartbeat_interval_s=args.heartbeat_interval_s,
-        heartbeat_liveness=args.heartbeat_liveness,
-        progress_timeout_s=args.progress_timeout_s,
         sockets=SocketConfig(max_message_bytes=args.max_message_mb * MIB, curve=curve,
                              insecure=args.insecure),
+        **own,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from zeroserve import contract
 from zeroserve.flags import knob
@@ -77,30 +77,71 @@ class BrokerConfig:
 
 
 @dataclass(frozen=True)
+class EchoConfig:
+    """The echo engine (workers/echo.py): a test and benchmark peer."""
+
+    name: ClassVar[str] = "echo"
+    step_delay_ms: float = knob(0.0, "echo engine: delay each step")
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """The LLM engine (workers/llm/): its batch, context and KV cache."""
+
+    name: ClassVar[str] = "llm"
+    max_num_seqs: int = knob(64, "llm: sequences in one batch")
+    max_batched_tokens: int = knob(2048, "llm: tokens one step computes (prompt chunks and "
+                                         "decodes)")
+    max_model_len: int = knob(2048, "llm: longest prompt + output")
+    kv_cache_tokens: int = knob(0, "llm: KV cache size in tokens (0: from free memory)")
+    block_size: int = knob(16, "llm: tokens per KV block")
+    prefix_caching: bool = knob(True, "llm: reuse cached KV blocks of shared prompt prefixes")
+    check_blocks: bool = knob(False, "llm debug: assert the KV block accounting after every "
+                                     "step")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """The tensor and embedding engines: requests gathered into one forward."""
+
+    name: ClassVar[str] = "batch"
+    max_batch_size: int = knob(64, "tensor/embed: requests in one forward")
+    max_queue_delay_ms: float = knob(2.0, "tensor/embed: longest a request waits for a batch")
+
+
+@dataclass(frozen=True)
+class TensorConfig(BatchConfig):
+    name: ClassVar[str] = "tensor"
+    module: str = knob("", "tensor engine: pkg.mod:factory")
+
+
+@dataclass(frozen=True)
+class EmbedConfig(BatchConfig):
+    name: ClassVar[str] = "embed"
+
+
+EngineConfig = EchoConfig | LLMConfig | TensorConfig | EmbedConfig
+ENGINES: dict[str, type[EngineConfig]] = {
+    c.name: c for c in (EchoConfig, LLMConfig, TensorConfig, EmbedConfig)}
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
+    """One worker: what every engine shares, and its engine's own config (`engine.name`)."""
+
     broker: str
-    engine: str = "echo"
-    model: str = "echo"
-    served_name: str = ""
-    worker_id: str = ""
-    capacity: int = 64
+    engine: EngineConfig = EchoConfig()
+    model: str = knob("echo", "model directory or preset name")
+    served_name: str = knob("", "name requests use (default: the model's)")
+    worker_id: str = knob("", "name in the broker's table (default: host-pid)")
+    capacity: int = knob(64, "most requests in flight")
     cpus: tuple[int, ...] = ()
-    device: str = "cpu"
-    dtype: str = "auto"
-    step_delay_ms: float = 0.0
-    max_num_seqs: int = 64
-    max_batched_tokens: int = 2048
-    max_model_len: int = 2048
-    kv_cache_tokens: int = 0
-    block_size: int = 16  # tokens per KV block
-    prefix_caching: bool = True
-    check_blocks: bool = False  # debug: assert the KV block accounting after every step
-    module: str = ""
-    max_batch_size: int = 64
-    max_queue_delay_ms: float = 2.0
-    heartbeat_interval_s: float = 1.0
-    heartbeat_liveness: int = 3
-    progress_timeout_s: float = 60.0  # one engine step longer than this: exit (0: never)
+    device: str = knob("cpu", "cpu, cuda (cuda:<slot>) or cuda:N")
+    dtype: str = knob("auto", "auto, float32, bfloat16, float16")
+    heartbeat_interval_s: float = knob(1.0, "seconds between heartbeats both ways")
+    heartbeat_liveness: int = knob(3, "heartbeats missed before the broker is presumed dead")
+    progress_timeout_s: float = knob(60.0, "exit when one engine step runs longer (a hung "
+                                           "engine; 0: never)")
     sockets: SocketConfig = SocketConfig()
 
     @property

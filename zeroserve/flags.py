@@ -6,8 +6,8 @@
     GatewayConfig(**flags.values(args, GATEWAY_FLAGS), ...)
 
 A field named `max_connections` becomes `--max-connections`, typed by its default (a bool
-default False becomes a switch). Fields with units converted on the way (MiB flags for byte
-fields) stay hand-written beside these.
+default False becomes a switch `--x`, a bool default True a switch `--no-x`). Fields with
+units converted on the way (MiB flags for byte fields) stay hand-written beside these.
 """
 
 from __future__ import annotations
@@ -29,9 +29,17 @@ def add(ap: argparse.ArgumentParser, cls: type, names: tuple[str, ...]) -> None:
         flag, helptext = "--" + name.replace("_", "-"), f.metadata.get("help")
         if f.default is False:
             ap.add_argument(flag, action="store_true", help=helptext)
+        elif f.default is True:
+            ap.add_argument("--no-" + flag[2:], dest=name, action="store_false",
+                            help=f"turn off: {helptext}")
         else:
             ap.add_argument(flag, type=type(f.default), default=f.default, help=helptext)
 
 
 def values(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
+
+
+def names(cls: type) -> tuple[str, ...]:
+    """All of a dataclass's fields that carry help text (every knob)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if "help" in f.metadata)

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from zeroserve import protocol as p
-from zeroserve.config import MAX_PROMPT_CHARS, WorkerConfig
+from zeroserve.config import MAX_PROMPT_CHARS, LLMConfig, WorkerConfig
 from zeroserve.workers.engine import EngineError, Output, RequestKey
 from zeroserve.workers.llm import logits as logits_processing
 from zeroserve.workers.llm import model_runner, params, sampler, stopping
@@ -74,6 +74,7 @@ class LLMEngine:
         self.model, self.tokenizer, self.runner = model, tokenizer, runner
         self.models = (served_name,)
         self.device = str(runner.device)
+        self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.blocks = BlockManager(runner.kv.num_blocks, runner.kv.block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batched_tokens)
         self.check_blocks = check_blocks  # assert the block accounting after every step
@@ -101,11 +102,13 @@ class LLMEngine:
         t0 = time.monotonic()
         model, tokenizer = model_runner.load(path, device, dtype)
         log.info("loaded %s on %s as %s in %.2fs", path, device, dtype, time.monotonic() - t0)
-        runner = ModelRunner(model, device, cfg.max_model_len, cfg.max_num_seqs,
-                             cfg.kv_cache_tokens, cfg.block_size)
+        llm = cfg.engine
+        assert isinstance(llm, LLMConfig), llm
+        runner = ModelRunner(model, device, llm.max_model_len, llm.max_num_seqs,
+                             llm.kv_cache_tokens, llm.block_size)
         name = cfg.served_name or (cfg.model if "/" not in cfg.model else Path(path).name)
-        return cls(model, tokenizer, runner, name, cfg.max_num_seqs, cfg.max_batched_tokens,
-                   cfg.prefix_caching, cfg.check_blocks)
+        return cls(model, tokenizer, runner, name, llm.max_num_seqs, llm.max_batched_tokens,
+                   llm.prefix_caching, llm.check_blocks)
 
     # -- the Engine interface ------------------------------------------------------------
 
@@ -232,6 +235,7 @@ class LLMEngine:
             "prefix_cache_queried_tokens": b.queried_tokens,
             "prefix_cache_hit_rate": b.hit_tokens / b.queried_tokens if b.queried_tokens else 0.0,
             "preemptions": s.preemptions,
+            "dtype": self.dtype,
             **self.counters,
         }
 

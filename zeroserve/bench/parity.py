@@ -56,7 +56,7 @@ def hf_greedy(model: Any, ids: list[int], n: int) -> tuple[list[int], torch.Tens
 def run(model: str, device: str, dtype: str, prompts: int, max_tokens: int,
         tie_gap: float | None) -> dict[str, Any]:
     from zeroserve.bench import baselines
-    from zeroserve.config import WorkerConfig
+    from zeroserve.config import LLMConfig, WorkerConfig
     from zeroserve.models import resolve
     from zeroserve.workers.llm.model_runner import pick_dtype
 
@@ -64,9 +64,10 @@ def run(model: str, device: str, dtype: str, prompts: int, max_tokens: int,
     dt = pick_dtype(dtype, torch.device(device))[0]
     name = str(dt).removeprefix("torch.")
     gap_limit = tie_gap if tie_gap is not None else (1e-3 if dt == torch.float32 else 0.125)
-    cfg = WorkerConfig(broker="-", engine="llm", model=str(path), device=device, dtype=name,
-                       max_num_seqs=prompts, max_model_len=256 + max_tokens,
-                       max_batched_tokens=256, kv_cache_tokens=prompts * (256 + max_tokens))
+    cfg = WorkerConfig(broker="-", model=str(path), device=device, dtype=name,
+                       engine=LLMConfig(max_num_seqs=prompts, max_model_len=256 + max_tokens,
+                                        max_batched_tokens=256,
+                                        kv_cache_tokens=prompts * (256 + max_tokens)))
     rng = random.Random(7)
     ref = baselines.load(path, name).to(device)
     vocab = ref.config.vocab_size

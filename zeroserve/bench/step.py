@@ -98,17 +98,17 @@ def forward_alone(model: Any, device: torch.device, batch: int, prompt: int,
 def run(model: str, device: str, dtype: str, batch: int, prompt: int,
         steps: int) -> dict[str, Any]:
     from zeroserve.bench import baselines
-    from zeroserve.config import WorkerConfig
+    from zeroserve.config import LLMConfig, WorkerConfig
     from zeroserve.models import resolve
     from zeroserve.workers.llm.model_runner import pick_dtype
 
     path = resolve(model)
     dev = torch.device(device)
     dt = pick_dtype(dtype, dev)[0]
-    cfg = WorkerConfig(broker="-", engine="llm", model=str(path), device=device,
-                       dtype=str(dt).removeprefix("torch."), max_num_seqs=batch,
-                       max_model_len=2 * prompt + steps + 64,
-                       kv_cache_tokens=batch * (2 * prompt + steps + 64))
+    cfg = WorkerConfig(broker="-", model=str(path), device=device,
+                       dtype=str(dt).removeprefix("torch."),
+                       engine=LLMConfig(max_num_seqs=batch, max_model_len=2 * prompt + steps + 64,
+                                        kv_cache_tokens=batch * (2 * prompt + steps + 64)))
     res: dict[str, Any] = {"device": device, "dtype": cfg.dtype, "batch": batch,
                            "prompt_tokens": prompt, "steps": steps}
     greedy, syncs = engine_steps(cfg, batch, prompt, steps, {"temperature": 0})

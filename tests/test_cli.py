@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import psutil
@@ -67,8 +66,8 @@ def test_up_serves_sdk_and_http_then_ctrl_c_stops_everything(tmp_ipc, tiny_model
                 got += chunk.token_ids
             assert len(got) == 64
         assert proc.wait(60) == 0
-        time.sleep(0.2)
-        assert not [c for c in children if c.is_running() and c.status() != "zombie"]
+        assert wait_for(lambda: not [c for c in children
+                                     if c.is_running() and c.status() != "zombie"], 5)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

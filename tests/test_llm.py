@@ -12,11 +12,13 @@ import random
 import pytest
 import torch
 
-from zeroserve.config import WorkerConfig
+from zeroserve.config import LLMConfig, WorkerConfig
 from zeroserve.errors import BadRequestError
 from zeroserve.workers.engine import EngineError
 from zeroserve.workers.llm.detok import IncrementalDetokenizer
 from zeroserve.workers.llm.engine import LLMEngine
+
+from .conftest import wait_for
 
 DEVICE = os.environ.get("ZEROSERVE_TEST_DEVICE", "cpu")
 
@@ -24,11 +26,10 @@ DEVICE = os.environ.get("ZEROSERVE_TEST_DEVICE", "cpu")
 @pytest.fixture(scope="module")
 def engine(tiny_model) -> LLMEngine:
     torch.set_num_threads(1)
-    eng = LLMEngine.from_config(WorkerConfig(broker="-", engine="llm", model=str(tiny_model),
-                                             max_num_seqs=16, max_batched_tokens=64,
-                                             max_model_len=512, kv_cache_tokens=64 * 512,
-                                             dtype="float32", check_blocks=True,
-                                             device=DEVICE))
+    eng = LLMEngine.from_config(WorkerConfig(
+        broker="-", model=str(tiny_model), dtype="float32", device=DEVICE,
+        engine=LLMConfig(max_num_seqs=16, max_batched_tokens=64, max_model_len=512,
+                         kv_cache_tokens=64 * 512, check_blocks=True)))
     eng.warmup()
     return eng
 
@@ -249,6 +250,7 @@ def test_llm_worker_end_to_end(pipeline, tiny_model, reference) -> None:
     assert rows[0]["models"] == ["tiny"] and rows[0]["engine"] == "llm"
     tok_ids = [5, 17, 300, 42, 7]
     with pipeline.client() as c:
+        assert wait_for(lambda: c.workers()[0]["stats"].get("dtype") == "float32", 5)  # --dtype
         handles = [c.submit("tiny", prompt_token_ids=tok_ids, max_tokens=12, temperature=0)
                    for _ in range(6)]
         want, _ = hf_greedy(reference, tok_ids, 12)

@@ -15,7 +15,8 @@ def test_status_without_supervisord_shows_the_brokers_workers(pipeline, tiny_mod
                                                               tmp_path) -> None:
     pipeline.start_broker("--heartbeat-interval-s", "1")
     pipeline.start_worker("hand-run", "--model", str(tiny_model), "--served-name", "tiny",
-                          "--max-model-len", "256", "--heartbeat-interval-s", "1", engine="llm")
+                          "--max-model-len", "256", "--heartbeat-interval-s", "1",
+                          "--dtype", "bfloat16", engine="llm")
     pipeline.start_worker("echo-1", "--model", "echo", "--heartbeat-interval-s", "1")
     pipeline.wait_workers(2, timeout_s=120)
     out = subprocess.run([sys.executable, "-m", "zeroserve.ops.status", "--broker",
@@ -30,6 +31,8 @@ def test_status_without_supervisord_shows_the_brokers_workers(pipeline, tiny_mod
         busy.start()
         rows = {r["slot"]: r for r in status.collect(rpc, client, window_s=1.5)}
         busy.join()
+        hand_run = next(w for w in client.workers() if w["worker_id"] == "hand-run")
+        assert hand_run["stats"]["dtype"] == "bfloat16"  # --dtype
 
         def idle() -> bool:  # the last heartbeat's counters arrive, then nothing moves
             now = {r["slot"]: r for r in status.collect(rpc, client, window_s=1.2)}

@@ -93,7 +93,7 @@ def test_request_id_is_logged_at_every_hop(pipeline) -> None:
     pipeline.wait_workers(1)
     with pipeline.client() as c:
         assert c.submit("echo", "traced", request_id="trace-7f3a").result(5).text == "traced"
-    time.sleep(0.3)
+    assert wait_for(lambda: "request trace-7f3a finished" in pipeline.logs[1].read_text(), 5)
     broker_log, worker_log = (p.read_text() for p in pipeline.logs[:2])
     assert "request trace-7f3a model=echo -> worker a" in broker_log
     assert "request trace-7f3a accepted" in worker_log
@@ -106,15 +106,15 @@ def test_text_work_runs_beside_the_engine_and_honours_cancels(pipeline, tiny_mod
     prepare ends as cancelled and is never run."""
     import threading
 
-    from zeroserve.config import WorkerConfig
+    from zeroserve.config import LLMConfig, WorkerConfig
     from zeroserve.workers.llm.engine import LLMEngine
     from zeroserve.workers.runtime import Worker
 
     pipeline.start_broker()
     pipeline.wait_broker()  # a worker that beats the broker's bind reconnects: keep it simple
-    cfg = WorkerConfig(broker=pipeline.backend, engine="llm", model=str(tiny_model),
-                       worker_id="w", max_num_seqs=8, max_model_len=256, dtype="float32",
-                       heartbeat_interval_s=0.25)
+    cfg = WorkerConfig(broker=pipeline.backend, model=str(tiny_model),
+                       engine=LLMConfig(max_num_seqs=8, max_model_len=256),
+                       worker_id="w", dtype="float32", heartbeat_interval_s=0.25)
     engine = LLMEngine.from_config(cfg)
     gates = {"BIG": threading.Event(), "STALL": threading.Event(), "HOLD": threading.Event()}
     real_prepare = engine.prepare
@@ -159,7 +159,7 @@ def test_text_work_runs_beside_the_engine_and_honours_cancels(pipeline, tiny_mod
             held = c.submit(model, "HOLD on", max_tokens=3, ignore_eos=True)
             assert wait_for(lambda: worker.preparing, 5)
             worker.drain()  # SIGTERM while a request is still being prepared: it is not lost
-            time.sleep(0.3)
+            assert wait_for(lambda: c.workers()[0]["draining"], 5)
             gates["HOLD"].set()
             assert len(held.result(10).token_ids) == 3
             runner.join(10)
@@ -180,3 +180,17 @@ def test_a_body_of_too_many_containers_is_a_bad_request(pipeline) -> None:
             c.generate("echo", "x", junk=[[]] * 70_000, timeout_s=10)
         assert c.generate("echo", "still here", timeout_s=10).text == "still here"
     assert worker.poll() is None
+
+
+def test_a_worker_pins_itself_to_its_cores_and_reports_them(pipeline) -> None:
+    import psutil
+
+    pipeline.start_broker()
+    cpu = max(psutil.Process().cpu_affinity())  # a core this machine lets us use
+    proc = pipeline._spawn("worker", "pinned", [  # without the fixture's --no-pin
+        "--broker", pipeline.backend, "--worker-id", "pinned", "--cpus", str(cpu)])
+    rows = pipeline.wait_workers(1)
+    assert rows[0]["cpus"] == [cpu]
+    assert psutil.Process(proc.pid).cpu_affinity() == [cpu]
+    threads = psutil.Process(proc.pid).threads()  # the IO thread and the engine loop too
+    assert all(os.sched_getaffinity(t.id) == {cpu} for t in threads)

@@ -42,6 +42,7 @@ from zeroserve.gateway.schemas import (
     EmbeddingRequest,
     TokenizeRequest,
 )
+from zeroserve.gateway.ticket import ticket
 from zeroserve.keys import PeerKeys
 
 log = logging.getLogger("zeroserve.gateway")
@@ -99,7 +100,7 @@ class Gateway:
         if key is None:
             raise ApiError(401, "missing or invalid API key", "invalid_request_error",
                            "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        request.state.key_id = key.id
+        ticket(request).key_id = key.id
         return key
 
     def authorize(self, request: Request, model: str) -> ApiKey | None:
@@ -109,7 +110,9 @@ class Gateway:
                            "permission_error", "model_not_allowed")
         return key
 
-    def admit(self, key: ApiKey | None, tokens: int) -> tuple[str, dict[str, str]]:
+    def admit(self, request: Request, key: ApiKey | None, tokens: int) -> dict[str, str]:
+        """Take `tokens` from the key's rate limit into the request's ticket (429 when it has
+        not got them); returns the rate-limit headers for the response."""
         key_id = key.id if key else "anonymous"
         limits = Limits(
             rps=key.rps if key and key.rps is not None else self.cfg.rate_rps,
@@ -120,10 +123,11 @@ class Gateway:
             retry = "60" if wait == float("inf") else str(max(1, int(wait + 0.999)))
             raise ApiError(429, "rate limit exceeded", "rate_limit_exceeded",
                            "rate_limit_exceeded", headers={**headers, "Retry-After": retry})
-        return key_id, headers
+        ticket(request).reserve(self.limiter, key_id, tokens)
+        return headers
 
     def request_id(self, request: Request) -> str:
-        rid = request.state.request_id
+        rid = ticket(request).request_id
         if self.client is not None and self.client.in_flight(rid):
             rid = f"{rid}-{uuid.uuid4().hex[:6]}"  # the same X-Request-Id twice in flight
         return rid
@@ -199,21 +203,21 @@ def create_app(cfg: GatewayConfig) -> Any:
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
-        key = gw.authorize(request, req.model)
+        key, t = gw.authorize(request, req.model), ticket(request)
         texts = req.texts()
-        key_id, rl_headers = gw.admit(key, sum(len(t) for t in texts) // 4 + 1)
-        request.state.model = req.model
+        t.model, t.prompt_estimate = req.model, sum(len(text) for text in texts) // 4 + 1
+        rl_headers = gw.admit(request, key, t.prompt_estimate)
         assert gw.client is not None
         try:
             handle = await gw.client.submit(req.model, request_id=gw.request_id(request),
-                                            tenant=key_id, input=texts,
+                                            tenant=t.key_id, input=texts,
                                             **gw.client.tensors.domain)
             result = await unless_disconnected(request, handle, handle.result())
             emb = gw.client.tensors.outputs(result, copy=True)["embeddings"]
         except errors.ZeroserveError as exc:
             raise from_zeroserve(exc) from None
         usage = result.data.get("usage", {})
-        request.state.prompt_tokens = usage.get("prompt_tokens", 0)
+        t.prompt_tokens = usage.get("prompt_tokens", 0)
         data = []
         for i, row in enumerate(emb):
             vec: Any = (base64.b64encode(row.numpy().tobytes()).decode()
@@ -225,13 +229,13 @@ def create_app(cfg: GatewayConfig) -> Any:
                             headers=rl_headers)
 
     async def text_op(request: Request, model: str, body: dict[str, Any]) -> dict[str, Any]:
-        key = gw.authorize(request, model)
-        key_id, _ = gw.admit(key, 1)
-        request.state.model = model
+        key, t = gw.authorize(request, model), ticket(request)
+        t.model = model
+        gw.admit(request, key, 1)
         assert gw.client is not None
         try:
             handle = await gw.client.submit(model, request_id=gw.request_id(request),
-                                            tenant=key_id, resume=False, **body)
+                                            tenant=t.key_id, resume=False, **body)
             result = await unless_disconnected(request, handle, handle.result())
         except errors.ZeroserveError as exc:
             raise from_zeroserve(exc) from None

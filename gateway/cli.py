@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit(cfg.max_connections + 256)
     os.environ[ENV_CONFIG] = json.dumps(dataclasses.asdict(cfg))
     os.environ["ZEROSERVE_LOG_LEVEL"] = args.log_level
-    uvicorn.run("zeroserve.gateway.gateway:app_from_env", factory=True, host=cfg.host,
+    uvicorn.run("zeroserve.gateway.cli:app_from_env", factory=True, host=cfg.host,
                 port=cfg.port, workers=cfg.workers, loop="uvloop",
                 http=functools.partial(GuardedHttpToolsProtocol, limits=cfg),
                 timeout_keep_alive=cfg.keep_alive_s,  # type: ignore[arg-type]

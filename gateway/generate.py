@@ -3,7 +3,7 @@
 `generate` serves /v1/completions and /v1/chat/completions for app.py: authorize, rate-limit,
 answer from the response cache when it may, submit to the broker through the gateway's one
 AsyncClient, then collect the whole reply or stream it as OpenAI's server-sent events; the
-tokens reserved for the rate limit are settled whatever way the request ends.
+request's ticket (ticket.py) settles its rate-limit reservation however it ends.
 
 `n` > 1 sends n requests (request ids `<id>`, `<id>-c1`, ...; with a seed, choice i is
 seeded seed + i, so a seed reproduces every choice). They share the prompt's KV through the
@@ -28,6 +28,7 @@ from zeroserve.client import AsyncRequestHandle, Chunk
 from zeroserve.gateway import responses
 from zeroserve.gateway.cache import cache_key
 from zeroserve.gateway.errors import ApiError, from_zeroserve
+from zeroserve.gateway.ticket import Ticket, ticket
 from zeroserve.gateway.tools import ToolStream
 
 if TYPE_CHECKING:
@@ -68,97 +69,105 @@ class Started:
     handles: list[AsyncRequestHandle]
     meta: dict[str, Any]  # id, created, model
     t0: float
-    key_id: str
-    reserved: int  # tokens reserved for the rate limit, settled when it ends
     headers: dict[str, str]  # rate-limit (and cache) headers for the response
     body: dict[str, Any]  # the engine body of choice 0
+    ticket: Ticket
+    cache_at: str | None = None  # the response cache's key for the reply, when it may be kept
 
 
 async def start(gw: Gateway, request: Request, req: Any, route: str, chat: bool,
                 cacheable: bool = True) -> Started | Response:
     """Authorize, rate-limit, answer from the response cache when it may (a Response), else
-    submit the request's choices to the broker."""
+    submit the request's choices to the broker. The reservation is the ticket's: it is
+    settled however the request ends."""
+    t = ticket(request)
     key = gw.authorize(request, req.model)
     try:
         body = req.engine_body(gw.cfg.max_tokens_default) if not chat else req.engine_body()
     except ValueError as exc:
         raise ApiError(400, str(exc), param="prompt") from None
     n = getattr(req, "n", 1)
-    reserved = req.prompt_chars() // 4 + body["max_tokens"] * n
-    request.state.prompt_estimate = req.prompt_chars() // 4
-    key_id, rl_headers = gw.admit(key, reserved)
-    state = request.state
-    state.model = req.model
+    t.model, t.prompt_estimate = req.model, req.prompt_chars() // 4
+    headers = gw.admit(request, key, t.prompt_estimate + body["max_tokens"] * n)
+    cache_at = None
     if cacheable and not req.stream and gw.cache.enabled and _cache_allowed(request):
-        state.cache_key = cache_key(route, req.model_dump(exclude_none=True), key_id)
-        if state.cache_key is not None:
-            hit = gw.cache.get(state.cache_key)
+        cache_at = cache_key(route, req.model_dump(exclude_none=True), t.key_id or "")
+        if cache_at is not None:
+            hit = gw.cache.get(cache_at)
             gw.metrics.cache.labels("hit" if hit else "miss").inc()
-            state.cache = "hit" if hit else "miss"
-            rl_headers["x-zeroserve-cache"] = state.cache
+            t.cache = headers["x-zeroserve-cache"] = "hit" if hit else "miss"
             if hit:
-                gw.limiter.refund(key_id, reserved)
-                return Response(hit, media_type="application/json", headers=rl_headers)
+                return Response(hit, media_type="application/json", headers=headers)
     assert gw.client is not None
     if not gw.client.broker_alive:
-        gw.limiter.refund(key_id, reserved)
         raise from_zeroserve(errors.UnavailableError("the broker is not answering"))
     rid = gw.request_id(request)
     handles: list[AsyncRequestHandle] = []
     try:
         for i, choice_body in enumerate(_choices(body, n)):
             handles.append(await gw.client.submit(req.model, request_id=rid if not i else
-                                                  f"{rid}-c{i}", tenant=key_id,
-                                                  trace=getattr(state, "trace", ""),
-                                                  **choice_body))
+                                                  f"{rid}-c{i}", tenant=t.key_id,
+                                                  trace=t.trace, **choice_body))
     except errors.ZeroserveError as exc:
         for handle in handles:
             gw.client.cancel_nowait(handle.id)
-        gw.limiter.refund(key_id, reserved)
         raise from_zeroserve(exc) from None
     meta = {"id": ("chatcmpl-" if chat else "cmpl-") + rid, "created": int(time.time()),
             "model": req.model}
-    return Started(handles, meta, time.perf_counter(), key_id, reserved, rl_headers, body)
+    return Started(handles, meta, time.perf_counter(), headers, body, t, cache_at)
+
+
+async def first_chunk(request: Request, started: Started) -> tuple[Chunk, AsyncIterator[Chunk]]:
+    """Wait for choice 0's first reply before any header goes out, so that a refused request
+    gets a real HTTP error rather than an error event inside a 200 stream."""
+    chunks = started.handles[0].chunks().__aiter__()
+    try:
+        first = await unless_disconnected(request, started.handles, chunks.__anext__())
+    except errors.ZeroserveError as exc:
+        for handle in started.handles[1:]:
+            handle.client.cancel_nowait(handle.id)
+        raise from_zeroserve(exc) from None
+    return first, chunks
 
 
 async def generate(gw: Gateway, request: Request, req: Any, route: str, chat: bool) -> Response:
     started = await start(gw, request, req, route, chat)
     if isinstance(started, Response):
         return started
-    handles, meta, t0, n = started.handles, started.meta, started.t0, len(started.handles)
-    key_id, reserved, state = started.key_id, started.reserved, request.state
     if req.stream:
-        # Wait for the first reply before sending headers, so a rejected request gets a real
-        # HTTP error instead of an error event inside a 200 stream.
-        chunks = handles[0].chunks().__aiter__()
-        try:
-            first = await unless_disconnected(request, handles, chunks.__anext__())
-        except errors.ZeroserveError as exc:
-            for handle in handles[1:]:
-                gw.client.cancel_nowait(handle.id)  # type: ignore[union-attr]
-            gw.limiter.refund(key_id, reserved)
-            raise from_zeroserve(exc) from None
-        parts = (_indexed(first, chunks) if n == 1 else
-                 _merged([chain(first, chunks), *(h.chunks() for h in handles[1:])]))
-        calls = [ToolStream(mode == "forced", f"{meta['id']}_{i}") for i in range(n)] if (
-            chat and (mode := req.tool_mode())) else None
-        stream = _sse(gw, request, parts, n, t0, meta, chat, req.include_usage, key_id,
-                      reserved, calls)
-        return StreamingResponse(stream, media_type="text/event-stream",
-                                 headers={**SSE_HEADERS, **started.headers})
+        return await _stream(gw, request, req, started, chat)
+    return await _complete(gw, request, req, started, chat)
+
+
+async def _complete(gw: Gateway, request: Request, req: Any, started: Started,
+                    chat: bool) -> Response:
+    """The whole reply as one JSON body (cached when the request may be)."""
+    t = started.ticket
     try:
-        choices = await unless_disconnected(request, handles, asyncio.gather(
-            *(collect(gw, handle, t0, state) for handle in handles)))
+        choices = await unless_disconnected(request, started.handles, asyncio.gather(
+            *(collect(gw, handle, started.t0, t) for handle in started.handles)))
     except errors.ZeroserveError as exc:
         raise from_zeroserve(exc) from None
-    finally:
-        gw.limiter.refund(key_id, reserved - used(state))
-    gw.metrics.e2e.labels(req.model).observe(time.perf_counter() - t0)
-    raw = responses.completion_body(meta, chat, choices, "logprobs" in started.body,
+    gw.metrics.e2e.labels(req.model).observe(time.perf_counter() - started.t0)
+    raw = responses.completion_body(started.meta, chat, choices, "logprobs" in started.body,
                                     req.tool_mode() if chat else None)
-    if getattr(state, "cache_key", None) is not None:
-        gw.cache.put(state.cache_key, raw)
+    if started.cache_at is not None:
+        gw.cache.put(started.cache_at, raw)
     return Response(raw, media_type="application/json", headers=started.headers)
+
+
+async def _stream(gw: Gateway, request: Request, req: Any, started: Started,
+                  chat: bool) -> Response:
+    """OpenAI's server-sent events, once the first reply came."""
+    first, chunks = await first_chunk(request, started)
+    n, meta = len(started.handles), started.meta
+    parts = (_indexed(first, chunks) if n == 1 else
+             _merged([chain(first, chunks), *(h.chunks() for h in started.handles[1:])]))
+    calls = [ToolStream(mode == "forced", f"{meta['id']}_{i}") for i in range(n)] if (
+        chat and (mode := req.tool_mode())) else None
+    stream = _sse(gw, started, parts, chat, req.include_usage, calls)
+    return StreamingResponse(stream, media_type="text/event-stream",
+                             headers={**SSE_HEADERS, **started.headers})
 
 
 def _choices(body: dict[str, Any], n: int) -> list[dict[str, Any]]:
@@ -177,55 +186,43 @@ def _cache_allowed(request: Request) -> bool:
         request.headers.get("x-zeroserve-cache", "").lower() != "off")
 
 
-def used(state: Any) -> int:
-    """Tokens to charge: the worker's usage; for a request that streamed tokens and ended
-    without its END (its client left), the prompt estimate and every token streamed."""
-    streamed = getattr(state, "streamed_tokens", 0)
-    if not hasattr(state, "prompt_tokens") and streamed:
-        state.prompt_tokens = getattr(state, "prompt_estimate", 0)
-        state.completion_tokens = streamed
-        state.cut_short = True
-    return getattr(state, "prompt_tokens", 0) + getattr(state, "completion_tokens", 0)
-
-
-def observe(gw: Gateway, chunk: Chunk, t0: float, last: float, state: Any) -> float:
+def observe(gw: Gateway, chunk: Chunk, t0: float, last: float, t: Ticket) -> float:
     """Record TTFT / ITL for a chunk that carries tokens; returns the new 'last' time."""
     now = time.perf_counter()
     if chunk.token_ids:
-        state.streamed_tokens = getattr(state, "streamed_tokens", 0) + len(chunk.token_ids)
-        if not hasattr(state, "ttft_ms"):
-            state.ttft_ms = round((now - t0) * 1000, 2)
-            gw.metrics.ttft.labels(state.model).observe(now - t0)
+        t.streamed_tokens += len(chunk.token_ids)
+        if t.ttft_ms is None:
+            t.ttft_ms = round((now - t0) * 1000, 2)
+            gw.metrics.ttft.labels(t.model).observe(now - t0)
         else:
-            gw.metrics.itl.labels(state.model).observe(now - last)
+            gw.metrics.itl.labels(t.model).observe(now - last)
         return now
     return last
 
 
-def record_usage(gw: Gateway, state: Any, data: dict[str, Any]) -> None:
+def record_usage(gw: Gateway, t: Ticket, data: dict[str, Any]) -> None:
     """One choice's END: the prompt counts once, completions add up."""
     usage = data.get("usage") or {}
-    state.prompt_tokens = usage.get("prompt_tokens", 0)
-    state.completion_tokens = getattr(state, "completion_tokens", 0) + usage.get(
-        "completion_tokens", 0)
-    gw.metrics.tokens.labels("prompt").inc(state.prompt_tokens)
+    t.prompt_tokens = usage.get("prompt_tokens", 0)
+    t.completion_tokens += usage.get("completion_tokens", 0)
+    gw.metrics.tokens.labels("prompt").inc(t.prompt_tokens)
     gw.metrics.tokens.labels("completion").inc(usage.get("completion_tokens", 0))
     if "queue_ms" in data:
-        gw.metrics.queue.labels(state.model).observe(data["queue_ms"] / 1000)
+        gw.metrics.queue.labels(t.model).observe(data["queue_ms"] / 1000)
 
 
-async def collect(gw: Gateway, handle: AsyncRequestHandle, t0: float, state: Any
+async def collect(gw: Gateway, handle: AsyncRequestHandle, t0: float, t: Ticket
                    ) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
     """Text, END fields and logprobs of a whole request, recording its timings."""
     parts: list[str] = []
     lps: list[dict[str, Any]] = []
     last = t0
     async for chunk in handle.chunks():
-        last = observe(gw, chunk, t0, last, state)
+        last = observe(gw, chunk, t0, last, t)
         parts.append(chunk.text)
         lps.extend(chunk.data.get("logprobs") or ())
         if chunk.final:
-            record_usage(gw, state, chunk.data)
+            record_usage(gw, t, chunk.data)
             return "".join(parts), chunk.data, lps
     return "".join(parts), {}, lps
 
@@ -284,46 +281,51 @@ async def _merged(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[in
             task.cancel()
 
 
-async def _sse(gw: Gateway, request: Request, parts: AsyncIterator[tuple[int, Chunk]], n: int,
-               t0: float, meta: dict[str, Any], chat: bool, include_usage: bool, key_id: str,
-               reserved: int, calls: list[ToolStream] | None = None) -> AsyncIterator[bytes]:
-    """OpenAI's SSE: role first (chat), content deltas, finish_reason per choice, usage of
-    them all, [DONE]. With tools in play (`calls`: one ToolStream a choice) the text goes
-    through them and may come out as tool-call deltas."""
-    events = responses.SseEvents(meta, chat)
-    state = request.state
-    last = t0
+async def _sse(gw: Gateway, started: Started, parts: AsyncIterator[tuple[int, Chunk]],
+               chat: bool, include_usage: bool, calls: list[ToolStream] | None = None
+               ) -> AsyncIterator[bytes]:
+    """OpenAI's SSE: role first (chat), each choice's events, usage of them all, [DONE]."""
+    events = responses.SseEvents(started.meta, chat)
+    t, t0, last = started.ticket, started.t0, started.t0
     finals: list[dict[str, Any]] = []
     try:
         if chat:
-            for i in range(n):
+            for i in range(len(started.handles)):
                 yield events.role(i)
         async for i, chunk in parts:
-            last = observe(gw, chunk, t0, last, state)
-            lps = chunk.data.get("logprobs")
-            fin = chunk.data.get("finish_reason") if chunk.final else None
-            if calls is not None:
-                for delta in calls[i].feed(chunk.text):
-                    yield events.delta(delta, i)
-                if chunk.final:
-                    rest, fin = calls[i].finish(fin)
-                    for delta in rest:
-                        yield events.delta(delta, i)
-                if lps:
-                    yield events.content("", None, lps, i)
-            elif chunk.text or lps:
-                yield events.content(chunk.text, None, lps, i)
+            last = observe(gw, chunk, t0, last, t)
+            for event in _chunk_events(events, i, chunk, calls[i] if calls else None):
+                yield event
             if chunk.final:
-                record_usage(gw, state, chunk.data)
+                record_usage(gw, t, chunk.data)
                 finals.append(chunk.data)
-                yield events.content("", fin, None, i)
         if include_usage:
             yield events.usage(finals)
-        gw.metrics.e2e.labels(meta["model"]).observe(time.perf_counter() - t0)
+        gw.metrics.e2e.labels(t.model).observe(time.perf_counter() - t0)
     except errors.ZeroserveError as exc:  # the stream has started: report in-band
         yield events.error(from_zeroserve(exc).body())
     finally:
-        gw.limiter.refund(key_id, reserved - used(state))
         with contextlib.suppress(Exception):
             await parts.aclose()  # type: ignore[attr-defined]  # cancels if unfinished
     yield events.DONE
+
+
+def _chunk_events(events: responses.SseEvents, i: int, chunk: Chunk,
+                  calls: ToolStream | None) -> list[bytes]:
+    """The events of choice i's chunk: its text (through the choice's ToolStream when tools
+    are in play, which may turn it into tool-call deltas), logprobs, and its finish_reason."""
+    out: list[bytes] = []
+    lps = chunk.data.get("logprobs")
+    fin = chunk.data.get("finish_reason") if chunk.final else None
+    if calls is not None:
+        out.extend(events.delta(delta, i) for delta in calls.feed(chunk.text))
+        if chunk.final:
+            rest, fin = calls.finish(fin)
+            out.extend(events.delta(delta, i) for delta in rest)
+        if lps:
+            out.append(events.content("", None, lps, i))
+    elif chunk.text or lps:
+        out.append(events.content(chunk.text, None, lps, i))
+    if chunk.final:
+        out.append(events.content("", fin, None, i))
+    return out

@@ -4,7 +4,10 @@
 - API keys: a POST without a valid key gets 401 before its body is read or parsed;
 - body limit: a body larger than max_body_bytes gets 413 before any route sees it (a body
   that never completes is logged with status 499, nothing answered);
-- access log: one JSON line per request when its response has been sent;
+- the request's Ticket (ticket.py): made here, its rate-limit reservation settled before the
+  response's last byte goes out (and after the app, whatever happened);
+- access log: one JSON line per request when its response has been sent; a response its
+  client left before the end is logged with status 499 and `"cancelled": true`;
 - traces: when tracing is on (zeroserve/tracing.py), a server span per request, under the
   client's `traceparent` if it sent one; its traceparent goes with the request to the broker;
 - unexpected errors: a generic 500 in OpenAI's shape, the detail only in the (rate-limited)
@@ -22,6 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 from zeroserve import tracing
+from zeroserve.gateway.errors import ApiError
+from zeroserve.gateway.ticket import Ticket
 from zeroserve.logs import RateLimitedLog
 
 log = logging.getLogger("zeroserve.access")
@@ -29,11 +34,6 @@ errors = RateLimitedLog(logging.getLogger("zeroserve.gateway"))
 
 UNTRACED = frozenset({"/health", "/ready", "/metrics"})  # probes: no span each
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
-
-
-def _error_body(message: str, type_: str, code: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": type_, "param": None,
-                                 "code": code}}).encode()
 
 
 class ClientGone(Exception):
@@ -58,22 +58,25 @@ class Frontline:
         rid = headers.get(b"x-request-id", b"").decode("latin-1")
         if not REQUEST_ID_RE.match(rid):
             rid = uuid.uuid4().hex
-        state = scope.setdefault("state", {})
-        state["request_id"] = rid
+        ticket = Ticket(rid)
+        scope.setdefault("state", {})["ticket"] = ticket
         span = None
         if tracing.enabled() and scope["path"] not in UNTRACED:  # the broker's and worker's
             # spans hang under this one
             span = tracing.start(f"{scope['method']} {scope['path']}",
                                  headers.get(b"traceparent", b"").decode("latin-1")[:64],
                                  server=True, request_id=rid)
-            state["trace"] = tracing.traceparent(span)
-        status = {"code": 0}
+            ticket.trace = tracing.traceparent(span)
+        status = {"code": 0, "ended": False}
         rid_header = (b"x-request-id", rid.encode())
 
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 message["headers"] = [*message.get("headers", []), rid_header]
+            elif not message.get("more_body"):  # the last body message
+                ticket.settle()
+                status["ended"] = True
             await send(message)
 
         try:
@@ -95,19 +98,21 @@ class Frontline:
                     await self._reject(send_wrapper)
                 else:
                     await self._run_app(scope, body, receive, send_wrapper, status, rid)
+        ticket.settle()
+        if status["code"] and not status["ended"]:  # its client left mid-response
+            status["code"], ticket.cancelled = 499, True
         line = {
             "request_id": rid, "method": scope["method"], "route": scope["path"],
             "status": status["code"], "duration_ms": round((time.perf_counter() - t0) * 1e3, 2),
-            **{k: state[k] for k in ("key_id", "model", "prompt_tokens", "completion_tokens",
-                                     "ttft_ms", "cache", "cut_short") if k in state},
+            **ticket.log_fields(),
         }
         log.info(json.dumps(line, separators=(",", ":")))
         if span is not None:
-            if "ttft_ms" in state:  # from the first token to the end of the response
-                first = span.start_time + int(state["ttft_ms"] * 1e6)
-                tracing.record("gateway.stream", state["trace"], first, tracing.now_ns())
-            tracing.end(span, status=status["code"], model=state.get("model"),
-                        completion_tokens=state.get("completion_tokens"))
+            if ticket.ttft_ms is not None:  # from the first token to the end of the response
+                first = span.start_time + int(ticket.ttft_ms * 1e6)
+                tracing.record("gateway.stream", ticket.trace, first, tracing.now_ns())
+            tracing.end(span, status=status["code"], model=ticket.model,
+                        completion_tokens=ticket.log_fields().get("completion_tokens"))
         if self.on_done is not None:
             self.on_done(scope["path"], status["code"])
 
@@ -145,7 +150,7 @@ class Frontline:
 
     async def _send_error(self, send: Any, status: int, message: str, type_: str,
                           code: str) -> None:
-        body = _error_body(message, type_, code)
+        body = json.dumps(ApiError(status, message, type_, code).body()).encode()
         headers = [(b"content-type", b"application/json"),
                    (b"content-length", str(len(body)).encode())]
         if status == 401:

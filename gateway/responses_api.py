@@ -28,13 +28,14 @@ from zeroserve.client import Chunk
 from zeroserve.gateway.errors import ApiError, from_zeroserve
 from zeroserve.gateway.generate import (
     SSE_HEADERS,
+    Started,
     chain,
     collect,
+    first_chunk,
     observe,
     record_usage,
     start,
     unless_disconnected,
-    used,
 )
 from zeroserve.gateway.schemas import ChatCompletionRequest, Strict, Tag, number
 
@@ -168,32 +169,25 @@ async def create(gw: Gateway, request: Request, req: ResponsesRequest) -> Respon
         raise ApiError(400, "; ".join(e["msg"] for e in exc.errors()), param="input") from None
     started = await start(gw, request, chat, "/v1/responses", chat=True, cacheable=False)
     assert not isinstance(started, Response)
-    handle, state = started.handles[0], request.state
+    handle = started.handles[0]
     rid = started.meta["id"].removeprefix("chatcmpl-")
     created = started.meta["created"]
-    if req.stream:  # the first reply before the headers: a refusal is a real HTTP error
-        chunks = handle.chunks().__aiter__()
-        try:
-            first = await unless_disconnected(request, handle, chunks.__anext__())
-        except errors.ZeroserveError as exc:
-            gw.limiter.refund(started.key_id, started.reserved)
-            raise from_zeroserve(exc) from None
-        return StreamingResponse(_events(gw, request, req, started, chain(first, chunks)),
+    if req.stream:
+        first, chunks = await first_chunk(request, started)
+        return StreamingResponse(_events(gw, req, started, chain(first, chunks)),
                                  media_type="text/event-stream",
                                  headers={**SSE_HEADERS, **started.headers})
     try:
-        text, data, _ = await unless_disconnected(request, handle,
-                                                  collect(gw, handle, started.t0, state))
+        text, data, _ = await unless_disconnected(
+            request, handle, collect(gw, handle, started.t0, started.ticket))
     except errors.ZeroserveError as exc:
         raise from_zeroserve(exc) from None
-    finally:
-        gw.limiter.refund(started.key_id, started.reserved - used(state))
     gw.metrics.e2e.labels(req.model).observe(time.perf_counter() - started.t0)
     body = response_object(req, rid, created, "completed", text, data)
     return Response(_dumps(body), media_type="application/json", headers=started.headers)
 
 
-async def _events(gw: Gateway, request: Request, req: ResponsesRequest, started: Any,
+async def _events(gw: Gateway, req: ResponsesRequest, started: Started,
                   chunks: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
     rid, created = started.meta["id"].removeprefix("chatcmpl-"), started.meta["created"]
     seq = 0
@@ -204,7 +198,7 @@ async def _events(gw: Gateway, request: Request, req: ResponsesRequest, started:
         return f"event: {kind}\ndata: {_dumps({'type': kind, 'sequence_number': seq, **fields})}"\
                "\n\n".encode()
 
-    state, t0 = request.state, started.t0
+    t, t0 = started.ticket, started.t0
     at = {"item_id": f"msg_{rid}", "output_index": 0, "content_index": 0}
     parts: list[str] = []
     try:
@@ -217,12 +211,12 @@ async def _events(gw: Gateway, request: Request, req: ResponsesRequest, started:
         yield event("response.content_part.added", **at, part=_part(""))
         last = t0
         async for chunk in chunks:
-            last = observe(gw, chunk, t0, last, state)
+            last = observe(gw, chunk, t0, last, t)
             if chunk.text:
                 parts.append(chunk.text)
                 yield event("response.output_text.delta", **at, delta=chunk.text, logprobs=[])
             if chunk.final:
-                record_usage(gw, state, chunk.data)
+                record_usage(gw, t, chunk.data)
                 text = "".join(parts)
                 yield event("response.output_text.done", **at, text=text, logprobs=[])
                 yield event("response.content_part.done", **at, part=_part(text))
@@ -237,5 +231,4 @@ async def _events(gw: Gateway, request: Request, req: ResponsesRequest, started:
         err = from_zeroserve(exc).body()["error"]
         yield event("error", code=err.get("code"), message=err.get("message"), param=None)
     finally:
-        gw.limiter.refund(started.key_id, started.reserved - used(state))
         await chunks.aclose()  # type: ignore[attr-defined]  # cancels it if unfinished

@@ -22,6 +22,7 @@ KEYS = {"keys": [
     {"id": "slow", "key": "sk-slow", "rps": 1},
     {"id": "other", "key": "sk-other-tenant"},
     {"id": "metered", "key": "sk-metered", "tpm": 600},
+    {"id": "budget", "key": "sk-budget", "tpm": 600},
 ]}
 
 
@@ -45,6 +46,21 @@ def start_gateway(pipe: Pipeline, *args: str, broker: str | None = None) -> str:
 
     assert wait_for(ready, 60), pipe.dump_logs()
     return url
+
+
+def access_line(pipe: Pipeline, url: str, request_id: str) -> dict:
+    """The gateway's access log line of one request, once it is written."""
+    log = next(p for p in pipe.logs if p.name.startswith(f"gateway-{url.rsplit(':', 1)[1]}-"))
+
+    def line() -> dict | None:
+        for text in log.read_text().splitlines():
+            if f'"request_id":"{request_id}"' in text:
+                return json.loads(text.split(" INFO ", 1)[1])
+        return None
+
+    found = wait_for(line, 10)
+    assert found, log.read_text()[-2000:]
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -249,11 +265,8 @@ def test_bad_json_request_id_and_access_log(stack) -> None:
     r = httpx.post(f"{url}/v1/completions", json={"model": "echo", "prompt": "hi"},
                    headers={"x-request-id": "trace-43"})
     assert r.status_code == 200 and r.json()["id"] == "cmpl-trace-43"
-    gw_log = next(p for p in pipe.logs if p.name.startswith("gateway-") and
-                  url.rsplit(":", 1)[1] in p.name)
-    lines = [json.loads(line.split(" INFO ", 1)[1]) for line in gw_log.read_text().splitlines()
-             if '"request_id":"trace-43"' in line]
-    assert lines and lines[0]["status"] == 200 and lines[0]["completion_tokens"] == 1
+    line = access_line(pipe, url, "trace-43")
+    assert line["status"] == 200 and line["completion_tokens"] == 1 and line["model"] == "echo"
     secure_logs = "".join(p.read_text() for p in pipe.logs if p.name.startswith("gateway-"))
     assert "sk-full-access" not in secure_logs and "sk-slow" not in secure_logs
 
@@ -371,8 +384,9 @@ def test_with_keys_nothing_is_parsed_or_shown_without_one(stack) -> None:
 
 
 def test_a_stream_cut_by_its_client_is_charged_for_what_it_got(stack) -> None:
-    _, _, secure = stack
-    auth = {"authorization": "Bearer sk-metered"}  # 600 tokens a minute, 10 a second back
+    pipe, _, secure = stack
+    auth = {"authorization": "Bearer sk-metered", "x-request-id": "cut-1"}  # 600 tokens a
+    # minute, 10 a second back
     body = {"model": "echo", "prompt": " ".join(["w"] * 100), "max_tokens": 100,
             "stream": True}
     with httpx.stream("POST", f"{secure}/v1/completions", json=body, headers=auth,
@@ -383,9 +397,60 @@ def test_a_stream_cut_by_its_client_is_charged_for_what_it_got(stack) -> None:
             lines += line.startswith("data: {")
             if lines >= 40:
                 break  # the client leaves mid-stream
-    time.sleep(0.3)
+    logged = access_line(pipe, secure, "cut-1")  # written once the charge is settled
+    assert logged["status"] == 499 and logged["cancelled"] and logged["cut_short"]
+    assert 40 <= logged["completion_tokens"] < 100 and logged["prompt_tokens"] >= 40
+    del auth["x-request-id"]
     probe = httpx.post(f"{secure}/v1/completions", headers=auth,
                        json={"model": "echo", "prompt": "a", "max_tokens": 1})
     assert probe.status_code == 200
     # charged: ~50 prompt + 40 streamed (not refunded in full, as before)
     assert int(probe.headers["x-ratelimit-remaining-tokens"]) <= 560
+
+
+def test_tokens_per_minute_are_reserved_then_refunded(stack) -> None:
+    pipe, _, secure = stack
+    auth = {"authorization": "Bearer sk-budget"}  # 600 tokens a minute
+    body = {"model": "echo", "prompt": "two words", "max_tokens": 500}
+    first = httpx.post(f"{secure}/v1/completions", json=body,
+                       headers={**auth, "x-request-id": "budget-1"})
+    assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 2
+    assert int(first.headers["x-ratelimit-remaining-tokens"]) < 100  # 500 + prompt reserved
+    access_line(pipe, secure, "budget-1")  # settled: what it did not use went back
+    again = httpx.post(f"{secure}/v1/completions", json=body, headers=auth)
+    assert again.status_code == 200, again.text  # fits only because the first was refunded
+    never = httpx.post(f"{secure}/v1/completions", headers=auth,
+                       json={**body, "max_tokens": 700})  # beyond the whole minute's budget
+    assert never.status_code == 429 and never.headers["retry-after"] == "60"
+    assert never.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_gateway_workers_share_the_port(stack) -> None:
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
+
+    pipe, _, _ = stack
+    url = start_gateway(pipe, "--workers", "2")
+    port = url.rsplit(":", 1)[1]
+    gateway = next(p for p in pipe.procs if p.pid and any(
+        f"--port={port}" in a or a == port for a in psutil.Process(p.pid).cmdline()))
+    children = {c.pid for c in psutil.Process(gateway.pid).children(recursive=True)
+                if "python" in c.name()}
+    log = next(p for p in pipe.logs if p.name.startswith(f"gateway-{port}-"))
+    body = {"model": "echo", "prompt": "one two three four", "max_tokens": 4}
+
+    def served_by() -> set[int]:
+        return {int(m) for m in re.findall(r"gateway\[(\d+)\] INFO \{\"request_id\"",
+                                           log.read_text())}
+
+    with ThreadPoolExecutor(16) as pool:
+        for _ in range(10):  # the kernel hands each connection to one process: ask until
+            # both have answered
+            codes = list(pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body,
+                                                       timeout=30).status_code, range(16)))
+            assert codes == [200] * 16
+            if len(served_by()) == 2:
+                break
+    assert len(served_by()) == 2 and served_by() <= children, (served_by(), children)

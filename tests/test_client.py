@@ -14,7 +14,7 @@ from zeroserve import (
     UnavailableError,
 )
 from zeroserve import protocol as p
-from zeroserve.core import Chunk, Collector, merge_delta
+from zeroserve.client_core import Chunk, Collector, merge_delta
 
 from .conftest import wait_for
 
@@ -96,8 +96,8 @@ def test_no_broker_at_all_times_out_cleanly(tmp_ipc) -> None:
 
 
 def test_error_for_unknown_id_is_ignored_and_garbage_does_not_break_the_core() -> None:
+    from zeroserve.client_core import ClientCore
     from zeroserve.config import ClientConfig
-    from zeroserve.core import ClientCore
 
     core = ClientCore(ClientConfig(("ipc:///x",)))
     core.on_frames([b"junk"])
@@ -107,8 +107,8 @@ def test_error_for_unknown_id_is_ignored_and_garbage_does_not_break_the_core() -
 
 def test_a_garbled_reply_fails_only_its_request() -> None:
     from zeroserve import InternalError
+    from zeroserve.client_core import ClientCore, ThreadCollector
     from zeroserve.config import ClientConfig
-    from zeroserve.core import ClientCore, ThreadCollector
 
     core = ClientCore(ClientConfig(("ipc:///x",)))
     bad, good = ThreadCollector(), ThreadCollector()

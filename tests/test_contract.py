@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from zeroserve import contract, errors
-from zeroserve.core import request_body
+from zeroserve.client_core import request_body
 from zeroserve.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from zeroserve.workers.engine import EngineError
 from zeroserve.workers.llm import params as engine_params

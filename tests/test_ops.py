@@ -152,6 +152,12 @@ def test_kill_9_worker_is_restarted_and_status_matches(deployment) -> None:
     assert client.generate("tiny", "after the crash", max_tokens=4, timeout_s=30).token_ids
     print(f"kill -9 to serving again: {time.monotonic() - t0:.1f}s")
     row = {r["slot"]: r for r in status.collect(rpc, client)}[0]
-    assert row["restarts"] == 1 and row["pid"] != old
+    assert row["restarts"] == 1 and row["pid"] != old and not row["crash_loop"]
     assert "RESTARTS" in status.render(status.collect(rpc, client))
+    for restarts in (2, 3):  # killed again as soon as it starts: a crash loop
+        pid = wait_for(lambda: _pids(rpc).get(0), 30, 0.1)
+        os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda n=restarts: supervisor.restarts(0) == n, 60, 0.1)
+    rows = status.collect(rpc, client, window_s=0)
+    assert rows[0]["crash_loop"] and "<- crash loop?" in status.render(rows)
     assert Path(root, "supervisor.sock").stat().st_mode & 0o077 == 0  # owner only

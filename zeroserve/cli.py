@@ -2,7 +2,7 @@
 
     zeroserve broker ...        the broker process (broker/cli.py, broker/broker.py)
     zeroserve worker ...        one worker process (workers/worker.py)
-    zeroserve gateway ...       the OpenAI-compatible HTTP gateway (gateway/gateway.py)
+    zeroserve gateway ...       the OpenAI-compatible HTTP gateway (gateway/cli.py)
     zeroserve up ...            broker + N workers as children of one foreground command
     zeroserve bench transport   transport round-trip and throughput benchmark
     zeroserve make-model PRESET build the embedded default model (tiny, small) into the cache
@@ -22,7 +22,7 @@ COMMANDS = {
     "up": "zeroserve.up",
     "bench": "zeroserve.bench",
     "make-model": "zeroserve.models",
-    "gateway": "zeroserve.gateway.gateway",
+    "gateway": "zeroserve.gateway.cli",
     "supervise": "zeroserve.ops.supervise",
     "keys": "zeroserve.keys",
     "chaos": "zeroserve.chaos",

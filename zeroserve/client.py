@@ -3,7 +3,7 @@
 Connects: DEALER -> broker frontend (one of `endpoints`; the next one on failover).
 Out: REQUEST, CANCEL, HEARTBEAT, DISCONNECT, ADMIN.  In: CHUNK, END, ERROR, HEARTBEAT.
 
-Both clients share `ClientCore` (core.py), which holds all protocol state without doing IO.
+Both clients share `ClientCore` (client_core.py), which holds all protocol state without doing IO.
 They differ only in transport: `Client` runs the socket on one IO thread
 and callers talk to it through a queue and a wake-up pipe; `AsyncClient` runs it in the event
 loop. Many requests are in flight at once on the one socket; replies are matched by id.
@@ -28,9 +28,16 @@ import zmq.asyncio
 
 from zeroserve import errors
 from zeroserve import protocol as p
+from zeroserve.client_core import (
+    AsyncCollector,
+    Chunk,
+    ClientCore,
+    Result,
+    ThreadCollector,
+    request_body,
+)
 from zeroserve.codec import TensorCodec
 from zeroserve.config import ClientConfig, SocketConfig, default_endpoint
-from zeroserve.core import AsyncCollector, Chunk, ClientCore, Result, ThreadCollector, request_body
 from zeroserve.handles import AsyncRequestHandle, RequestHandle
 from zeroserve.keys import PeerKeys
 from zeroserve.sockets import check_transport, make_socket, private_ipc
@@ -86,9 +93,10 @@ class Client:
                request_id: str | None = None, resume: bool = True, tenant: str = "",
                trace: str = "", **params: Any) -> RequestHandle:
         """Send a request without waiting: returns a handle to stream or wait on. A generation
-        whose worker dies goes on on another one unless resume=False (core.py). `tenant` names
-        whom it is for (the broker shares its queue fairly between tenants); `trace`, a W3C
-        traceparent, makes the broker's and worker's spans its children (tracing.py)."""
+        whose worker dies goes on on another one unless resume=False (client_core.py).
+        `tenant` names whom it is for (the broker shares its queue fairly between tenants);
+        `trace`, a W3C traceparent, makes the broker's and worker's spans its children
+        (tracing.py)."""
         rid = request_id or self.core.new_id()
         sink = ThreadCollector()
         with self._lock:

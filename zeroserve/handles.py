@@ -1,7 +1,7 @@
 """A request in flight, as the SDK's callers hold it: iterate its chunks or wait for its result.
 
 `RequestHandle` belongs to the sync `Client`, `AsyncRequestHandle` to `AsyncClient`
-(client.py); both read the request's `Collector` (core.py) and cancel the request when the
+(client.py); both read the request's `Collector` (client_core.py) and cancel the request when the
 caller stops reading before its end. No sockets here.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from zeroserve.core import (
+from zeroserve.client_core import (
     AsyncCollector,
     Chunk,
     Result,

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     exit_on_sigterm()
-    from zeroserve.gateway.gateway import raise_fd_limit
+    from zeroserve.gateway.cli import raise_fd_limit
     from zeroserve.up import wait_ready
 
     raise_fd_limit(args.idle + args.slow + 256)

@@ -43,13 +43,13 @@ def run_op(broker: Broker, msg: p.Message, privileged: bool) -> tuple[Any, str]:
 
 def on_admin_socket(broker: Broker, frames: list[bytes]) -> None:
     """One message on the admin endpoint."""
-    peer = frames[0]
+    peer, message = frames[0], frames[1:]  # the ROUTER's identity frame, then the message
 
     def reply(answer: list) -> None:
         broker.send_quiet(broker.admin, [peer, *answer])
 
     try:
-        msg = p.decode(frames[1:], broker.cfg.sockets.max_message_bytes)
+        msg = p.decode(message, broker.cfg.sockets.max_message_bytes)
     except p.ProtocolError as exc:
         broker.counts["bad_frames"] += 1
         reply(p.error("*", p.BAD_REQUEST, str(exc)))

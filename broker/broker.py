@@ -153,15 +153,16 @@ class Broker:
     # -- backend: workers ----------------------------------------------------------------
 
     def _on_backend(self, frames: list[bytes]) -> None:
-        identity = frames[0]
+        # the ROUTER's identity frame, the client's route the worker echoes, then the message
+        identity, message = frames[0], frames[2:]
         worker = self.table.workers.get(identity)
         try:
             if len(frames) < 2:
                 raise p.ProtocolError("missing route frame")
-            msg = p.decode(frames[2:], self.cfg.sockets.max_message_bytes)
+            msg = p.decode(message, self.cfg.sockets.max_message_bytes)
         except p.ProtocolError as exc:
             self.bad_frame("backend", identity, exc)
-            self._send_raw_backend(identity, p.error(p.rid_of(frames[2:]), p.BAD_REQUEST, str(exc)))
+            self._send_raw_backend(identity, p.error(p.rid_of(message), p.BAD_REQUEST, str(exc)))
             return
         route, t = frames[1], msg.type
         if worker is not None:
@@ -173,7 +174,7 @@ class Broker:
             # Unknown peer (e.g. we restarted): ask it to reconnect and register again.
             self._send_raw_backend(identity, p.encode(p.DISCONNECT, {"reason": "not registered"}))
         elif t in (p.CHUNK, p.END, p.ERROR):
-            self._on_reply(worker, route, msg, frames[2:])
+            self._on_reply(worker, route, msg, message)
         elif t == p.HEARTBEAT:
             if isinstance(stats := msg.header.get("stats"), dict):
                 worker.stats = stats

@@ -28,17 +28,17 @@ log = logging.getLogger("zeroserve.broker")
 
 
 def on_message(broker: Broker, frames: list[bytes]) -> None:
-    client = frames[0]
+    client, message = frames[0], frames[1:]  # the ROUTER's identity frame, then the message
     broker.clients[client] = time.monotonic()
     try:
-        msg = p.decode(frames[1:], broker.cfg.sockets.max_message_bytes)
+        msg = p.decode(message, broker.cfg.sockets.max_message_bytes)
     except p.ProtocolError as exc:
         broker.bad_frame("frontend", client, exc)
-        broker.send_client(client, p.error(p.rid_of(frames[1:]), p.BAD_REQUEST, str(exc)))
+        broker.send_client(client, p.error(p.rid_of(message), p.BAD_REQUEST, str(exc)))
         return
     t = msg.type
     if t == p.REQUEST:
-        on_request(broker, client, msg, frames[1:])
+        on_request(broker, client, msg, message)
     elif t == p.CANCEL:
         _on_cancel(broker, client, msg.header["id"])
     elif t == p.HEARTBEAT:

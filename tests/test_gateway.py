@@ -281,6 +281,8 @@ def test_cache_hits_for_deterministic_requests(stack) -> None:
     assert first.json()["choices"] == second.json()["choices"]
     off = httpx.post(f"{url}/v1/completions", json=body, headers={"cache-control": "no-cache"})
     assert "x-zeroserve-cache" not in off.headers
+    off = httpx.post(f"{url}/v1/completions", json=body, headers={"x-zeroserve-cache": "off"})
+    assert off.status_code == 200 and "x-zeroserve-cache" not in off.headers  # the opt-out
     sampled = httpx.post(f"{url}/v1/completions", json={**body, "temperature": 1.0})
     assert "x-zeroserve-cache" not in sampled.headers
 

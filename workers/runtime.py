@@ -296,7 +296,7 @@ class Worker:
                             frames = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        frames = p.materialize(frames, 5)  # route, version, type, header, body
+                        frames = p.materialize(frames, 1 + p.HEAD_FRAMES)  # route, message
                         try:
                             if self._on_broker(dealer, frames):
                                 broker_expiry = 0.0  # told to re-register: reconnect now
@@ -336,9 +336,9 @@ class Worker:
 
     def _on_broker(self, dealer: zmq.Socket, frames: list[bytes]) -> bool:
         """Handle one message from the broker; True when it asks us to re-register."""
-        route = frames[0] if frames else b""
+        route, message = (frames[0] if frames else b""), frames[1:]
         try:
-            msg = p.decode(frames[1:], self.cfg.sockets.max_message_bytes)
+            msg = p.decode(message, self.cfg.sockets.max_message_bytes)
         except p.ProtocolError as exc:
             log.warning("malformed frame from broker: %s", exc)
             return False

@@ -215,7 +215,7 @@ class Client:
                         except zmq.Again:
                             break
                         with self._lock:
-                            again = core.on_frames(p.materialize(frames, 4))
+                            again = core.on_frames(p.materialize(frames))
                         for resumed in again:  # generations whose worker was lost go on
                             sock.send_multipart(resumed, copy=False)
                 now = time.monotonic()
@@ -267,7 +267,7 @@ class AsyncClient:
                 for _ in range(1024):
                     try:
                         frames = await self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        for resumed in core.on_frames(p.materialize(frames, 4)):
+                        for resumed in core.on_frames(p.materialize(frames)):
                             await self.sock.send_multipart(resumed, copy=False)
                     except zmq.Again:
                         break

@@ -250,9 +250,13 @@ def admin(rid: str, op: str, **args: Any) -> list[bytes]:
     return encode(ADMIN, {"id": rid, "op": op, **args})
 
 
-def materialize(frames: list[Any], n: int) -> list[Any]:
-    """Frames received with copy=False: the first `n` (envelope, header, body) as bytes, the
-    rest (raw tensor buffers) left as zero-copy zmq.Frame objects."""
+HEAD_FRAMES = 4  # a message's frames before its raw buffers: version, type, header, body
+
+
+def materialize(frames: list[Any], n: int = HEAD_FRAMES) -> list[Any]:
+    """Frames received with copy=False: the first `n` (any routing frames, then version, type,
+    header, body) as bytes, the rest (raw tensor buffers) left as zero-copy zmq.Frame
+    objects."""
     return [f.bytes for f in frames[:n]] + frames[n:]
 
 

@@ -161,3 +161,28 @@ def test_kill_9_worker_is_restarted_and_status_matches(deployment) -> None:
     rows = status.collect(rpc, client, window_s=0)
     assert rows[0]["crash_loop"] and "<- crash loop?" in status.render(rows)
     assert Path(root, "supervisor.sock").stat().st_mode & 0o077 == 0  # owner only
+
+
+def test_the_autoscale_loop_reads_the_broker_and_decides(pipeline) -> None:
+    import subprocess
+    import sys
+
+    pipeline.start_broker("--heartbeat-interval-s", "1")
+    pipeline.start_worker("only", "--step-delay-ms", "50", "--heartbeat-interval-s", "1")
+    pipeline.wait_workers(1)
+    out = pipeline.root / "autoscale.log"
+    with pipeline.client() as c, open(out, "wb") as fh:
+        handles = [c.submit("echo", " ".join(["w"] * 400)) for _ in range(20)]
+        script = Path(__file__).parents[1] / "scripts" / "autoscale.py"  # the README command
+        loop = subprocess.Popen([sys.executable, str(script), "--dry-run",
+                                 "--broker", pipeline.frontend, "--interval-s", "0.1",
+                                 "--upscale-delay-s", "0.3"], stdout=fh, stderr=fh)
+        try:
+            # 20 ongoing, 8 a worker wanted: 3 workers, once the wish has lasted 0.3 s
+            assert wait_for(lambda: b"20 ongoing on 1 workers -> 3 workers (dry run)"
+                            in out.read_bytes(), 30), out.read_text()
+        finally:
+            loop.send_signal(signal.SIGINT)
+            assert loop.wait(10) == 0
+            for h in handles:
+                h.cancel()

@@ -103,3 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(args.interval_s)
         except KeyboardInterrupt:
             return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -42,11 +42,12 @@ def test_processing_matches_the_formulas_row_by_row() -> None:
     ]
     prompts = [[1, 2, 2], [4], [9], [0, 11]]
     outputs = [[2, 3, 3, 3], [5], [1, 2], []]
-    got = lp.apply(logits, params, prompts, outputs, frozenset({0}))
+    histories = [(p + o, len(p)) for p, o in zip(prompts, outputs, strict=True)]
+    got = lp.apply(logits, params, histories, frozenset({0}))
     for i, sp in enumerate(params):
         want = _reference(logits[i].tolist(), sp, prompts[i], outputs[i], {0})
         assert got[i].tolist() == pytest.approx(want, rel=1e-6)
-    assert lp.apply(logits, [SamplingParams()] * 4, prompts, outputs, frozenset()) is logits
+    assert lp.apply(logits, [SamplingParams()] * 4, histories, frozenset()) is logits
 
 
 def test_logit_bias_is_checked() -> None:

@@ -253,8 +253,7 @@ class LLMEngine:
             return []
         sps = [s.params for s in sampling]
         logits = logits_processing.apply(
-            logits, sps, [s.token_ids[:s.prompt_len] for s in sampling],
-            [s.output_ids for s in sampling], self.eos_ids)
+            logits, sps, [(s.token_ids, s.prompt_len) for s in sampling], self.eos_ids)
         constrained = [(i, s.matcher) for i, s in enumerate(sampling) if s.matcher is not None]
         if constrained:
             logits = self._grammars.mask(logits, constrained)  # type: ignore[union-attr]

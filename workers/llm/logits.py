@@ -39,13 +39,16 @@ def _counts(rows: Seq[Seq[int]], vocab: int, device: torch.device) -> torch.Tens
     return counts[:, :vocab]
 
 
-def apply(logits: torch.Tensor, params: Seq[SamplingParams], prompts: Seq[Seq[int]],
-          outputs: Seq[Seq[int]], stop_ids: frozenset[int]) -> torch.Tensor:
+def apply(logits: torch.Tensor, params: Seq[SamplingParams],
+          histories: Seq[tuple[list[int], int]], stop_ids: frozenset[int]) -> torch.Tensor:
     """`logits` [K, V] with each row's penalties, bias and min_tokens applied (a new tensor
-    when any row asks; the same one otherwise)."""
+    when any row asks; the same one otherwise). A row's history is (its token ids, prompt
+    then output, and its prompt's length): split only for the rows that ask."""
     rows = [i for i, sp in enumerate(params) if wanted(sp)]
     if not rows:
         return logits
+    prompts = {i: histories[i][0][:histories[i][1]] for i in rows}
+    outputs = {i: histories[i][0][histories[i][1]:] for i in rows}
     vocab, device = logits.shape[-1], logits.device
     idx = to_device(rows, torch.long, device)
     x = logits[idx].float()

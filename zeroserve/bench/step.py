@@ -64,13 +64,17 @@ def engine_steps(cfg: Any, batch: int, prompt: int, steps: int,
 
 def host_syncs(eng: Any, steps: int) -> float:
     """Host waits on the device per engine step: every cuda*Synchronize the runtime saw (a
-    pageable copy, an .item() or a .tolist() each make one too)."""
+    pageable copy, an .item() or a .tolist() each make one too), less those the profiler
+    makes itself (counted over a profile of no step)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            eng.step()
-    return sum(e.count for e in prof.key_averages() if "Synchronize" in e.key) / steps
+    def syncs(n: int) -> int:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                eng.step()
+        return sum(e.count for e in prof.key_averages() if "Synchronize" in e.key)
+
+    return (syncs(steps) - syncs(0)) / steps
 
 
 def forward_alone(model: Any, device: torch.device, batch: int, prompt: int,

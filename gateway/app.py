@@ -171,8 +171,10 @@ def create_app(cfg: GatewayConfig) -> Any:
     @app.get("/ready")
     async def ready() -> JSONResponse:
         n = len(gw.table.get("workers", []))
-        return JSONResponse({"status": "ready" if n else "not ready", "workers": n},
-                            200 if n else 503)
+        broker = gw.client is not None and gw.client.broker_alive
+        ok = bool(n) and broker
+        return JSONResponse({"status": "ready" if ok else "not ready", "workers": n,
+                             "broker": "answering" if broker else "silent"}, 200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

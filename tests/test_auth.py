@@ -88,7 +88,7 @@ def test_curve_fabric_on_distinct_loopback_hosts(pipeline, keys, tmp_path) -> No
         ops.admin("drain", worker_id="w2")
     with (Client(admin, keys=alice_keys, heartbeat_interval_s=0.1) as alice,
           pytest.raises((UnavailableError, RequestTimeoutError))):  # a client key: refused
-        alice.admin("drain", worker_id="w2", timeout_s=3)
+        alice.admin("drain", worker_id="w2", timeout_s=1.5)
     with Client(admin, keys=PeerKeys.load(keys, "ops"), heartbeat_interval_s=0.25) as ops:
         assert ops.admin("drain", worker_id="w2", timeout_s=10)["draining"] is True
     with Client(front, keys=PeerKeys.load(keys, "alice"), heartbeat_interval_s=0.25) as c:
@@ -101,7 +101,7 @@ def test_curve_fabric_on_distinct_loopback_hosts(pipeline, keys, tmp_path) -> No
     for why, kw in refused.items():
         with Client(front, heartbeat_interval_s=0.1, **kw) as c:  # type: ignore[arg-type]
             with pytest.raises((UnavailableError, RequestTimeoutError)):  # nothing answers
-                c.generate("echo", "let me in", timeout_s=3)
+                c.generate("echo", "let me in", timeout_s=1.5)
             print("refused:", why)
     assert pipeline.broker.poll() is None
 

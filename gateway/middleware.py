@@ -80,14 +80,22 @@ class Frontline:
             await send(message)
 
         try:
+            await self._respond(scope, headers, receive, send_wrapper, status, rid)
+        finally:  # whatever happened: settled, logged, its span ended
+            self._done(scope, ticket, status, time.perf_counter() - t0, span)
+
+    async def _respond(self, scope: dict, headers: dict, receive: Any, send: Any,
+                       status: dict, rid: str) -> None:
+        """401 without a valid key, 413 past the body limit, else the app."""
+        try:
             length = int(headers.get(b"content-length", b"0") or 0)
         except ValueError:
             length = 0
         if scope["method"] == "POST" and not self.key_ok(headers.get(b"authorization")):
-            await self._send_error(send_wrapper, 401, "missing or invalid API key",
+            await self._send_error(send, 401, "missing or invalid API key",
                                    "invalid_request_error", "invalid_api_key")
         elif length > self.max_body_bytes:
-            await self._reject(send_wrapper)
+            await self._reject(send)
         else:
             try:
                 body = await self._read_body(receive) if scope["method"] == "POST" else None
@@ -95,15 +103,19 @@ class Frontline:
                 status["code"] = 499
             else:
                 if body is None and scope["method"] == "POST":
-                    await self._reject(send_wrapper)
+                    await self._reject(send)
                 else:
-                    await self._run_app(scope, body, receive, send_wrapper, status, rid)
+                    await self._run_app(scope, body, receive, send, status, rid)
+
+    def _done(self, scope: dict, ticket: Ticket, status: dict, seconds: float,
+              span: Any) -> None:
+        """Settle the ticket, write the access log line, end the span, count the request."""
         ticket.settle()
         if status["code"] and not status["ended"]:  # its client left mid-response
             status["code"], ticket.cancelled = 499, True
         line = {
-            "request_id": rid, "method": scope["method"], "route": scope["path"],
-            "status": status["code"], "duration_ms": round((time.perf_counter() - t0) * 1e3, 2),
+            "request_id": ticket.request_id, "method": scope["method"], "route": scope["path"],
+            "status": status["code"], "duration_ms": round(seconds * 1e3, 2),
             **ticket.log_fields(),
         }
         log.info(json.dumps(line, separators=(",", ":")))
@@ -112,7 +124,7 @@ class Frontline:
                 first = span.start_time + int(ticket.ttft_ms * 1e6)
                 tracing.record("gateway.stream", ticket.trace, first, tracing.now_ns())
             tracing.end(span, status=status["code"], model=ticket.model,
-                        completion_tokens=ticket.log_fields().get("completion_tokens"))
+                        completion_tokens=line.get("completion_tokens"))
         if self.on_done is not None:
             self.on_done(scope["path"], status["code"])
 
@@ -124,8 +136,9 @@ class Frontline:
             await self.app(scope, _replay(body, receive) if body is not None else receive, send)
         except Exception:
             errors.exception("request %s failed unexpectedly", rid)
-            if status["code"]:
-                raise  # the response had started: the server closes the connection
+            if status["code"]:  # the response had started: the server closes the connection
+                status.update(code=500, ended=True)  # logged as the failure it is
+                raise
             await self._send_error(send, 500, f"internal error (request id {rid})",
                                    "internal_error", "internal_error")
 

@@ -72,7 +72,8 @@ class Client:
     """
 
     def __init__(self, endpoints: str | Sequence[str] | None = None, *,
-                 timeout_s: float | None = None, heartbeat_interval_s: float = 1.0,
+                 timeout_s: float | None = None,
+                 heartbeat_interval_s: float = ClientConfig.heartbeat_interval_s,
                  keys: PeerKeys | None = None, insecure: bool = False,
                  max_message_mb: int | None = None, ctx: zmq.Context | None = None) -> None:
         self.core = ClientCore(_config(endpoints, timeout_s, heartbeat_interval_s, keys,
@@ -239,7 +240,8 @@ class AsyncClient:
     """asyncio client: the same core, the socket driven by the running event loop."""
 
     def __init__(self, endpoints: str | Sequence[str] | None = None, *,
-                 timeout_s: float | None = None, heartbeat_interval_s: float = 1.0,
+                 timeout_s: float | None = None,
+                 heartbeat_interval_s: float = ClientConfig.heartbeat_interval_s,
                  keys: PeerKeys | None = None, insecure: bool = False,
                  max_message_mb: int | None = None, ctx: zmq.asyncio.Context | None = None) -> None:
         self.core = ClientCore(_config(endpoints, timeout_s, heartbeat_interval_s, keys,

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from zeroserve.config import default_endpoint
+from zeroserve.config import GatewayConfig, WorkerConfig, default_endpoint
 from zeroserve.logs import setup_logging
 from zeroserve.procs import spawn, stop_all, stop_on_signals
 
@@ -79,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--instance", default=None)
     ap.add_argument("--frontend", default=None)
     ap.add_argument("--backend", default=None)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--host", default="127.0.0.1", help="gateway HTTP host")
-    ap.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
+    ap.add_argument("--device", default=WorkerConfig.device)
+    ap.add_argument("--host", default=GatewayConfig.host, help="gateway HTTP host")
+    ap.add_argument("--port", type=int, default=GatewayConfig.port, help="gateway HTTP port")
     ap.add_argument("--no-gateway", action="store_true")
     ap.add_argument("--ready-timeout-s", type=float, default=600.0)
     ap.add_argument("--log-level", default="INFO")

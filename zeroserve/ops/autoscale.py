@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -83,27 +85,33 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
     from zeroserve.client import Client
     from zeroserve.config import default_endpoint
+    from zeroserve.errors import ZeroserveError
     from zeroserve.ops import scale, supervisor
 
     policy = Policy(args.target_ongoing_requests, args.min_workers, args.max_workers,
                     args.upscale_delay_s, args.downscale_delay_s)
     state = PolicyState()
+    stop = threading.Event()  # SIGINT (Ctrl-C) or SIGTERM (supervisord): end between ticks
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     with Client(args.broker or default_endpoint("frontend")) as client:
         rpc = None if args.dry_run else supervisor.connect(args.socket)
-        try:
-            while True:
+        while not stop.is_set():
+            try:
                 figures = read_figures(client)
-                target = decide(policy, state, figures)
-                if target is not None:
-                    log.info("autoscale: %d ongoing on %d workers -> %d workers%s",
-                             figures.ongoing, figures.workers, target,
-                             " (dry run)" if args.dry_run else "")
-                    if rpc is not None:
-                        scale.scale(rpc, client, target)
-                time.sleep(args.interval_s)
-        except KeyboardInterrupt:
-            return 0
-
+            except ZeroserveError as exc:  # a broker restarting: ask again next tick
+                log.warning("autoscale: no figures from the broker: %s", exc)
+                stop.wait(args.interval_s)
+                continue
+            target = decide(policy, state, figures)
+            if target is not None:
+                log.info("autoscale: %d ongoing on %d workers -> %d workers%s",
+                         figures.ongoing, figures.workers, target,
+                         " (dry run)" if args.dry_run else "")
+                if rpc is not None:
+                    scale.scale(rpc, client, target)
+            stop.wait(args.interval_s)
+    return 0
 
 if __name__ == "__main__":
     raise SystemExit(main())

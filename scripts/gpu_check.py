@@ -8,6 +8,8 @@ installed package is imported, never the source tree):
                device's dtype on both sides (bfloat16 on CUDA)
   step         `bench step`: the decode step at batch 32 vs the model's forward alone, and
                the host synchronisations torch made on its own
+  step_b128    the same at batch 128 (where the concurrency-128 serve runs), with the host's
+               share of the step (`host_step_ms`)
   serve_c32    `bench serve` at concurrency 32 and 128 (small preset), with the engine,
   serve_c128   static-batch and HF-sequential baselines
   tensor       `bench tensor` with the tensor workers on the device
@@ -50,6 +52,9 @@ def plan(device: str, model: str) -> dict[str, list[str]]:
                    "--prompts", "4" if smoke else "32", "--max-tokens", "8" if smoke else "64"],
         "step": ["bench", "step", "--model", model, "--device", device, "--json",
                  "--batch", "4" if smoke else "32", "--steps", "5" if smoke else "50"],
+        # the batch the c128 serve runs at: is its step the engine's or the model's?
+        "step_b128": ["bench", "step", "--model", model, "--device", device, "--json",
+                      "--batch", "8" if smoke else "128", "--steps", "3" if smoke else "20"],
     }
     for i, (conc, n) in enumerate(sizes.items()):
         steps[f"serve_c{(32, 128)[i]}"] = [*serve, "--concurrency", str(conc),

@@ -30,6 +30,8 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path) -> None:
     assert res["tests"]["tests"] >= 5 and res["tests"]["failures"] == 0
     assert res["parity"]["exact"] + res["parity"]["near_ties"] == res["parity"]["prompts"]
     assert res["step"]["decode_step_ms"] > 0 and res["step"]["step_over_forward"] > 0
+    b128 = res["step_b128"]
+    assert b128["batch"] > res["step"]["batch"] and b128["host_step_ms"] > 0
     for name in ("serve_c32", "serve_c128"):
         serve = res[name]
         assert serve["requests_failed"] == 0 and serve["served_tok_s"] > 0, name

@@ -11,6 +11,9 @@ floor.
   step_over_forward              what the engine adds around the model (goal: at most 1.5)
   host_syncs_per_step            CUDA only: host waits on the device per step, the step's one
                                  deliberate wait (transfer.to_host) included (goal: 1)
+  host_step_ms                   the same greedy step with the model's forward replaced by one
+                                 that returns ready logits: what the engine costs the host
+                                 (scheduling, inputs, sampling, detokenizing, stops)
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def engine_steps(cfg: Any, batch: int, prompt: int, steps: int,
-                 body: dict[str, Any]) -> tuple[list[float], float | None]:
-    """Per-step wall times (ms) of `steps` decode steps at `batch`, and on CUDA the host
-    synchronisations per step (counted by torch's profiler over five more steps)."""
+def engine_steps(cfg: Any, batch: int, prompt: int, steps: int, body: dict[str, Any]
+                 ) -> tuple[list[float], float | None, list[float]]:
+    """Per-step wall times (ms) of `steps` decode steps at `batch`; on CUDA the host
+    synchronisations per step (counted by torch's profiler over five more steps); then the
+    step times again with the model's forward replaced by ready logits (the host's share)."""
     from zeroserve.workers.llm.engine import LLMEngine
 
     eng = LLMEngine.from_config(cfg)
@@ -49,17 +53,37 @@ def engine_steps(cfg: Any, batch: int, prompt: int, steps: int,
         eng.step()  # prefill
     for _ in range(3):
         eng.step()  # warm the decode shapes
-    times = []
-    try:
+
+    def timed() -> list[float]:
+        times = []
         for _ in range(steps):
             t0 = time.perf_counter()
             outs = eng.step()
             times.append((time.perf_counter() - t0) * 1000)
             assert len(outs) == batch, "every sequence decodes one token a step"
+        return times
+
+    try:
+        times = timed()
         syncs = host_syncs(eng, 5) if torch.device(cfg.device).type == "cuda" else None
+        eng.runner.model = ReadyLogits(eng.runner.model, vocab, batch)
+        host = timed()
     finally:
         eng.close()
-    return times, syncs
+    return times, syncs, host
+
+
+class ReadyLogits:
+    """Stands in for a model: logits of the right shape at once, no forward computed."""
+
+    def __init__(self, model: Any, vocab: int, rows: int) -> None:
+        p = next(model.parameters())
+        self.logits = torch.zeros(1, rows, vocab, dtype=p.dtype, device=p.device)
+
+    def __call__(self, logits_to_keep: torch.Tensor, **_: Any) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.logits[:, :logits_to_keep.shape[0]])
 
 
 def host_syncs(eng: Any, steps: int) -> float:
@@ -115,14 +139,15 @@ def run(model: str, device: str, dtype: str, batch: int, prompt: int,
                                         kv_cache_tokens=batch * (2 * prompt + steps + 64)))
     res: dict[str, Any] = {"device": device, "dtype": cfg.dtype, "batch": batch,
                            "prompt_tokens": prompt, "steps": steps}
-    greedy, syncs = engine_steps(cfg, batch, prompt, steps, {"temperature": 0})
-    sampled, syncs_sampled = engine_steps(cfg, batch, prompt, steps,
-                                          {"temperature": 0.8, "top_p": 0.95, "seed": 1})
+    greedy, syncs, host = engine_steps(cfg, batch, prompt, steps, {"temperature": 0})
+    sampled, syncs_sampled, _ = engine_steps(cfg, batch, prompt, steps,
+                                             {"temperature": 0.8, "top_p": 0.95, "seed": 1})
     ref = baselines.load(path, cfg.dtype).to(dev)
     alone = forward_alone(ref, dev, batch, prompt, steps)
     res["decode_step_ms"] = statistics.median(greedy)
     res["decode_step_sampled_ms"] = statistics.median(sampled)
     res["forward_ms"] = statistics.median(alone)
+    res["host_step_ms"] = statistics.median(host)
     res["step_over_forward"] = res["decode_step_ms"] / res["forward_ms"]
     res["sampled_step_over_forward"] = res["decode_step_sampled_ms"] / res["forward_ms"]
     if syncs is not None and syncs_sampled is not None:

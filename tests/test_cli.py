@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -35,6 +36,7 @@ def test_up_serves_sdk_and_http_then_ctrl_c_stops_everything(tmp_ipc, tiny_model
             [sys.executable, "-m", "zeroserve.cli", "up", "--model", str(tiny_model),
              "--frontend", frontend, "--backend", backend, "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    children: list[psutil.Process] = []
     try:
         def printed() -> bool:
             return b"Ctrl-C here stops everything" in (tmp_ipc / "up.log").read_bytes()
@@ -68,7 +70,11 @@ def test_up_serves_sdk_and_http_then_ctrl_c_stops_everything(tmp_ipc, tiny_model
         assert proc.wait(60) == 0
         assert wait_for(lambda: not [c for c in children
                                      if c.is_running() and c.status() != "zombie"], 5)
-    finally:
+    finally:  # up's children run in process groups of their own: reap them by pid too
         if proc.poll() is None:
+            children += psutil.Process(proc.pid).children(recursive=True)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()

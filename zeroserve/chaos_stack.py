@@ -97,15 +97,19 @@ def restart_after_exit(stack: Stack, name: str) -> None:
     stack.start(name)
 
 
-async def idle_within(stack: Stack, timeout_s: float) -> bool:
-    """Every worker back to nothing running (the cut streams were cancelled in the engine)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+async def idle_within(stack: Stack, timeout_s: float) -> tuple[float | None, str]:
+    """Seconds until every worker is back to nothing running (the cut streams were cancelled
+    in the engine), or None past `timeout_s`, with who was still busy then."""
+    t0 = time.monotonic()
+    busy = "no worker registered"
+    while time.monotonic() - t0 < timeout_s:
         rows = await stack.workers()
         if rows and all(w["in_flight"] == 0 and not w["stats"].get("running") for w in rows):
-            return True
+            return time.monotonic() - t0, ""
+        busy = ", ".join(f"{w['worker_id']}: {w['in_flight']} in flight, "
+                         f"{w['stats'].get('running')} running" for w in rows) or busy
         await asyncio.sleep(0.1)
-    return False
+    return None, f"still busy after {timeout_s:.0f} s: {busy}"
 
 
 def leftovers(stack: Stack) -> dict[str, Any]:

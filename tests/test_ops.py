@@ -17,6 +17,7 @@ from zeroserve import Client, ZeroserveError
 from zeroserve.ops import autoscale, status, supervise, supervisor
 from zeroserve.ops.autoscale import Figures, Policy, PolicyState, decide
 from zeroserve.ops.scale import scale
+from zeroserve.procs import stop
 
 from .conftest import wait_for
 
@@ -176,13 +177,14 @@ def test_the_autoscale_loop_reads_the_broker_and_decides(pipeline) -> None:
         script = Path(__file__).parents[1] / "scripts" / "autoscale.py"  # the README command
         loop = subprocess.Popen([sys.executable, str(script), "--dry-run",
                                  "--broker", pipeline.frontend, "--interval-s", "0.1",
-                                 "--upscale-delay-s", "0.3"], stdout=fh, stderr=fh)
+                                 "--upscale-delay-s", "0.3"], stdout=fh, stderr=fh,
+                                start_new_session=True)
+        pipeline.procs.append(loop)  # reaped with the pipeline, whatever happens here
         try:
             # 20 ongoing, 8 a worker wanted: 3 workers, once the wish has lasted 0.3 s
             assert wait_for(lambda: b"20 ongoing on 1 workers -> 3 workers (dry run)"
                             in out.read_bytes(), 30), out.read_text()
         finally:
-            loop.send_signal(signal.SIGINT)
-            assert loop.wait(10) == 0
             for h in handles:
                 h.cancel()
+    assert stop(loop, timeout_s=10, sig=signal.SIGINT) == 0  # Ctrl-C: it ends between ticks

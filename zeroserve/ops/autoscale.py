@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--broker", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
+    from zeroserve import procs
     from zeroserve.client import Client
     from zeroserve.config import default_endpoint
     from zeroserve.errors import ZeroserveError
@@ -91,17 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     policy = Policy(args.target_ongoing_requests, args.min_workers, args.max_workers,
                     args.upscale_delay_s, args.downscale_delay_s)
     state = PolicyState()
-    stop = threading.Event()  # SIGINT (Ctrl-C) or SIGTERM (supervisord): end between ticks
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stopping = procs.stop_on_signals()  # SIGINT (Ctrl-C), SIGTERM: end between ticks
     with Client(args.broker or default_endpoint("frontend")) as client:
         rpc = None if args.dry_run else supervisor.connect(args.socket)
-        while not stop.is_set():
+        while not stopping():
             try:
                 figures = read_figures(client)
             except ZeroserveError as exc:  # a broker restarting: ask again next tick
                 log.warning("autoscale: no figures from the broker: %s", exc)
-                stop.wait(args.interval_s)
+                time.sleep(args.interval_s)
                 continue
             target = decide(policy, state, figures)
             if target is not None:
@@ -110,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                          " (dry run)" if args.dry_run else "")
                 if rpc is not None:
                     scale.scale(rpc, client, target)
-            stop.wait(args.interval_s)
+            time.sleep(args.interval_s)
     return 0
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def on_admin_socket(broker: Broker, frames: list[bytes]) -> None:
         reply(p.error("*", p.BAD_REQUEST, str(exc)))
         return
     if msg.type == p.HEARTBEAT:
-        reply(p.encode(p.HEARTBEAT, {}))
+        reply(broker.beat)
     elif msg.type == p.ADMIN:
         result, error = run_op(broker, msg, privileged=True)
         rid = msg.header["id"]

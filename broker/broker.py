@@ -7,7 +7,7 @@ Binds:
 
 Frontend in:  REQUEST, CANCEL, HEARTBEAT, DISCONNECT, ADMIN {op: workers | stats} (read-only),
               handled in frontend.py
-Frontend out: CHUNK, END, ERROR (request-scoped), HEARTBEAT (echo of the client's)
+Frontend out: CHUNK, END, ERROR (request-scoped), HEARTBEAT {epoch} (echo of the client's)
 Backend in:   READY, HEARTBEAT, CHUNK, END, ERROR, DRAIN (worker's own SIGTERM), DISCONNECT
 Backend out:  REQUEST, CANCEL, HEARTBEAT, DRAIN, DISCONNECT (each behind a route frame)
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from typing import Any
 
 import zmq
@@ -73,6 +74,10 @@ class Broker:
         self.bad_frames = RateLimitedLog(log)
         self.errors = RateLimitedLog(log)
         self.running = True  # until stop(): a SIGTERM during start-up is not lost
+        # new with every process: in its heartbeats, so a client learns of a restart at once
+        # and sends again what died with the old process (protocol.py, client_core.py)
+        self.epoch = uuid.uuid4().hex[:16]
+        self.beat = p.encode(p.HEARTBEAT, {"epoch": self.epoch})
         self.counts = {"requests": 0, "busy": 0, "lost": 0, "bad_frames": 0, "backlogged": 0,
                        "slow_clients": 0}
         self._next_heartbeat = 0.0
@@ -88,8 +93,8 @@ class Broker:
         for sock, endpoint in endpoints:
             private_ipc(endpoint)
             sock.bind(endpoint)
-        log.info("broker bound frontend=%s backend=%s admin=%s", self.cfg.frontend,
-                 self.cfg.backend, self.cfg.admin)
+        log.info("broker bound frontend=%s backend=%s admin=%s epoch=%s", self.cfg.frontend,
+                 self.cfg.backend, self.cfg.admin, self.epoch)
 
     def stop(self, *_: Any) -> None:
         self.running = False
@@ -327,9 +332,8 @@ class Broker:
         if self.handled >= TRIM_AFTER:  # a burst is over (or goes on): hand back its memory
             self.handled = 0
             trim_heap()
-        beat = p.encode(p.HEARTBEAT, {})
         for worker in list(self.table.workers.values()):
-            self.send_worker(worker, NO_ROUTE, beat)
+            self.send_worker(worker, NO_ROUTE, self.beat)
         silent = [c for c, seen in self.clients.items() if now - seen > self.cfg.expiry_s]
         for client in silent:
             quiet_s = now - self.clients[client]

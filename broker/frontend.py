@@ -9,6 +9,8 @@ and tenant's share (table.py), else answered BUSY. A client that leaves (DISCONN
 silent past expiry, or too slow to read) has its requests cancelled: queued ones are dropped,
 running ones are cancelled in their worker and keep its credit until the worker confirms.
 The same request sent again (the SDK resuming it) while that cancel is pending waits for it.
+A copy marked `again` (the SDK sends everything again when this broker's epoch is new to it)
+of a request that runs here already is ignored.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def on_message(broker: Broker, frames: list[bytes]) -> None:
     elif t == p.CANCEL:
         _on_cancel(broker, client, msg.header["id"])
     elif t == p.HEARTBEAT:
-        broker.send_client(client, p.encode(p.HEARTBEAT, {}), droppable=True)
+        broker.send_client(client, broker.beat, droppable=True)
     elif t == p.DISCONNECT:
         client_gone(broker, client)
     elif t == p.ADMIN:
@@ -58,6 +60,8 @@ def on_request(broker: Broker, client: bytes, msg: p.Message, frames: list[bytes
     broker.counts["requests"] += 1
     same = broker.table.jobs.get((client, rid))
     if same is not None:
+        if msg.header.get("again") and not same.cancelled:
+            return  # sent again after a restart of ours, and it reached us the first time
         if same.cancelled and same.successor is None:  # sent again (resumed) while its
             same.successor = (msg, frames)  # worker cancels it: it goes once that is done
         else:

@@ -142,3 +142,29 @@ def test_unstarted_request_fails_after_max_resends_without_a_broker(tmp_ipc) -> 
     client = Client(f"ipc://{tmp_ipc}/gone.sock", heartbeat_interval_s=0.05)
     with client, pytest.raises(UnavailableError, match="no broker answered"):
         client.generate("echo", "x", timeout_s=10)  # 3 resends x 0.15 s, not the 10 s timeout
+
+
+def test_a_new_broker_epoch_sends_everything_again() -> None:
+    from zeroserve import UnavailableError
+    from zeroserve.client_core import ClientCore, ThreadCollector
+    from zeroserve.config import ClientConfig
+
+    core = ClientCore(ClientConfig(("ipc:///x",)))
+    assert core.on_frames(p.encode(p.HEARTBEAT, {"epoch": "old"})) == []
+    sinks = {rid: ThreadCollector() for rid in ("queued", "gen", "tensor")}
+    core.submit("queued", "m", {"prompt": "a"}, (), sinks["queued"])
+    core.submit("gen", "m", {"prompt": "b"}, (), sinks["gen"])
+    core.submit("tensor", "m", {"x": 1}, (b"raw",), sinks["tensor"])
+    core.on_frames(p.chunk("gen", {"text": "xy", "token_ids": [7, 8]}))
+    core.on_frames(p.chunk("tensor", {"part": 1}))
+    assert core.on_frames(p.encode(p.HEARTBEAT, {"epoch": "old"})) == []  # same process
+    out = [p.decode(f) for f in core.on_frames(p.encode(p.HEARTBEAT, {"epoch": "new"}))]
+    again = {m.id: m for m in out if m.type == p.REQUEST}
+    assert set(again) == {"queued", "gen"} and all(m.header["again"] == 1 for m in out
+                                                   if m.type == p.REQUEST)
+    assert p.body(again["gen"])["resume"] == {"token_ids": [7, 8], "text_chars": 2}
+    # a started request that cannot resume fails at once, and is cancelled in case it lives
+    assert [m.id for m in out if m.type == p.CANCEL] == ["tensor"]
+    sinks["tensor"].get(0)  # its chunk
+    assert isinstance(sinks["tensor"].get(0), UnavailableError)
+    assert set(core.pending) == {"queued", "gen"}

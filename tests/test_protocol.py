@@ -163,3 +163,12 @@ def test_fuzz_headers_of_any_shape_decode_typed_or_raise(msg_type: bytes, header
     for name, (types, _) in p.HEADER_FIELDS.items():
         if msg.header.get(name) is not None:
             assert isinstance(msg.header[name], types)
+
+
+def test_again_marks_a_request_and_keeps_its_body_and_buffers() -> None:
+    frames = p.request("r", "m", {"prompt": "x"}, b"raw", tenant="t")
+    msg = p.decode(p.again(frames))
+    assert msg.header == {"id": "r", "model": "m", "tenant": "t", "again": 1}
+    assert p.body(msg) == {"prompt": "x"} and msg.buffers[1] == b"raw"
+    with pytest.raises(p.ProtocolError, match="epoch"):
+        p.decode(p.encode(p.HEARTBEAT, {"epoch": "e" * 33}))

@@ -11,6 +11,11 @@ silent, it sends the request again with `resume` = {token_ids, text_chars}: the 
 goes on from there (llm/engine.py) and the caller's stream continues with no gap and no
 repeat, up to `max_resumes` times. The record lives here, not in the broker, because only
 here does it outlive the broker as well, and the broker never has to decode a chunk.
+
+A broker that restarts faster than its silence budget answers heartbeats as before, but its
+heartbeats carry a new `epoch`: every request in flight died with the old process, so all are
+sent again marked `again` (those that reached the new broker already are not run twice),
+generations resuming from what they received.
 """
 
 from __future__ import annotations
@@ -186,8 +191,9 @@ class ClientCore:
         self._ids = itertools.count()
         self._endpoint_index = 0
         self.broker_expiry = time.monotonic() + cfg.expiry_s
+        self.epoch: str | None = None  # the broker process heard from (its heartbeats)
         self.last_heard = time.monotonic()  # a grace period for the first connection
-        self.next_beat = time.monotonic() + cfg.heartbeat_interval_s
+        self.next_beat = time.monotonic()  # at once: the broker's epoch, before any request
 
     @property
     def endpoint(self) -> str:
@@ -231,7 +237,9 @@ class ClientCore:
             msg = p.decode(frames, self.cfg.sockets.max_message_bytes)
         except p.ProtocolError:
             return []
-        if msg.type in (p.HEARTBEAT, p.DISCONNECT):
+        if msg.type == p.HEARTBEAT:
+            return self._on_epoch(msg.header.get("epoch"))
+        if msg.type == p.DISCONNECT:
             return []
         rid = msg.header.get("id")
         pend = self.pending.get(rid) if isinstance(rid, str) else None
@@ -275,8 +283,33 @@ class ClientCore:
             body = {**body, "resume": {"token_ids": list(r.token_ids),
                                        "text_chars": r.text_chars}}
         pend.frames = p.request(rid, r.model, body, tenant=r.tenant, trace=r.trace)
-        log.info("request %s resumed after %d tokens (%s)", rid, len(r.token_ids), why)
+        # a broker's loss is one event, logged once by its caller; a worker's, per request
+        log.log(logging.INFO if count else logging.DEBUG, "request %s resumed after %d tokens "
+                "(%s)", rid, len(r.token_ids), why)
         return True
+
+    def _on_epoch(self, epoch: Any) -> list[list[bytes]]:
+        """A broker heartbeat: a new epoch is a new broker process, which knows none of our
+        requests. Send them all again, marked `again`; generations that streamed resume
+        from what they received; what started and cannot resume fails (UnavailableError)."""
+        if not isinstance(epoch, str) or epoch == self.epoch:
+            return []
+        known, self.epoch = self.epoch, epoch
+        if known is None or not self.pending:
+            return []
+        log.warning("broker restarted (epoch %s, was %s): sending %d requests again", epoch,
+                    known, len(self.pending))
+        resend = []
+        for rid, pend in list(self.pending.items()):
+            if pend.started and not self._resume(rid, pend, "broker restarted", count=False):
+                del self.pending[rid]
+                pend.sink.put(errors.UnavailableError("broker restarted mid-stream", rid))
+                resend.append(p.cancel(rid))  # in case it reached the new broker
+                continue
+            if pend.frames[1] == p.REQUEST:
+                pend.frames = p.again(pend.frames)
+            resend.append(pend.frames)
+        return resend
 
     def heartbeat_due(self, now: float) -> bool:
         if now < self.next_beat:
@@ -294,6 +327,9 @@ class ClientCore:
         waits forever."""
         self._endpoint_index += 1
         self.broker_expiry = time.monotonic() + self.cfg.expiry_s
+        if self.pending:
+            log.warning("broker silent for %.1f s: %d requests go on through %s",
+                        self.cfg.expiry_s, len(self.pending), self.endpoint)
         resend = []
         for rid, pend in list(self.pending.items()):
             if (pend.started and pend.resent < self.cfg.max_resends

@@ -19,7 +19,8 @@ A message is a list of ZeroMQ frames:
 Message types and their headers (every request-scoped one carries ``id``, the request id):
 
     READY       worker -> broker   {worker_id, models, capacity, pid, host, cpus, device, engine}
-    HEARTBEAT   both ways          {} or {stats: {...}} from a worker
+    HEARTBEAT   both ways          {} from a client, {stats: {...}} from a worker,
+                                   {epoch} from a broker
     REQUEST     client -> worker   {id, model}            buffer 0: msgpack body
     CHUNK       worker -> client   {id}                   buffer 0: msgpack payload
     END         worker -> client   {id}                   buffer 0: msgpack {finish_reason, usage}
@@ -31,6 +32,11 @@ Message types and their headers (every request-scoped one carries ``id``, the re
 
 A REQUEST may also carry ``tenant`` (who it is for, e.g. the gateway's API key id): the broker
 gives each tenant of a client a bounded share of its queue.
+
+A broker's ``epoch`` is random per process: a client whose broker's heartbeats come back with a
+new epoch knows the broker restarted and took the client's requests with it, and sends them
+all again with ``again`` = 1. A broker that already runs a request (sent after the restart,
+before the client noticed) ignores the copy marked ``again``; it runs the others.
 
 Nothing here pickles. Decoding untrusted bytes always goes through ``unpackb`` with limits, and
 `decode` checks a whole message before it decodes anything: its frame count, its total size,
@@ -115,6 +121,8 @@ HEADER_FIELDS: dict[str, tuple[tuple[type, ...], int]] = {
     "models": ((list,), 256),
     "capacity": ((int,), 0),
     "stats": ((dict,), 0),
+    "epoch": ((str,), 32),  # a broker process's random identity (its heartbeats)
+    "again": ((int,), 0),  # a REQUEST sent once more after its broker restarted
 }
 UNATTRIBUTED = "*"  # request id of an ERROR that answers a frame with no usable id
 
@@ -225,6 +233,13 @@ def request(rid: str, model: str, body: dict[str, Any], *buffers: bytes,
     head = {"id": rid, "model": model, **({"tenant": tenant} if tenant else {}),
             **({"trace": trace} if trace else {})}
     return encode(REQUEST, head, packb(body), *buffers)
+
+
+def again(frames: list[Any]) -> list[Any]:
+    """A REQUEST's frames once more, marked ``again``: a broker that runs it already ignores
+    this copy (after a broker restart the client cannot know which requests reached it)."""
+    head = unpackb(bytes(frames[2]), HEADER_LIMIT_BYTES, MAX_HEADER_CONTAINERS)
+    return [frames[0], frames[1], packb({**head, "again": 1}), *frames[3:]]
 
 
 def chunk(rid: str, payload: dict[str, Any], *buffers: bytes) -> list[bytes]:

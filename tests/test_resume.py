@@ -47,7 +47,6 @@ async def _streams(pipeline: Pipeline, bodies: list[dict], model: str,
     between two chunks."""
     texts: list[list] = [["", []] for _ in bodies]
     gaps = [0.0] * len(bodies)
-    counts = [0] * len(bodies)
 
     async with AsyncClient(pipeline.frontend, heartbeat_interval_s=0.25) as c:
         async def one(i: int, body: dict) -> None:
@@ -56,17 +55,18 @@ async def _streams(pipeline: Pipeline, bodies: list[dict], model: str,
             async for chunk in handle.chunks(120):
                 texts[i][0] += chunk.text
                 texts[i][1] += chunk.token_ids
-                counts[i] += 1
                 now = time.monotonic()
                 gaps[i] = max(gaps[i], now - last)
                 last = now
 
         tasks = [asyncio.create_task(one(i, b)) for i, b in enumerate(bodies)]
         if kill_after_chunks is not None:
-            while min(counts) < kill_after_chunks:
+            # chunks merge while a reader lags: wait for tokens, and never past the streams
+            while min(len(ids) for _, ids in texts) < kill_after_chunks:
                 failed = [t for t in tasks if t.done() and t.exception()]
                 if failed:
                     raise failed[0].exception()  # type: ignore[misc]
+                assert not all(t.done() for t in tasks), "every stream ended before the kill"
                 await asyncio.sleep(0.01)
             victim = _busiest(pipeline)
             os.kill(pipeline.workers[victim].pid, signal.SIGKILL)

@@ -34,6 +34,10 @@ class FatalEngineError(Exception):
     """The engine cannot go on: the worker sends a dead notice and exits non-zero."""
 
 
+class UnsupportedModel(ValueError):
+    """A model this engine cannot serve exactly: refused at load, the message says why."""
+
+
 @dataclass(slots=True)
 class Output:
     """What one step produced for one request.

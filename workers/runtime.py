@@ -44,6 +44,7 @@ from zeroserve.workers.engine import (
     FatalEngineError,
     Output,
     RequestKey,
+    UnsupportedModel,
     build,
 )
 
@@ -193,8 +194,8 @@ class Worker:
                 log.info("draining: %s", "SIGTERM" if item[1] else "broker asked")
                 if item[1]:
                     self._send(b"", p.encode(p.DRAIN, {}))
-        elif kind == RESET:
-            self.cancelled_early |= self.preparing  # meant for the broker we lost
+        elif kind == RESET:  # requests in preparation then were meant for the broker we lost
+            self.cancelled_early |= item[1] & self.preparing
             dropped = self.engine.abort_all(p.UNAVAILABLE, "broker connection lost")
             if dropped:
                 log.warning("dropped %d requests after reconnecting to the broker", len(dropped))
@@ -310,7 +311,9 @@ class Worker:
                     log.warning("broker silent: reconnecting in %.1fs", backoff)
                     poller.unregister(dealer)
                     dealer.close(0)
-                    self.inbox.put((RESET,))
+                    # only what is being prepared now: by the time the engine thread reads
+                    # this, requests from the next broker may be in preparation too
+                    self.inbox.put((RESET, frozenset(self.preparing)))
                     if self.stop_io.wait(backoff):
                         return
                     backoff = min(backoff * 2, 8 * interval)
@@ -369,8 +372,12 @@ class Worker:
 def serve(cfg: WorkerConfig) -> int:
     """Load and warm the engine, then register with the broker and serve until drained."""
     t0 = time.monotonic()
-    engine = build(cfg)
-    engine.warmup()
+    try:
+        engine = build(cfg)
+        engine.warmup()
+    except UnsupportedModel as exc:  # exact or refused: never served approximately
+        log.error("refusing to serve: %s", exc)
+        return 3
     log.info("engine %s ready in %.2fs (models=%s device=%s)", cfg.engine.name,
              time.monotonic() - t0, ",".join(engine.models), engine.device)
     _freeze_gc()

@@ -5,7 +5,9 @@
     zeroserve gateway ...       the OpenAI-compatible HTTP gateway (gateway/cli.py)
     zeroserve up ...            broker + N workers as children of one foreground command
     zeroserve bench transport   transport round-trip and throughput benchmark
-    zeroserve make-model PRESET build the embedded default model (tiny, small) into the cache
+    zeroserve make-model PRESET build the embedded default model (tiny, small) into the cache,
+                                or --family NAME --out DIR: a random tiny model of a family
+    zeroserve models check DIR  is a local model served exactly? (or why it is refused)
     zeroserve supervise         the whole deployment under supervisord (supervisord.conf)
     zeroserve keys generate     a CURVE keypair for a role (broker, client, worker, admin)
     zeroserve chaos             faults on a live pipeline, each checked against a bound
@@ -22,6 +24,7 @@ COMMANDS = {
     "up": "zeroserve.up",
     "bench": "zeroserve.bench",
     "make-model": "zeroserve.models",
+    "models": "zeroserve.ops.check_model",
     "gateway": "zeroserve.gateway.cli",
     "supervise": "zeroserve.ops.supervise",
     "keys": "zeroserve.keys",

@@ -41,7 +41,7 @@ from zeroserve import protocol as p
 from zeroserve.config import MAX_PROMPT_CHARS, LLMConfig, WorkerConfig
 from zeroserve.workers.engine import EngineError, Output, RequestKey
 from zeroserve.workers.llm import logits as logits_processing
-from zeroserve.workers.llm import model_runner, params, sampler, stopping
+from zeroserve.workers.llm import model_runner, params, sampler, stopping, support
 from zeroserve.workers.llm.block_manager import BlockManager
 from zeroserve.workers.llm.detok import IncrementalDetokenizer
 from zeroserve.workers.llm.grammar import GrammarError, Grammars
@@ -96,6 +96,13 @@ class LLMEngine:
         from zeroserve.models import resolve
 
         path = resolve(cfg.model)
+        report = support.require(path)  # UnsupportedModel: refused before any weight loads
+        windows = sorted({w for w in report.window_per_layer if w})
+        log.info("model %s (%s): context %s, attention %s%s", report.architecture,
+                 report.model_type, report.context_length,
+                 f"sliding windows {windows} on {sum(map(bool, report.window_per_layer))} of "
+                 f"{report.layers} layers" if windows else "full",
+                 f", logit softcap {report.attn_softcap}" if report.attn_softcap else "")
         device = torch.device(cfg.device)
         dtype, why = model_runner.pick_dtype(cfg.dtype, device)
         log.info("dtype %s (%s)", str(dtype).removeprefix("torch."), why)

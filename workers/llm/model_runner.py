@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from zeroserve.workers.engine import UnsupportedModel
 from zeroserve.workers.llm import attention
 from zeroserve.workers.llm.kv_cache import KVCache
 from zeroserve.workers.llm.scheduler import Plan
@@ -65,8 +66,14 @@ def load(path: Path, device: torch.device, dtype: torch.dtype):  # -> (model, to
 
     name = attention.register()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, dtype=dtype, attn_implementation=name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=dtype, attn_implementation=name)
+    except ValueError as exc:  # e.g. a family whose attention is not pluggable (ALiBi ones)
+        if "attention" not in str(exc):
+            raise
+        raise UnsupportedModel(f"{path}: its attention cannot be replaced by the engine's "
+                               f"paged attention ({exc})") from None
     return model.to(device).eval(), tokenizer
 
 
@@ -99,6 +106,10 @@ class ModelRunner:
         self.split_blocks = GROUP_SPLIT_BLOCKS.get(device.type, GROUP_SPLIT_BLOCKS["cpu"])
         # first chunks of several sequences in one attention call (attention.PackedPrefills)
         self.pack_prefills = device.type == "cuda"
+        # each layer's sliding window as its attention reports it (None: full attention);
+        # until the first forward, decode groups carry their lengths as if windowed
+        self.layer_windows: dict[int, int | None] = {}
+        self.windowed = True
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s)", num_blocks,
                  block_size, num_blocks * block_size,
                  num_blocks * block_size * per_token / 2**20, dtype)
@@ -163,6 +174,9 @@ class ModelRunner:
             )
         finally:
             attention.set_context(None)
+        if ctx.windows != self.layer_windows:  # learnt from the first forward (warmup)
+            self.layer_windows = dict(ctx.windows)
+            self.windowed = any(w is not None for w in ctx.windows.values())
         return out.logits[0], sampled  # [K, V]
 
     def _packed_mask(self, segment: list[int]) -> torch.Tensor:
@@ -186,11 +200,14 @@ class ModelRunner:
         nb = -(-max(lens) // bs)
         table = [s.block_table[:nb] + [0] * (nb - len(s.block_table[:nb])) for s in group]
         blocks = to_device(table, torch.long, self.device)
+        lens_t = to_device(lens, torch.long, self.device) if self.windowed else None
         if min(lens) == max(lens):
-            return attention.DecodeGroup(a, a + len(group), blocks, None, lens[0])
-        lens_t = to_device(lens, torch.long, self.device)
+            return attention.DecodeGroup(a, a + len(group), blocks, None, lens[0], lens_t)
+        if lens_t is None:
+            lens_t = to_device(lens, torch.long, self.device)
         mask = torch.arange(nb * bs, device=self.device)[None, :] < lens_t[:, None]  # [G, L]
-        return attention.DecodeGroup(a, a + len(group), blocks, mask[:, None, None, :], nb * bs)
+        return attention.DecodeGroup(a, a + len(group), blocks, mask[:, None, None, :], nb * bs,
+                                     lens_t)
 
 
 def _groups(singles: list[Sequence], bs: int,

@@ -24,8 +24,15 @@ def load(model_dir: Path, dtype: str = "float32", attn: str = "sdpa",
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
-                                                attn_implementation=attn).to(device).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                     attn_implementation=attn)
+    except ValueError as exc:  # a family without sdpa (Gemma 2, gpt-oss): its eager code
+        if attn == "eager" or "attention implementation" not in str(exc):
+            raise
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                     attn_implementation="eager")
+    return model.to(device).eval()
 
 
 def hf_sequential(model: Any, workload: list) -> float:

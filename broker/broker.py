@@ -11,9 +11,11 @@ Frontend out: CHUNK, END, ERROR (request-scoped), HEARTBEAT {epoch} (echo of the
 Backend in:   READY, HEARTBEAT, CHUNK, END, ERROR, DRAIN (worker's own SIGTERM), DISCONNECT
 Backend out:  REQUEST, CANCEL, HEARTBEAT, DRAIN, DISCONNECT (each behind a route frame)
 
-Each REQUEST goes to the live worker that serves its model with the most free credit; with no
-credit anywhere it waits in a bounded, fairly shared queue (table.py; full, over its client's
-or tenant's share, or too old: BUSY). Replies to a client that reads slowly wait in a bounded
+Each REQUEST goes to the live worker that serves its model and holds its prompt's longest
+prefix (by the prefix hashes in its header), unless that one is loaded well past the others,
+else to the one with the most free credit (table.py, affinity.py); with no credit anywhere
+it waits in a bounded, fairly shared queue (table.py; full, over its client's or tenant's
+share, or too old: BUSY). Replies to a client that reads slowly wait in a bounded
 backlog (outbox.py). A client that leaves has its requests cancelled; their credit comes back
 when the worker confirms the cancel (or is purged). A worker that goes silent for
 heartbeat_interval_s x heartbeat_liveness, or whose local process ends (liveness.py), is purged:
@@ -57,7 +59,8 @@ class Broker:
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()
         self.table = Table(cfg.max_queue, cfg.max_queue_wait_ms / 1000, cfg.max_queue_bytes,
-                           cfg.client_share, cfg.tenant_share)
+                           cfg.client_share, cfg.tenant_share, cfg.routing, cfg.affinity_slack,
+                           cfg.prefix_index_entries)
         self.clients: dict[bytes, float] = {}  # client identity -> last time heard from
         self.frontend = make_socket(self.ctx, zmq.ROUTER, cfg.sockets, router_mandatory=True)
         self.backend = make_socket(self.ctx, zmq.ROUTER, cfg.sockets, router_mandatory=True)

@@ -23,7 +23,8 @@ from zeroserve.sockets import InsecureError, PrivateDirError
 log = logging.getLogger("zeroserve.broker")
 # BrokerConfig fields that are flags as they are (zeroserve/flags.py)
 FLAGS = ("heartbeat_interval_s", "heartbeat_liveness", "max_queue", "max_queue_wait_ms",
-         "client_share", "tenant_share", "client_backlog")
+         "client_share", "tenant_share", "client_backlog", "routing", "affinity_slack",
+         "prefix_index_entries")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     release_large_frees()  # a burst of large messages must not stay as RSS
     try:
         broker = Broker(config_from_args(args))
-    except KeysError as exc:
+    except (KeysError, ValueError) as exc:  # ValueError: a flag's value (--routing)
         log.error("refusing to start: %s", exc)
         return 2
     signal.signal(signal.SIGTERM, broker.stop)

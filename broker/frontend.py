@@ -69,8 +69,8 @@ def on_request(broker: Broker, client: bytes, msg: p.Message, frames: list[bytes
                                                f"request id {rid} is in flight"))
         return
     job = Job(client, rid, model, frames, time.monotonic(), msg.header.get("tenant", ""),
-              msg.header.get("trace", ""))
-    worker = broker.table.pick_worker(model)
+              msg.header.get("trace", ""), msg.header.get("prefix") or [])
+    worker = broker.table.pick_worker(model, job.prefix)
     if worker is not None:
         broker.table.add(job)
         broker.dispatch(job, worker)

@@ -8,6 +8,12 @@ client, per model queue, per share) never disagree.
 The queue is bounded in jobs and in bytes, and shared fairly: one client may hold at most
 `client_share` of it, and one tenant of a client (the API key a gateway passes along) at most
 `tenant_share`, so no client and no tenant can make the others BUSY.
+
+Routing (`routing`): "least-loaded" sends a job to the live worker with the most free credit;
+"prefix" first asks the prefix index (affinity.py) which worker was sent the job's longest
+prompt prefix and sends it there, so its KV cache serves it, unless that worker has more than
+`affinity_slack` x its capacity in flight beyond the least loaded one: then least-loaded wins
+(the prefix spills, and its index entries follow the new copy). Cold prefixes go least-loaded.
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from zeroserve.broker.affinity import PrefixIndex
+
 JobKey = tuple[bytes, str]  # (client identity, request id)
+ROUTINGS = ("prefix", "least-loaded")
 
 
 @dataclass(slots=True, eq=False)
@@ -29,6 +38,7 @@ class Job:
     enqueued_at: float
     tenant: str = ""  # whose share of the queue it counts against, with its client
     trace: str = ""  # its traceparent, when the client traces it (zeroserve/tracing.py)
+    prefix: list[bytes] = field(default_factory=list)  # its prompt's prefix hashes
     worker: WorkerState | None = None
     streamed: bool = False
     requeued: bool = False
@@ -91,7 +101,11 @@ class Table:
     model with per-client and per-tenant shares."""
 
     def __init__(self, max_queue: int, max_queue_wait_s: float, max_queue_bytes: int = 1 << 62,
-                 client_share: float = 1.0, tenant_share: float = 1.0) -> None:
+                 client_share: float = 1.0, tenant_share: float = 1.0,
+                 routing: str = "least-loaded", affinity_slack: float = 0.25,
+                 prefix_index_entries: int = 100_000) -> None:
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {routing!r}")
         self.max_queue = max_queue
         self.max_queue_bytes = max_queue_bytes
         self.max_queue_wait_s = max_queue_wait_s
@@ -105,6 +119,10 @@ class Table:
         self.shares: dict[tuple[bytes, str | None], list[int]] = {}  # -> [jobs, bytes] queued
         self.known_models: set[str] = set()
         self._rr = 0
+        self.routing, self.affinity_slack = routing, affinity_slack
+        self.index = PrefixIndex(prefix_index_entries)
+        # jobs routed by prefix: to its worker, spilled past it for load, or cold (no match)
+        self.routed = {"affinity": 0, "spilled": 0, "cold": 0}
 
     # -- workers -------------------------------------------------------------------------
 
@@ -130,6 +148,7 @@ class Table:
         """Forget a worker; return (jobs to requeue, jobs that must fail with WORKER_LOST,
         jobs it was cancelling: gone now, but a successor may wait on one)."""
         self.workers.pop(worker.identity, None)
+        self.index.forget(worker.identity)
         requeue, lost, cancelled = [], [], []
         for job in worker.inflight.values():
             job.worker = None
@@ -175,7 +194,29 @@ class Table:
 
     # -- routing -------------------------------------------------------------------------
 
-    def pick_worker(self, model: str) -> WorkerState | None:
+    def pick_worker(self, model: str, prefix: list[bytes] | None = None) -> WorkerState | None:
+        """Where a job for `model` goes now (None: nowhere has credit): by prefix affinity,
+        else the least loaded worker."""
+        least = self._least_loaded(model)
+        if least is None or not prefix or self.routing != "prefix":
+            return least
+
+        def eligible(identity: bytes) -> bool:
+            w = self.workers.get(identity)
+            return w is not None and not w.draining and model in w.models and w.free > 0
+
+        holder = self.index.match(prefix, eligible)
+        if holder is None:
+            self.routed["cold"] += 1
+            return least
+        worker = self.workers[holder]
+        if len(worker.inflight) - len(least.inflight) > self.affinity_slack * worker.capacity:
+            self.routed["spilled"] += 1
+            return least
+        self.routed["affinity"] += 1
+        return worker
+
+    def _least_loaded(self, model: str) -> WorkerState | None:
         """The live, non-draining worker serving `model` with the most free credit; ties rotate."""
         best: list[WorkerState] = []
         best_free = 0
@@ -195,6 +236,8 @@ class Table:
     def assign(self, job: Job, worker: WorkerState) -> None:
         job.worker = worker
         worker.inflight[job.key] = job
+        if job.prefix and self.routing == "prefix":
+            self.index.record(job.prefix, worker.identity)
 
     def finish(self, job: Job) -> None:
         """A job ended (END or ERROR from its worker): forget it, give its credit back. A
@@ -298,4 +341,7 @@ class Table:
             "queued_bytes": self.queued_bytes,
             "in_flight": sum(len(w.inflight) for w in self.workers.values()),
             "capacity": sum(w.capacity for w in self.workers.values() if not w.draining),
+            "routing": self.routing,
+            "routed": dict(self.routed),
+            "prefix_index": len(self.index),
         }

@@ -172,3 +172,21 @@ def test_again_marks_a_request_and_keeps_its_body_and_buffers() -> None:
     assert p.body(msg) == {"prompt": "x"} and msg.buffers[1] == b"raw"
     with pytest.raises(p.ProtocolError, match="epoch"):
         p.decode(p.encode(p.HEARTBEAT, {"epoch": "e" * 33}))
+
+
+@pytest.mark.parametrize("prefix, why", [
+    ([b"12345678"] * (p.MAX_PREFIX_HASHES + 1), "longer than"),
+    ([b"x" * (p.MAX_HASH_BYTES + 1)], "must hold bytes"),
+    (["a string"], "must hold bytes"),
+    ([b""], "must hold bytes"),
+    ("not a list", "must be list"),
+])
+def test_hostile_prefix_hash_lists_are_refused(prefix, why) -> None:
+    frames = p.encode(p.REQUEST, {"id": "r", "model": "m", "prefix": prefix}, p.packb({}))
+    with pytest.raises(p.ProtocolError, match=why):
+        p.decode(frames)
+
+
+def test_a_request_carries_its_prefix_hashes() -> None:
+    msg = p.decode(p.request("r", "m", {}, prefix=[b"12345678", b"abcdefgh"]))
+    assert msg.header["prefix"] == [b"12345678", b"abcdefgh"]

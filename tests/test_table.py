@@ -101,3 +101,70 @@ def test_jobs_are_indexed_by_client_and_a_cancelled_job_frees_credit_unserved() 
     table.finish(jobs[0])
     table.finish(jobs[2])
     assert w.free == 2 and w.served == 1 and set(table.by_client) == {b"a"}
+
+
+def _routed_table(*caps: int, slack: float = 0.25) -> Table:
+    table = Table(max_queue=2, max_queue_wait_s=1.0, routing="prefix", affinity_slack=slack,
+                  prefix_index_entries=8)
+    for i, cap in enumerate(caps):
+        table.register(bytes([i]), {"worker_id": f"w{i}", "models": ["m"], "capacity": cap}, 1e9)
+    return table
+
+
+def _send(table: Table, rid: str, prefix: list[bytes]) -> str:
+    worker = table.pick_worker("m", prefix)
+    assert worker is not None
+    table.assign(Job(b"c", rid, "m", [], 0.0, prefix=prefix), worker)
+    return worker.worker_id
+
+
+def test_prefix_routing_follows_the_longest_match() -> None:
+    table = _routed_table(8, 8, 8)
+    a, b = _send(table, "a", [b"A1", b"A2"]), _send(table, "b", [b"B1"])
+    assert a != b  # cold prefixes go least loaded
+    assert _send(table, "a2", [b"A1", b"A2", b"A3"]) == a  # the next turn: same worker
+    assert _send(table, "b2", [b"B1", b"B2"]) == b
+    assert table.routed == {"affinity": 2, "spilled": 0, "cold": 2}
+    # the deepest match wins over a shallower one held elsewhere
+    table.index.record([b"X1"], table.find_by_id(b).identity)
+    assert _send(table, "mix", [b"X1", b"A1", b"A2", b"A3"]) == a
+
+
+def test_a_loaded_prefix_worker_spills_to_the_least_loaded() -> None:
+    table = _routed_table(8, 8, slack=0.25)  # spill past 2 more in flight than the other
+    home = _send(table, "r0", [b"hot"])
+    picks = [_send(table, f"r{i}", [b"hot"]) for i in range(1, 6)]
+    assert picks[:2] == [home, home] and home not in picks[2:3]  # third: 3 ahead -> spill
+    assert table.routed["spilled"] >= 1
+    # the spilled copy now owns the prefix: it follows the newest holder
+    spilled_to = picks[2]
+    assert table.index.owner[b"hot"] == table.find_by_id(spilled_to).identity
+
+
+def test_full_draining_and_gone_workers_are_never_picked_for_affinity() -> None:
+    table = _routed_table(1, 4)
+    w0, w1 = table.workers[b"\x00"], table.workers[b"\x01"]
+    table.assign(Job(b"c", "x", "m", [], 0.0, prefix=[b"P"]), w0)  # w0 full, holds P
+    assert table.pick_worker("m", [b"P"]) is w1
+    table.finish(table.jobs.get((b"c", "x")) or w0.inflight[(b"c", "x")])
+    w0.draining = True
+    assert table.pick_worker("m", [b"P"]) is w1
+    w0.draining = False
+    table.remove_worker(w0)
+    assert b"P" not in table.index.owner and table.pick_worker("m", [b"P"]) is w1
+
+
+def test_the_prefix_index_stays_bounded() -> None:
+    table = _routed_table(1000)
+    for i in range(100):
+        _send(table, str(i), [f"h{i}-{k}".encode() for k in range(3)])
+    assert len(table.index) == 8  # prefix_index_entries
+    assert sum(len(s) for s in table.index.held.values()) == 8
+
+
+def test_least_loaded_routing_ignores_prefixes() -> None:
+    table = Table(max_queue=2, max_queue_wait_s=1.0, routing="least-loaded")
+    for i in range(2):
+        table.register(bytes([i]), {"worker_id": f"w{i}", "models": ["m"], "capacity": 4}, 1e9)
+    first = _send(table, "a", [b"P"])
+    assert _send(table, "b", [b"P"]) != first and len(table.index) == 0

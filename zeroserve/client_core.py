@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zeroserve import contract, errors
+from zeroserve import prefix as prefixes
 from zeroserve import protocol as p
 from zeroserve.config import ClientConfig
 
@@ -160,6 +161,7 @@ class _Resume:
     body: dict[str, Any]
     tenant: str = ""
     trace: str = ""
+    prefix: list[bytes] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     text_chars: int = 0
     resumes: int = 0
@@ -205,14 +207,16 @@ class ClientCore:
     def submit(self, rid: str, model: str, body: dict[str, Any], buffers: Sequence[Any],
                sink: Collector, resumable: bool = True, tenant: str = "",
                trace: str = "") -> list[Any]:
-        frames = p.request(rid, model, body, *buffers, tenant=tenant, trace=trace)
+        generation = not buffers and any(f in body for f in GENERATION_FIELDS)
+        prefix = prefixes.hashes(model, tenant, body) if generation else []
+        frames = p.request(rid, model, body, *buffers, tenant=tenant, trace=trace,
+                           prefix=prefix)
         limit = self.cfg.sockets.max_message_bytes
         size = sum(map(frame_nbytes, frames))
         if size > limit:  # the broker would refuse it (and zmq drop a frame over the limit)
             raise errors.BadRequestError(f"a request of {size} bytes exceeds the "
                                          f"{limit}-byte message limit", rid)
-        resume = (_Resume(model, body, tenant, trace) if resumable and not buffers
-                  and any(f in body for f in GENERATION_FIELDS) else None)
+        resume = _Resume(model, body, tenant, trace, prefix) if resumable and generation else None
         self.pending[rid] = _Pending(frames, sink, resume=resume)
         return frames
 
@@ -282,7 +286,8 @@ class ClientCore:
         if r.token_ids:
             body = {**body, "resume": {"token_ids": list(r.token_ids),
                                        "text_chars": r.text_chars}}
-        pend.frames = p.request(rid, r.model, body, tenant=r.tenant, trace=r.trace)
+        pend.frames = p.request(rid, r.model, body, tenant=r.tenant, trace=r.trace,
+                                prefix=r.prefix)
         # a broker's loss is one event, logged once by its caller; a worker's, per request
         log.log(logging.INFO if count else logging.DEBUG, "request %s resumed after %d tokens "
                 "(%s)", rid, len(r.token_ids), why)

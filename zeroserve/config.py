@@ -67,6 +67,14 @@ class BrokerConfig:
                                      "may hold")
     client_backlog: int = knob(10_000, "replies owed to a slow client beyond its socket's "
                                        "hwm before its requests are cancelled")
+    routing: str = knob("prefix", "prefix: to the worker that was sent the request's longest "
+                                  "prefix (its cache has it) unless loaded past "
+                                  "--affinity-slack; least-loaded: most free credit")
+    affinity_slack: float = knob(0.25, "a prefix's worker keeps it while it has at most this "
+                                       "fraction of its capacity more in flight than the "
+                                       "least loaded worker")
+    prefix_index_entries: int = knob(100_000, "prefix hashes the broker remembers, least "
+                                              "recently used dropped first")
     keys_dir: str = ""  # CURVE on both sockets, peers admitted by role (keys.py)
     key_name: str = "broker"
     sockets: SocketConfig = SocketConfig()

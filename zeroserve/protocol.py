@@ -31,7 +31,9 @@ Message types and their headers (every request-scoped one carries ``id``, the re
     ADMIN       client -> broker   {id, op, ...}          reply: END with buffer 0 the result
 
 A REQUEST may also carry ``tenant`` (who it is for, e.g. the gateway's API key id): the broker
-gives each tenant of a client a bounded share of its queue.
+gives each tenant of a client a bounded share of its queue; and ``prefix``, at most
+MAX_PREFIX_HASHES short hashes of its prompt's prefixes (prefix.py), by which the broker
+routes it to the worker that has that prefix cached.
 
 A broker's ``epoch`` is random per process: a client whose broker's heartbeats come back with a
 new epoch knows the broker restarted and took the client's requests with it, and sends them
@@ -102,6 +104,8 @@ MAX_CONTAINERS = 1 << 14  # arrays and maps in one decoded payload (a 2,000-mess
 MAX_BUFFERS = 1024  # frames after the header: the body and raw tensor buffers
 MAX_MESSAGE_BYTES = SocketConfig.max_message_bytes  # all frames together (a socket's default)
 MAX_NAME_LEN = 256
+MAX_PREFIX_HASHES = 32  # prefix hashes in one REQUEST header (prefix.py)
+MAX_HASH_BYTES = 16
 # Header fields with a fixed type: (types, longest str); a present field of another type, or
 # longer, makes the whole message malformed. Other fields are read by their users with care.
 # A worker's stats: an LLM engine's step-time histogram, "step_s_buckets", counts the steps
@@ -122,6 +126,7 @@ HEADER_FIELDS: dict[str, tuple[tuple[type, ...], int]] = {
     "capacity": ((int,), 0),
     "stats": ((dict,), 0),
     "epoch": ((str,), 32),  # a broker process's random identity (its heartbeats)
+    "prefix": ((list,), MAX_PREFIX_HASHES),  # prefix.py; each bytes of <= MAX_HASH_BYTES
     "again": ((int,), 0),  # a REQUEST sent once more after its broker restarted
 }
 UNATTRIBUTED = "*"  # request id of an ERROR that answers a frame with no usable id
@@ -220,6 +225,9 @@ def decode(frames: list[Any], max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
             raise ProtocolError(f"{TYPE_NAMES[msg_type]} needs a string id of 1-{MAX_ID_LEN} chars")
     if msg_type == REQUEST and not isinstance(head.get("model"), str):
         raise ProtocolError("REQUEST needs a string model")
+    if "prefix" in head and not all(isinstance(h, bytes) and 0 < len(h) <= MAX_HASH_BYTES
+                                    for h in head["prefix"]):
+        raise ProtocolError(f"header field 'prefix' must hold bytes of 1-{MAX_HASH_BYTES}")
     return Message(msg_type, head, list(frames[3:]))
 
 
@@ -229,9 +237,9 @@ _ID_TYPES = frozenset({REQUEST, CHUNK, END, ERROR, CANCEL, ADMIN})
 # Constructors for the common messages, so every caller frames them the same way.
 
 def request(rid: str, model: str, body: dict[str, Any], *buffers: bytes,
-            tenant: str = "", trace: str = "") -> list[bytes]:
+            tenant: str = "", trace: str = "", prefix: list[bytes] | None = None) -> list[bytes]:
     head = {"id": rid, "model": model, **({"tenant": tenant} if tenant else {}),
-            **({"trace": trace} if trace else {})}
+            **({"trace": trace} if trace else {}), **({"prefix": prefix} if prefix else {})}
     return encode(REQUEST, head, packb(body), *buffers)
 
 

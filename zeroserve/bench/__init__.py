@@ -15,6 +15,7 @@ KINDS = {
     "structured": "zeroserve.bench.structured",
     "step": "zeroserve.bench.step",
     "parity": "zeroserve.bench.parity",
+    "fleet": "zeroserve.bench.fleet",
 }
 
 

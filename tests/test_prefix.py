@@ -1,0 +1,39 @@
+"""Prefix hashes (zeroserve/prefix.py): what a request tells the broker of its prompt."""
+
+from __future__ import annotations
+
+from zeroserve import prefix
+from zeroserve.protocol import MAX_PREFIX_HASHES
+
+
+def _chat(n: int) -> list[dict]:
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"}
+            for i in range(n)]
+
+
+def test_the_next_turn_of_a_chat_shares_the_last_turns_deepest_hash() -> None:
+    turn1 = prefix.hashes("m", "t", {"messages": _chat(3)})
+    turn2 = prefix.hashes("m", "t", {"messages": _chat(5)})
+    assert len(turn1) == 3 and turn2[:3] == turn1 and turn2[3] not in turn1
+    other = prefix.hashes("m", "t", {"messages": [{"role": "user", "content": "other"}]})
+    assert other[0] != turn1[0]
+
+
+def test_hashes_are_salted_by_model_and_tenant() -> None:
+    body = {"messages": _chat(2)}
+    mine = prefix.hashes("m", "tenant-a", body)
+    assert not set(mine) & set(prefix.hashes("m", "tenant-b", body))
+    assert not set(mine) & set(prefix.hashes("other-model", "tenant-a", body))
+
+
+def test_prompts_hash_by_full_blocks_and_only_the_deepest_are_kept() -> None:
+    short = prefix.hashes("m", "", {"prompt": "x" * (prefix.BLOCK_BYTES - 1)})
+    assert short == []  # no full block: nothing to match on
+    doc = "word " * 2000
+    longer = prefix.hashes("m", "", {"prompt": doc + "and a question"})
+    assert len(longer) == MAX_PREFIX_HASHES and all(len(h) == prefix.HASH_BYTES for h in longer)
+    again = prefix.hashes("m", "", {"prompt": doc + "and another, longer question " * 10})
+    assert set(longer) & set(again)  # the document's blocks match
+    ids = prefix.hashes("m", "", {"prompt_token_ids": list(range(3 * prefix.BLOCK_TOKENS))})
+    assert len(ids) == 3
+    assert prefix.hashes("m", "", {"input": "an embedding"}) == []

@@ -31,9 +31,12 @@ from tqdm import tqdm
 from zeroserve.bench.stats import percentile, report
 from zeroserve.procs import spawn, stop_all
 
-WORDS = ("river stone lamp window garden pepper violin cotton harbor ladder meadow copper "
-         "falcon marble lantern orchard velvet thunder candle saddle compass anchor willow "
-         "ember glacier prairie tunnel quarry beacon").split()
+WORDS = [
+    "river", "stone", "lamp", "window", "garden", "pepper", "violin", "cotton", "harbor",
+    "ladder", "meadow", "copper", "falcon", "marble", "lantern", "orchard", "velvet", "thunder",
+    "candle", "saddle", "compass", "anchor", "willow", "ember", "glacier", "prairie", "tunnel",
+    "quarry", "beacon",
+]
 
 
 def conversations(n: int, turns: int, seed: int = 0) -> list[list[str]]:

@@ -7,8 +7,10 @@ Binds:
 
 Frontend in:  REQUEST, CANCEL, HEARTBEAT, DISCONNECT, ADMIN {op: workers | stats} (read-only),
               handled in frontend.py
-Frontend out: CHUNK, END, ERROR (request-scoped), HEARTBEAT {epoch} (echo of the client's)
-Backend in:   READY, HEARTBEAT, CHUNK, END, ERROR, DRAIN (worker's own SIGTERM), DISCONNECT
+Frontend out: CHUNK, CHUNKS, END, ERROR (request-scoped), HEARTBEAT {epoch} (echo of the
+              client's)
+Backend in:   READY, HEARTBEAT, CHUNK, CHUNKS, END, ERROR, DRAIN (worker's own SIGTERM),
+              DISCONNECT
 Backend out:  REQUEST, CANCEL, HEARTBEAT, DRAIN, DISCONNECT (each behind a route frame)
 
 Each REQUEST goes to the live worker that serves its model and holds its prompt's longest
@@ -16,8 +18,9 @@ prefix (by the prefix hashes in its header), unless that one is loaded well past
 else to the one with the most free credit (table.py, affinity.py); with no credit anywhere
 it waits in a bounded, fairly shared queue (table.py; full, over its client's or tenant's
 share, or too old: BUSY). Replies to a client that reads slowly wait in a bounded
-backlog (outbox.py). A client that leaves has its requests cancelled; their credit comes back
-when the worker confirms the cancel (or is purged). A worker that goes silent for
+backlog (outbox.py), and so do messages to a worker whose pipe is full. A client that
+leaves has its requests cancelled; their credit comes back when the worker confirms the
+cancel (or is purged). A worker that goes silent for
 heartbeat_interval_s x heartbeat_liveness, or whose local process ends (liveness.py), is purged:
 its unstarted jobs are requeued once, the others fail with WORKER_LOST (the SDK then resumes
 them elsewhere). A malformed frame gets an ERROR back and one log line.
@@ -66,6 +69,8 @@ class Broker:
         self.backend = make_socket(self.ctx, zmq.ROUTER, cfg.sockets, router_mandatory=True)
         self.admin = make_socket(self.ctx, zmq.ROUTER, cfg.sockets, router_mandatory=True)
         self.outbox = Outbox(self.frontend, cfg.client_backlog)
+        # the same for workers: a full pipe to a busy worker is a backlog, not a dead worker
+        self.to_workers = Outbox(self.backend, cfg.client_backlog)
         self.auth = None
         if cfg.keys_dir:
             from zeroserve.broker.auth import secure
@@ -118,7 +123,8 @@ class Broker:
         for sock in (self.frontend, self.backend, self.admin):
             self.poller.register(sock, zmq.POLLIN)
         while self.running:
-            wait = 0.005 if self.outbox.backlog else 0.2  # a slow reader: flush again soon
+            backlog = self.outbox.backlog or self.to_workers.backlog
+            wait = 0.005 if backlog else 0.2  # a slow reader: flush again soon
             timeout_ms = max(0.0, min(self._next_deadline() - time.monotonic(), wait)) * 1000
             events = dict(self.poller.poll(timeout_ms))
             for fd in [e for e in events if isinstance(e, int)]:  # a local worker's pidfd
@@ -133,6 +139,10 @@ class Broker:
             if self.outbox.backlog:
                 for client in self.outbox.flush():
                     frontend.client_gone(self, client)
+            if self.to_workers.backlog:
+                for identity in self.to_workers.flush():
+                    if (worker := self.table.workers.get(identity)) is not None:
+                        self._purge(worker, "unreachable")
 
     def _drain(self, sock: zmq.Socket, handler: Any) -> None:
         end = time.monotonic() + BATCH_S
@@ -183,6 +193,8 @@ class Broker:
             self._send_raw_backend(identity, p.encode(p.DISCONNECT, {"reason": "not registered"}))
         elif t in (p.CHUNK, p.END, p.ERROR):
             self._on_reply(worker, route, msg, message)
+        elif t == p.CHUNKS:
+            self._on_chunks(worker, route, msg, message)
         elif t == p.HEARTBEAT:
             if isinstance(stats := msg.header.get("stats"), dict):
                 worker.stats = stats
@@ -242,6 +254,18 @@ class Broker:
         if msg.type != p.CHUNK:
             self._after_credit(worker)
 
+    def _on_chunks(self, worker: WorkerState, route: bytes, msg: p.Message,
+                   frames: list) -> None:
+        """One step's deltas for several of a client's requests: forwarded as one message if
+        any of them is still live there (each one is marked as having streamed)."""
+        live = False
+        for rid in msg.header["ids"]:
+            job = self.table.jobs.get((route, rid))
+            if job is not None and job.worker is worker and not job.cancelled:
+                job.streamed = live = True
+        if live:
+            self.send_client(route, frames)
+
     def _after_cancel(self, job: Job) -> None:
         """A cancelled job is gone for good: the request sent again meanwhile goes now."""
         if job.successor is not None:
@@ -294,6 +318,7 @@ class Broker:
     def _purge(self, worker: WorkerState, why: str) -> None:
         if worker.identity not in self.table.workers:
             return
+        self.to_workers.drop(worker.identity)
         requeue, lost, cancelled = self.table.remove_worker(worker)
         log.warning("worker purged id=%s (%s): %d requeued, %d lost", worker.worker_id, why,
                     len(requeue), len(lost))
@@ -336,7 +361,7 @@ class Broker:
             self.handled = 0
             trim_heap()
         for worker in list(self.table.workers.values()):
-            self.send_worker(worker, NO_ROUTE, self.beat)
+            self.send_worker(worker, NO_ROUTE, self.beat, droppable=True)
         silent = [c for c, seen in self.clients.items() if now - seen > self.cfg.expiry_s]
         for client in silent:
             quiet_s = now - self.clients[client]
@@ -356,12 +381,11 @@ class Broker:
             frontend.client_gone(self, client, f"fell {self.cfg.client_backlog} messages behind")
         return sent in (Sent.SENT, Sent.QUEUED)
 
-    def send_worker(self, worker: WorkerState, route: bytes, frames: list) -> bool:
-        try:
-            self.backend.send_multipart([worker.identity, route, *frames], zmq.NOBLOCK)
-            return True
-        except zmq.ZMQError:
-            return False
+    def send_worker(self, worker: WorkerState, route: bytes, frames: list,
+                    droppable: bool = False) -> bool:
+        """False when the worker cannot be reached (gone, or `client_backlog` behind)."""
+        sent = self.to_workers.send(worker.identity, [route, *frames], droppable)
+        return sent in (Sent.SENT, Sent.QUEUED)
 
     def _send_raw_backend(self, identity: bytes, frames: list) -> None:
         self.send_quiet(self.backend, [identity, NO_ROUTE, *frames])

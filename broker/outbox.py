@@ -6,7 +6,8 @@ reads slower than its replies arrive, ZeroMQ first buffers up to the socket's hi
 messages wait here, in order, and the broker flushes them as the client catches up; other
 clients are not affected. Only when a client falls `limit` messages behind even this backlog
 is it too slow to serve: `send` says OVERFLOW and the broker cancels that client's requests
-(`cut`: the CHUNKs it was owed for those requests are dropped, the rest kept, and each
+(`cut`: the CHUNKs (and CHUNKS of only those requests) it was owed for those requests are
+dropped, the rest kept, and each
 cancelled request gets one ERROR, so the client learns why once it reads again). A message
 that may be dropped (a HEARTBEAT echo) is, while a backlog waits. A send that fails for
 another reason (EHOSTUNREACH: the client's connection is gone) says GONE.
@@ -56,7 +57,7 @@ class Outbox:
         (a request that finished keeps every part of its reply), add `messages`: at most
         `limit` in all, the newest."""
         kept = [m for m in self.backlog.get(client, ())
-                if m[1] != p.CHUNK or p.rid_of(m) not in cancelled] + messages
+                if not _only_for(m, cancelled)] + messages
         if kept:
             self.backlog[client] = collections.deque(kept[-self.limit:])
             self.flush_one(client)
@@ -84,3 +85,12 @@ class Outbox:
 
     def __len__(self) -> int:
         return sum(len(q) for q in self.backlog.values())
+
+
+def _only_for(frames: list, cancelled: set[str]) -> bool:
+    """A streamed part (CHUNK, or CHUNKS) that belongs to cancelled requests only."""
+    if frames[1] == p.CHUNK:
+        return p.rid_of(frames) in cancelled
+    if frames[1] == p.CHUNKS:
+        return set(p.unpackb(frames[2], p.HEADER_LIMIT_BYTES)["ids"]) <= cancelled
+    return False

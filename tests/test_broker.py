@@ -199,13 +199,13 @@ def test_random_and_malformed_frames_do_not_hurt_the_broker(pipeline, ctx) -> No
     back.connect(pipeline.backend)
     templates = [
         lambda: [rng.randbytes(rng.randint(0, 40)) for _ in range(rng.randint(1, 6))],
-        lambda: [b"ZS1", bytes([rng.randint(0, 20)]), rng.randbytes(rng.randint(0, 30))],
-        lambda: [b"ZS1", p.REQUEST, p.packb({"id": rng.randint(0, 9), "model": None})],
-        lambda: [b"ZS1", p.REQUEST, p.packb({"id": "x", "model": "echo"}), b"\xc1garbage"],
-        lambda: [b"ZS1", p.CANCEL, p.packb({"id": "nope"})],
-        lambda: [b"ZS1", p.END, p.packb({"id": "r"}), b"\x80"],
-        lambda: [b"ZS1", p.READY, p.packb({"models": "x", "capacity": "lots"})],
-        lambda: [b"ZS1", p.ADMIN, p.packb({"id": "a", "op": "explode"})],
+        lambda: [p.VERSION, bytes([rng.randint(0, 20)]), rng.randbytes(rng.randint(0, 30))],
+        lambda: [p.VERSION, p.REQUEST, p.packb({"id": rng.randint(0, 9), "model": None})],
+        lambda: [p.VERSION, p.REQUEST, p.packb({"id": "x", "model": "echo"}), b"\xc1garbage"],
+        lambda: [p.VERSION, p.CANCEL, p.packb({"id": "nope"})],
+        lambda: [p.VERSION, p.END, p.packb({"id": "r"}), b"\x80"],
+        lambda: [p.VERSION, p.READY, p.packb({"models": "x", "capacity": "lots"})],
+        lambda: [p.VERSION, p.ADMIN, p.packb({"id": "a", "op": "explode"})],
     ]
     for i in range(10_000):
         frames = rng.choice(templates)()
@@ -371,3 +371,23 @@ def test_a_silent_client_is_told_its_requests_were_cancelled(pipeline, ctx) -> N
     assert kinds[-1] == p.ERROR, kinds  # not left waiting for replies that never come
     with pipeline.client() as c:
         assert wait_for(lambda: c.workers()[0]["in_flight"] == 0, 5)
+
+
+def test_a_full_pipe_to_a_worker_is_a_backlog_not_a_dead_worker(pipeline) -> None:
+    # the worker stops reading for a second while 300 requests come: with a high-water mark
+    # of 10 its pipe fills; the broker keeps the rest for it instead of purging it
+    beat = ("--heartbeat-interval-s", "1")
+    pipeline.start_broker("--hwm", "10", *beat)
+    worker = pipeline.start_worker("a", "--capacity", "400", *beat)
+    pipeline.wait_workers(1)
+    with pipeline.client() as c:
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            handles = [c.submit("echo", f"r{i} x") for i in range(300)]
+            time.sleep(1.0)
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+        assert [h.result(30).text for h in handles] == [f"r{i} x" for i in range(300)]
+        stats = c.admin("stats")
+        assert stats["lost"] == 0 and [w["worker_id"] for w in c.workers()] == ["a"], stats
+    assert "purged" not in pipeline.dump_logs()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 
 import pytest
@@ -138,8 +139,8 @@ def test_a_request_resent_while_its_cancel_is_pending_runs_after_it(pipeline, ct
         assert wait_for(lambda: c.workers()[0]["in_flight"] == 0, 5)
 
 
-@pytest.mark.slow  # opt-in: under CI's full load one of the 200 streams sometimes stalls
-# past 60 s (a broker --hwm of 50 also fills its backend pipe; see the issue-12 note)
+@pytest.mark.timeout(180)
+# a broker --hwm of 50 fills its backend pipe too: the requests wait in its backlog to the worker
 def test_the_gateway_carries_200_streams_past_a_small_high_water_mark(pipeline) -> None:
     # One DEALER carries every HTTP stream of a gateway process: with a broker high-water
     # mark of 50 messages its replies must back up in the broker, not cancel its requests.
@@ -153,7 +154,9 @@ def test_the_gateway_carries_200_streams_past_a_small_high_water_mark(pipeline) 
     # heartbeats as deployed (1 s x 3 everywhere; the gateway's SDK beats once a second)
     beat = ("--heartbeat-interval-s", "1")
     pipeline.start_broker("--hwm", "50", *beat)
-    pipeline.start_worker("a", "--capacity", "256", "--step-delay-ms", "5", *beat)
+    # one CHUNK per token (CHUNKS would carry a step in one message: nothing would back up)
+    pipeline.start_worker("a", "--capacity", "256", "--step-delay-ms", "5", "--no-coalesce",
+                          *beat)
     pipeline.wait_workers(1)
     url = start_gateway(pipeline)
 
@@ -219,3 +222,25 @@ def test_a_cut_drops_only_the_cancelled_requests_chunks(ctx) -> None:
     assert got["done"] == "".join(f"done{i} " for i in range(300))  # nothing of it lost
     assert len(got["gone"]) < len("".join(f"gone{i} " for i in range(300)))
     assert ends == [("done", "END"), ("gone", "ERROR")]
+
+
+def test_a_cut_drops_chunks_messages_only_of_cancelled_requests(ctx) -> None:
+    from zeroserve.broker.outbox import Outbox
+
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    router.bind("inproc://outbox-cut-chunks")
+    reader = ctx.socket(zmq.DEALER)
+    reader.setsockopt(zmq.ROUTING_ID, b"c")
+    reader.connect("inproc://outbox-cut-chunks")
+    reader.send(b"hello")  # the router knows the reader once this arrives
+    assert router.poll(5000)
+    router.recv_multipart()
+    outbox = Outbox(router, limit=100)
+    only_gone = p.chunks(["gone", "gone2"], [{"text": "a"}, {"text": "b"}])
+    mixed = p.chunks(["done", "gone"], [{"text": "c"}, {"text": "d"}])
+    outbox.backlog[b"c"] = collections.deque([only_gone, mixed, p.chunk("gone", {})])
+    outbox.cut(b"c", {"gone", "gone2"}, [p.error("gone", p.UNAVAILABLE, "cut")])
+    got = [reader.recv_multipart() for _ in range(2)]
+    assert got[0] == mixed and p.decode(got[1]).type == p.ERROR  # only_gone was dropped
+    assert not reader.poll(100)

@@ -174,11 +174,11 @@ def _frontend_message(rng: random.Random, i: int) -> list[bytes]:
         return p.encode(p.REQUEST, {"id": rid, "model": "echo"}, msgpack.packb(
             {"prompt": rng.choice([7, None, ["a"], {"b": 1}]), "max_tokens": -5}))
     if kind == 4:
-        return [b"ZS1", p.REQUEST, msgpack.packb({"id": rid, "model": 5, "tenant": [1]})]
+        return [p.VERSION, p.REQUEST, msgpack.packb({"id": rid, "model": 5, "tenant": [1]})]
     if kind == 5:
         return p.cancel(rid)
     if kind == 6:
-        return [b"ZS1", p.HEARTBEAT, b"\x80", *[b""] * (p.MAX_BUFFERS + 2)]
+        return [p.VERSION, p.HEARTBEAT, b"\x80", *[b""] * (p.MAX_BUFFERS + 2)]
     return p.admin(rid, rng.choice(["drain", "nope", "workers"]), worker_id="echo")
 
 
@@ -200,7 +200,7 @@ def _admin_message(rng: random.Random, i: int) -> list[bytes]:
         return [rng.randbytes(rng.randint(0, 40)) for _ in range(rng.randint(1, 4))]
     if i % 3 == 1:
         return p.admin(f"a{i}", "drain", worker_id=f"nobody-{i}")
-    return [b"ZS1", p.ADMIN, _bomb()]
+    return [p.VERSION, p.ADMIN, _bomb()]
 
 
 def _flood(ctx: zmq.Context, endpoint: str, make, n: int) -> int:

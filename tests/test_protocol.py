@@ -29,6 +29,7 @@ GOLDEN = {
     p.DRAIN: ({}, b"\x80"),
     p.DISCONNECT: ({"reason": "x"}, b"\x81\xa6reason\xa1x"),
     p.ADMIN: ({"id": "a", "op": "workers"}, b"\x82\xa2id\xa1a\xa2op\xa7workers"),
+    p.CHUNKS: ({"ids": ["r1", "r2"]}, b"\x81\xa3ids\x92\xa2r1\xa2r2"),
 }
 
 
@@ -36,7 +37,7 @@ GOLDEN = {
 def test_golden_bytes_and_round_trip(msg_type: bytes) -> None:
     header, golden = GOLDEN[msg_type]
     frames = p.encode(msg_type, header, b"\x00raw")
-    assert frames == [b"ZS1", msg_type, golden, b"\x00raw"]
+    assert frames == [b"ZS2", msg_type, golden, b"\x00raw"]
     msg = p.decode(frames)
     assert msg.type == msg_type and msg.header == header and msg.buffers == [b"\x00raw"]
 
@@ -56,24 +57,24 @@ def test_constructors_frame_bodies() -> None:
 
 @pytest.mark.parametrize("frames, why", [
     ([], "3 to"),
-    ([b"ZS1", p.REQUEST], "3 to"),
-    ([b"ZS1", p.HEARTBEAT, b"\x80", *[b""] * (p.MAX_BUFFERS + 1)], "3 to"),
-    ([b"ZS1", p.REQUEST, p.packb({"id": "r", "model": "m", "tenant": 7})], "'tenant' must be"),
-    ([b"ZS1", p.REQUEST, p.packb({"id": "r", "model": "m" * 300})], "'model' is longer"),
-    ([b"ZS1", p.READY, p.packb({"capacity": "64"})], "'capacity' must be int"),
-    ([b"ZS1", p.READY, p.packb({"capacity": True})], "'capacity' must be int"),
-    ([b"ZS1", p.HEARTBEAT, p.packb({"stats": [1]})], "'stats' must be dict"),
-    ([b"ZS1", p.HEARTBEAT, p.packb({"stats": {"a": [[]] * 70}})], "over 64 arrays and maps"),
+    ([p.VERSION, p.REQUEST], "3 to"),
+    ([p.VERSION, p.HEARTBEAT, b"\x80", *[b""] * (p.MAX_BUFFERS + 1)], "3 to"),
+    ([p.VERSION, p.REQUEST, p.packb({"id": "r", "model": "m", "tenant": 7})], "'tenant' must be"),
+    ([p.VERSION, p.REQUEST, p.packb({"id": "r", "model": "m" * 300})], "'model' is longer"),
+    ([p.VERSION, p.READY, p.packb({"capacity": "64"})], "'capacity' must be int"),
+    ([p.VERSION, p.READY, p.packb({"capacity": True})], "'capacity' must be int"),
+    ([p.VERSION, p.HEARTBEAT, p.packb({"stats": [1]})], "'stats' must be dict"),
+    ([p.VERSION, p.HEARTBEAT, p.packb({"stats": {"a": [[]] * 70}})], "over 64 arrays and maps"),
     ([b"ZS9", p.REQUEST, b"\x80"], "version"),
-    ([b"ZS1", b"\xff", b"\x80"], "unknown message type"),
-    ([b"ZS1", p.REQUEST, b"\xc1"], "bad msgpack"),
-    ([b"ZS1", p.REQUEST, b"\x91\x01"], "not a map"),
-    ([b"ZS1", p.REQUEST, p.packb({"model": "m"})], "string id"),
-    ([b"ZS1", p.REQUEST, p.packb({"id": "x" * 500, "model": "m"})], "'id' is longer"),
-    ([b"ZS1", p.REQUEST, p.packb({"id": "x"})], "string model"),
-    ([b"ZS1", p.CANCEL, p.packb({"id": 5})], "'id' must be str"),
-    ([b"ZS1", p.HEARTBEAT, b"\xdb\xff\xff\xff\xff"], "bad msgpack"),  # str32 claims 4 GiB
-    ([b"ZS1", p.HEARTBEAT, b"\x80" * (p.HEADER_LIMIT_BYTES + 1)], "exceeds"),
+    ([p.VERSION, b"\xff", b"\x80"], "unknown message type"),
+    ([p.VERSION, p.REQUEST, b"\xc1"], "bad msgpack"),
+    ([p.VERSION, p.REQUEST, b"\x91\x01"], "not a map"),
+    ([p.VERSION, p.REQUEST, p.packb({"model": "m"})], "string id"),
+    ([p.VERSION, p.REQUEST, p.packb({"id": "x" * 500, "model": "m"})], "'id' is longer"),
+    ([p.VERSION, p.REQUEST, p.packb({"id": "x"})], "string model"),
+    ([p.VERSION, p.CANCEL, p.packb({"id": 5})], "'id' must be str"),
+    ([p.VERSION, p.HEARTBEAT, b"\xdb\xff\xff\xff\xff"], "bad msgpack"),  # str32 claims 4 GiB
+    ([p.VERSION, p.HEARTBEAT, b"\x80" * (p.HEADER_LIMIT_BYTES + 1)], "exceeds"),
 ])
 def test_malformed_frames_raise_protocol_error(frames: list[bytes], why: str) -> None:
     with pytest.raises(p.ProtocolError, match=why):
@@ -130,7 +131,8 @@ def test_error_messages_are_cut_to_what_a_header_may_hold() -> None:
 @given(st.lists(st.binary(max_size=64), max_size=6))
 def test_fuzz_decode_raises_only_protocol_error(frames: list[bytes]) -> None:
     """Any bytes at all: a Message or a ProtocolError, never another exception."""
-    for candidate in (frames, [b"ZS1", *frames[:1], *frames[1:]], [b"ZS1", p.REQUEST, *frames]):
+    for candidate in (frames, [p.VERSION, *frames[:1], *frames[1:]],
+                      [p.VERSION, p.REQUEST, *frames]):
         try:
             msg = p.decode(candidate)
         except p.ProtocolError:
@@ -190,3 +192,16 @@ def test_hostile_prefix_hash_lists_are_refused(prefix, why) -> None:
 def test_a_request_carries_its_prefix_hashes() -> None:
     msg = p.decode(p.request("r", "m", {}, prefix=[b"12345678", b"abcdefgh"]))
     assert msg.header["prefix"] == [b"12345678", b"abcdefgh"]
+
+
+def test_chunks_carry_several_requests_deltas_in_order() -> None:
+    frames = p.chunks(["a", "b"], [{"text": "x"}, {"text": "y", "token_ids": [3]}])
+    assert frames[2] == b"\x81\xa3ids\x92\xa1a\xa1b"
+    assert p.split_chunks(p.decode(frames)) == [("a", {"text": "x"}),
+                                                ("b", {"text": "y", "token_ids": [3]})]
+    for bad in ([{"text": "x"}], [{"text": "x"}, 7], {"a": 1}):
+        with pytest.raises(p.ProtocolError, match="one map per id"):
+            p.split_chunks(p.decode(p.encode(p.CHUNKS, {"ids": ["a", "b"]}, p.packb(bad))))
+    for ids in ([], ["a"] * (p.MAX_CHUNK_IDS + 1), [7], ["x" * 200]):
+        with pytest.raises(p.ProtocolError):
+            p.decode(p.encode(p.CHUNKS, {"ids": ids}, p.packb([])))

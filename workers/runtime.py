@@ -2,7 +2,8 @@
 
 Connects:  DEALER -> broker backend (BrokerConfig.backend / WorkerConfig.broker).
 In:   REQUEST, CANCEL, HEARTBEAT, DRAIN, DISCONNECT   (each behind a route frame)
-Out:  READY (after load and warmup), HEARTBEAT {stats}, CHUNK, END, ERROR, DRAIN, DISCONNECT
+Out:  READY (after load and warmup), HEARTBEAT {stats}, CHUNKS (a step's deltas for one
+      client) or CHUNK, END, ERROR, DRAIN, DISCONNECT
 
 Threads, as vLLM does it, so socket and text work never stall compute:
 - the IO thread owns the DEALER: it decodes requests into the inbox queue, forwards what the
@@ -201,6 +202,10 @@ class Worker:
                 log.warning("dropped %d requests after reconnecting to the broker", len(dropped))
 
     def _emit(self, outputs: list[Output]) -> None:
+        """Send what a step produced: with `coalesce`, each client's plain deltas as one
+        CHUNKS message (per MAX_CHUNK_IDS), then the rest one message each."""
+        if self.cfg.coalesce and len(outputs) > 1:
+            outputs = self._send_coalesced(outputs)
         for out in outputs:
             route, rid = out.key
             if self.traces and out.key in self.traces:
@@ -216,6 +221,27 @@ class Worker:
                 self.served += 1
             elif out.delta is not None:
                 self._send(route, p.chunk(rid, out.delta, *out.buffers))
+
+    def _send_coalesced(self, outputs: list[Output]) -> list[Output]:
+        """Send the plain deltas of clients with several as CHUNKS; return the others."""
+        by_route: dict[bytes, list[Output]] = {}
+        rest: list[Output] = []
+        for out in outputs:
+            plain = out.delta is not None and out.finish is None and out.error is None
+            (by_route.setdefault(out.key[0], []) if plain and not out.buffers
+             else rest).append(out)
+        for route, outs in by_route.items():
+            if len(outs) == 1:
+                rest.append(outs[0])
+                continue
+            for out in outs:
+                if self.traces and out.key in self.traces:
+                    self._trace(out)
+            for i in range(0, len(outs), p.MAX_CHUNK_IDS):
+                part = outs[i:i + p.MAX_CHUNK_IDS]
+                self._send(route, p.chunks([o.key[1] for o in part],
+                                           [o.delta for o in part]))  # type: ignore[misc]
+        return rest
 
     def _trace(self, out: Output) -> None:
         """Note a traced request's first token; at its end, record its spans (tracing.py)."""

@@ -1,7 +1,7 @@
 """The Python SDK: `Client` (sync) and `AsyncClient` (asyncio) over one DEALER each.
 
 Connects: DEALER -> broker frontend (one of `endpoints`; the next one on failover).
-Out: REQUEST, CANCEL, HEARTBEAT, DISCONNECT, ADMIN.  In: CHUNK, END, ERROR, HEARTBEAT.
+Out: REQUEST, CANCEL, HEARTBEAT, DISCONNECT, ADMIN.  In: CHUNK, CHUNKS, END, ERROR, HEARTBEAT.
 
 Both clients share `ClientCore` (client_core.py), which holds all protocol state without doing IO.
 They differ only in transport: `Client` runs the socket on one IO thread

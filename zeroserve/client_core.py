@@ -245,6 +245,15 @@ class ClientCore:
             return self._on_epoch(msg.header.get("epoch"))
         if msg.type == p.DISCONNECT:
             return []
+        if msg.type == p.CHUNKS:
+            try:
+                parts = p.split_chunks(msg)
+            except p.ProtocolError:
+                return []  # garbled: its requests' ENDs (or silence budgets) still come
+            for rid, data in parts:
+                if (pend := self.pending.get(rid)) is not None:
+                    self._on_data(rid, pend, data, [], final=False)
+            return []
         rid = msg.header.get("id")
         pend = self.pending.get(rid) if isinstance(rid, str) else None
         if pend is None:
@@ -256,13 +265,7 @@ class ClientCore:
                 del self.pending[rid]
                 pend.sink.put(errors.InternalError(f"malformed reply: {exc}", rid))
                 return []
-            final = msg.type == p.END
-            if final:
-                del self.pending[rid]
-            elif pend.resume is not None:
-                pend.resume.record(data)
-            pend.started, pend.resent = True, 0  # progress: a fresh failover budget
-            pend.sink.put(Chunk(data, msg.buffers[1:], final=final))
+            self._on_data(rid, pend, data, msg.buffers[1:], final=msg.type == p.END)
         elif msg.type == p.ERROR:
             h = msg.header
             # a lost worker, or a broker that dropped the job (it thought us gone): go on
@@ -273,6 +276,15 @@ class ClientCore:
             del self.pending[rid]
             pend.sink.put(errors.from_code(str(h.get("code")), str(h.get("message")), rid))
         return []
+
+    def _on_data(self, rid: str, pend: _Pending, data: dict[str, Any], buffers: list[Any],
+                 final: bool) -> None:
+        if final:
+            del self.pending[rid]
+        elif pend.resume is not None:
+            pend.resume.record(data)
+        pend.started, pend.resent = True, 0  # progress: a fresh failover budget
+        pend.sink.put(Chunk(data, buffers, final=final))
 
     def _resume(self, rid: str, pend: _Pending, why: str, count: bool = True) -> bool:
         """Make `pend.frames` the request that goes on from what was received, if allowed.

@@ -150,6 +150,8 @@ class WorkerConfig:
     heartbeat_liveness: int = knob(3, "heartbeats missed before the broker is presumed dead")
     progress_timeout_s: float = knob(60.0, "exit when one engine step runs longer (a hung "
                                            "engine; 0: never)")
+    coalesce: bool = knob(True, "send a step's deltas for one client as one CHUNKS message "
+                                "(off: one CHUNK per request per step)")
     sockets: SocketConfig = SocketConfig()
 
     @property

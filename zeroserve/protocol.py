@@ -4,7 +4,7 @@ A message is a list of ZeroMQ frames:
 
     +---------+------+-------------------+----------+-----+----------+
     | version | type | header            | buffer 0 | ... | buffer N |
-    | b"ZS1"  | 1 B  | msgpack map       | raw      |     | raw      |
+    | b"ZS2"  | 1 B  | msgpack map       | raw      |     | raw      |
     +---------+------+-------------------+----------+-----+----------+
 
 - A ROUTER sees the sender's identity frame in front of the version.
@@ -23,6 +23,7 @@ Message types and their headers (every request-scoped one carries ``id``, the re
                                    {epoch} from a broker
     REQUEST     client -> worker   {id, model}            buffer 0: msgpack body
     CHUNK       worker -> client   {id}                   buffer 0: msgpack payload
+    CHUNKS      worker -> client   {ids: [id, ...]}       buffer 0: msgpack [payload, ...]
     END         worker -> client   {id}                   buffer 0: msgpack {finish_reason, usage}
     ERROR       any -> client      {id, code, message}
     CANCEL      client -> worker   {id}
@@ -34,6 +35,11 @@ A REQUEST may also carry ``tenant`` (who it is for, e.g. the gateway's API key i
 gives each tenant of a client a bounded share of its queue; and ``prefix``, at most
 MAX_PREFIX_HASHES short hashes of its prompt's prefixes (prefix.py), by which the broker
 routes it to the worker that has that prefix cached.
+
+CHUNKS is one engine step's deltas for several requests of one client (at most MAX_CHUNK_IDS),
+in order: a worker sends one per client route per step instead of one CHUNK per request, so
+the broker's cost follows steps, not tokens (it reads only the ids, to know which requests
+have streamed). END and ERROR still travel alone, after it.
 
 A broker's ``epoch`` is random per process: a client whose broker's heartbeats come back with a
 new epoch knows the broker restarted and took the client's requests with it, and sends them
@@ -54,7 +60,7 @@ import msgpack
 
 from zeroserve.config import SocketConfig
 
-VERSION = b"ZS1"
+VERSION = b"ZS2"  # ZS2: CHUNKS, prefix hashes, broker epochs
 
 READY = b"\x01"
 HEARTBEAT = b"\x02"
@@ -66,6 +72,7 @@ CANCEL = b"\x07"
 DRAIN = b"\x08"
 DISCONNECT = b"\x09"
 ADMIN = b"\x0a"
+CHUNKS = b"\x0b"
 
 TYPE_NAMES = {
     READY: "READY",
@@ -78,6 +85,7 @@ TYPE_NAMES = {
     DRAIN: "DRAIN",
     DISCONNECT: "DISCONNECT",
     ADMIN: "ADMIN",
+    CHUNKS: "CHUNKS",
 }
 
 # Error codes carried in ERROR headers.
@@ -106,6 +114,7 @@ MAX_MESSAGE_BYTES = SocketConfig.max_message_bytes  # all frames together (a soc
 MAX_NAME_LEN = 256
 MAX_PREFIX_HASHES = 32  # prefix hashes in one REQUEST header (prefix.py)
 MAX_HASH_BYTES = 16
+MAX_CHUNK_IDS = 64  # requests in one CHUNKS: 64 ids of MAX_ID_LEN fit a header
 # Header fields with a fixed type: (types, longest str); a present field of another type, or
 # longer, makes the whole message malformed. Other fields are read by their users with care.
 # A worker's stats: an LLM engine's step-time histogram, "step_s_buckets", counts the steps
@@ -127,6 +136,7 @@ HEADER_FIELDS: dict[str, tuple[tuple[type, ...], int]] = {
     "stats": ((dict,), 0),
     "epoch": ((str,), 32),  # a broker process's random identity (its heartbeats)
     "prefix": ((list,), MAX_PREFIX_HASHES),  # prefix.py; each bytes of <= MAX_HASH_BYTES
+    "ids": ((list,), MAX_CHUNK_IDS),  # CHUNKS: each a request id
     "again": ((int,), 0),  # a REQUEST sent once more after its broker restarted
 }
 UNATTRIBUTED = "*"  # request id of an ERROR that answers a frame with no usable id
@@ -228,6 +238,9 @@ def decode(frames: list[Any], max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     if "prefix" in head and not all(isinstance(h, bytes) and 0 < len(h) <= MAX_HASH_BYTES
                                     for h in head["prefix"]):
         raise ProtocolError(f"header field 'prefix' must hold bytes of 1-{MAX_HASH_BYTES}")
+    if msg_type == CHUNKS and not (isinstance(head.get("ids"), list) and head["ids"] and all(
+            isinstance(i, str) and 0 < len(i) <= MAX_ID_LEN for i in head["ids"])):
+        raise ProtocolError(f"CHUNKS needs ids: 1-{MAX_CHUNK_IDS} strings of 1-{MAX_ID_LEN}")
     return Message(msg_type, head, list(frames[3:]))
 
 
@@ -252,6 +265,21 @@ def again(frames: list[Any]) -> list[Any]:
 
 def chunk(rid: str, payload: dict[str, Any], *buffers: bytes) -> list[bytes]:
     return encode(CHUNK, {"id": rid}, packb(payload), *buffers)
+
+
+def chunks(rids: list[str], payloads: list[dict[str, Any]]) -> list[bytes]:
+    """Several requests' deltas in one message (one engine step's, for one client)."""
+    return encode(CHUNKS, {"ids": rids}, packb(payloads))
+
+
+def split_chunks(msg: Message) -> list[tuple[str, dict[str, Any]]]:
+    """A CHUNKS message as (request id, payload) pairs, in order."""
+    payloads = unpackb(msg.buffers[0]) if msg.buffers else None
+    ids = msg.header["ids"]
+    if not isinstance(payloads, list) or len(payloads) != len(ids) or not all(
+            isinstance(d, dict) for d in payloads):
+        raise ProtocolError("CHUNKS body must be one map per id")
+    return list(zip(ids, payloads, strict=True))
 
 
 def end(rid: str, payload: dict[str, Any], *buffers: bytes) -> list[bytes]:

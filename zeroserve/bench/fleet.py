@@ -11,7 +11,16 @@ then, in the same run, with each --compare routing=... and on one worker. For tu
   served_tok_s     output tokens per second over the whole run
   busy_ratio       the busiest worker's engine busy time over the idlest's
 Keys of a compared run carry its suffix (`cached_share_least_loaded`), the one-worker run
-`_1w`. Everything runs on ipc paths in a temp dir and on a free loopback port.
+`_1w`.
+
+--workload streams (--engine echo: the broker is the bottleneck, not the model): --streams
+concurrent streams (512) of --tokens tokens (200) through --workers workers, driven through
+the SDK; once with each worker sending a step's deltas for a client as one CHUNKS message,
+once with --no-coalesce (one CHUNK per token), in the same run:
+  broker_us_per_token   the broker process's CPU time / tokens delivered
+  tokens_per_s          tokens delivered per second
+(the uncoalesced run's keys end in `_uncoalesced`).
+Everything runs on ipc paths in a temp dir and on a free loopback port.
 """
 
 from __future__ import annotations
@@ -149,10 +158,42 @@ def multi_turn(args: argparse.Namespace, routing: str, workers: int) -> dict[str
             "served_tok_s": tokens / elapsed, "busy_ratio": ratio}
 
 
+async def _streams(front: str, streams: int, tokens: int) -> int:
+    from zeroserve.client import AsyncClient
+
+    prompt = " ".join(f"t{i}" for i in range(tokens))
+    async with AsyncClient(front) as client:
+        async def one() -> int:
+            n = 0
+            async for chunk in client.stream("echo", prompt):
+                n += len(chunk.token_ids)
+            return n
+
+        return sum(await asyncio.gather(*(one() for _ in range(streams))))
+
+
+def broker_bound(args: argparse.Namespace, coalesce: bool) -> dict[str, float]:
+    import psutil
+
+    flags = ["--engine", "echo", "--no-pin", "--capacity", str(args.streams)]
+    with fleet("echo", args.workers, [], flags + ([] if coalesce else ["--no-coalesce"]),
+               gateway=False) as (front, _):
+        asyncio.run(_streams(front, 8, 8))  # connections up, paths warm
+        broker = next(c for c in psutil.Process().children() if "broker" in " ".join(
+            c.cmdline()))
+        cpu0, t0 = sum(broker.cpu_times()[:2]), time.perf_counter()
+        delivered = asyncio.run(_streams(front, args.streams, args.tokens))
+        elapsed, cpu = time.perf_counter() - t0, sum(broker.cpu_times()[:2]) - cpu0
+    return {"tokens": delivered, "tokens_per_s": delivered / elapsed,
+            "broker_us_per_token": cpu / delivered * 1e6}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="zeroserve bench fleet", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", default="multi-turn", choices=["multi-turn"])
+    ap.add_argument("--workload", default="multi-turn", choices=["multi-turn", "streams"])
+    ap.add_argument("--streams", type=int, default=512)
+    ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--model", default="tiny", help="preset or model directory")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--workers", type=int, default=3)
@@ -166,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.workload == "streams":
+        res = {"workers": args.workers, "streams": args.streams, **broker_bound(args, True),
+               **{f"{k}_uncoalesced": v for k, v in broker_bound(args, False).items()}}
+        report(res, args.json, f"zeroserve bench fleet (streams, {args.workers} echo workers)")
+        return 0
     from zeroserve.models import PRESETS, ensure_built
 
     if args.model in PRESETS:

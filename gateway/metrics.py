@@ -65,6 +65,11 @@ class Metrics:
                                  "Sequences preempted for KV blocks since the workers started",
                                  registry=r)
 
+        self.routed = Gauge("zeroserve_routed_requests", "Generations the broker routed by "
+                            "prefix since it started: to their prefix's worker (affinity), "
+                            "past it for load (spilled), or with no match (cold)",
+                            ["decision"], registry=r)
+
         self.table: dict[str, Any] = {"workers": []}
         r.register(WorkerFamilies(self))
 
@@ -92,6 +97,8 @@ class Metrics:
         queried = sum(s.get("prefix_cache_queried_tokens", 0) for s in stats)
         self.prefix_hit.set(hits / queried if queried else 0.0)
         self.preemptions.set(sum(s.get("preemptions", 0) for s in stats))
+        for decision, n in (table.get("routed") or {}).items():
+            self.routed.labels(decision).set(n)
 
 
 def _worker_families(workers: list[dict[str, Any]]) -> Iterator[Metric]:

@@ -46,6 +46,16 @@ def test_engine_metrics_per_worker_move_and_carry_vllm_names(stack) -> None:  # 
     assert after[("vllm:e2e_request_latency_seconds_count", "tiny")] >= 1
     assert after[("zeroserve_time_to_first_token_seconds_count", "tiny")] == after[
         ("vllm:time_to_first_token_seconds_count", "tiny")]
+    # the broker's routing decisions: a prompt of a full prefix block was routed cold first
+    assert httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "route me " * 20,
+                                                     "max_tokens": 1}).status_code == 200
+
+    def routed() -> float:
+        return sum(s.value for f in text_string_to_metric_families(
+            httpx.get(f"{url}/metrics").text) for s in f.samples
+            if s.name == "zeroserve_routed_requests")
+
+    assert wait_for(lambda: routed() >= 1, 5)
     secure = httpx.get(f"{stack[2]}/metrics", headers={"authorization": "Bearer sk-full-access"})
     assert "vllm:" not in secure.text  # off by default
     # the Grafana dashboard in the repo queries only what /metrics exports

@@ -96,6 +96,14 @@ def render(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def routing_line(table: dict[str, Any]) -> str:
+    """How the broker routed generations: to their prefix's worker, spilled for load, cold."""
+    r = table.get("routed") or {}
+    return (f"routing {table.get('routing', '?')}: {r.get('affinity', 0)} to their prefix's "
+            f"worker, {r.get('spilled', 0)} spilled for load, {r.get('cold', 0)} cold; "
+            f"{table.get('prefix_index', 0)} prefixes indexed")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="status", description=__doc__)
     ap.add_argument("--json", action="store_true")
@@ -106,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with Client(args.broker or default_endpoint("frontend")) as client:
         rows = collect(supervisor.connect(args.socket), client, args.window_s)
-    print(json.dumps(rows, indent=2) if args.json else render(rows))
+        try:
+            footer = "\n" + routing_line(client.admin("workers"))
+        except Exception:  # broker down: the table alone
+            footer = ""
+    print(json.dumps(rows, indent=2) if args.json else render(rows) + footer)
     return 0
 
 

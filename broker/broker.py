@@ -356,7 +356,6 @@ class Broker:
         self._drain(self.backend, self._on_backend)  # a busy broker is not a silent worker
         for worker in self.table.expired_workers(now):
             self._purge(worker, "heartbeat expired")
-            self.pids.kill(worker.identity)  # a local process that is stopped or hung
         if self.handled >= TRIM_AFTER:  # a burst is over (or goes on): hand back its memory
             self.handled = 0
             trim_heap()

@@ -5,7 +5,9 @@ A READY quotes the worker's pid, boot id and process start time (procs.identity)
 opens a pidfd only when all three name a live process of this boot: a pid from another pid
 namespace or a reused pid does not match the start time. The broker polls the pidfds beside
 its sockets; one turns readable when its process ends (killed, crashed or exited), even
-before its parent reaps it. A local worker purged for silence (SIGSTOP, a hang) is killed.
+before its parent reaps it. The broker never signals a process: a worker purged for silence
+(SIGSTOP, a hang) that comes back finds itself unknown, drops what it was doing and registers
+again (workers/links.py); a hung engine ends itself (--progress-timeout-s).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 from typing import Any
 
 import psutil
@@ -66,16 +67,6 @@ class PidWatch:
         with contextlib.suppress(OSError):
             os.close(fd)
         return identity
-
-    def kill(self, identity: bytes) -> None:
-        """SIGKILL a purged worker's local process (stopped or hung): its supervisor restarts
-        it, instead of it coming back later with work the broker already gave elsewhere."""
-        for fd, who in self.identities.items():
-            if who == identity:
-                with contextlib.suppress(OSError):
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
-                    log.warning("killed the process of purged worker %s", identity.hex())
-                return
 
     def close(self) -> None:
         for fd in list(self.identities):

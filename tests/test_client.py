@@ -14,7 +14,7 @@ from zeroserve import (
     UnavailableError,
 )
 from zeroserve import protocol as p
-from zeroserve.client_core import Chunk, Collector, merge_delta
+from zeroserve.replies import Chunk, Collector, merge_delta
 
 from .conftest import wait_for
 
@@ -100,22 +100,23 @@ def test_error_for_unknown_id_is_ignored_and_garbage_does_not_break_the_core() -
     from zeroserve.config import ClientConfig
 
     core = ClientCore(ClientConfig(("ipc:///x",)))
-    core.on_frames([b"junk"])
-    core.on_frames(p.error("nope", p.BUSY, "x"))
+    core.on_frames(0, [b"junk"])
+    core.on_frames(0, p.error("nope", p.BUSY, "x"))
     assert core.pending == {}
 
 
 def test_a_garbled_reply_fails_only_its_request() -> None:
     from zeroserve import InternalError
-    from zeroserve.client_core import ClientCore, ThreadCollector
+    from zeroserve.client_core import ClientCore
     from zeroserve.config import ClientConfig
+    from zeroserve.replies import ThreadCollector
 
     core = ClientCore(ClientConfig(("ipc:///x",)))
     bad, good = ThreadCollector(), ThreadCollector()
     core.submit("bad", "m", {}, (), bad)
     core.submit("good", "m", {}, (), good)
-    core.on_frames(p.encode(p.CHUNK, {"id": "bad"}, b"\xc1"))
-    core.on_frames(p.end("good", {"text": "fine"}))
+    core.on_frames(0, p.encode(p.CHUNK, {"id": "bad"}, b"\xc1"))
+    core.on_frames(0, p.end("good", {"text": "fine"}))
     assert isinstance(bad.get(0), InternalError)
     assert good.get(0).text == "fine" and core.pending == {}
 
@@ -146,19 +147,20 @@ def test_unstarted_request_fails_after_max_resends_without_a_broker(tmp_ipc) -> 
 
 def test_a_new_broker_epoch_sends_everything_again() -> None:
     from zeroserve import UnavailableError
-    from zeroserve.client_core import ClientCore, ThreadCollector
+    from zeroserve.client_core import ClientCore
     from zeroserve.config import ClientConfig
+    from zeroserve.replies import ThreadCollector
 
     core = ClientCore(ClientConfig(("ipc:///x",)))
-    assert core.on_frames(p.encode(p.HEARTBEAT, {"epoch": "old"})) == []
+    assert core.on_frames(0, p.encode(p.HEARTBEAT, {"epoch": "old"})) == []
     sinks = {rid: ThreadCollector() for rid in ("queued", "gen", "tensor")}
     core.submit("queued", "m", {"prompt": "a"}, (), sinks["queued"])
     core.submit("gen", "m", {"prompt": "b"}, (), sinks["gen"])
     core.submit("tensor", "m", {"x": 1}, (b"raw",), sinks["tensor"])
-    core.on_frames(p.chunk("gen", {"text": "xy", "token_ids": [7, 8]}))
-    core.on_frames(p.chunk("tensor", {"part": 1}))
-    assert core.on_frames(p.encode(p.HEARTBEAT, {"epoch": "old"})) == []  # same process
-    out = [p.decode(f) for f in core.on_frames(p.encode(p.HEARTBEAT, {"epoch": "new"}))]
+    core.on_frames(0, p.chunk("gen", {"text": "xy", "token_ids": [7, 8]}))
+    core.on_frames(0, p.chunk("tensor", {"part": 1}))
+    assert core.on_frames(0, p.encode(p.HEARTBEAT, {"epoch": "old"})) == []  # same process
+    out = [p.decode(f) for _, f in core.on_frames(0, p.encode(p.HEARTBEAT, {"epoch": "new"}))]
     again = {m.id: m for m in out if m.type == p.REQUEST}
     assert set(again) == {"queued", "gen"} and all(m.header["again"] == 1 for m in out
                                                    if m.type == p.REQUEST)

@@ -1,14 +1,15 @@
-"""The worker process runtime: a DEALER to the broker backend around a busy engine loop.
+"""The worker process runtime: DEALERs to the brokers' backends around a busy engine loop.
 
-Connects:  DEALER -> broker backend (BrokerConfig.backend / WorkerConfig.broker).
+Connects:  DEALER -> each broker backend in WorkerConfig.broker (links.py).
 In:   REQUEST, CANCEL, HEARTBEAT, DRAIN, DISCONNECT   (each behind a route frame)
 Out:  READY (after load and warmup), HEARTBEAT {stats}, CHUNKS (a step's deltas for one
       client) or CHUNK, END, ERROR, DRAIN, DISCONNECT
 
 Threads, as vLLM does it, so socket and text work never stall compute:
-- the IO thread owns the DEALER: it decodes requests into the inbox queue, forwards what the
-  engine produced from an inproc PAIR, heartbeats, and reconnects with backoff when the broker
-  goes silent (then the engine drops what it was doing: the new broker does not know it);
+- the IO thread (links.py) owns one DEALER per broker: it decodes requests into the inbox
+  queue, forwards what the engine produced from an inproc PAIR to the broker each request
+  came from, heartbeats, and reconnects with backoff when a broker goes silent or away (then
+  the engine drops that broker's requests: nobody could receive their replies);
 - for engines with a ``prepare`` step (the LLM engine: chat template, tokenization), two
   prepare threads run it between the IO thread and the inbox, so a huge prompt is tokenized
   beside the running batch instead of inside a step, and does not hold up every request
@@ -38,7 +39,6 @@ from zeroserve import procs, tracing
 from zeroserve import protocol as p
 from zeroserve.config import WorkerConfig
 from zeroserve.logs import RateLimitedLog
-from zeroserve.sockets import make_socket
 from zeroserve.workers.engine import (
     Engine,
     EngineError,
@@ -48,6 +48,7 @@ from zeroserve.workers.engine import (
     UnsupportedModel,
     build,
 )
+from zeroserve.workers.links import Links
 
 log = logging.getLogger("zeroserve.worker")
 errors = RateLimitedLog(log)  # unexpected errors: a request that trips one each time is no flood
@@ -75,7 +76,9 @@ class Worker:
         self.stats: dict[str, Any] = {}
         self.served = 0
         self.step_started: float | None = None  # set while engine.step() runs
-        self._io = threading.Thread(target=self._io_loop, name="worker-io", daemon=True)
+        self.links = Links(self)
+        self._io = threading.Thread(target=self.links.run, name="worker-io", daemon=True)
+        self.running: set[RequestKey] = set()  # added to the engine and not yet ended
         # requests handed to the prepare thread and not yet added; cancels that find one here
         # are held until it arrives (set/discard are atomic under the GIL)
         self.preparing: set[RequestKey] = set()
@@ -177,6 +180,7 @@ class Worker:
             try:
                 self.engine.add(key, p.decode_body(body) if isinstance(body, bytes) else body,
                                 buffers)
+                self.running.add(key)
             except p.ProtocolError as exc:
                 self._emit([Output(key, error=(p.BAD_REQUEST, str(exc)))])
             except EngineError as exc:
@@ -193,13 +197,15 @@ class Worker:
             if not self.draining:
                 self.draining = True
                 log.info("draining: %s", "SIGTERM" if item[1] else "broker asked")
-                if item[1]:
-                    self._send(b"", p.encode(p.DRAIN, {}))
-        elif kind == RESET:  # requests in preparation then were meant for the broker we lost
-            self.cancelled_early |= item[1] & self.preparing
-            dropped = self.engine.abort_all(p.UNAVAILABLE, "broker connection lost")
-            if dropped:
-                log.warning("dropped %d requests after reconnecting to the broker", len(dropped))
+                self._send(b"", p.encode(p.DRAIN, {}))  # every broker stops sending work
+        elif kind == RESET:  # a broker is gone: its requests, running or in preparation
+            _, tag, preparing = item
+            self.cancelled_early |= preparing & self.preparing
+            gone = [key for key in self.running if key[0][:1] == tag]
+            for key in gone:
+                self._emit(self.engine.cancel(key))
+            if gone:
+                log.warning("dropped %d requests of a broker that is gone", len(gone))
 
     def _emit(self, outputs: list[Output]) -> None:
         """Send what a step produced: with `coalesce`, each client's plain deltas as one
@@ -210,6 +216,8 @@ class Worker:
             route, rid = out.key
             if self.traces and out.key in self.traces:
                 self._trace(out)
+            if out.error is not None or out.finish is not None:
+                self.running.discard(out.key)
             if out.error is not None:
                 self._send(route, p.error(rid, *out.error))
                 self.served += 1
@@ -272,7 +280,7 @@ class Worker:
 
     # -- IO thread -----------------------------------------------------------------------
 
-    def _ready_header(self) -> dict[str, Any]:
+    def ready_header(self) -> dict[str, Any]:
         return {
             "worker_id": self.worker_id,
             "models": list(self.engine.models),
@@ -284,86 +292,24 @@ class Worker:
             "engine": self.cfg.engine.name,
         }
 
-    def _connect(self) -> zmq.Socket:
-        sock = make_socket(self.ctx, zmq.DEALER, self.cfg.sockets)
-        sock.connect(self.cfg.broker)
-        sock.send_multipart([b"", *p.encode(p.READY, self._ready_header())])
-        return sock
+    def broker_lost(self, tag: bytes) -> None:
+        """A broker is gone: what it gave us is cancelled (nobody could receive it)."""
+        self.inbox.put((RESET, tag, frozenset(k for k in self.preparing if k[0][:1] == tag)))
 
-    def _io_loop(self) -> None:
-        pair = self.ctx.socket(zmq.PAIR)
-        pair.setsockopt(zmq.LINGER, 0)
-        pair.connect(self.outbox_addr)
-        dealer = self._connect()
-        log.info("worker %s connected to %s: READY models=%s capacity=%d", self.worker_id,
-                 self.cfg.broker, ",".join(self.engine.models), self.engine.capacity)
-        poller = zmq.Poller()
-        poller.register(pair, zmq.POLLIN)
-        poller.register(dealer, zmq.POLLIN)
-        interval = self.cfg.heartbeat_interval_s
-        broker_expiry = time.monotonic() + self.cfg.expiry_s
-        next_beat = time.monotonic() + interval
-        backoff = interval
-        try:
-            while not self.stop_io.is_set():
-                events = dict(poller.poll(min(100, interval * 1000)))
-                now = time.monotonic()
-                if pair in events:
-                    for _ in range(1024):
-                        try:
-                            dealer.send_multipart(pair.recv_multipart(zmq.NOBLOCK, copy=False),
-                                                  copy=False)
-                        except zmq.Again:
-                            break
-                if dealer in events:
-                    broker_expiry = now + self.cfg.expiry_s
-                    backoff = interval
-                    for _ in range(1024):
-                        try:
-                            frames = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        frames = p.materialize(frames, 1 + p.HEAD_FRAMES)  # route, message
-                        try:
-                            if self._on_broker(dealer, frames):
-                                broker_expiry = 0.0  # told to re-register: reconnect now
-                        except Exception:
-                            errors.exception("unexpected error handling a broker message")
-                self._check_progress(dealer, now)
-                if now >= next_beat:
-                    next_beat = now + interval
-                    dealer.send_multipart([b"", *p.encode(p.HEARTBEAT, {"stats": self._beat()})])
-                if now > broker_expiry:
-                    log.warning("broker silent: reconnecting in %.1fs", backoff)
-                    poller.unregister(dealer)
-                    dealer.close(0)
-                    # only what is being prepared now: by the time the engine thread reads
-                    # this, requests from the next broker may be in preparation too
-                    self.inbox.put((RESET, frozenset(self.preparing)))
-                    if self.stop_io.wait(backoff):
-                        return
-                    backoff = min(backoff * 2, 8 * interval)
-                    dealer = self._connect()
-                    poller.register(dealer, zmq.POLLIN)
-                    broker_expiry = time.monotonic() + self.cfg.expiry_s
-        finally:
-            dealer.close(0)
-            pair.close(0)
-
-    def _check_progress(self, dealer: zmq.Socket, now: float) -> None:
+    def check_progress(self, tell_all: Any, now: float) -> None:
         started, limit = self.step_started, self.cfg.progress_timeout_s
         if started is None or not limit or now - started <= limit:
             return
         log.error("engine step running for %.1f s (progress timeout %.1f s): exiting so its "
                   "requests resume on another worker", now - started, limit)
-        dealer.send_multipart([b"", *p.encode(p.DISCONNECT, {"reason": "engine hung"})])
+        tell_all(p.encode(p.DISCONNECT, {"reason": "engine hung"}))
         time.sleep(0.2)  # let the DISCONNECT leave
         os._exit(70)
 
-    def _beat(self) -> dict[str, Any]:
+    def beat(self) -> dict[str, Any]:
         return {**self.stats, "served": self.served, "draining": self.draining}
 
-    def _on_broker(self, dealer: zmq.Socket, frames: list[bytes]) -> bool:
+    def on_broker(self, frames: list[bytes]) -> bool:
         """Handle one message from the broker; True when it asks us to re-register."""
         route, message = (frames[0] if frames else b""), frames[1:]
         try:

@@ -2,15 +2,20 @@
 against a bound; a table (or --json) and a non-zero exit if any row misses its bound.
 
 One pipeline for the whole run (chaos_stack.py), on ipc endpoints in a temporary directory:
-a broker, two LLM workers (`l1`, `l2`, the tiny preset) and one echo worker (the test engine
-that accepts fault flags). Peers heartbeat every 0.25 s. This harness plays supervisor: a
-worker it killed is started again. Rows:
+two brokers, both active (`--brokers 1`: one), two LLM workers (`l1`, `l2`, the tiny preset)
+and one echo worker (the test engine that accepts fault flags), every worker registered with
+every broker. Peers heartbeat every 0.25 s. This harness plays supervisor: a process it
+killed is started again. Rows:
 
   kill-1-of-2      kill -9 of the worker with most streams, mid-stream
   kill-all         kill -9 of both LLM workers, then start them again
-  sigstop          SIGSTOP of the busiest worker (heartbeats stop; the broker kills it)
+  sigstop          SIGSTOP of the busiest worker (heartbeats stop; the broker purges it), then
+                   SIGCONT: it comes back, drops its stale work and registers again
   engine-error     the echo engine raises in a step (fail_at): that batch fails, nothing hangs
-  broker-restart   kill -9 of the broker mid-stream, then start it again on the same endpoints
+  broker-restart   kill -9 of a broker mid-stream, then start it again on the same endpoints
+  broker-rolling   each broker in turn stopped (SIGTERM) and started again, under load
+  broker-sigstop   SIGSTOP of a broker for 3 s, then SIGCONT: streams route around it
+  brokers-all-dead kill -9 of every broker, then one started again: all resume
   cut-100          100 streams cut by their clients at once
   abort-10-of-100  10 of 100 streams cancelled mid-stream, the other 90 finish
   oversized        a 64 MiB frame on a broker whose limit is 32 MiB, beside live streams
@@ -61,15 +66,16 @@ async def _suite(stack: Stack, only: list[str], repeat: int) -> list[Row]:
     return rows
 
 
-def run(model: str, only: list[str] | None = None, repeat: int = 1) -> dict[str, Any]:
+def run(model: str, only: list[str] | None = None, repeat: int = 1,
+        brokers: int = 2) -> dict[str, Any]:
     from zeroserve.models import PRESETS, ensure_built
 
     path = str(ensure_built(model)) if model in PRESETS else model
     os.environ["ZEROSERVE_INSTANCE"] = f"chaos-{os.getpid()}"  # its own ipc and shm names
     with tempfile.TemporaryDirectory(prefix="zs-chaos-") as tmp:
-        stack = Stack(Path(tmp), path)
+        stack = Stack(Path(tmp), path, brokers)
         try:
-            for name in ("broker", "l1", "l2", "echo"):
+            for name in (*stack.brokers, "l1", "l2", "echo"):
                 stack.start(name)
             asyncio.run(stack.wait_workers({"l1", "l2", "echo"}))
             before = leftovers(stack)
@@ -94,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="run only this row (repeatable); default: every row in order")
     ap.add_argument("--repeat", type=int, default=1, help="run each row this many times "
                     "(a soak: `--only broker-restart --repeat 20`)")
+    ap.add_argument("--brokers", type=int, default=2, choices=[1, 2],
+                    help="brokers in the pipeline, all active (1: a restart is a restart)")
     args = ap.parse_args(argv)
     exit_on_sigterm()  # killed by a timeout: still stop the pipeline it started
-    res = run(args.model, args.only, max(1, args.repeat))
+    res = run(args.model, args.only, max(1, args.repeat), args.brokers)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

@@ -110,14 +110,28 @@ class Run:
         await self.stack.wait_workers(LLM)
         return row
 
+    async def brokers(self, name: str, fault: Callable[[], Awaitable[float]], bound: float,
+                      pause_ms: float | None = None) -> Row:
+        """A broker fault: the LLM streams, then every worker registered with every broker
+        again; with several brokers, the longest pause any stream saw within `pause_ms`."""
+        row = _row(name, await streams(self.stack, STREAMS, fault=fault), self.calm, bound)
+        if pause_ms is not None and len(self.stack.brokers) > 1:
+            row.bound += f", max pause <= {pause_ms / 1000:.1f} s"
+            row.ok = row.ok and row.max_pause_ms <= pause_ms
+        await self.stack.wait_workers(LLM | {"echo"})
+        return row
+
     async def kill_busiest(self, sig: int = signal.SIGKILL) -> float:
         stack = self.stack
         victim = _busiest(await stack.workers(), LLM)
         t0 = time.monotonic()
         os.kill(stack.procs[victim].pid, sig)
         detect = await stack.wait_gone(victim, t0)
-        stack.procs[victim].wait(10)  # after SIGSTOP: until the broker has killed it
-        stack.start(victim)
+        if sig == signal.SIGSTOP:  # purged, its streams resumed elsewhere: now it comes back
+            os.kill(stack.procs[victim].pid, signal.SIGCONT)
+        else:
+            stack.procs[victim].wait(10)
+            stack.start(victim)
         return detect
 
 
@@ -154,16 +168,58 @@ async def _engine_error(run: Run) -> Row:
 
 
 async def _broker_restart(run: Run) -> Row:
+    """kill -9 of the first broker, started again at once: with two, a failover."""
     async def fault() -> float:
         t0 = time.monotonic()
-        run.stack.procs["broker"].kill()
-        run.stack.procs["broker"].wait()
-        run.stack.start("broker")
+        run.stack.procs["b0"].kill()
+        run.stack.procs["b0"].wait()
+        run.stack.start("b0")
         return (time.monotonic() - t0) * 1000
 
-    row = await run.llm("broker-restart", fault, run.calm_ms + 20000)
-    await run.stack.wait_workers(LLM | {"echo"})
-    return row
+    return await run.brokers("broker-restart", fault, run.calm_ms + 20000, pause_ms=1000)
+
+
+async def _broker_rolling(run: Run) -> Row:
+    """Each broker in turn stopped (SIGTERM) and started again, under load."""
+    async def fault() -> float:
+        for name in run.stack.brokers:
+            stop(run.stack.procs[name], timeout_s=10)
+            run.stack.start(name)
+            await run.stack.wait_workers(LLM | {"echo"})
+        return 0.0
+
+    return await run.brokers("broker-rolling", fault, run.calm_ms + 30000)
+
+
+async def _broker_sigstop(run: Run) -> Row:
+    """SIGSTOP of the last broker for 3 s (hung, not dead), then SIGCONT: it rejoins, and no
+    stream gets anything twice."""
+    async def fault() -> float:
+        proc = run.stack.procs[run.stack.brokers[-1]]
+        os.kill(proc.pid, signal.SIGSTOP)
+        await asyncio.sleep(3.0)
+        os.kill(proc.pid, signal.SIGCONT)
+        return 0.0
+
+    # clients notice a hung broker by its silence: heartbeat x liveness (1.5 s here)
+    return await run.brokers("broker-sigstop", fault, run.calm_ms + 20000, pause_ms=2500)
+
+
+async def _brokers_all(run: Run) -> Row:
+    """kill -9 of every broker, then one started again (the others 5 s later): all resume,
+    none hangs."""
+    async def fault() -> float:
+        for name in run.stack.brokers:
+            run.stack.procs[name].kill()
+            run.stack.procs[name].wait()
+        await asyncio.sleep(0.5)
+        first, *rest = run.stack.brokers
+        run.stack.start(first)
+        for name in rest:
+            asyncio.get_running_loop().call_later(5.0, run.stack.start, name)
+        return 0.0
+
+    return await run.brokers("brokers-all-dead", fault, run.calm_ms + 30000)
 
 
 MANY = [{**STREAMS[i % len(STREAMS)], "max_tokens": 64} for i in range(100)]
@@ -193,7 +249,7 @@ async def _oversized(run: Run) -> Row:
 
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
-        sock.connect(run.stack.front)
+        sock.connect(run.stack.fronts[0])
         sock.send_multipart(p.request("big", "tiny", {"prompt": "x"}, b"\0" * (64 << 20)))
         await asyncio.sleep(0.5)
         sock.close(0)
@@ -226,7 +282,7 @@ async def _slow_consumer(run: Run) -> Row:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.RCVHWM, 4)
-        sock.connect(run.stack.front)
+        sock.connect(run.stack.fronts[0])
         for i in range(8):
             sock.send_multipart(p.request(f"slow-{i}", "tiny", {
                 "prompt": "never read", "max_tokens": 400, "ignore_eos": True}))
@@ -292,7 +348,9 @@ async def _no_fault() -> float:
 
 ROWS: dict[str, Callable[[Run], Awaitable[Row]]] = {
     "kill-1-of-2": _kill_1_of_2, "kill-all": _kill_all, "sigstop": _sigstop,
-    "engine-error": _engine_error, "broker-restart": _broker_restart, "cut-100": _cut_100,
+    "engine-error": _engine_error, "broker-restart": _broker_restart,
+    "broker-rolling": _broker_rolling, "broker-sigstop": _broker_sigstop,
+    "brokers-all-dead": _brokers_all, "cut-100": _cut_100,
     "abort-10-of-100": _abort_10_of_100, "oversized": _oversized, "drain": _drain,
     "gateway-kill": _gateway_kill, "slow-consumer": _slow_consumer,
 }

@@ -1,8 +1,9 @@
 """The pipeline `zeroserve chaos` runs its faults on, and what it leaves behind.
 
-`Stack` starts (and starts again) a broker, two tiny LLM workers `l1`, `l2`, an echo worker
-and on demand a gateway, on ipc endpoints in a temporary directory, each peer heartbeating
-every 0.25 s; it asks the broker's table who is registered and who is busy. The helpers
+`Stack` starts (and starts again) `brokers` brokers (`b0`, `b1`: all active, every worker
+registered with each, clients spreading over them), two tiny LLM workers `l1`, `l2`, an echo
+worker and on demand a gateway, on ipc endpoints in a temporary directory, each peer
+heartbeating every 0.25 s; it asks the brokers' table who is registered and who is busy. The helpers
 measure what a stretch of the run left behind: stale shared-memory files of dead pids, and
 the broker's RSS and fd growth.
 """
@@ -27,14 +28,18 @@ HEARTBEAT = ["--heartbeat-interval-s", "0.25"]
 class Stack:
     """The pipeline under test: processes by name, started again on demand."""
 
-    def __init__(self, root: Path, model: str) -> None:
-        self.front, self.back, self.admin = (f"ipc://{root}/{n}.sock" for n in "fba")
+    def __init__(self, root: Path, model: str, brokers: int = 2) -> None:
+        self.brokers = [f"b{i}" for i in range(brokers)]
+        fronts, backs, admins = ([f"ipc://{root}/{n}{i}.sock" for i in range(brokers)]
+                                 for n in "fba")
+        self.fronts, self.admins = fronts, admins
+        self.front, self.back, self.admin = ",".join(fronts), ",".join(backs), admins[0]
         self.logs = root
         llm = ["--engine", "llm", "--model", model, "--served-name", "tiny", "--dtype",
                "float32", "--max-model-len", "512"]
         self.args = {
-            "broker": ["--frontend", self.front, "--backend", self.back, "--admin", self.admin,
-                       "--max-message-mb", "32", *HEARTBEAT],
+            **{b: ["--frontend", fronts[i], "--backend", backs[i], "--admin", admins[i],
+                   "--max-message-mb", "32", *HEARTBEAT] for i, b in enumerate(self.brokers)},
             "l1": ["--broker", self.back, "--worker-id", "l1", "--no-pin", *llm, *HEARTBEAT],
             "l2": ["--broker", self.back, "--worker-id", "l2", "--no-pin", *llm, *HEARTBEAT],
             "echo": ["--broker", self.back, "--worker-id", "echo", "--no-pin",
@@ -48,7 +53,8 @@ class Stack:
         return f"http://127.0.0.1:{self.args['gateway'][3]}"
 
     def start(self, name: str) -> None:
-        role = name if name in ("broker", "gateway") else "worker"
+        role = ("broker" if name in self.brokers else name if name == "gateway"
+                else "worker")
         with open(self.logs / f"{name}.log", "ab") as log:
             self.procs[name] = spawn(role, self.args[name], stdout=log,
                                      stderr=subprocess.STDOUT)
@@ -59,19 +65,24 @@ class Stack:
         # 0.5 s: a broker restart (seconds) fits in the SDK's failover budget (4 x 1.5 s)
         return AsyncClient(self.front, heartbeat_interval_s=0.5)
 
-    async def workers(self) -> list[dict[str, Any]]:
-        async with self.client() as c:
+    async def workers(self, broker: int = 0) -> list[dict[str, Any]]:
+        """One broker's worker table ([] while it does not answer)."""
+        from zeroserve.client import AsyncClient
+
+        async with AsyncClient(self.fronts[broker], heartbeat_interval_s=0.5) as c:
             with contextlib.suppress(Exception):
                 return await c.workers()
         return []
 
     async def wait_workers(self, names: set[str], timeout_s: float = 120) -> None:
+        """Until every broker lists these workers."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if names <= {w["worker_id"] for w in await self.workers()}:
-                return
-            await asyncio.sleep(0.1)
-        raise TimeoutError(f"workers {sorted(names)} did not register")
+        for i in range(len(self.brokers)):
+            while not names <= {w["worker_id"] for w in await self.workers(i)}:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"workers {sorted(names)} did not register with "
+                                       f"{self.brokers[i]}")
+                await asyncio.sleep(0.1)
 
     async def wait_gone(self, name: str, since: float) -> float:
         """ms from `since` until the broker's table no longer lists worker `name`."""
@@ -117,14 +128,14 @@ def leftovers(stack: Stack) -> dict[str, Any]:
 
     stale = [f for f in os.listdir(SHM_DIR) if f.startswith(prefix() + "-")
              and not psutil.pid_exists(int(f.split("-")[-2]))]
-    broker = psutil.Process(stack.procs["broker"].pid)
+    broker = psutil.Process(stack.procs["b0"].pid)
     return {"stale_shm_files": len(stale), "broker_pid": broker.pid,
             "broker_rss_mib": broker.memory_info().rss >> 20, "broker_fds": broker.num_fds()}
 
 
 def growth(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """What a stretch of the run left: stale shm files, and the broker's RSS and fd growth
-    (None across a broker restart)."""
+    """What a stretch of the run left: stale shm files, and the first broker's RSS and fd
+    growth (None across its restart)."""
     same = before["broker_pid"] == after["broker_pid"]
     return {"stale_shm_files": after["stale_shm_files"],
             "broker_rss_growth_mib": after["broker_rss_mib"] - before["broker_rss_mib"]

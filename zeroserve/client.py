@@ -1,6 +1,6 @@
 """The Python SDK: `Client` (sync) and `AsyncClient` (asyncio) over one DEALER each.
 
-Connects: DEALER -> broker frontend (one of `endpoints`; the next one on failover).
+Connects: one DEALER to each broker frontend in `endpoints`, all active at once (brokers.py).
 Out: REQUEST, CANCEL, HEARTBEAT, DISCONNECT, ADMIN.  In: CHUNK, CHUNKS, END, ERROR, HEARTBEAT.
 
 Both clients share `ClientCore` (client_core.py), which holds all protocol state without doing IO.
@@ -28,19 +28,13 @@ import zmq.asyncio
 
 from zeroserve import errors
 from zeroserve import protocol as p
-from zeroserve.client_core import (
-    AsyncCollector,
-    Chunk,
-    ClientCore,
-    Result,
-    ThreadCollector,
-    request_body,
-)
+from zeroserve.client_core import ClientCore, Out, request_body
 from zeroserve.codec import TensorCodec
 from zeroserve.config import ClientConfig, SocketConfig, default_endpoint
 from zeroserve.handles import AsyncRequestHandle, RequestHandle
 from zeroserve.keys import PeerKeys
-from zeroserve.sockets import check_transport, make_socket, private_ipc
+from zeroserve.replies import AsyncCollector, Chunk, Result, ThreadCollector
+from zeroserve.sockets import check_transport, is_disconnect, make_socket, private_ipc
 
 log = logging.getLogger("zeroserve.client")
 
@@ -101,9 +95,9 @@ class Client:
         rid = request_id or self.core.new_id()
         sink = ThreadCollector()
         with self._lock:
-            frames = self.core.submit(rid, model, request_body(prompt, params), buffers, sink,
-                                      resume, tenant, trace)
-        self._command(("send", frames))
+            out = self.core.submit(rid, model, request_body(prompt, params), buffers, sink,
+                                   resume, tenant, trace)
+        self._command(("send", out))
         return RequestHandle(self, rid, sink)
 
     def generate(self, model: str, prompt: str | None = None, *,
@@ -149,8 +143,8 @@ class Client:
         rid = self.core.new_id()
         sink = ThreadCollector()
         with self._lock:
-            frames = self.core.admin(rid, op, args, sink)
-        self._command(("send", frames))
+            out = self.core.admin(rid, op, args, sink)
+        self._command(("send", out))
         return RequestHandle(self, rid, sink).result(timeout_s).data
 
     def workers(self) -> list[dict[str, Any]]:
@@ -158,9 +152,9 @@ class Client:
 
     def cancel(self, rid: str) -> None:
         with self._lock:
-            frames = self.core.cancel(rid)
-        if frames is not None:
-            self._command(("send", frames))
+            out = self.core.cancel(rid)
+        if out is not None:
+            self._command(("send", out))
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -184,19 +178,20 @@ class Client:
         self._commands.append(cmd)
         os.write(self._wake_w, b"x")
 
-    def _connect(self) -> zmq.Socket:
-        sock = make_socket(self.ctx, zmq.DEALER, self.core.cfg.sockets)
-        sock.connect(self.core.endpoint)
-        return sock
-
     def _io_loop(self) -> None:
-        sock = self._connect()
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        links = [_Link(self.ctx, self.core, i) for i in range(len(self.core.cfg.endpoints))]
         core = self.core
+
+        def send(outs: list[Out]) -> None:
+            for via, frames in outs:
+                links[via].send(frames)
+
         try:
             while True:
+                poller = zmq.Poller()
+                poller.register(self._wake_r, zmq.POLLIN)
+                for link in links:
+                    link.register(poller)
                 events = dict(poller.poll(100))
                 if self._wake_r in events:
                     with contextlib.suppress(BlockingIOError):
@@ -204,36 +199,83 @@ class Client:
                 while self._commands:
                     cmd = self._commands.popleft()
                     if cmd[0] == "close":
-                        sock.send_multipart(p.encode(p.DISCONNECT, {"reason": "client closed"}))
+                        for link in links:
+                            link.send(p.encode(p.DISCONNECT, {"reason": "client closed"}))
                         with self._lock:
                             core.fail_all("client closed")
                         return
-                    sock.send_multipart(cmd[1], copy=False)
-                if sock in events:
-                    for _ in range(1024):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        with self._lock:
-                            again = core.on_frames(p.materialize(frames))
-                        for resumed in again:  # generations whose worker was lost go on
-                            sock.send_multipart(resumed, copy=False)
+                    send([cmd[1]])
+                for link in links:
+                    if link.sock in events:
+                        for frames in link.read():
+                            with self._lock:
+                                again = core.on_frames(link.index, p.materialize(frames))
+                            send(again)  # generations whose worker was lost go on
+                    if link.monitor in events and link.disconnected():
+                        core.brokers.disconnected(link.index)
                 now = time.monotonic()
-                if core.heartbeat_due(now):
-                    sock.send_multipart(p.encode(p.HEARTBEAT, {}))
-                if core.broker_lost(now):
+                send(core.heartbeats_due(now))
+                for i in core.brokers_lost(now):
+                    links[i].reconnect()
                     with self._lock:
-                        resend = core.failover()
-                    poller.unregister(sock)
-                    sock.close(0)
-                    sock = self._connect()
-                    poller.register(sock, zmq.POLLIN)
-                    for frames in resend:
-                        sock.send_multipart(frames, copy=False)
+                        again = core.failover(i)
+                    send(again)
         finally:
             self._closed.set()
-            sock.close(0)
+            for link in links:
+                link.close()
+
+
+class _Link:
+    """One broker's DEALER and its socket monitor (a local broker's exit is seen at once)."""
+
+    def __init__(self, ctx: zmq.Context, core: ClientCore, index: int) -> None:
+        self.ctx, self.core, self.index = ctx, core, index
+        self.endpoint = core.cfg.endpoints[index]
+        self.sock, self.monitor = self._open()
+
+    def _open(self) -> tuple[Any, Any]:
+        sock = make_socket(self.ctx, zmq.DEALER, self.core.cfg.sockets)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        sock.connect(self.endpoint)
+        return sock, monitor
+
+    def register(self, poller: zmq.Poller) -> None:
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+
+    def send(self, frames: list[Any]) -> None:
+        """Sync sockets only (the async client awaits its sends)."""
+        with contextlib.suppress(zmq.ZMQError):  # closed under us: its requests fail over
+            self.sock.send_multipart(frames, copy=False)
+
+    def read(self) -> list[list[Any]]:
+        """Sync sockets only: what has arrived, without waiting."""
+        out = []
+        for _ in range(1024):
+            try:
+                out.append(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        return out
+
+    def disconnected(self) -> bool:
+        """Sync sockets only: whether the monitor saw the connection drop."""
+        seen = False
+        with contextlib.suppress(zmq.Again):
+            while True:
+                seen |= is_disconnect(self.monitor.recv_multipart(zmq.NOBLOCK))
+        return seen
+
+    def reconnect(self) -> None:
+        self.close()
+        self.sock, self.monitor = self._open()
+
+    def close(self) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.disable_monitor()
+        self.monitor.close(0)
+        self.sock.close(0)
 
 
 class AsyncClient:
@@ -248,40 +290,47 @@ class AsyncClient:
                                        insecure, max_message_mb))
         self.tensors = TensorCodec(self.core.cfg.endpoints)
         self.ctx = ctx or zmq.asyncio.Context.instance()
-        self.sock = self._connect()
+        self.links = [_Link(self.ctx, self.core, i) for i in range(len(self.core.cfg.endpoints))]
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
-
-    def _connect(self) -> zmq.asyncio.Socket:
-        sock = make_socket(self.ctx, zmq.DEALER, self.core.cfg.sockets)
-        sock.connect(self.core.endpoint)
-        return sock
 
     def _ensure_reader(self) -> None:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_loop())
 
+    async def _send(self, outs: list[Out]) -> None:
+        for via, frames in outs:
+            with contextlib.suppress(zmq.ZMQError):  # closed under us: its requests fail over
+                await self.links[via].sock.send_multipart(frames, copy=False)
+
     async def _read_loop(self) -> None:
         core = self.core
         while not self._closed:
+            poller = zmq.asyncio.Poller()
+            for link in self.links:
+                link.register(poller)
             # poll, then read without blocking: a cancelled recv future could lose a message
-            if await self.sock.poll(100, zmq.POLLIN):
-                for _ in range(1024):
-                    try:
-                        frames = await self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        for resumed in core.on_frames(p.materialize(frames)):
-                            await self.sock.send_multipart(resumed, copy=False)
-                    except zmq.Again:
-                        break
+            events = dict(await poller.poll(100))
+            for link in self.links:
+                if link.sock in events:
+                    for _ in range(1024):
+                        try:
+                            frames = await link.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        await self._send(core.on_frames(link.index, p.materialize(frames)))
+                if link.monitor in events:
+                    seen = False
+                    with contextlib.suppress(zmq.Again):
+                        while True:
+                            seen |= is_disconnect(await link.monitor.recv_multipart(zmq.NOBLOCK))
+                    if seen:
+                        core.brokers.disconnected(link.index)
             now = time.monotonic()
-            if core.heartbeat_due(now):
-                await self.sock.send_multipart(p.encode(p.HEARTBEAT, {}))
-            if core.broker_lost(now):
-                resend = core.failover()
-                self.sock.close(0)
-                self.sock = self._connect()
-                for frames in resend:
-                    await self.sock.send_multipart(frames, copy=False)
+            await self._send(core.heartbeats_due(now))
+            for i in core.brokers_lost(now):
+                self.links[i].reconnect()
+                await self._send(core.failover(i))
 
     async def submit(self, model: str, prompt: str | None = None, *, buffers: Sequence[Any] = (),
                      request_id: str | None = None, resume: bool = True, tenant: str = "",
@@ -291,9 +340,9 @@ class AsyncClient:
         self._ensure_reader()
         rid = request_id or self.core.new_id()
         sink = AsyncCollector()
-        frames = self.core.submit(rid, model, request_body(prompt, params), buffers, sink,
-                                  resume, tenant, trace)
-        await self.sock.send_multipart(frames, copy=False)
+        out = self.core.submit(rid, model, request_body(prompt, params), buffers, sink,
+                               resume, tenant, trace)
+        await self._send([out])
         return AsyncRequestHandle(self, rid, sink)
 
     async def generate(self, model: str, prompt: str | None = None, *,
@@ -339,7 +388,7 @@ class AsyncClient:
         self._ensure_reader()
         rid = self.core.new_id()
         sink = AsyncCollector()
-        await self.sock.send_multipart(self.core.admin(rid, op, args, sink))
+        await self._send([self.core.admin(rid, op, args, sink)])
         return (await AsyncRequestHandle(self, rid, sink).result(timeout_s)).data
 
     async def workers(self) -> list[dict[str, Any]]:
@@ -359,23 +408,24 @@ class AsyncClient:
 
     def cancel_nowait(self, rid: str) -> None:
         """Cancel without awaiting: safe inside a task that is itself being cancelled."""
-        frames = self.core.cancel(rid)
-        if frames is not None and not self._closed:
-            with contextlib.suppress(zmq.ZMQError):
-                self.sock.send_multipart(frames)  # queued at once; the future is not needed
+        out = self.core.cancel(rid)
+        if out is not None and not self._closed:
+            with contextlib.suppress(zmq.ZMQError):  # queued at once; the future not needed
+                self.links[out[0]].sock.send_multipart(out[1])
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(zmq.ZMQError):
-            await self.sock.send_multipart(p.encode(p.DISCONNECT, {"reason": "client closed"}))
+        bye = p.encode(p.DISCONNECT, {"reason": "client closed"})
+        await self._send([(i, bye) for i in range(len(self.links))])
         self.core.fail_all("client closed")
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
-        self.sock.close(0)
+        for link in self.links:
+            link.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self

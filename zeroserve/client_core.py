@@ -1,16 +1,16 @@
 """The SDK's protocol core, shared by the sync and async clients: no sockets, no threads.
 
-`ClientCore` holds all request state: which requests are in flight, which have started
-streaming, when the broker last spoke, what to resend after a reconnect. Replies go to a
-per-request `Collector` that merges text/token deltas while its reader lags, so a slow
-consumer never grows an unbounded per-token queue. `Chunk` and `Result` are what callers see.
+`ClientCore` holds all request state: which requests are in flight and through which broker
+(brokers.py: every endpoint is active at once), which have started streaming, what to resend
+when a broker is lost. Replies go to each request's `Collector` (replies.py).
 
 Resumable generation: for each text generation in flight the core keeps the token ids and the
 length of text it has received. When its worker is lost (WORKER_LOST) or its broker goes
 silent, it sends the request again with `resume` = {token_ids, text_chars}: the next worker
 goes on from there (llm/engine.py) and the caller's stream continues with no gap and no
 repeat, up to `max_resumes` times. The record lives here, not in the broker, because only
-here does it outlive the broker as well, and the broker never has to decode a chunk.
+here does it outlive the broker as well, and the broker never has to decode a chunk. A lost
+broker's requests go on through another live broker the same way.
 
 A broker that restarts faster than its silence budget answers heartbeats as before, but its
 heartbeats carry a new `epoch`: every request in flight died with the old process, so all are
@@ -20,11 +20,8 @@ generations resuming from what they received.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import itertools
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -34,123 +31,12 @@ from typing import Any
 from zeroserve import contract, errors
 from zeroserve import prefix as prefixes
 from zeroserve import protocol as p
+from zeroserve.brokers import Brokers
 from zeroserve.config import ClientConfig
+from zeroserve.replies import Chunk, Collector
 
 log = logging.getLogger("zeroserve.client")
 GENERATION_FIELDS = ("prompt", "messages", "prompt_token_ids")
-
-
-class PayloadView:
-    """Read access to the usual fields of a reply payload (`data`)."""
-
-    __slots__ = ()
-    data: dict[str, Any]
-
-    @property
-    def text(self) -> str:
-        return self.data.get("text", "")
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.data.get("token_ids", [])
-
-
-@dataclass(slots=True)
-class Chunk(PayloadView):
-    """One streamed part: a delta payload (e.g. text, token_ids) and any raw buffers."""
-
-    data: dict[str, Any]
-    buffers: list[bytes] = field(default_factory=list)
-    final: bool = False
-
-
-@dataclass(slots=True)
-class Result(PayloadView):
-    """A finished request: merged deltas plus the END fields (finish_reason, usage, ...)."""
-
-    request_id: str
-    data: dict[str, Any]
-    buffers: list[bytes] = field(default_factory=list)
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.data.get("finish_reason")
-
-    @property
-    def usage(self) -> dict[str, int]:
-        return self.data.get("usage", {})
-
-
-def merge_delta(into: dict[str, Any], delta: dict[str, Any]) -> None:
-    """Fold a delta into an accumulated payload: strings concatenate, lists extend."""
-    for k, v in delta.items():
-        old = into.get(k)
-        if isinstance(old, str) and isinstance(v, str):
-            into[k] = old + v
-        elif isinstance(old, list) and isinstance(v, list):
-            old.extend(v)
-        else:
-            into[k] = list(v) if isinstance(v, list) else v
-
-
-class Collector:
-    """Per-request reply buffer. Consecutive plain chunks merge while nobody reads them."""
-
-    def __init__(self) -> None:
-        self.items: collections.deque[Chunk | errors.ZeroserveError] = collections.deque()
-        self.done = False
-
-    def put(self, item: Chunk | errors.ZeroserveError) -> None:
-        last = self.items[-1] if self.items else None
-        if (isinstance(item, Chunk) and isinstance(last, Chunk) and not last.final
-                and not last.buffers and not item.buffers):
-            merge_delta(last.data, item.data)
-            last.final = item.final
-        else:
-            self.items.append(item)
-        if not isinstance(item, Chunk) or item.final:
-            self.done = True
-        self.notify()
-
-    def notify(self) -> None:
-        pass
-
-
-class ThreadCollector(Collector):
-    def __init__(self) -> None:
-        super().__init__()
-        self.cond = threading.Condition()
-
-    def put(self, item: Chunk | errors.ZeroserveError) -> None:
-        with self.cond:
-            super().put(item)
-
-    def notify(self) -> None:
-        self.cond.notify()
-
-    def get(self, timeout: float | None) -> Chunk | errors.ZeroserveError | None:
-        with self.cond:
-            if not self.items:
-                self.cond.wait(timeout)
-            return self.items.popleft() if self.items else None
-
-
-class AsyncCollector(Collector):
-    def __init__(self) -> None:
-        super().__init__()
-        self.event = asyncio.Event()
-
-    def notify(self) -> None:
-        self.event.set()
-
-    async def get(self, timeout: float | None) -> Chunk | errors.ZeroserveError | None:
-        if not self.items:
-            self.event.clear()
-            try:
-                await asyncio.wait_for(self.event.wait(), timeout)
-            except TimeoutError:
-                return None
-        return self.items.popleft() if self.items else None
 
 
 @dataclass(slots=True)
@@ -178,9 +64,13 @@ class _Resume:
 class _Pending:
     frames: list[bytes]
     sink: Collector
+    via: int  # the broker it was sent through (its index)
     started: bool = False
     resent: int = 0
     resume: _Resume | None = None  # None: not a generation, or the caller opted out
+
+
+Out = tuple[int, list[Any]]  # a message to send, and the broker (its index) it goes to
 
 
 class ClientCore:
@@ -191,22 +81,14 @@ class ClientCore:
         self.pending: dict[str, _Pending] = {}
         self._prefix = uuid.uuid4().hex[:12]
         self._ids = itertools.count()
-        self._endpoint_index = 0
-        self.broker_expiry = time.monotonic() + cfg.expiry_s
-        self.epoch: str | None = None  # the broker process heard from (its heartbeats)
-        self.last_heard = time.monotonic()  # a grace period for the first connection
-        self.next_beat = time.monotonic()  # at once: the broker's epoch, before any request
-
-    @property
-    def endpoint(self) -> str:
-        return self.cfg.endpoints[self._endpoint_index % len(self.cfg.endpoints)]
+        self.brokers = Brokers(cfg)
 
     def new_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
 
     def submit(self, rid: str, model: str, body: dict[str, Any], buffers: Sequence[Any],
                sink: Collector, resumable: bool = True, tenant: str = "",
-               trace: str = "") -> list[Any]:
+               trace: str = "") -> Out:
         generation = not buffers and any(f in body for f in GENERATION_FIELDS)
         prefix = prefixes.hashes(model, tenant, body) if generation else []
         frames = p.request(rid, model, body, *buffers, tenant=tenant, trace=trace,
@@ -217,32 +99,33 @@ class ClientCore:
             raise errors.BadRequestError(f"a request of {size} bytes exceeds the "
                                          f"{limit}-byte message limit", rid)
         resume = _Resume(model, body, tenant, trace, prefix) if resumable and generation else None
-        self.pending[rid] = _Pending(frames, sink, resume=resume)
-        return frames
+        via = self.brokers.pick(prefix, time.monotonic())
+        self.pending[rid] = _Pending(frames, sink, via, resume=resume)
+        return via, frames
 
-    def admin(self, rid: str, op: str, args: dict[str, Any], sink: Collector) -> list[Any]:
+    def admin(self, rid: str, op: str, args: dict[str, Any], sink: Collector) -> Out:
         frames = p.admin(rid, op, **args)
-        self.pending[rid] = _Pending(frames, sink)
-        return frames
+        via = self.brokers.pick([], time.monotonic())
+        self.pending[rid] = _Pending(frames, sink, via)
+        return via, frames
 
-    def cancel(self, rid: str) -> list[bytes] | None:
-        """Forget a request (its reader gets CancelledError); the CANCEL frames to send."""
+    def cancel(self, rid: str) -> Out | None:
+        """Forget a request (its reader gets CancelledError); the CANCEL to send."""
         pend = self.pending.pop(rid, None)
         if pend is None:
             return None
         pend.sink.put(errors.CancelledError("cancelled by the client", rid))
-        return p.cancel(rid)
+        return pend.via, p.cancel(rid)
 
-    def on_frames(self, frames: list[bytes]) -> list[list[bytes]]:
-        """Take one message from the broker; return what to send back (resumed requests)."""
-        self.last_heard = time.monotonic()
-        self.broker_expiry = self.last_heard + self.cfg.expiry_s
+    def on_frames(self, via: int, frames: list[bytes]) -> list[Out]:
+        """Take one message from broker `via`; return what to send (resumed requests)."""
+        self.brokers.heard(via, time.monotonic())
         try:
             msg = p.decode(frames, self.cfg.sockets.max_message_bytes)
         except p.ProtocolError:
             return []
         if msg.type == p.HEARTBEAT:
-            return self._on_epoch(msg.header.get("epoch"))
+            return self._on_epoch(via, msg.header.get("epoch"))
         if msg.type == p.DISCONNECT:
             return []
         if msg.type == p.CHUNKS:
@@ -250,14 +133,20 @@ class ClientCore:
                 parts = p.split_chunks(msg)
             except p.ProtocolError:
                 return []  # garbled: its requests' ENDs (or silence budgets) still come
+            stale = []
             for rid, data in parts:
                 if (pend := self.pending.get(rid)) is not None:
-                    self._on_data(rid, pend, data, [], final=False)
-            return []
+                    if pend.via != via:
+                        stale.append((via, p.cancel(rid)))
+                    else:
+                        self._on_data(rid, pend, data, [], final=False)
+            return stale
         rid = msg.header.get("id")
         pend = self.pending.get(rid) if isinstance(rid, str) else None
         if pend is None:
             return []
+        if pend.via != via:  # a broker we gave up on came back: its copy is not wanted
+            return [(via, p.cancel(rid))] if msg.type == p.CHUNK else []
         if msg.type in (p.CHUNK, p.END):
             try:
                 data = p.body(msg)
@@ -272,7 +161,7 @@ class ClientCore:
             lost = {p.WORKER_LOST: "worker lost", p.UNAVAILABLE: "dropped by the broker"}
             why = lost.get(h.get("code"))  # type: ignore[call-overload]
             if why and self._resume(rid, pend, why):
-                return [pend.frames]
+                return [(pend.via, pend.frames)]
             del self.pending[rid]
             pend.sink.put(errors.from_code(str(h.get("code")), str(h.get("message")), rid))
         return []
@@ -305,67 +194,70 @@ class ClientCore:
                 "(%s)", rid, len(r.token_ids), why)
         return True
 
-    def _on_epoch(self, epoch: Any) -> list[list[bytes]]:
-        """A broker heartbeat: a new epoch is a new broker process, which knows none of our
-        requests. Send them all again, marked `again`; generations that streamed resume
-        from what they received; what started and cannot resume fails (UnavailableError)."""
-        if not isinstance(epoch, str) or epoch == self.epoch:
+    def _on_epoch(self, via: int, epoch: Any) -> list[Out]:
+        """A broker heartbeat: a new epoch is a new broker process, which knows none of the
+        requests we sent it. Send them all again, marked `again`; generations that streamed
+        resume from what they received; what started and cannot resume fails
+        (UnavailableError)."""
+        mine = [(rid, pend) for rid, pend in self.pending.items() if pend.via == via]
+        if not self.brokers.new_epoch(via, epoch) or not mine:
             return []
-        known, self.epoch = self.epoch, epoch
-        if known is None or not self.pending:
-            return []
-        log.warning("broker restarted (epoch %s, was %s): sending %d requests again", epoch,
-                    known, len(self.pending))
-        resend = []
-        for rid, pend in list(self.pending.items()):
+        log.warning("broker %s restarted (epoch %s): sending %d requests again",
+                    self.brokers.all[via].endpoint, epoch, len(mine))
+        out = []
+        for rid, pend in mine:
             if pend.started and not self._resume(rid, pend, "broker restarted", count=False):
                 del self.pending[rid]
                 pend.sink.put(errors.UnavailableError("broker restarted mid-stream", rid))
-                resend.append(p.cancel(rid))  # in case it reached the new broker
+                out.append((via, p.cancel(rid)))  # in case it reached the new broker
                 continue
             if pend.frames[1] == p.REQUEST:
                 pend.frames = p.again(pend.frames)
-            resend.append(pend.frames)
-        return resend
+            out.append((via, pend.frames))
+        return out
 
-    def heartbeat_due(self, now: float) -> bool:
-        if now < self.next_beat:
-            return False
-        self.next_beat = now + self.cfg.heartbeat_interval_s
-        return True
+    def heartbeats_due(self, now: float) -> list[Out]:
+        return [(i, p.encode(p.HEARTBEAT, {})) for i in self.brokers.beats_due(now)]
 
-    def broker_lost(self, now: float) -> bool:
-        return now > self.broker_expiry
+    def brokers_lost(self, now: float) -> list[int]:
+        """Brokers silent past their expiry, or whose connection dropped: the client opens
+        each one's socket again, then sends what `failover` returns."""
+        return self.brokers.lost(now)
 
-    def failover(self) -> list[list[bytes]]:
-        """The broker went silent: move to the next endpoint. Requests that streamed nothing
-        are resent there (up to max_resends times), generations that had started resume there;
-        the others fail with UnavailableError, as do those that ran out of resends: nothing
-        waits forever."""
-        self._endpoint_index += 1
-        self.broker_expiry = time.monotonic() + self.cfg.expiry_s
-        if self.pending:
-            log.warning("broker silent for %.1f s: %d requests go on through %s",
-                        self.cfg.expiry_s, len(self.pending), self.endpoint)
-        resend = []
-        for rid, pend in list(self.pending.items()):
+    def failover(self, lost: int) -> list[Out]:
+        """Broker `lost` went silent (or away): its requests move to another live broker (the
+        same one, once reconnected, when none is). Requests that streamed nothing are resent
+        (up to max_resends times), generations that had started resume; the others fail with
+        UnavailableError, as do those that ran out of resends: nothing waits forever."""
+        now = time.monotonic()
+        mine = [(rid, pend) for rid, pend in self.pending.items() if pend.via == lost]
+        to = self.brokers.other(lost, now)
+        if mine:
+            log.warning("broker %s lost: %d requests %s", self.brokers.all[lost].endpoint,
+                        len(mine), f"go on through {self.brokers.all[to].endpoint}"
+                        if to != lost else "sent again as it reconnects")
+        out = []
+        for rid, pend in mine:
             if (pend.started and pend.resent < self.cfg.max_resends
                     and self._resume(rid, pend, "broker lost", count=False)):
                 pend.resent += 1
-                resend.append(pend.frames)
             elif pend.started or pend.resent >= self.cfg.max_resends:
                 del self.pending[rid]
                 why = "broker lost mid-stream" if pend.started else "no broker answered"
                 pend.sink.put(errors.UnavailableError(why, rid))
+                continue
             else:
                 pend.resent += 1
-                resend.append(pend.frames)
-        return resend
+            if pend.frames[1] == p.REQUEST:  # a broker that holds it already (one that was
+                pend.frames = p.again(pend.frames)  # only silent) does not run it twice
+            pend.via = to
+            out.append((to, pend.frames))
+        return out
 
     @property
     def broker_alive(self) -> bool:
         """Heard from a broker within heartbeat x liveness."""
-        return time.monotonic() - self.last_heard < self.cfg.expiry_s
+        return self.brokers.alive
 
     def fail_all(self, why: str) -> None:
         for rid, pend in self.pending.items():
@@ -385,30 +277,3 @@ def request_body(prompt: str | None, params: dict[str, Any]) -> dict[str, Any]:
     except ValueError as exc:
         raise errors.BadRequestError(str(exc)) from None
     return params if prompt is None else {"prompt": prompt, **params}
-
-
-def merge_result(rid: str, parts: list[Chunk]) -> Result:
-    data: dict[str, Any] = {}
-    buffers: list[bytes] = []
-    for part in parts:
-        merge_delta(data, part.data)
-        buffers.extend(part.buffers)
-    return Result(rid, data, buffers)
-
-
-def deadline_of(timeout_s: float | None, default_s: float | None) -> float | None:
-    t = timeout_s if timeout_s is not None else default_s
-    return None if t is None else time.monotonic() + t
-
-
-def time_left(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def settle(item: Chunk | errors.ZeroserveError | None, rid: str) -> Chunk:
-    """A reply item as a chunk; raise its error, or a timeout when nothing came (None)."""
-    if item is None:
-        raise errors.RequestTimeoutError("no reply in time", rid)
-    if isinstance(item, errors.ZeroserveError):
-        raise item
-    return item

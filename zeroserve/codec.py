@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from zeroserve.client_core import Result
+from zeroserve.replies import Result
 
 
 class TensorCodec:

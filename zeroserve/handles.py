@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from zeroserve.client_core import (
+from zeroserve.replies import (
     AsyncCollector,
     Chunk,
     Result,

@@ -96,3 +96,10 @@ def private_ipc(endpoint: str) -> None:
             f"{parent} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o}: ipc "
             f"endpoints need a directory owned by uid {os.geteuid()} with mode 700 "
             "(chmod 700 it, or pick another --instance or endpoint)")
+
+
+def is_disconnect(frames: list[bytes]) -> bool:
+    """A socket monitor's message (get_monitor_socket) says the connection dropped."""
+    from zmq.utils.monitor import parse_monitor_message
+
+    return parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED

@@ -1,12 +1,14 @@
 """`zeroserve up`: the whole pipeline as children of one foreground command.
 
-Starts a broker, N workers (each pinned to its own slice of cores) and the HTTP gateway on
-this deployment's endpoints, waits until the workers have registered, and prints how to call
-them (curl and the Python SDK). A child that exits is started again after a backoff, as
-supervisord would (0.5 s doubling to 30 s; the count resets once it has run 30 s); the others
-keep serving meanwhile (a generation on a dead worker resumes on another). A broker or gateway
-that keeps failing (5 quick exits in a row) stops the whole pipeline. On Ctrl-C or SIGTERM the
-workers drain first (what they started finishes), then the gateway stops, then the broker.
+Starts a broker (--brokers N: N brokers, all active, every worker registered with each and
+the gateway spreading over them), N workers (each pinned to its own slice of cores) and the
+HTTP gateway on this deployment's endpoints, waits until the workers have registered, and
+prints how to call them (curl and the Python SDK). A child that exits is started again after
+a backoff, as supervisord would (0.5 s doubling to 30 s; the count resets once it has run
+30 s); the others keep serving meanwhile (a generation on a dead worker resumes on another).
+A broker or gateway that keeps failing (5 quick exits in a row) stops the whole pipeline. On
+Ctrl-C or SIGTERM the workers drain first (what they started finishes), then the gateway
+stops, then the brokers.
 """
 
 from __future__ import annotations
@@ -74,11 +76,13 @@ class Child:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="zeroserve up", description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--brokers", type=int, default=1, help="brokers, all active (2: no single "
+                    "point of failure)")
     ap.add_argument("--engine", default="llm", choices=["echo", "llm"])
     ap.add_argument("--model", default="tiny", help="model directory or preset (tiny, small)")
     ap.add_argument("--instance", default=None)
-    ap.add_argument("--frontend", default=None)
-    ap.add_argument("--backend", default=None)
+    ap.add_argument("--frontend", default=None, help="comma-separated, one per broker")
+    ap.add_argument("--backend", default=None, help="comma-separated, one per broker")
     ap.add_argument("--device", default=WorkerConfig.device)
     ap.add_argument("--host", default=GatewayConfig.host, help="gateway HTTP host")
     ap.add_argument("--port", type=int, default=GatewayConfig.port, help="gateway HTTP port")
@@ -108,19 +112,34 @@ def wait_ready(endpoint: str, workers: int, timeout_s: float, procs: list[Any],
     return []
 
 
+def endpoints(given: str | None, role: str, brokers: int, instance: str | None) -> list[str]:
+    """One endpoint of `role` per broker: as given (comma-separated), else the deployment's
+    default for the first broker and `<role>-<i>` for the others."""
+    if given:
+        listed = [e for e in given.split(",") if e]
+        if len(listed) != brokers:
+            raise SystemExit(f"--{role} names {len(listed)} endpoints for {brokers} brokers")
+        return listed
+    return [default_endpoint(role if i == 0 else f"{role}-{i}", instance)
+            for i in range(brokers)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, "up")
-    frontend = args.frontend or default_endpoint("frontend", args.instance)
-    backend = args.backend or default_endpoint("backend", args.instance)
+    fronts, backs, admins = (endpoints(given, role, args.brokers, args.instance) for given, role
+                             in ((args.frontend, "frontend"), (args.backend, "backend"),
+                                 (None, "admin")))
+    frontend, backend = ",".join(fronts), ",".join(backs)
     stopping = stop_on_signals()
     if args.engine == "llm":
         from zeroserve.models import PRESETS, ensure_built
 
         if args.model in PRESETS:
             ensure_built(args.model)  # once, with a progress bar, before the workers start
-    broker = Child("broker", "broker", ["--frontend", frontend, "--backend", backend,
-                                          "--log-level", args.log_level])
+    brokers = [Child(f"broker-{i}" if args.brokers > 1 else "broker", "broker", [
+        "--frontend", fronts[i], "--backend", backs[i], "--admin", admins[i],
+        "--log-level", args.log_level]) for i in range(args.brokers)]
     workers = [
         Child(f"worker-{i}", "worker", [
             "--broker", backend, "--engine", args.engine, "--model", args.model, "--slot",
@@ -131,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     gateway = [] if args.no_gateway else [
         Child("gateway", "gateway", ["--broker", frontend, "--host", args.host, "--port",
                                      str(args.port), "--log-level", args.log_level])]
-    children = [broker, *workers, *gateway]
+    children = [*brokers, *workers, *gateway]
     try:
         rows = wait_ready(frontend, args.workers, args.ready_timeout_s,
                           [c.proc for c in children], stopping)
@@ -146,8 +165,8 @@ Call it over HTTP (OpenAI-compatible):
       -d '{{"model": "{model}", "prompt": "hello from zeroserve", "max_tokens": 16}}'
 """
         print(f"""
-zeroserve is up: broker + {args.workers} {args.engine} worker(s){"" if args.no_gateway else
-                                                               " + gateway"}.
+zeroserve is up: {args.brokers} broker(s) + {args.workers} {args.engine} worker(s){
+    "" if args.no_gateway else " + gateway"}.
 Ctrl-C here stops everything.
 {http}
 Or from Python:
@@ -159,20 +178,19 @@ Or from Python:
         while not stopping():
             now = time.monotonic()
             if not all([c.keep_up(now) for c in children]):  # every child gets its turn
-                if any(c.quick_exits >= MAX_QUICK_EXITS for c in (broker, *gateway)):
+                if any(c.quick_exits >= MAX_QUICK_EXITS for c in (*brokers, *gateway)):
                     return 1
                 workers = [w for w in workers if w.quick_exits < MAX_QUICK_EXITS]
                 if not workers:
                     return 1
-                children = [broker, *workers, *gateway]
+                children = [*brokers, *workers, *gateway]
             time.sleep(0.1)
         return 0
     finally:
         log.info("stopping: workers drain first, then the gateway, then the broker")
-        for group in (workers, gateway, [broker]):
+        for group in (workers, gateway, brokers):
             stop_all([c.proc for c in group], timeout_s=30.0)
-        admin = default_endpoint("admin", args.instance)
-        for endpoint in (frontend, backend, admin):  # a broker that was killed leaves its files
+        for endpoint in (*fronts, *backs, *admins):  # a broker that was killed leaves its files
             if endpoint.startswith("ipc://"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(endpoint[len("ipc://"):])

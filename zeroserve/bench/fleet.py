@@ -19,7 +19,8 @@ the SDK; once with each worker sending a step's deltas for a client as one CHUNK
 once with --no-coalesce (one CHUNK per token), in the same run:
   broker_us_per_token   the broker process's CPU time / tokens delivered
   tokens_per_s          tokens delivered per second
-(the uncoalesced run's keys end in `_uncoalesced`).
+(the uncoalesced run's keys end in `_uncoalesced`). With --brokers 2, the same load also
+runs through one broker (keys ending in `_1_broker`), broker CPU summed over the brokers.
 Everything runs on ipc paths in a temp dir and on a free loopback port.
 """
 
@@ -62,16 +63,20 @@ def conversations(n: int, turns: int, seed: int = 0) -> list[list[str]]:
 
 @contextlib.contextmanager
 def fleet(model: str, workers: int, broker_flags: list[str], worker_flags: list[str],
-          gateway: bool = True) -> Iterator[tuple[str, str]]:
-    """Broker, `workers` LLM workers and a gateway on a temp dir; yields (frontend, url)."""
+          gateway: bool = True, brokers: int = 1) -> Iterator[tuple[str, str]]:
+    """`brokers` brokers, `workers` workers (every one registered with each broker) and a
+    gateway on a temp dir; yields (the frontends, comma-separated; the gateway's url)."""
     from zeroserve.bench.serve import _free_port, _wait_http
     from zeroserve.up import wait_ready
 
     with tempfile.TemporaryDirectory(prefix="zs-fleet-") as tmp:
-        front, back = f"ipc://{tmp}/f", f"ipc://{tmp}/b"
+        fronts = [f"ipc://{tmp}/f{i}" for i in range(brokers)]
+        backs = [f"ipc://{tmp}/b{i}" for i in range(brokers)]
+        front, back = ",".join(fronts), ",".join(backs)
         quiet = ["--log-level", "WARNING"]
-        procs = [spawn("broker", ["--frontend", front, "--backend", back,
-                                  "--max-queue-wait-ms", "3600000", *broker_flags, *quiet])]
+        procs = [spawn("broker", ["--frontend", f, "--backend", b, "--admin", f"{b}-admin",
+                                  "--max-queue-wait-ms", "3600000", *broker_flags, *quiet])
+                 for f, b in zip(fronts, backs, strict=True)]
         procs += [spawn("worker", ["--broker", back, "--worker-id", f"w{i}", "--slot", str(i),
                                    "--slots", str(workers), *worker_flags, *quiet])
                   for i in range(workers)]
@@ -172,20 +177,24 @@ async def _streams(front: str, streams: int, tokens: int) -> int:
         return sum(await asyncio.gather(*(one() for _ in range(streams))))
 
 
-def broker_bound(args: argparse.Namespace, coalesce: bool) -> dict[str, float]:
+def broker_bound(args: argparse.Namespace, coalesce: bool, brokers: int
+                 ) -> dict[str, float]:
     import psutil
 
     flags = ["--engine", "echo", "--no-pin", "--capacity", str(args.streams)]
     with fleet("echo", args.workers, [], flags + ([] if coalesce else ["--no-coalesce"]),
-               gateway=False) as (front, _):
+               gateway=False, brokers=brokers) as (front, _):
         asyncio.run(_streams(front, 8, 8))  # connections up, paths warm
-        broker = next(c for c in psutil.Process().children() if "broker" in " ".join(
-            c.cmdline()))
-        cpu0, t0 = sum(broker.cpu_times()[:2]), time.perf_counter()
+        procs = [c for c in psutil.Process().children() if "broker" in " ".join(c.cmdline())]
+
+        def cpu() -> float:
+            return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+        cpu0, t0 = cpu(), time.perf_counter()
         delivered = asyncio.run(_streams(front, args.streams, args.tokens))
-        elapsed, cpu = time.perf_counter() - t0, sum(broker.cpu_times()[:2]) - cpu0
+        elapsed, used = time.perf_counter() - t0, cpu() - cpu0
     return {"tokens": delivered, "tokens_per_s": delivered / elapsed,
-            "broker_us_per_token": cpu / delivered * 1e6}
+            "broker_us_per_token": used / delivered * 1e6}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", default="multi-turn", choices=["multi-turn", "streams"])
     ap.add_argument("--streams", type=int, default=512)
+    ap.add_argument("--brokers", type=int, default=1, help="streams: brokers, all active "
+                    "(2: compared with 1 in the same run)")
+    ap.add_argument("--no-uncoalesced", action="store_true",
+                    help="streams: skip the one-message-per-token run")
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--model", default="tiny", help="preset or model directory")
     ap.add_argument("--dtype", default="float32")
@@ -208,8 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.workload == "streams":
-        res = {"workers": args.workers, "streams": args.streams, **broker_bound(args, True),
-               **{f"{k}_uncoalesced": v for k, v in broker_bound(args, False).items()}}
+        res = {"workers": args.workers, "brokers": args.brokers, "streams": args.streams,
+               **broker_bound(args, True, args.brokers)}
+        if args.brokers > 1:  # the same load through one broker, in the same run
+            res.update({f"{k}_1_broker": v for k, v in broker_bound(args, True, 1).items()})
+        if not args.no_uncoalesced:
+            res.update({f"{k}_uncoalesced": v
+                        for k, v in broker_bound(args, False, args.brokers).items()})
         report(res, args.json, f"zeroserve bench fleet (streams, {args.workers} echo workers)")
         return 0
     from zeroserve.models import PRESETS, ensure_built

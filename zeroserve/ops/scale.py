@@ -3,9 +3,9 @@
 Up: start the lowest stopped slots until N are up. Down: pick the highest running slots, ask
 the broker to DRAIN each (no new work; in-flight requests finish; the worker then leaves and
 exits 0), wait until the broker no longer lists them, then stop them in supervisord. A drain
-goes to the broker's admin endpoint (ZEROSERVE_ADMIN, else admin.sock in the run dir): the
-frontend refuses it. Workers that are not chosen are never touched. Running it twice with the
-same N changes nothing.
+goes to a broker's admin endpoint (ZEROSERVE_ADMIN, else admin-0.sock in the run dir; the
+worker tells its other brokers itself): the frontend refuses it. Workers that are not chosen
+are never touched. Running it twice with the same N changes nothing.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def scale(rpc: Any, client: Client, target: int, drain_timeout_s: float = 120.0,
 
 
 def admin_endpoint() -> str:
-    return os.environ.get("ZEROSERVE_ADMIN") or f"ipc://{supervisor.run_dir()}/admin.sock"
+    return os.environ.get("ZEROSERVE_ADMIN") or f"ipc://{supervisor.run_dir()}/admin-0.sock"
 
 
 def _registered(client: Client) -> set[str]:

@@ -24,13 +24,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 def environment(run_dir: str | None = None) -> dict[str, str]:
     run = run_dir or os.environ.get("ZEROSERVE_RUN_DIR") or str(REPO / ".run")
+    brokers = range(int(os.environ.get("ZEROSERVE_BROKERS") or 2))
     defaults = {
         "ZEROSERVE_RUN_DIR": run,
         "ZEROSERVE_PYTHON": sys.executable,
         "ZEROSERVE_USER": getpass.getuser(),
-        "ZEROSERVE_FRONTEND": f"ipc://{run}/frontend.sock",
-        "ZEROSERVE_BACKEND": f"ipc://{run}/backend.sock",
-        "ZEROSERVE_ADMIN": f"ipc://{run}/admin.sock",
+        "ZEROSERVE_BROKERS": str(len(brokers)),
+        # every broker, all active (supervisord.conf binds broker-N on these)
+        "ZEROSERVE_FRONTEND": ",".join(f"ipc://{run}/frontend-{i}.sock" for i in brokers),
+        "ZEROSERVE_BACKEND": ",".join(f"ipc://{run}/backend-{i}.sock" for i in brokers),
+        "ZEROSERVE_ADMIN": f"ipc://{run}/admin-0.sock",  # any broker's: a drain reaches all
         "ZEROSERVE_ENGINE": "llm",
         "ZEROSERVE_MODEL": "tiny",
         "ZEROSERVE_SERVED_NAME": "",

@@ -32,6 +32,7 @@ def test_prompts_hash_by_full_blocks_and_only_the_deepest_are_kept() -> None:
     doc = "word " * 2000
     longer = prefix.hashes("m", "", {"prompt": doc + "and a question"})
     assert len(longer) == MAX_PREFIX_HASHES and all(len(h) == prefix.HASH_BYTES for h in longer)
+    assert longer[0] == prefix.hashes("m", "", {"prompt": doc[:prefix.BLOCK_BYTES]})[0]
     again = prefix.hashes("m", "", {"prompt": doc + "and another, longer question " * 10})
     assert set(longer) & set(again)  # the document's blocks match
     ids = prefix.hashes("m", "", {"prompt_token_ids": list(range(3 * prefix.BLOCK_TOKENS))})

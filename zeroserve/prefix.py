@@ -11,8 +11,9 @@ over the one before it, so a hash stands for everything up to its point:
 - `prompt_token_ids`: one per full block of BLOCK_TOKENS tokens.
 
 The chain starts from (model, tenant): two tenants' identical prompts never share a hash, so
-routing reveals nothing across tenants. Only the deepest MAX_PREFIX_HASHES are sent (a turn shares
-the previous turn's deepest hash, so those are the ones that match).
+routing reveals nothing across tenants. At most MAX_PREFIX_HASHES are sent: the first (the
+SDK picks a conversation's broker by it) and the deepest (a turn shares the previous turn's
+deepest hash, so those are the ones that match).
 """
 
 from __future__ import annotations
@@ -59,4 +60,6 @@ def hashes(model: str, tenant: str, body: dict[str, Any]) -> list[bytes]:
     for piece in pieces:
         h = _chain(h, piece)
         out.append(h)
-    return out[-MAX_PREFIX_HASHES:]
+    # the first (which names the conversation: its client picks a broker by it) and the
+    # deepest (what matches the previous turn)
+    return out if len(out) <= MAX_PREFIX_HASHES else out[:1] + out[1 - MAX_PREFIX_HASHES:]

@@ -148,3 +148,35 @@ def wait_for(predicate, timeout_s: float = 5.0, interval_s: float = 0.05):
         time.sleep(interval_s)
         value = predicate()
     return value
+
+
+WORDS = " ".join(f"w{i}" for i in range(60))
+
+
+async def echo_streams(endpoints: str, n: int, fault, after_chunks: int = 3
+                       ) -> tuple[list[str], float]:
+    """n echo streams of 61 words through `endpoints`; once each has `after_chunks` chunks,
+    `await fault(client)`. Returns each stream's text and the longest pause any stream saw
+    between two chunks."""
+    import asyncio
+
+    from zeroserve import AsyncClient
+
+    texts, counts, pause = [""] * n, [0] * n, [0.0]
+    async with AsyncClient(endpoints, heartbeat_interval_s=0.25) as c:
+        async def one(i: int) -> None:
+            handle = await c.submit("echo", f"s{i} {WORDS}")
+            last = time.monotonic()
+            async for chunk in handle.chunks(60):
+                texts[i] += chunk.text
+                counts[i] += 1
+                pause[0] = max(pause[0], time.monotonic() - last)
+                last = time.monotonic()
+
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        while min(counts) < after_chunks:  # 60 words at 20 ms a step: seconds to go
+            assert not all(t.done() for t in tasks), "every stream ended before the fault"
+            await asyncio.sleep(0.005)
+        await fault(c)
+        await asyncio.gather(*tasks)
+    return texts, pause[0]

@@ -14,9 +14,7 @@ import zmq
 from zeroserve import AsyncClient
 from zeroserve import protocol as p
 
-from .conftest import Pipeline, wait_for
-
-WORDS = " ".join(f"w{i}" for i in range(60))
+from .conftest import WORDS, Pipeline, echo_streams, wait_for
 
 
 def _beat_epoch(sock: zmq.Socket) -> str:
@@ -74,44 +72,26 @@ def test_a_copy_marked_again_of_a_running_request_is_not_run_twice(pipeline, ctx
     assert not sock.poll(0)
 
 
-async def _streams(pipeline: Pipeline, n: int, after_chunks: int) -> tuple[list[str], float]:
-    """n streams; once each has `after_chunks` chunks, kill -9 the broker, submit one more
-    request while it is down, and start it again. Returns every text (the last one the
-    request sent while the broker was down) and the longest pause any stream saw."""
-    texts = [""] * (n + 1)
-    counts = [0] * n
-    pause = [0.0]
-    async with AsyncClient(pipeline.frontend, heartbeat_interval_s=0.25) as c:
-        async def one(i: int) -> None:
-            handle = await c.submit("echo", f"s{i} {WORDS}")
-            last = time.monotonic()
-            async for chunk in handle.chunks(60):
-                texts[i] += chunk.text
-                counts[i] += 1
-                pause[0] = max(pause[0], time.monotonic() - last)
-                last = time.monotonic()
-
-        tasks = [asyncio.create_task(one(i)) for i in range(n)]
-        while min(counts) < after_chunks:  # 60 words at 20 ms a step: seconds to go
-            assert not all(t.done() for t in tasks), "every stream ended before the kill"
-            await asyncio.sleep(0.005)
-        os.kill(pipeline.broker.pid, signal.SIGKILL)
-        pipeline.broker.wait()
-        during = await c.submit("echo", "sent while the broker was down")
-        pipeline.start_broker()
-        await asyncio.gather(*tasks)
-        texts[n] = (await during.result(60)).text
-    return texts, pause[0]
-
-
 def test_broker_killed_and_restarted_mid_stream_loses_nothing(pipeline) -> None:
     pipeline.start_broker()
     pipeline.start_worker("e1", "--step-delay-ms", "20")
     pipeline.start_worker("e2", "--step-delay-ms", "20")
     pipeline.wait_workers(2)
-    texts, pause = asyncio.run(_streams(pipeline, 16, after_chunks=3))
-    assert texts[:16] == [f"s{i} {WORDS}" for i in range(16)], pipeline.dump_logs()
-    assert texts[16] == "sent while the broker was down"
+    during = []
+
+    async def fault(client: AsyncClient) -> None:  # kill -9, a request, then start again
+        os.kill(pipeline.broker.pid, signal.SIGKILL)
+        pipeline.broker.wait()
+        during.append(await client.submit("echo", "sent while the broker was down"))
+        pipeline.start_broker()
+
+    async def run() -> tuple[list[str], float, str]:
+        texts, pause = await echo_streams(pipeline.frontend, 16, fault)
+        return texts, pause, (await during[0].result(60)).text
+
+    texts, pause, sent_during = asyncio.run(run())
+    assert texts == [f"s{i} {WORDS}" for i in range(16)], pipeline.dump_logs()
+    assert sent_during == "sent while the broker was down"
     assert pause < 30, pause  # a pause, well inside the 60 s read timeout
     # the workers dropped the old broker's work instead of finishing it into the void
     rows = pipeline.wait_workers(2)

@@ -14,9 +14,7 @@ from zeroserve import AsyncClient, Client
 from zeroserve.brokers import Brokers
 from zeroserve.config import ClientConfig
 
-from .conftest import Pipeline, wait_for
-
-WORDS = " ".join(f"w{i}" for i in range(60))
+from .conftest import WORDS, Pipeline, echo_streams, wait_for
 
 
 def test_picks_spread_over_live_brokers_and_a_prefix_sticks_to_one() -> None:
@@ -86,43 +84,22 @@ def test_each_worker_shares_its_capacity_between_its_brokers(two) -> None:
     assert wait_for(lambda: {w["capacity"] for w in two.table(0)} == {64}, 10)
 
 
-async def _streams(two: Two, fault, n: int = 24) -> tuple[list[str], float]:
-    texts, counts, pause = [""] * n, [0] * n, [0.0]
-    async with AsyncClient(",".join(two.fronts), heartbeat_interval_s=0.25) as c:
-        async def one(i: int) -> None:
-            handle = await c.submit("echo", f"s{i} {WORDS}")
-            last = time.monotonic()
-            async for chunk in handle.chunks(60):
-                texts[i] += chunk.text
-                counts[i] += 1
-                pause[0] = max(pause[0], time.monotonic() - last)
-                last = time.monotonic()
-
-        tasks = [asyncio.create_task(one(i)) for i in range(n)]
-        while min(counts) < 3:
-            assert not all(t.done() for t in tasks), "every stream ended before the fault"
-            await asyncio.sleep(0.005)
-        await fault()
-        await asyncio.gather(*tasks)
-    return texts, pause[0]
-
-
 def test_kill_9_of_one_of_two_brokers_loses_nothing(two) -> None:
-    async def fault() -> None:
+    async def fault(_: AsyncClient) -> None:
         os.kill(two.brokers[0].pid, signal.SIGKILL)
 
-    texts, pause = asyncio.run(_streams(two, fault))
+    texts, pause = asyncio.run(echo_streams(",".join(two.fronts), 24, fault))
     assert texts == [f"s{i} {WORDS}" for i in range(24)], two.pipe.dump_logs()
     assert pause < 1.0, pause  # a local broker's exit is seen at once: no silence to wait out
 
 
 def test_a_hung_broker_is_routed_around_and_rejoins_without_duplicates(two) -> None:
-    async def fault() -> None:
+    async def fault(_: AsyncClient) -> None:
         os.kill(two.brokers[1].pid, signal.SIGSTOP)
         await asyncio.sleep(2.0)
         os.kill(two.brokers[1].pid, signal.SIGCONT)
 
-    texts, pause = asyncio.run(_streams(two, fault))
+    texts, pause = asyncio.run(echo_streams(",".join(two.fronts), 24, fault))
     assert texts == [f"s{i} {WORDS}" for i in range(24)], two.pipe.dump_logs()  # once each
     assert pause < 2.0, pause  # silence past 3 x 0.25 s: its streams moved
     two.wait_registered({"e1", "e2"})  # and it serves again

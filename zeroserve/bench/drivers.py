@@ -11,6 +11,7 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,10 +82,7 @@ async def drive_http(base_url: str, model: str, workload: list, concurrency: int
                 async with client.stream("POST", f"{base_url}/v1/completions", json=body) as r:
                     if r.status_code != 200:
                         raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()!r}")
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        event = json.loads(line[6:])
+                    async for event in sse_events(r):
                         now = time.perf_counter()
                         if event.get("usage"):
                             rec.tokens = event["usage"]["completion_tokens"]
@@ -109,6 +107,13 @@ async def drive_http(base_url: str, model: str, workload: list, concurrency: int
         out = await _fire(workload, rate, lambda text, n: one(client, text, n))
     bar.close()
     return out
+
+
+async def sse_events(response: Any) -> AsyncIterator[dict[str, Any]]:
+    """The JSON events of a server-sent event stream (httpx), up to its [DONE]."""
+    async for line in response.aiter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
 
 
 async def _fire(workload: list, rate: float | None, one: Any) -> tuple[list[Record], float]:

@@ -11,7 +11,7 @@ then, in the same run, with each --compare routing=... and on one worker. For tu
   served_tok_s     output tokens per second over the whole run
   busy_ratio       the busiest worker's engine busy time over the idlest's
 Keys of a compared run carry its suffix (`cached_share_least_loaded`), the one-worker run
-`_1w`.
+`_1w`; with --brokers 2, the run through one broker `_1_broker`.
 
 --workload streams (--engine echo: the broker is the bottleneck, not the model): --streams
 concurrent streams (512) of --tokens tokens (200) through --workers workers, driven through
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import random
 import tempfile
 import time
@@ -38,6 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from zeroserve.bench.drivers import sse_events
 from zeroserve.bench.stats import percentile, report
 from zeroserve.procs import spawn, stop_all
 
@@ -116,10 +116,7 @@ async def _chat(url: str, convs: list[list[str]], concurrency: int, max_tokens: 
                 async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
                     if r.status_code != 200:
                         raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()!r}")
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        event = json.loads(line[6:])
+                    async for event in sse_events(r):
                         usage = event.get("usage") or usage
                         for choice in event.get("choices") or []:
                             delta = choice.get("delta", {}).get("content")
@@ -146,11 +143,13 @@ def _busy_ratio(front: str) -> float:
     return max(busy) / min(busy) if busy and min(busy) > 0 else float("inf")
 
 
-def multi_turn(args: argparse.Namespace, routing: str, workers: int) -> dict[str, float]:
+def multi_turn(args: argparse.Namespace, routing: str, workers: int, brokers: int = 1
+               ) -> dict[str, float]:
     flags = ["--engine", "llm", "--model", args.model, "--served-name", "bench",
              "--dtype", args.dtype, "--no-pin"]
     convs = conversations(args.conversations, args.turns)
-    with fleet(args.model, workers, ["--routing", routing], flags) as (front, url):
+    with fleet(args.model, workers, ["--routing", routing], flags,
+               brokers=brokers) as (front, url):
         records, elapsed = asyncio.run(_chat(url, convs, args.concurrency, args.max_tokens))
         ratio = _busy_ratio(front) if workers > 1 else 1.0
     later = [r for r in records if r["turn"] > 0]
@@ -202,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", default="multi-turn", choices=["multi-turn", "streams"])
     ap.add_argument("--streams", type=int, default=512)
-    ap.add_argument("--brokers", type=int, default=1, help="streams: brokers, all active "
-                    "(2: compared with 1 in the same run)")
+    ap.add_argument("--brokers", type=int, default=1, help="brokers, all active (2: compared "
+                    "with 1 in the same run)")
     ap.add_argument("--no-uncoalesced", action="store_true",
                     help="streams: skip the one-message-per-token run")
     ap.add_argument("--tokens", type=int, default=200)
@@ -234,8 +233,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.model in PRESETS:
         args.model = str(ensure_built(args.model))
-    res: dict[str, Any] = {"workers": args.workers, "routing": args.routing,
-                           **multi_turn(args, args.routing, args.workers)}
+    res: dict[str, Any] = {"workers": args.workers, "brokers": args.brokers,
+                           "routing": args.routing,
+                           **multi_turn(args, args.routing, args.workers, args.brokers)}
+    if args.brokers > 1:
+        res.update({k + "_1_broker": v
+                    for k, v in multi_turn(args, args.routing, args.workers).items()})
     for spec in args.compare:
         routing = spec.removeprefix("routing=")
         suffix = "_" + routing.replace("-", "_")

@@ -14,7 +14,6 @@ import asyncio
 import base64
 import contextlib
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -126,11 +125,11 @@ class Gateway:
         ticket(request).reserve(self.limiter, key_id, tokens)
         return headers
 
-    def request_id(self, request: Request) -> str:
-        rid = ticket(request).request_id
-        if self.client is not None and self.client.in_flight(rid):
-            rid = f"{rid}-{uuid.uuid4().hex[:6]}"  # the same X-Request-Id twice in flight
-        return rid
+    def wire_id(self, request: Request) -> str:
+        """The id a request travels under: the caller's X-Request-Id (for the logs) made
+        unique by this gateway, so no tenant's id can collide with, reveal or steer another's
+        (a choice's id adds -c<i>)."""
+        return f"{ticket(request).request_id[:96]}.{self.client.core.new_id()}"  # type: ignore
 
 
 def create_app(cfg: GatewayConfig) -> Any:
@@ -211,7 +210,7 @@ def create_app(cfg: GatewayConfig) -> Any:
         rl_headers = gw.admit(request, key, t.prompt_estimate)
         assert gw.client is not None
         try:
-            handle = await gw.client.submit(req.model, request_id=gw.request_id(request),
+            handle = await gw.client.submit(req.model, request_id=gw.wire_id(request),
                                             tenant=t.key_id, input=texts,
                                             **gw.client.tensors.domain)
             result = await unless_disconnected(request, handle, handle.result())
@@ -236,7 +235,7 @@ def create_app(cfg: GatewayConfig) -> Any:
         gw.admit(request, key, 1)
         assert gw.client is not None
         try:
-            handle = await gw.client.submit(model, request_id=gw.request_id(request),
+            handle = await gw.client.submit(model, request_id=gw.wire_id(request),
                                             tenant=t.key_id, resume=False, **body)
             result = await unless_disconnected(request, handle, handle.result())
         except errors.ZeroserveError as exc:

@@ -101,12 +101,12 @@ async def start(gw: Gateway, request: Request, req: Any, route: str, chat: bool,
     assert gw.client is not None
     if not gw.client.broker_alive:
         raise from_zeroserve(errors.UnavailableError("the broker is not answering"))
-    rid = gw.request_id(request)
+    rid, wire = t.request_id, gw.wire_id(request)
     handles: list[AsyncRequestHandle] = []
     try:
         for i, choice_body in enumerate(_choices(body, n)):
-            handles.append(await gw.client.submit(req.model, request_id=rid if not i else
-                                                  f"{rid}-c{i}", tenant=t.key_id,
+            handles.append(await gw.client.submit(req.model, request_id=wire if not i else
+                                                  f"{wire}-c{i}", tenant=t.key_id,
                                                   trace=t.trace, **choice_body))
     except errors.ZeroserveError as exc:
         for handle in handles:

@@ -89,6 +89,8 @@ class ClientCore:
     def submit(self, rid: str, model: str, body: dict[str, Any], buffers: Sequence[Any],
                sink: Collector, resumable: bool = True, tenant: str = "",
                trace: str = "") -> Out:
+        if rid in self.pending:  # never another request's entry: its replies would go astray
+            raise errors.BadRequestError(f"request id {rid} is in flight", rid)
         generation = not buffers and any(f in body for f in GENERATION_FIELDS)
         prefix = prefixes.hashes(model, tenant, body) if generation else []
         frames = p.request(rid, model, body, *buffers, tenant=tenant, trace=trace,

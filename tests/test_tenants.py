@@ -1,0 +1,64 @@
+"""Tenants cannot see or steer each other through request ids: two API keys against a real
+gateway (gateway/app.py wire ids; the SDK core never overwrites a pending request)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from zeroserve import BadRequestError
+
+from .test_gateway import start_gateway
+
+
+def test_the_same_request_id_from_two_keys_streams_both_whole(pipeline, monkeypatch) -> None:
+    pipeline.start_broker()
+    pipeline.start_worker("echo", "--step-delay-ms", "10")
+    pipeline.wait_workers(1)
+    monkeypatch.setenv("ZEROSERVE_API_KEYS", "alice:sk-alice,bob:sk-bob")
+    url = start_gateway(pipeline)
+
+    async def stream(client: httpx.AsyncClient, key: str, rid: str, n: int,
+                     started: asyncio.Event) -> list[str]:
+        texts = [""] * n
+        async with client.stream("POST", "/v1/completions", headers={
+                "authorization": f"Bearer {key}", "x-request-id": rid}, json={
+                "model": "echo", "prompt": " ".join([key] * 40), "max_tokens": 40, "n": n,
+                "stream": True}, timeout=20) as resp:
+            assert resp.status_code == 200
+            assert resp.headers["x-request-id"] == rid  # the caller's own id comes back
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {"):
+                    started.set()
+                    for choice in json.loads(line[6:])["choices"]:
+                        texts[choice["index"]] += choice["text"]
+        return texts
+
+    async def run() -> tuple[list[str], list[str]]:
+        async with httpx.AsyncClient(base_url=url) as client:
+            # alice streams under "order-42-c1"; then bob asks for "order-42" with n=2, whose
+            # second choice would be "order-42-c1" too if ids were not the gateway's own
+            alice_started, bob_started = asyncio.Event(), asyncio.Event()
+            alice = asyncio.create_task(stream(client, "sk-alice", "order-42-c1", 1,
+                                               alice_started))
+            await asyncio.wait_for(alice_started.wait(), 20)
+            bob = await stream(client, "sk-bob", "order-42", 2, bob_started)
+            return await alice, bob
+
+    alice, bob = asyncio.run(run())
+    assert alice == [" ".join(["sk-alice"] * 40)]  # whole: nobody else's request froze it
+    assert bob == [" ".join(["sk-bob"] * 40)] * 2
+
+
+def test_the_sdk_refuses_an_id_already_in_flight(pipeline) -> None:
+    pipeline.start_broker()
+    pipeline.start_worker("echo", "--step-delay-ms", "20")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c:
+        first = c.submit("echo", "one two three four", request_id="mine")
+        with pytest.raises(BadRequestError, match="in flight"):
+            c.submit("echo", "another", request_id="mine")
+        assert first.result(10).text == "one two three four"  # untouched by the second

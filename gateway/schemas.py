@@ -76,6 +76,8 @@ class _Sampling(Strict):
                      ] | None = Field(default=None, max_length=c.MAX_LOGIT_BIAS)
     min_tokens: int = number("min_tokens")
     stop_token_ids: Annotated[list[TokenId], Field(max_length=c.MAX_STOP_TOKEN_IDS)] | None = None
+    # vLLM's name: requests with the same salt share cached prefixes (default: the API key's)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=c.MAX_CACHE_SALT)
 
     def engine_body(self, max_tokens_default: int) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -99,6 +101,8 @@ class _Sampling(Strict):
             body["logit_bias"] = self.logit_bias
         if self.stop_token_ids:
             body["stop_token_ids"] = self.stop_token_ids
+        if self.cache_salt:
+            body["cache_salt"] = self.cache_salt
         return body
 
     @property

@@ -62,3 +62,29 @@ def test_the_sdk_refuses_an_id_already_in_flight(pipeline) -> None:
         with pytest.raises(BadRequestError, match="in flight"):
             c.submit("echo", "another", request_id="mine")
         assert first.result(10).text == "one two three four"  # untouched by the second
+
+
+def test_a_tenant_sees_only_its_own_cached_prefixes(pipeline, tiny_model, monkeypatch) -> None:
+    pipeline.start_broker()
+    pipeline.start_worker("llm", "--model", str(tiny_model), "--served-name", "tiny",
+                          "--dtype", "float32", engine="llm")
+    pipeline.wait_workers(1, timeout_s=120)
+    monkeypatch.setenv("ZEROSERVE_API_KEYS", "alice:sk-alice,bob:sk-bob")
+    url = start_gateway(pipeline, "--cache-mb", "0")
+    secret = "the launch code is " + " ".join(f"w{i}" for i in range(120))
+
+    def cached(key: str, **extra: object) -> int:
+        r = httpx.post(f"{url}/v1/completions", headers={"authorization": f"Bearer {key}"},
+                       json={"model": "tiny", "prompt": secret, "max_tokens": 1, **extra},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
+
+    assert cached("sk-alice") == 0
+    assert cached("sk-alice") > 100  # her own prefix: cached
+    assert cached("sk-bob") == 0  # the same prompt under another key: no oracle
+    # a salt both name on purpose is shared, and cannot name a key's own salt
+    assert cached("sk-alice", cache_salt="team") == 0
+    assert cached("sk-bob", cache_salt="team") > 100
+    assert cached("sk-bob", cache_salt="alice") == 0
+    assert cached("sk-bob", cache_salt="tenant:alice") == 0

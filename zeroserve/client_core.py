@@ -92,7 +92,11 @@ class ClientCore:
         if rid in self.pending:  # never another request's entry: its replies would go astray
             raise errors.BadRequestError(f"request id {rid} is in flight", rid)
         generation = not buffers and any(f in body for f in GENERATION_FIELDS)
-        prefix = prefixes.hashes(model, tenant, body) if generation else []
+        prefix: list[bytes] = []
+        if generation:  # one salt for the worker's cached blocks and the broker's routing
+            salt = prefixes.salt(tenant, body.get("cache_salt"))
+            body = {**body, "cache_salt": salt} if salt else body
+            prefix = prefixes.hashes(model, salt, body)
         frames = p.request(rid, model, body, *buffers, tenant=tenant, trace=trace,
                            prefix=prefix)
         limit = self.cfg.sockets.max_message_bytes

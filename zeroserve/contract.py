@@ -8,7 +8,8 @@ Request body of a generation (what the SDK and the gateway send a worker):
   every name in NUMBERS                  a number within its bounds; absent: its default
   stop: [str] (MAX_STOP strings of at most MAX_STOP_CHARS), stop_token_ids: [id]
   (MAX_STOP_TOKEN_IDS), ignore_eos: bool, logit_bias: {"id": bias} (MAX_LOGIT_BIAS entries
-  within +-LOGIT_BIAS_LIMIT), response_format, tools (MAX_TOOLS), resume
+  within +-LOGIT_BIAS_LIMIT), response_format, tools (MAX_TOOLS), resume, cache_salt: str
+  (MAX_CACHE_SALT; prefix.salt: the SDK sets it from the tenant unless the caller names one)
 
 Replies (Delta on each CHUNK, Finish added on END): the TypedDicts below.
 """
@@ -56,6 +57,7 @@ MAX_STOP_TOKEN_IDS = 16
 MAX_LOGIT_BIAS = 300  # entries (OpenAI's limit)
 LOGIT_BIAS_LIMIT = 100
 MAX_TOOLS = 64
+MAX_CACHE_SALT = 256
 
 
 def default(name: str) -> Any:
@@ -75,6 +77,9 @@ def check(params: dict[str, Any]) -> None:
                 isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
             raise ValueError(f"stop must be a string or a list of up to {MAX_STOP} non-empty "
                              f"strings of at most {MAX_STOP_CHARS} characters")
+    salt = params.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or len(salt) > MAX_CACHE_SALT):
+        raise ValueError(f"cache_salt must be a string of at most {MAX_CACHE_SALT} characters")
     bias = params.get("logit_bias")
     if bias is not None and (not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS or not all(
             isinstance(v, int | float) and not isinstance(v, bool)

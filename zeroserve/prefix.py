@@ -10,8 +10,10 @@ over the one before it, so a hash stands for everything up to its point:
 - a plain `prompt`: one per full block of BLOCK_BYTES bytes of its UTF-8;
 - `prompt_token_ids`: one per full block of BLOCK_TOKENS tokens.
 
-The chain starts from (model, tenant): two tenants' identical prompts never share a hash, so
-routing reveals nothing across tenants. At most MAX_PREFIX_HASHES are sent: the first (the
+The chain starts from (model, salt): `salt` is the request's prefix-cache salt (its tenant, or
+an explicit `cache_salt`), the same the worker keys its cached blocks with, so two tenants'
+identical prompts share neither a hash nor a cached block: routing and cached_tokens reveal
+nothing across tenants. At most MAX_PREFIX_HASHES are sent: the first (the
 SDK picks a conversation's broker by it) and the deepest (a turn shares the previous turn's
 deepest hash, so those are the ones that match).
 """
@@ -39,6 +41,15 @@ def _message_bytes(message: Any) -> bytes:
     parts = [message.get("role"), message.get("content"), message.get("tool_calls"),
              message.get("tool_call_id")]
     return json.dumps(parts, sort_keys=True, default=str).encode()
+
+
+def salt(tenant: str, cache_salt: Any) -> str:
+    """The prefix-cache salt of a request: the caller's own `cache_salt` (tenants that share
+    one share their cache, on purpose), else its tenant; the two never coincide, so no caller
+    can name another tenant's salt."""
+    if isinstance(cache_salt, str) and cache_salt:
+        return f"salt:{cache_salt}"
+    return f"tenant:{tenant}" if tenant else ""
 
 
 def hashes(model: str, tenant: str, body: dict[str, Any]) -> list[bytes]:

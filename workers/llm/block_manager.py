@@ -79,7 +79,8 @@ class BlockManager:
         keys, bs = seq.block_keys, self.block_size
         while len(keys) <= i:
             j = len(keys)
-            keys.append(chain_key(keys[-1] if keys else b"", seq.token_ids[j * bs:(j + 1) * bs]))
+            keys.append(chain_key(keys[-1] if keys else seq.cache_salt,
+                                  seq.token_ids[j * bs:(j + 1) * bs]))
         return keys[i]
 
     def can_allocate(self, seq: Sequence, others_running: bool) -> bool:

@@ -65,6 +65,7 @@ class Prepared:
     resume_chars: int
     matcher: Any = None  # structured output: the matcher, already past resume_ids
     answer: dict[str, Any] | None = None  # a text op's whole reply: nothing to generate
+    cache_salt: bytes = b""  # its prefix blocks' keys start from this (block_manager.py)
 
 
 class LLMEngine:
@@ -146,7 +147,8 @@ class LLMEngine:
                 matcher = self._grammars.matcher(sp.schema, resume_ids)
             except GrammarError as exc:
                 raise EngineError(p.BAD_REQUEST, str(exc)) from None
-        return Prepared(prompt_ids, sp, resume_ids, resume_chars, matcher)
+        return Prepared(prompt_ids, sp, resume_ids, resume_chars, matcher,
+                        cache_salt=params.parse_cache_salt(body))
 
     def add(self, key: RequestKey, body: dict[str, Any] | Prepared,
             buffers: list[bytes]) -> None:
@@ -158,7 +160,8 @@ class LLMEngine:
         seed = sp.seed if sp.seed is not None else random.getrandbits(63)
         seq = Sequence(key, [*req.prompt_ids, *req.resume_ids], sp,
                        IncrementalDetokenizer(self.tokenizer), seed,
-                       prompt_len=len(req.prompt_ids), matcher=req.matcher)
+                       prompt_len=len(req.prompt_ids), matcher=req.matcher,
+                       cache_salt=req.cache_salt)
         for token in req.resume_ids:  # the text the first worker had, rebuilt
             seq.detok.add(token)
         seq.emitted = req.resume_chars

@@ -3,6 +3,7 @@ contract's defaults and bounds (zeroserve/contract.py)."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,3 +125,14 @@ def parse_resume(body: dict[str, Any], vocab_size: int, max_tokens: int) -> tupl
         raise _bad("resume must be {token_ids: fewer than max_tokens token ids, text_chars: "
                    "int >= 0}")
     return ids, chars
+
+
+def parse_cache_salt(body: dict[str, Any]) -> bytes:
+    """`cache_salt` (the SDK sets it from the tenant, or the caller's own): the seed its
+    prefix blocks' keys chain from, so a prefix cached for one salt is never another's hit."""
+    salt = body.get("cache_salt")
+    if salt is None or salt == "":
+        return b""
+    if not isinstance(salt, str) or len(salt) > c.MAX_CACHE_SALT:
+        raise _bad(f"cache_salt must be a string of at most {c.MAX_CACHE_SALT} characters")
+    return hashlib.blake2b(salt.encode(), digest_size=16, person=b"zs-cache-salt").digest()

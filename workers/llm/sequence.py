@@ -39,6 +39,7 @@ class Sequence:
     num_cached_tokens: int = 0  # of them, taken from the prefix cache at admission
     block_table: list[int] = field(default_factory=list)
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of full blocks
+    cache_salt: bytes = b""  # the first block's key chains from it: prefixes per tenant
     num_keyed_blocks: int = 0  # leading blocks of block_table already in the prefix cache
     emitted: int = 0  # chars of detok.text already streamed
     preemptions: int = 0

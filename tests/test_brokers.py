@@ -25,6 +25,7 @@ def test_picks_spread_over_live_brokers_and_a_prefix_sticks_to_one() -> None:
     assert {brokers.pick(conversation, now) for _ in range(5)} == {7 % 3}
     brokers.disconnected(1)
     assert brokers.lost(now) == [1]  # once: it gets a grace period to reconnect
+    assert brokers.other(0, now) == 2  # lost and not heard from since: not where to go
     assert brokers.lost(now) == []
     brokers.all[1].expiry = 0.0
     assert 1 not in {brokers.pick([], now) for _ in range(6)}

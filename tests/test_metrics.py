@@ -56,6 +56,10 @@ def test_engine_metrics_per_worker_move_and_carry_vllm_names(stack) -> None:  # 
             if s.name == "zeroserve_routed_requests")
 
     assert wait_for(lambda: routed() >= 1, 5)
+    # an echo reply's tokens come a step (20 ms) apart: inter-token latency has samples even
+    # when the tiny model's chunks merge on their way (a reader that lags gets them merged)
+    assert httpx.post(f"{url}/v1/completions", json={"model": "echo", "prompt": "a b c d e",
+                                                     "max_tokens": 5}).status_code == 200
     secure = httpx.get(f"{stack[2]}/metrics", headers={"authorization": "Bearer sk-full-access"})
     assert "vllm:" not in secure.text  # off by default
     # the Grafana dashboard in the repo queries only what /metrics exports

@@ -23,6 +23,7 @@ class Broker:
     next_beat: float
     last_heard: float = 0.0  # 0: never
     epoch: str | None = None  # the broker process heard from (its heartbeats)
+    up: bool = True  # False from its loss until it is heard from again
 
 
 class Brokers:
@@ -36,7 +37,7 @@ class Brokers:
 
     def heard(self, i: int, now: float) -> None:
         b = self.all[i]
-        b.last_heard, b.expiry = now, now + self.cfg.expiry_s
+        b.last_heard, b.expiry, b.up = now, now + self.cfg.expiry_s, True
 
     def live(self, now: float) -> list[int]:
         return [i for i, b in enumerate(self.all) if b.expiry > now]
@@ -51,8 +52,9 @@ class Brokers:
         return candidates[self._rr % len(candidates)]
 
     def other(self, i: int, now: float) -> int:
-        """A live broker other than `i` (`i` itself when there is none)."""
-        live = [j for j in self.live(now) if j != i]
+        """A live broker other than `i` (`i` itself when there is none: its requests wait
+        for it to come back); one lost and not heard from since is not live."""
+        live = [j for j in self.live(now) if j != i and self.all[j].up]
         if not live:
             return i
         self._rr += 1
@@ -69,7 +71,7 @@ class Brokers:
         grace period, for the socket its client opens again."""
         gone = [i for i, b in enumerate(self.all) if b.expiry <= now]
         for i in gone:
-            self.all[i].expiry = now + self.cfg.expiry_s
+            self.all[i].expiry, self.all[i].up = now + self.cfg.expiry_s, False
         return gone
 
     def disconnected(self, i: int) -> None:

@@ -235,8 +235,8 @@ def decode(frames: list[Any], max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
             raise ProtocolError(f"{TYPE_NAMES[msg_type]} needs a string id of 1-{MAX_ID_LEN} chars")
     if msg_type == REQUEST and not isinstance(head.get("model"), str):
         raise ProtocolError("REQUEST needs a string model")
-    if "prefix" in head and not all(isinstance(h, bytes) and 0 < len(h) <= MAX_HASH_BYTES
-                                    for h in head["prefix"]):
+    if head.get("prefix") is not None and not all(
+            isinstance(h, bytes) and 0 < len(h) <= MAX_HASH_BYTES for h in head["prefix"]):
         raise ProtocolError(f"header field 'prefix' must hold bytes of 1-{MAX_HASH_BYTES}")
     if msg_type == CHUNKS and not (isinstance(head.get("ids"), list) and head["ids"] and all(
             isinstance(i, str) and 0 < len(i) <= MAX_ID_LEN for i in head["ids"])):

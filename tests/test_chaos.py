@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-ROWS = ["kill-1-of-2", "kill-all", "sigstop", "engine-error", "broker-restart", "broker-rolling",
+ROWS = ["kill-1-of-2", "kill-all", "sigstop", "engine-error", "broker-kill", "broker-restart",
+        "broker-rolling",
         "broker-sigstop", "brokers-all-dead", "cut-100",
         "abort-10-of-100", "oversized", "drain", "gateway-kill", "slow-consumer"]
 

@@ -9,9 +9,10 @@ A request's key inside the worker is (link byte + the client's route, request id
 may hand out the same client route, and a reply must go back through the broker that sent the
 request. The worker's capacity is shared between its live brokers (each READY announces its
 share; a broker lost or back makes the worker announce the new shares), so two brokers never
-oversubscribe it. A broker that goes silent for heartbeat x liveness, or whose connection
-drops (a socket monitor notices a local broker's exit at once), is dropped: its requests are
-cancelled in the engine (nobody could receive them), and the link reconnects with backoff.
+oversubscribe it; a broker counts once it answers. A broker that goes silent for heartbeat x
+liveness, or whose connection drops (a socket monitor notices a local broker's exit at
+once), is dropped: its requests are cancelled in the engine (nobody could receive them), and
+the link reconnects after a backoff, then waits for the broker to be there.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Link:
         self.expiry = 0.0
         self.backoff_s = interval_s
         self.retry_at = 0.0
+        self.heard = False  # from this connection: until then it is not counted, nor dropped
 
 
 class Links:
@@ -55,22 +57,22 @@ class Links:
 
     # -- shares --------------------------------------------------------------------------
 
-    def share(self) -> int:
-        """This worker's capacity per live broker (at least 1)."""
-        live = sum(link.sock is not None for link in self.links) or 1
+    def share(self, also: Link | None = None) -> int:
+        """This worker's capacity per live broker (heard from; and `also`), at least 1."""
+        live = sum(link.heard or link is also for link in self.links) or 1
         return max(1, self.worker.engine.capacity // live)
 
     def _announce(self) -> None:
         """Every live broker learns its (new) share: a READY from a registered worker updates
         its capacity."""
         for link in self.links:
-            if link.sock is not None:
+            if link.heard:
                 self._ready(link)
 
     def _ready(self, link: Link) -> None:
         assert link.sock is not None
         link.sock.send_multipart([b"", *p.encode(p.READY, {**self.worker.ready_header(),
-                                                            "capacity": self.share()})])
+                                                            "capacity": self.share(link)})])
 
     # -- connecting ----------------------------------------------------------------------
 
@@ -78,8 +80,9 @@ class Links:
         link.sock = make_socket(self.ctx, zmq.DEALER, self.cfg.sockets)
         link.monitor = link.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         link.sock.connect(link.endpoint)
-        link.expiry = time.monotonic() + self.cfg.expiry_s
-        self._announce()  # this one, and the others' smaller shares
+        link.heard = False
+        self._ready(link)  # queued until the broker is there; the others learn their smaller
+        # shares once it answers (_read)
 
     def _drop(self, link: Link, why: str) -> None:
         """The broker is gone (or silent): cancel its requests, reconnect after a backoff."""
@@ -89,6 +92,7 @@ class Links:
         link.monitor.close(0)
         link.sock.close(0)
         link.sock = link.monitor = None
+        link.heard = False
         self.worker.broker_lost(link.tag)
         link.retry_at = time.monotonic() + link.backoff_s
         link.backoff_s = min(link.backoff_s * 2, 8 * self.cfg.heartbeat_interval_s)
@@ -129,7 +133,9 @@ class Links:
                     next_beat = now + interval
                     self._tell_all(p.encode(p.HEARTBEAT, {"stats": self.worker.beat()}))
                 for link in self.links:
-                    if link.sock is not None and now > link.expiry:
+                    # a link not heard from yet waits: ZeroMQ connects it when the broker is
+                    # there (dropping it would only flap the others' shares)
+                    if link.sock is not None and link.heard and now > link.expiry:
                         self._drop(link, "silent" if link.expiry else "disconnected")
                     elif link.sock is None and now >= link.retry_at:
                         self._connect(link)
@@ -165,6 +171,9 @@ class Links:
     def _read(self, link: Link, now: float) -> None:
         link.expiry = now + self.cfg.expiry_s
         link.backoff_s = self.cfg.heartbeat_interval_s
+        if not link.heard:
+            link.heard = True
+            self._announce()  # the others' shares shrink now that this broker is there
         for _ in range(1024):
             if link.sock is None:
                 return

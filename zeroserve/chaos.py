@@ -12,6 +12,7 @@ killed is started again. Rows:
   sigstop          SIGSTOP of the busiest worker (heartbeats stop; the broker purges it), then
                    SIGCONT: it comes back, drops its stale work and registers again
   engine-error     the echo engine raises in a step (fail_at): that batch fails, nothing hangs
+  broker-kill      kill -9 of one of two brokers mid-stream (started again after the row)
   broker-restart   kill -9 of a broker mid-stream, then start it again on the same endpoints
   broker-rolling   each broker in turn stopped (SIGTERM) and started again, under load
   broker-sigstop   SIGSTOP of a broker for 3 s, then SIGCONT: streams route around it
@@ -53,8 +54,8 @@ from zeroserve.procs import exit_on_sigterm
 async def _suite(stack: Stack, only: list[str], repeat: int) -> list[Row]:
     rows: list[Row] = []
     last = [leftovers(stack)]
-    calm, _, calm_ms, _ = await streams(stack, STREAMS)
-    run = Run(stack, calm, calm_ms)
+    calm, _, calm_ms, calm_pause_ms = await streams(stack, STREAMS)
+    run = Run(stack, calm, calm_ms, calm_pause_ms)
     for name in only:
         for _ in range(repeat):
             row = await ROWS[name](run)

@@ -44,6 +44,7 @@ class Link:
         self.backoff_s = interval_s
         self.retry_at = 0.0
         self.heard = False  # from this connection: until then it is not counted, nor dropped
+        self.told = 0  # the capacity its broker was last told
 
 
 class Links:
@@ -63,16 +64,17 @@ class Links:
         return max(1, self.worker.engine.capacity // live)
 
     def _announce(self) -> None:
-        """Every live broker learns its (new) share: a READY from a registered worker updates
-        its capacity."""
+        """Every live broker whose share changed learns it: a READY from a registered worker
+        updates its capacity."""
         for link in self.links:
-            if link.heard:
+            if link.heard and link.told != self.share(link):
                 self._ready(link)
 
     def _ready(self, link: Link) -> None:
         assert link.sock is not None
+        link.told = self.share(link)
         link.sock.send_multipart([b"", *p.encode(p.READY, {**self.worker.ready_header(),
-                                                            "capacity": self.share(link)})])
+                                                            "capacity": link.told})])
 
     # -- connecting ----------------------------------------------------------------------
 

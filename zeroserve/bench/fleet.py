@@ -145,8 +145,10 @@ def _busy_ratio(front: str) -> float:
 
 def multi_turn(args: argparse.Namespace, routing: str, workers: int, brokers: int = 1
                ) -> dict[str, float]:
+    # pinned to their slices of the cores, as deployed: unpinned, three workers' OpenMP
+    # threads spin against each other on two cores and a run takes 10-30x as long
     flags = ["--engine", "llm", "--model", args.model, "--served-name", "bench",
-             "--dtype", args.dtype, "--no-pin"]
+             "--dtype", args.dtype]
     convs = conversations(args.conversations, args.turns)
     with fleet(args.model, workers, ["--routing", routing], flags,
                brokers=brokers) as (front, url):

@@ -31,10 +31,11 @@ from zeroserve import protocol as p
 from zeroserve.client_core import ClientCore, Out, request_body
 from zeroserve.codec import TensorCodec
 from zeroserve.config import ClientConfig, SocketConfig, default_endpoint
+from zeroserve.dealers import Dealer
 from zeroserve.handles import AsyncRequestHandle, RequestHandle
 from zeroserve.keys import PeerKeys
 from zeroserve.replies import AsyncCollector, Chunk, Result, ThreadCollector
-from zeroserve.sockets import check_transport, is_disconnect, make_socket, private_ipc
+from zeroserve.sockets import check_transport, is_disconnect, private_ipc
 
 log = logging.getLogger("zeroserve.client")
 
@@ -179,7 +180,7 @@ class Client:
         os.write(self._wake_w, b"x")
 
     def _io_loop(self) -> None:
-        links = [_Link(self.ctx, self.core, i) for i in range(len(self.core.cfg.endpoints))]
+        links = [Dealer(self.ctx, self.core, i) for i in range(len(self.core.cfg.endpoints))]
         core = self.core
 
         def send(outs: list[Out]) -> None:
@@ -226,58 +227,6 @@ class Client:
                 link.close()
 
 
-class _Link:
-    """One broker's DEALER and its socket monitor (a local broker's exit is seen at once)."""
-
-    def __init__(self, ctx: zmq.Context, core: ClientCore, index: int) -> None:
-        self.ctx, self.core, self.index = ctx, core, index
-        self.endpoint = core.cfg.endpoints[index]
-        self.sock, self.monitor = self._open()
-
-    def _open(self) -> tuple[Any, Any]:
-        sock = make_socket(self.ctx, zmq.DEALER, self.core.cfg.sockets)
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        sock.connect(self.endpoint)
-        return sock, monitor
-
-    def register(self, poller: zmq.Poller) -> None:
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.monitor, zmq.POLLIN)
-
-    def send(self, frames: list[Any]) -> None:
-        """Sync sockets only (the async client awaits its sends)."""
-        with contextlib.suppress(zmq.ZMQError):  # closed under us: its requests fail over
-            self.sock.send_multipart(frames, copy=False)
-
-    def read(self) -> list[list[Any]]:
-        """Sync sockets only: what has arrived, without waiting."""
-        out = []
-        for _ in range(1024):
-            try:
-                out.append(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
-            except zmq.Again:
-                break
-        return out
-
-    def disconnected(self) -> bool:
-        """Sync sockets only: whether the monitor saw the connection drop."""
-        seen = False
-        with contextlib.suppress(zmq.Again):
-            while True:
-                seen |= is_disconnect(self.monitor.recv_multipart(zmq.NOBLOCK))
-        return seen
-
-    def reconnect(self) -> None:
-        self.close()
-        self.sock, self.monitor = self._open()
-
-    def close(self) -> None:
-        with contextlib.suppress(zmq.ZMQError):
-            self.sock.disable_monitor()
-        self.monitor.close(0)
-        self.sock.close(0)
-
-
 class AsyncClient:
     """asyncio client: the same core, the socket driven by the running event loop."""
 
@@ -290,7 +239,7 @@ class AsyncClient:
                                        insecure, max_message_mb))
         self.tensors = TensorCodec(self.core.cfg.endpoints)
         self.ctx = ctx or zmq.asyncio.Context.instance()
-        self.links = [_Link(self.ctx, self.core, i) for i in range(len(self.core.cfg.endpoints))]
+        self.links = [Dealer(self.ctx, self.core, i) for i in range(len(self.core.cfg.endpoints))]
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
 

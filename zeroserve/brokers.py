@@ -21,7 +21,7 @@ class Broker:
     endpoint: str
     expiry: float  # lost past this (heard from within heartbeat x liveness, or a grace)
     next_beat: float
-    last_heard: float = 0.0  # 0: never
+    last_heard: float = 0.0  # at start: when it was opened (a grace for the first answer)
     epoch: str | None = None  # the broker process heard from (its heartbeats)
     up: bool = True  # False from its loss until it is heard from again
 
@@ -32,7 +32,7 @@ class Brokers:
         self.cfg = cfg
         # a grace period for the first connection; the first heartbeat goes at once, to
         # learn each broker's epoch before any request
-        self.all = [Broker(e, now + cfg.expiry_s, now) for e in cfg.endpoints]
+        self.all = [Broker(e, now + cfg.expiry_s, now, last_heard=now) for e in cfg.endpoints]
         self._rr = 0
 
     def heard(self, i: int, now: float) -> None:
@@ -89,4 +89,4 @@ class Brokers:
     @property
     def alive(self) -> bool:
         now = time.monotonic()
-        return any(now - b.last_heard < self.cfg.expiry_s for b in self.all if b.last_heard)
+        return any(now - b.last_heard < self.cfg.expiry_s for b in self.all)

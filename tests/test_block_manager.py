@@ -114,3 +114,23 @@ def test_without_prefix_caching_nothing_is_kept() -> None:
     b = seq([1, 2, 3, 4, 5])
     bm.allocate(b)
     assert b.num_computed == 0 and not bm.cached
+
+
+def test_a_windowed_group_gives_back_what_its_window_passed_and_hits_without_it() -> None:
+    bm = BlockManager(num_blocks=16, block_size=2, windows=[None, 3], sizes=[16, 8])
+    full, windowed = bm.pools
+    a = seq(list(range(12)), "a")
+    bm.allocate(a)
+    computed(bm, a)  # 12 tokens: the next query (position 12) sees positions 10 and 11 only
+    assert len(a.kv[0].table) == 6 and full.num_used == 6
+    assert a.kv[1].table[:5] == [0] * 5 and windowed.num_used == 1
+    bm.check([a])
+    bm.free(a)
+    hungry = seq(list(range(100, 106)), "hungry")  # evicts the windowed group's blocks 0, 1
+    bm.allocate(hungry)
+    assert windowed.cached.get(chain_key(b"", [0, 1])) is None
+    b = seq(list(range(12)) + [50], "b")
+    bm.allocate(b)  # the full group has all six blocks, the window needs only the sixth
+    assert b.num_computed == 12 and b.num_cached_tokens == 12
+    assert b.kv[1].table[:5] == [0] * 5 and b.kv[1].table[5] != 0
+    bm.check([hungry, b])

@@ -28,7 +28,8 @@ def _engine(path: Path):
 
     cfg = WorkerConfig(broker="-", model=str(path), device="cpu", dtype="float32",
                        engine=LLMConfig(max_num_seqs=8, max_model_len=512,
-                                        max_batched_tokens=48, kv_cache_tokens=8 * 512))
+                                        max_batched_tokens=48, kv_cache_tokens=8 * 512,
+                                        check_blocks=True))
     return LLMEngine.from_config(cfg)
 
 
@@ -65,10 +66,46 @@ def test_engine_matches_transformers(family: str, tokenizer, tmp_path: Path) -> 
         got += _run(eng, second)
         assert eng.blocks.hit_tokens - hits >= 2 * 48, "the second round reused no prefix"
         if family in families.WINDOWED:
-            windows = set(eng.runner.layer_windows.values())
-            assert families.WINDOW in windows, eng.runner.layer_windows
+            assert families.WINDOW in eng.runner.layer_windows, eng.runner.layer_windows
     finally:
         eng.close()
     for ids, tokens in zip(first + second, got, strict=True):
         want, _ = hf_greedy(ref, ids, MAX_TOKENS)
         assert tokens == want, f"{family}: prompt of {len(ids)} tokens diverged"
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_windowed_layers_hold_only_their_window(family: str, tokenizer, tmp_path: Path) -> None:
+    """A long generation on a windowed model: its windowed layers hold at most window / block
+    + 2 blocks while decoding (full layers hold every token), and the tokens stay exact."""
+    from zeroserve.bench.baselines import load
+
+    path = families.build(family, tmp_path, tokenizer=tokenizer)
+    eng = _engine(path)
+    bs = eng.blocks.block_size
+    bound = families.WINDOW // bs + 2
+    ids = [random.Random(family).randrange(3, 500) for _ in range(150)]
+    eng.add((b"", "long"), {"prompt_token_ids": ids, "max_tokens": 250, "temperature": 0,
+                            "ignore_eos": True}, [])
+    got: list[int] = []
+    try:
+        while eng.has_work():
+            for o in eng.step():
+                assert o.error is None, o.error
+                got += o.delta["token_ids"] if o.delta else []
+            groups = eng.stats()["kv_groups"]
+            held = {g["window"]: g["used"] for g in groups}
+            if eng.scheduler.running and len(got) > 1:  # decoding
+                assert held[families.WINDOW] <= bound, held
+                if None in held:  # full layers keep every computed token
+                    assert held[None] == -(-(len(ids) + len(got) - 1) // bs), held
+        windowed = next(g for g in groups if g["window"] == families.WINDOW)
+        assert windowed["max_decode_held"] <= bound
+        assert windowed["max_held"] <= -(-(families.WINDOW - 1 + 48) // bs) + 1  # a prefill
+        stats = eng.stats()
+        assert stats["kv_tokens_used_peak"] < stats["kv_tokens_full_attention_peak"]
+        assert windowed["used"] == 0  # all given back at the end
+    finally:
+        eng.close()
+    want, _ = hf_greedy(load(path), ids, 250)
+    assert got == want

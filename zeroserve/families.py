@@ -49,7 +49,7 @@ WINDOWED = ("mistral", "qwen2-window", "gemma2", "gemma3", "cohere2", "gpt-oss")
 
 
 def config(family: str, vocab_size: int, special: dict[str, int], window: int = WINDOW,
-           max_position: int = 4096) -> Any:
+           max_position: int = 8192) -> Any:
     from transformers import AutoConfig
 
     model_type, extra = FAMILIES[family]

@@ -48,7 +48,7 @@ class UnsupportedAttention(UnsupportedModel):
 class DecodeGroup:
     a: int  # rows [a, b) of the packed batch: one query token per sequence
     b: int
-    blocks: torch.Tensor  # [G, nb] block table of each sequence (padding masked out)
+    blocks: torch.Tensor  # [groups, G, nb] each sequence's block table per KV group
     mask: torch.Tensor | None  # [G, 1, 1, nb * block_size]; None: every context is full
     length: int  # context positions attended (nb * block_size when masked)
     lens: torch.Tensor | None = None  # [G] context lengths: set for models with windows
@@ -59,7 +59,7 @@ class PrefillChunk:
     a: int  # rows [a, b) are positions [start, start + b - a) of one sequence
     b: int
     start: int
-    blocks: torch.Tensor | None  # [nb] blocks covering [0, start + b - a); None when start == 0
+    blocks: torch.Tensor | None  # [groups, nb] blocks of [0, start + b - a); None if start == 0
 
 
 @dataclass
@@ -73,7 +73,8 @@ class PackedPrefills:
 class ForwardContext:
     k_cache: list[torch.Tensor]  # per layer [num_blocks, block_size, Hkv, D]
     v_cache: list[torch.Tensor]
-    slot_mapping: torch.Tensor  # [N] flat KV slot each packed token writes to
+    group_of: list[int]  # layer -> its KV group (kv_cache.py)
+    slot_mapping: torch.Tensor  # [groups, N] flat KV slot each packed token writes to
     k_buf: torch.Tensor  # [rows, block_size * Hkv * D] gather workspaces, reused by every
     v_buf: torch.Tensor  # group and layer (allocating 10s of MiB per call costs page faults)
     decodes: list[DecodeGroup] = field(default_factory=list)
@@ -120,17 +121,19 @@ def block_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     layer = module.layer_idx
     ctx.windows[layer] = window
     kc, vc = ctx.k_cache[layer], ctx.v_cache[layer]
+    gi = ctx.group_of[layer]
     _, heads, n_tok, head_dim = query.shape  # [1, H, N, D]
     kv_heads = key.shape[1]
-    kc.view(-1, kv_heads, head_dim)[ctx.slot_mapping] = key[0].transpose(0, 1)  # [N, Hkv, D]
-    vc.view(-1, kv_heads, head_dim)[ctx.slot_mapping] = value[0].transpose(0, 1)
+    slots = ctx.slot_mapping[gi]
+    kc.view(-1, kv_heads, head_dim)[slots] = key[0].transpose(0, 1)  # [N, Hkv, D]
+    vc.view(-1, kv_heads, head_dim)[slots] = value[0].transpose(0, 1)
     out = query.new_empty(1, n_tok, heads, head_dim)  # [1, N, H, D]
     for i, g in enumerate(ctx.decodes):
         q = query[0, :, g.a:g.b].transpose(0, 1).unsqueeze(2)  # [G, H, 1, D]
         mask = g.mask if window is None else _memo(ctx, ("d", i, window),
                                                    lambda g=g: _decode_window(g, window))
-        o = variant.attend(q, gather(kc, g.blocks, g.length, ctx.k_buf),  # [G, H, 1, D]
-                           gather(vc, g.blocks, g.length, ctx.v_buf), mask)
+        o = variant.attend(q, gather(kc, g.blocks[gi], g.length, ctx.k_buf),  # [G, H, 1, D]
+                           gather(vc, g.blocks[gi], g.length, ctx.v_buf), mask)
         out[0, g.a:g.b] = o[:, :, 0]
     if (pk := ctx.packed) is not None:  # one call for many first chunks (CUDA: launches cost)
         mask = pk.mask if window is None else _memo(
@@ -151,8 +154,8 @@ def block_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
             end = c.start + n
             mask = _memo(ctx, ("c", i, window or 0),
                          lambda c=c, n=n, end=end: _band(n, c.start, end, window, query.device))
-            o = variant.attend(q, gather(kc, c.blocks[None], end, ctx.k_buf),
-                               gather(vc, c.blocks[None], end, ctx.v_buf), mask)
+            o = variant.attend(q, gather(kc, c.blocks[gi, None], end, ctx.k_buf),
+                               gather(vc, c.blocks[gi, None], end, ctx.v_buf), mask)
         out[0, c.a:c.b] = o[0].transpose(0, 1)
     return out, None
 

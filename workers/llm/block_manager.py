@@ -1,181 +1,171 @@
-"""KV block bookkeeping: free pool, reference counts, block tables, automatic prefix caching.
+"""KV block bookkeeping across the model's KV groups: admission, growth, prefix hits, release.
 
 Pure Python, no tensors: kv_cache.py holds the memory, this decides which sequence owns which
-block (nano-vllm's block_manager and vLLM's paged KV are the models). A sequence holds blocks
-only for the tokens it has: `allocate` at admission, `append` as it grows, `free` when it
-finishes or is preempted.
+blocks. Layers are grouped by their sliding window (kv_cache.plan_groups): one pool per group
+(block_pool.py), so a windowed group (Mistral's layers, Gemma's local ones) holds only the
+blocks its window still sees while a full group keeps them all. A sequence has one block table
+per group (Sequence.kv), all indexed by position.
 
-Prefix caching: every full block gets a key chained over (the previous block's key, the block's
-token ids), a 128-bit BLAKE2b digest so no tenant can forge a collision with another's prefix.
-A new sequence whose leading blocks are already cached takes them with a reference instead of
-computing them. A freed block keeps its contents and its key: it stays reusable until it is
-evicted, least recently freed first (the tail of a chain before its head). Blocks without a key
-are handed out before any cached one is evicted.
+A sequence holds blocks only for the tokens it has: `allocate` at admission (a full group takes
+the whole prompt's blocks; a windowed one only the first chunk's), `append` as it grows,
+`commit` after each forward (keys the blocks it filled, gives back what windows passed),
+`free` when it finishes or is preempted. Admission and growth must fit every group.
+
+A prefix hit is the longest run of leading blocks that every group can supply: a full group
+its blocks 0..h-1, a windowed group those its window still sees from position h * block_size.
 """
 
 from __future__ import annotations
 
-import hashlib
-from array import array
-from collections import OrderedDict
 from typing import TYPE_CHECKING
+
+from zeroserve.workers.llm.block_pool import BlockPool, chain_key
+from zeroserve.workers.llm.sequence import Holding
 
 if TYPE_CHECKING:
     from zeroserve.workers.llm.sequence import Sequence
 
+__all__ = ["BlockManager", "chain_key"]
 WATERMARK = 0.01  # share of blocks an admission must leave free while others run
-
-
-def chain_key(parent: bytes, tokens: list[int]) -> bytes:
-    """The prefix-cache key of a full block: its parent's key and its own token ids."""
-    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
+UNBOUNDED = 1 << 62
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
-        self.num_blocks = num_blocks
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True,
+                 windows: list[int | None] | None = None,
+                 sizes: list[int] | None = None, layers: list[int] | None = None) -> None:
+        """One group per entry of `windows` (default: one full-attention group), each of
+        `sizes[i]` blocks (default: `num_blocks`) in `layers[i]` layers (default: 1)."""
+        windows = windows or [None]
+        sizes = sizes or [num_blocks] * len(windows)
+        self.layers = layers or [1] * len(windows)
+        self.pools = [BlockPool(i, n, block_size, w)
+                      for i, (w, n) in enumerate(zip(windows, sizes, strict=True))]
         self.block_size = block_size
         self.prefix_caching = prefix_caching
-        self.watermark = max(1, int(num_blocks * WATERMARK))
-        self.refs = [0] * num_blocks
-        self.key_of: list[bytes | None] = [None] * num_blocks
-        self.cached: dict[bytes, int] = {}  # key -> block holding those tokens' K/V
-        self.empty = list(range(num_blocks - 1, -1, -1))  # free, no key (pop takes block 0)
-        self.evictable: OrderedDict[int, None] = OrderedDict()  # free, keyed, LRU first
         self.hit_tokens = 0  # prompt tokens served from the cache
         self.queried_tokens = 0  # prompt tokens looked up
 
     # -- figures ---------------------------------------------------------------------------
 
     @property
+    def first(self) -> BlockPool:
+        return self.pools[0]
+
+    @property
+    def refs(self) -> list[int]:  # the first group's (the only one of most models)
+        return self.first.refs
+
+    @property
+    def cached(self) -> dict[bytes, int]:
+        return self.first.cached
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(p.num_blocks - p.reserved for p in self.pools)
+
+    @property
     def num_free(self) -> int:
-        return len(self.empty) + len(self.evictable)
+        return sum(p.num_free for p in self.pools)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - self.num_free
+        return sum(p.num_used for p in self.pools)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def fits(self, num_tokens: int, chunk: int) -> bool:
+        """Could one sequence of `num_tokens`, prefilled `chunk` tokens a step, ever fit?"""
+        for p in self.pools:
+            span = num_tokens if p.window is None else min(num_tokens, p.window - 1 + chunk)
+            if self.blocks_for(span) + (p.window is not None) > p.num_blocks - p.reserved:
+                return False
+        return True
+
     # -- admission -------------------------------------------------------------------------
 
-    def _match(self, seq: Sequence) -> list[tuple[int, bytes]]:
-        """Cached blocks that start this sequence (never its last token: it is computed)."""
-        if not self.prefix_caching:
-            return []
-        hits: list[tuple[int, bytes]] = []
-        for i in range((len(seq.token_ids) - 1) // self.block_size):
-            key = self._key(seq, i)
-            block = self.cached.get(key)
-            if block is None:
-                break
-            hits.append((block, key))
-        return hits
+    def _height(self, seq: Sequence) -> int:
+        """Cached leading blocks every group can supply (never the last token: it is
+        computed)."""
+        limit = (len(seq.token_ids) - 1) // self.block_size if self.prefix_caching else 0
+        ok = [True] * (limit + 1)
+        for pool in self.pools:
+            ok = [a and b for a, b in zip(ok, pool.heights(seq, limit), strict=True)]
+        return max(h for h, good in enumerate(ok) if good)
 
-    def _key(self, seq: Sequence, i: int) -> bytes:
-        """The key of the sequence's i-th full block, memoised on the sequence: tokens are
-        only ever appended, so a key once computed stays right (across preemptions too)."""
-        keys, bs = seq.block_keys, self.block_size
-        while len(keys) <= i:
-            j = len(keys)
-            keys.append(chain_key(keys[-1] if keys else seq.cache_salt,
-                                  seq.token_ids[j * bs:(j + 1) * bs]))
-        return keys[i]
+    def _upto(self, pool: BlockPool, seq: Sequence, height: int, budget: int) -> int:
+        """Tokens an admission gives blocks for: a full group the whole prompt (no preemption
+        mid-prefill), a windowed group the first chunk."""
+        n = len(seq.token_ids)
+        return n if pool.window is None else min(n, height * self.block_size + budget)
 
-    def can_allocate(self, seq: Sequence, others_running: bool) -> bool:
-        hits = self._match(seq)
-        taken = sum(1 for b, _ in hits if self.refs[b] == 0)  # they leave the free pool
-        need = self.blocks_for(len(seq.token_ids)) - len(hits) + taken
-        reserve = self.watermark if others_running else 0
-        return self.num_free - need >= reserve
+    def can_allocate(self, seq: Sequence, others_running: bool,
+                     budget: int = UNBOUNDED) -> bool:
+        height = self._height(seq)
+        for pool in self.pools:
+            reserve = max(1, int(pool.num_blocks * WATERMARK)) if others_running else 0
+            need = pool.need(seq, height, self._upto(pool, seq, height, budget))
+            if pool.num_free - need < reserve:
+                return False
+        return True
 
-    def allocate(self, seq: Sequence) -> None:
+    def allocate(self, seq: Sequence, budget: int = UNBOUNDED) -> None:
         """Give a waiting sequence its blocks: cached prefix first, fresh ones for the rest."""
-        assert not seq.block_table, "allocate() on a sequence that holds blocks"
-        hits = self._match(seq)
-        for block, _ in hits:
-            if self.refs[block] == 0:
-                del self.evictable[block]
-            self.refs[block] += 1
-        seq.block_table = [b for b, _ in hits]
-        seq.num_keyed_blocks = len(hits)
-        seq.num_computed = len(hits) * self.block_size
+        height = self._height(seq)
+        seq.kv = [Holding() for _ in self.pools]
+        for pool in self.pools:
+            pool.allocate(seq, height, self._upto(pool, seq, height, budget))
+        seq.num_computed = height * self.block_size
         if seq.preemptions == 0:  # a first admission: count it for the hit rate
             self.queried_tokens += seq.prompt_len
             self.hit_tokens += seq.num_computed
             seq.num_cached_tokens = seq.num_computed
-        self._grow(seq, len(seq.token_ids))
 
     # -- growth ----------------------------------------------------------------------------
 
     def can_append(self, seq: Sequence, num_new: int) -> bool:
-        need = self.blocks_for(seq.num_computed + num_new) - len(seq.block_table)
-        return need <= self.num_free
+        upto = seq.num_computed + num_new
+        return all(p.need_to_grow(seq.kv[p.index], upto) <= p.num_free for p in self.pools)
 
     def append(self, seq: Sequence, num_new: int) -> None:
         """Make room for the K/V of `num_new` more tokens of a running sequence."""
-        self._grow(seq, seq.num_computed + num_new)
-
-    def _grow(self, seq: Sequence, num_tokens: int) -> None:
-        for _ in range(self.blocks_for(num_tokens) - len(seq.block_table)):
-            seq.block_table.append(self._take())
-
-    def _take(self) -> int:
-        if self.empty:
-            block = self.empty.pop()
-        else:
-            block, _ = self.evictable.popitem(last=False)
-            key = self.key_of[block]
-            if key is not None and self.cached.get(key) == block:
-                del self.cached[key]
-            self.key_of[block] = None
-        self.refs[block] = 1
-        return block
+        for pool in self.pools:
+            pool.grow(seq.kv[pool.index], seq.num_computed + num_new, decoding=num_new == 1)
 
     def commit(self, seq: Sequence) -> None:
-        """After a forward: key the blocks it filled, so later sequences can share them."""
-        if not self.prefix_caching:
-            return
-        for i in range(seq.num_keyed_blocks, seq.num_computed // self.block_size):
-            key, block = self._key(seq, i), seq.block_table[i]
-            if key not in self.cached:  # else an equal block computed alongside stays keyless
-                self.cached[key] = block
-                self.key_of[block] = key
-        seq.num_keyed_blocks = max(seq.num_keyed_blocks, seq.num_computed // self.block_size)
+        """After a forward: key the blocks it filled; windowed groups give back the rest."""
+        for pool in self.pools:
+            pool.commit(seq, self.prefix_caching)
 
     # -- release ---------------------------------------------------------------------------
 
     def free(self, seq: Sequence) -> None:
-        """Drop a sequence's references; keyed blocks stay cached until evicted."""
-        for block in reversed(seq.block_table):  # the tail is evicted before the head
-            self.refs[block] -= 1
-            if self.refs[block] == 0:
-                if self.key_of[block] is not None:
-                    self.evictable[block] = None
-                else:
-                    self.empty.append(block)
-        seq.block_table = []
-        seq.num_keyed_blocks = 0
+        for pool in self.pools:
+            if seq.kv:
+                pool.free(seq.kv[pool.index])
 
-    # -- debug -----------------------------------------------------------------------------
+    def reset_figures(self) -> None:
+        self.hit_tokens = self.queried_tokens = 0
+        for pool in self.pools:
+            pool.max_held = pool.max_decode_held = 0
 
     def check(self, holders: list[Sequence]) -> None:
-        """Assert the accounting: every reference is a block-table entry, every block is in
-        exactly one of (referenced, evictable, empty), and the cache points at keyed blocks."""
-        refs = [0] * self.num_blocks
-        for seq in holders:
-            for block in seq.block_table:
-                refs[block] += 1
-        assert refs == self.refs, "reference counts differ from the block tables"
-        empty, evictable = set(self.empty), set(self.evictable)
-        assert len(empty) == len(self.empty) and not empty & evictable
-        for block in range(self.num_blocks):
-            held = refs[block] > 0
-            assert held + (block in empty) + (block in evictable) == 1, f"block {block}"
-            if block in empty:
-                assert self.key_of[block] is None, f"empty block {block} has a key"
-            if block in evictable:
-                assert self.key_of[block] is not None, f"evictable block {block} has no key"
-        for key, block in self.cached.items():
-            assert self.key_of[block] == key, f"cache entry for block {block} is stale"
+        for pool in self.pools:
+            pool.check(holders)
+
+    def tokens(self, used: bool) -> int:
+        """KV memory in tokens of every layer (a windowed group's block counts for its share
+        of the layers): in use, or in all."""
+        total = sum(self.layers)
+        return round(sum((p.num_used if used else p.num_blocks - p.reserved) * n / total
+                         for p, n in zip(self.pools, self.layers, strict=True))
+                     * self.block_size)
+
+    def groups(self) -> list[dict[str, int | None]]:
+        """Each group's figures, for stats: window, layers, blocks, used, and the most blocks
+        one sequence has held at once (at all; while decoding)."""
+        return [{"window": p.window, "layers": n, "blocks": p.num_blocks - p.reserved,
+                 "used": p.num_used, "max_held": p.max_held,
+                 "max_decode_held": p.max_decode_held}
+                for p, n in zip(self.pools, self.layers, strict=True)]

@@ -76,7 +76,10 @@ class LLMEngine:
         self.models = (served_name,)
         self.device = str(runner.device)
         self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        self.blocks = BlockManager(runner.kv.num_blocks, runner.kv.block_size, prefix_caching)
+        groups = runner.kv.groups
+        self.blocks = BlockManager(groups[0].num_blocks, runner.kv.block_size, prefix_caching,
+                                   [g.window for g in groups], [g.num_blocks for g in groups],
+                                   [len(g.layers) for g in groups])
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batched_tokens)
         self.check_blocks = check_blocks  # assert the block accounting after every step
         # Requests the broker may hand us: every slot, plus a short local queue so a slot
@@ -113,7 +116,7 @@ class LLMEngine:
         llm = cfg.engine
         assert isinstance(llm, LLMConfig), llm
         runner = ModelRunner(model, device, llm.max_model_len, llm.max_num_seqs,
-                             llm.kv_cache_tokens, llm.block_size)
+                             llm.kv_cache_tokens, llm.block_size, llm.max_batched_tokens)
         name = cfg.served_name or (cfg.model if "/" not in cfg.model else Path(path).name)
         return cls(model, tokenizer, runner, name, llm.max_num_seqs, llm.max_batched_tokens,
                    llm.prefix_caching, llm.check_blocks)
@@ -134,11 +137,11 @@ class LLMEngine:
         if n + sp.max_tokens > limit:
             raise EngineError(p.BAD_REQUEST, f"prompt ({n} tokens) + max_tokens "
                                              f"({sp.max_tokens}) exceeds the model's {limit}")
-        need, have = self.blocks.blocks_for(n + sp.max_tokens), self.blocks.num_blocks
-        if need > have:
+        if not self.blocks.fits(n + sp.max_tokens, self.scheduler.max_batched_tokens):
+            have = self.blocks.first.num_blocks * self.blocks.block_size
             raise EngineError(p.BAD_REQUEST, f"prompt ({n} tokens) + max_tokens "
                                              f"({sp.max_tokens}) can never fit this worker's KV "
-                                             f"cache of {have * self.blocks.block_size} tokens")
+                                             f"cache of {have} tokens")
         matcher = None
         if sp.schema is not None:
             if self._grammars is None:
@@ -223,8 +226,7 @@ class LLMEngine:
             while self.has_work():
                 self.step()
         self.blocks.prefix_caching = caching  # random warmup prompts never fill the cache
-        self.scheduler.preemptions = self.scheduler.max_running = 0
-        self.blocks.hit_tokens = self.blocks.queried_tokens = 0
+        self.scheduler.reset_figures()
         self.counters.update(steps=0, generated_tokens=0, prompt_tokens=0, busy_s=0.0,
                              prefill_tokens=0, decode_tokens=0,
                              step_s_buckets=[0] * (len(p.STEP_BUCKETS_S) + 1))
@@ -232,19 +234,17 @@ class LLMEngine:
     def stats(self) -> dict[str, Any]:
         b, s = self.blocks, self.scheduler
         return {
-            "running": len(s.running),
-            "waiting": len(s.waiting),
-            "max_running": s.max_running,
+            **s.figures(),
             "kv_blocks_used": b.num_used,
             "kv_blocks": b.num_blocks,
             "kv_block_size": b.block_size,
-            "kv_tokens_used": b.num_used * b.block_size,
-            "kv_tokens": b.num_blocks * b.block_size,
-            "kv_usage": b.num_used / b.num_blocks,
+            "kv_tokens_used": b.tokens(used=True),
+            "kv_tokens": b.tokens(used=False),
+            "kv_usage": max(p.num_used / (p.num_blocks - p.reserved) for p in b.pools),
+            "kv_groups": b.groups(),
             "prefix_cache_hit_tokens": b.hit_tokens,
             "prefix_cache_queried_tokens": b.queried_tokens,
             "prefix_cache_hit_rate": b.hit_tokens / b.queried_tokens if b.queried_tokens else 0.0,
-            "preemptions": s.preemptions,
             "dtype": self.dtype,
             **self.counters,
         }

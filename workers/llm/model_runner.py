@@ -16,7 +16,7 @@ import torch
 
 from zeroserve.workers.engine import UnsupportedModel
 from zeroserve.workers.llm import attention
-from zeroserve.workers.llm.kv_cache import KVCache
+from zeroserve.workers.llm.kv_cache import Group, KVCache, plan_groups
 from zeroserve.workers.llm.scheduler import Plan
 from zeroserve.workers.llm.sequence import Sequence
 from zeroserve.workers.llm.transfer import to_device
@@ -79,7 +79,9 @@ def load(path: Path, device: torch.device, dtype: torch.dtype):  # -> (model, to
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, device: torch.device, max_model_len: int,
-                 max_num_seqs: int, kv_cache_tokens: int, block_size: int) -> None:
+                 max_num_seqs: int, kv_cache_tokens: int, block_size: int,
+                 chunk: int = 0) -> None:
+        """`chunk`: the most tokens a step computes (sizes the windowed KV groups)."""
         self.model = model
         self.device = device
         cfg = model.config
@@ -101,18 +103,22 @@ class ModelRunner:
         if num_blocks < 1:
             raise ValueError(f"a KV cache of {kv_cache_tokens} tokens holds no block of "
                              f"{block_size}: raise --kv-cache-tokens")
-        self.kv = KVCache(layers, num_blocks, block_size, kv_heads, head_dim, dtype, device)
+        # each layer's sliding window as its attention asks for it (None: full attention)
+        self.layer_windows = self._probe_windows(layers, block_size, kv_heads, head_dim, dtype)
+        self.windowed = any(w is not None for w in self.layer_windows)
+        groups = plan_groups(self.layer_windows, num_blocks, block_size, max_num_seqs,
+                             chunk or block_size)
+        self.kv = KVCache(groups, block_size, kv_heads, head_dim, dtype, device)
         self._bufs = (torch.empty(0), torch.empty(0))  # gather workspaces, grown on demand
         self.split_blocks = GROUP_SPLIT_BLOCKS.get(device.type, GROUP_SPLIT_BLOCKS["cpu"])
         # first chunks of several sequences in one attention call (attention.PackedPrefills)
         self.pack_prefills = device.type == "cuda"
-        # each layer's sliding window as its attention reports it (None: full attention);
-        # until the first forward, decode groups carry their lengths as if windowed
-        self.layer_windows: dict[int, int | None] = {}
-        self.windowed = True
-        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s)", num_blocks,
-                 block_size, num_blocks * block_size,
-                 num_blocks * block_size * per_token / 2**20, dtype)
+        layer_bytes = per_token // layers * block_size
+        for g in groups:
+            log.info("KV cache%s: %d blocks x %d tokens in %d layers (%.1f MiB, %s)",
+                     f" (sliding window {g.window})" if g.window else "", g.num_blocks,
+                     block_size, len(g.layers),
+                     g.num_blocks * len(g.layers) * layer_bytes / 2**20, dtype)
 
     @torch.inference_mode()
     def forward(self, plan: Plan) -> tuple[torch.Tensor, list[Sequence]]:
@@ -120,7 +126,7 @@ class ModelRunner:
         bs, dev = self.block_size, self.device
         ids: list[int] = []
         pos: list[int] = []
-        slots: list[int] = []
+        slots: list[list[int]] = [[] for _ in self.kv.groups]  # per KV group
         keep: list[int] = []
         sampled: list[Sequence] = []
 
@@ -128,8 +134,9 @@ class ModelRunner:
             a, start = len(ids), seq.num_computed
             ids.extend(seq.token_ids[start:start + n])
             pos.extend(range(start, start + n))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            for out, hold in zip(slots, seq.kv, strict=True):
+                table = hold.table
+                out.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             if start + n == seq.total_len:
                 keep.append(a + n - 1)
                 sampled.append(seq)
@@ -157,13 +164,14 @@ class ModelRunner:
                 blocks = None
                 if start:
                     nb = -(-(start + n) // bs)
-                    blocks = to_device(seq.block_table[:nb], torch.long, dev)
+                    blocks = to_device([h.table[:nb] for h in seq.kv], torch.long, dev)
                 prefills.append(attention.PrefillChunk(a, a + n, start, blocks))
-        rows = max([g.blocks.numel() for g in decodes]
-                   + [c.blocks.numel() for c in prefills if c.blocks is not None] + [0])
+        rows = max([g.blocks[0].numel() for g in decodes]
+                   + [c.blocks[0].numel() for c in prefills if c.blocks is not None] + [0])
         k_buf, v_buf = self._workspaces(rows)
-        ctx = attention.ForwardContext(self.kv.k, self.kv.v, to_device(slots, torch.long, dev),
-                                       k_buf, v_buf, decodes, prefills, packed)
+        ctx = attention.ForwardContext(self.kv.k, self.kv.v, self.kv.group_of,
+                                       to_device(slots, torch.long, dev), k_buf, v_buf,
+                                       decodes, prefills, packed)
         attention.set_context(ctx)
         try:
             out = self.model(
@@ -174,10 +182,28 @@ class ModelRunner:
             )
         finally:
             attention.set_context(None)
-        if ctx.windows != self.layer_windows:  # learnt from the first forward (warmup)
-            self.layer_windows = dict(ctx.windows)
-            self.windowed = any(w is not None for w in ctx.windows.values())
         return out.logits[0], sampled  # [K, V]
+
+    @torch.inference_mode()
+    def _probe_windows(self, layers: int, block_size: int, kv_heads: int, head_dim: int,
+                       dtype: torch.dtype) -> list[int | None]:
+        """Each layer's sliding window, as its attention asks for it in a one-token forward
+        over a scratch cache (the model's code is the truth, not its config). An attention
+        keyword the engine cannot honour raises UnsupportedAttention here, at load."""
+        dev = self.device
+        scratch = KVCache([Group(None, tuple(range(layers)), 1)], block_size, kv_heads,
+                          head_dim, dtype, dev)
+        row = torch.empty(1, block_size * kv_heads * head_dim, dtype=dtype, device=dev)
+        one = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        ctx = attention.ForwardContext(scratch.k, scratch.v, scratch.group_of, one, row, row,
+                                       prefills=[attention.PrefillChunk(0, 1, 0, None)])
+        attention.set_context(ctx)
+        try:
+            self.model(input_ids=one, position_ids=one, use_cache=False,
+                       logits_to_keep=one[0])
+        finally:
+            attention.set_context(None)
+        return [ctx.windows.get(layer) for layer in range(layers)]
 
     def _packed_mask(self, segment: list[int]) -> torch.Tensor:
         """[N, N]: row i sees row j when both are in one chunk and j <= i."""
@@ -198,8 +224,9 @@ class ModelRunner:
         bs = self.block_size
         lens = [s.num_computed + 1 for s in group]  # context including the token fed now
         nb = -(-max(lens) // bs)
-        table = [s.block_table[:nb] + [0] * (nb - len(s.block_table[:nb])) for s in group]
-        blocks = to_device(table, torch.long, self.device)
+        tables = [[s.kv[gi].table[:nb] for s in group] for gi in range(len(self.kv.groups))]
+        blocks = to_device([[t + [0] * (nb - len(t)) for t in ts] for ts in tables],
+                           torch.long, self.device)  # [groups, G, nb]
         lens_t = to_device(lens, torch.long, self.device) if self.windowed else None
         if min(lens) == max(lens):
             return attention.DecodeGroup(a, a + len(group), blocks, None, lens[0], lens_t)

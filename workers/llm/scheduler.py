@@ -36,8 +36,7 @@ class Scheduler:
         self.max_batched_tokens = max_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.preemptions = 0
-        self.max_running = 0
+        self.reset_figures()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -71,17 +70,36 @@ class Scheduler:
             budget -= n
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.max_num_seqs
-               and self.blocks.can_allocate(self.waiting[0], bool(self.running))):
+               and self.blocks.can_allocate(self.waiting[0], bool(self.running), budget)):
             seq = self.waiting.popleft()
-            self.blocks.allocate(seq)
+            self.blocks.allocate(seq, budget)
             if not seq.preemptions:
                 seq.queue_ms = (time.monotonic() - seq.arrived) * 1000
             seq.status = Status.RUNNING
             self.running.append(seq)
             planned[seq] = min(seq.num_pending, budget)
             budget -= planned[seq]
-        self.max_running = max(self.max_running, len(self.running))
+        self._measure(planned)
         return Plan(list(planned.items()))
+
+    def _measure(self, planned: dict[Sequence, int]) -> None:
+        """High-water marks: sequences running, KV in use (tokens of every layer), and what
+        the same sequences would hold if every layer kept every token."""
+        bs = self.blocks.block_size
+        full = sum(-(-(s.num_computed + planned.get(s, 0)) // bs) for s in self.running) * bs
+        self.max_running = max(self.max_running, len(self.running))
+        self.kv_peak = max(self.kv_peak, self.blocks.tokens(used=True))
+        self.kv_full_peak = max(self.kv_full_peak, full)
+
+    def reset_figures(self) -> None:
+        self.preemptions = self.max_running = self.kv_peak = self.kv_full_peak = 0
+        self.blocks.reset_figures()
+
+    def figures(self) -> dict[str, int]:
+        return {"running": len(self.running), "waiting": len(self.waiting),
+                "max_running": self.max_running, "preemptions": self.preemptions,
+                "kv_tokens_used_peak": self.kv_peak,
+                "kv_tokens_full_attention_peak": self.kv_full_peak}
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -19,6 +19,17 @@ from zeroserve.workers.llm.detok import IncrementalDetokenizer
 from zeroserve.workers.llm.params import SamplingParams
 
 
+@dataclass(eq=False)
+class Holding:
+    """A sequence's blocks in one KV group (block_manager.py): block i holds positions
+    [i * block_size, (i + 1) * block_size). A windowed group gives back the leading blocks
+    its window no longer sees: their entries become the group's null block."""
+
+    table: list[int] = field(default_factory=list)
+    keyed: int = 0  # leading blocks already in the prefix cache
+    dropped: int = 0  # leading blocks given back (windowed groups)
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -37,10 +48,9 @@ class Sequence:
     prompt_len: int = 0
     num_computed: int = 0  # tokens whose K/V are in the blocks
     num_cached_tokens: int = 0  # of them, taken from the prefix cache at admission
-    block_table: list[int] = field(default_factory=list)
+    kv: list[Holding] = field(default_factory=list)  # its blocks in each KV group
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of full blocks
     cache_salt: bytes = b""  # the first block's key chains from it: prefixes per tenant
-    num_keyed_blocks: int = 0  # leading blocks of block_table already in the prefix cache
     emitted: int = 0  # chars of detok.text already streamed
     preemptions: int = 0
     arrived: float = field(default_factory=time.monotonic)
@@ -54,8 +64,9 @@ class Sequence:
         return len(self.token_ids) - self.prompt_len
 
     @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len:]
+    def block_table(self) -> list[int]:
+        """Its blocks in the first KV group (the only one, unless layers differ in window)."""
+        return self.kv[0].table if self.kv else []
 
     @property
     def total_len(self) -> int:

@@ -5,6 +5,8 @@ In the spirit of vLLM's benchmark_serving. N requests go through the SDK to a ru
   default        prompts of 32-256 tokens, outputs of 64-128 tokens
   shared-prefix  four system prompts of about 1,000 tokens; each request one of them plus a
                  unique 32-128-token user turn; 64 output tokens (what prefix caching is for)
+  long           prompts of 4,096 tokens, 64 output tokens (on a model with sliding windows,
+                 what the windowed KV groups save: see kv_tokens_used_peak below)
 Then, with the pipeline stopped so nothing competes for the cores, the same requests run
 in-process as baselines (baselines.py), in the worker's dtype:
   engine_tok_s          zeroserve's engine alone, no sockets: what the pipeline costs
@@ -15,7 +17,11 @@ in-process as baselines (baselines.py), in the worker's dtype:
 --compare FLAG[=VALUE] runs the same pipeline again with one worker flag changed (e.g.
 `--compare no-prefix-caching`, `--compare max-num-seqs=8`, `--compare dtype=float32`) and
 prints its figures under that name beside the main run's. Each run also reports the worker's
-own figures: max_running (most sequences in one batch), prefix_hit_rate, preemptions.
+own figures: max_running (most sequences in one batch), prefix_hit_rate, preemptions, and its
+KV: kv_tokens_used_peak (KV in use at its peak, in tokens of every layer) beside
+kv_tokens_full_attention_peak (the same sequences if every layer kept every token), and per
+windowed layer group the most blocks one sequence held while decoding, with its bound
+(window / block size + 2).
 --rounds N alternates the served run and the in-process engine N times and reports the
 medians (and every round), so served/engine holds up on a noisy machine.
 With --via sdk --via http, the same pipeline is driven through the SDK and through the HTTP
@@ -59,6 +65,8 @@ def make_workload(n: int, tokenizer: Any, seed: int = 0,
         return tokenizer.decode(tokenizer.encode(text)[:target])
 
     out = []
+    if kind == "long":
+        return [(text, tokenizer.encode(text), 64) for text in (text_of(4096) for _ in range(n))]
     if kind == "shared-prefix":
         systems = [text_of(1000) + "\n\n" for _ in range(4)]
         for _ in range(n):
@@ -125,9 +133,20 @@ def worker_figures(endpoint: str) -> dict[str, float]:
             time.sleep(0.2)
         time.sleep(1.5)  # one more heartbeat: the final counters
         stats = client.workers()[0].get("stats") or {}
-    return {"max_running": stats.get("max_running", 0),
-            "prefix_hit_rate": stats.get("prefix_cache_hit_rate", 0.0),
-            "preemptions": stats.get("preemptions", 0)}
+    out = {"max_running": stats.get("max_running", 0),
+           "prefix_hit_rate": stats.get("prefix_cache_hit_rate", 0.0),
+           "preemptions": stats.get("preemptions", 0),
+           "kv_tokens_used_peak": stats.get("kv_tokens_used_peak", 0),
+           "kv_tokens_full_attention_peak": stats.get("kv_tokens_full_attention_peak", 0)}
+    if out["kv_tokens_full_attention_peak"]:
+        out["kv_used_over_full_attention"] = (out["kv_tokens_used_peak"]
+                                              / out["kv_tokens_full_attention_peak"])
+    bs = stats.get("kv_block_size", 1)
+    for g in stats.get("kv_groups", []):
+        if g["window"]:
+            out[f"window_{g['window']}_blocks_per_seq_max"] = g["max_decode_held"]
+            out[f"window_{g['window']}_blocks_per_seq_bound"] = g["window"] // bs + 2
+    return out
 
 
 def peer_phase(model_dir: Path, workload: list, concurrency: int,
@@ -238,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="zeroserve bench serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="small", help="preset or model directory")
-    ap.add_argument("--workload", choices=["default", "shared-prefix"], default="default")
+    ap.add_argument("--workload", choices=["default", "shared-prefix", "long"],
+                    default="default")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second")
@@ -267,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     exit_on_sigterm()  # a benchmark killed by `timeout` still stops its pipeline
     via = args.via or ["sdk"]
-    args.max_model_len = args.max_model_len or (2048 if args.workload == "shared-prefix"
-                                                else 512)
+    args.max_model_len = args.max_model_len or {"shared-prefix": 2048,
+                                                 "long": 4096 + 256}.get(args.workload, 512)
 
     import torch
     from transformers import AutoTokenizer

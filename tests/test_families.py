@@ -109,3 +109,31 @@ def test_windowed_layers_hold_only_their_window(family: str, tokenizer, tmp_path
         eng.close()
     want, _ = hf_greedy(load(path), ids, 250)
     assert got == want
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2-window"])
+def test_windowed_models_survive_preemption_exactly(family: str, tokenizer,
+                                                    tmp_path: Path) -> None:
+    """KV too small for the batch (local and global layers): sequences are preempted and
+    recompute, windowed groups included, and every output is still transformers' own. (An
+    all-windowed model such as Mistral holds a bounded number of blocks per sequence, so
+    admission, not preemption, is what limits it.)"""
+    from zeroserve.bench.baselines import load
+    from zeroserve.config import LLMConfig, WorkerConfig
+    from zeroserve.workers.llm.engine import LLMEngine
+
+    path = families.build(family, tmp_path, tokenizer=tokenizer)
+    eng = LLMEngine.from_config(WorkerConfig(
+        broker="-", model=str(path), device="cpu", dtype="float32",
+        engine=LLMConfig(max_num_seqs=4, max_model_len=512, max_batched_tokens=48,
+                         kv_cache_tokens=10 * 16, block_size=16, check_blocks=True)))
+    rng = random.Random(family)
+    prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(40, 90))] for _ in range(4)]
+    try:
+        got = _run(eng, prompts)
+        assert eng.stats()["preemptions"] > 0, "the batch fitted: nothing was preempted"
+    finally:
+        eng.close()
+    ref = load(path)
+    for ids, tokens in zip(prompts, got, strict=True):
+        assert tokens == hf_greedy(ref, ids, MAX_TOKENS)[0]

@@ -40,13 +40,13 @@ import zmq
 from zeroserve import protocol as p
 from zeroserve import tracing
 from zeroserve.broker import admin, frontend
-from zeroserve.broker.liveness import PidWatch
+from zeroserve.broker.liveness import PidWatch, peer_pid
 from zeroserve.broker.outbox import Outbox, Sent
 from zeroserve.broker.table import Job, Table, WorkerState, same_process
 from zeroserve.config import BrokerConfig
 from zeroserve.logs import RateLimitedLog
 from zeroserve.procs import trim_heap
-from zeroserve.sockets import check_transport, make_socket, private_ipc, recv_bounded
+from zeroserve.sockets import check_transport, make_socket, private_ipc, recv_sourced
 
 log = logging.getLogger("zeroserve.broker")
 
@@ -130,7 +130,7 @@ class Broker:
             for fd in [e for e in events if isinstance(e, int)]:  # a local worker's pidfd
                 self._process_ended(fd)
             if self.backend in events:
-                self._drain(self.backend, self._on_backend)
+                self._drain(self.backend, self._on_backend, sourced=True)
             if self.frontend in events:
                 self._drain(self.frontend, lambda frames: frontend.on_message(self, frames))
             if self.admin in events:
@@ -144,18 +144,18 @@ class Broker:
                     if (worker := self.table.workers.get(identity)) is not None:
                         self._purge(worker, "unreachable")
 
-    def _drain(self, sock: zmq.Socket, handler: Any) -> None:
+    def _drain(self, sock: zmq.Socket, handler: Any, sourced: bool = False) -> None:
         end = time.monotonic() + BATCH_S
         for _ in range(BATCH):
             if time.monotonic() > end:
                 return
             try:
-                frames = recv_bounded(sock, MAX_FRAMES, zmq.NOBLOCK)
+                frames, fd = recv_sourced(sock, MAX_FRAMES, zmq.NOBLOCK, sourced)
             except zmq.Again:
                 return
             self.handled += 1
             try:
-                handler(frames)
+                handler(frames, fd) if sourced else handler(frames)
             except Exception:  # a bug must not take the switchboard down: log it, go on
                 self.counts["bad_frames"] += 1
                 self.errors.exception("unexpected error handling a message")
@@ -170,7 +170,7 @@ class Broker:
 
     # -- backend: workers ----------------------------------------------------------------
 
-    def _on_backend(self, frames: list[bytes]) -> None:
+    def _on_backend(self, frames: list[bytes], fd: int = -1) -> None:
         # the ROUTER's identity frame, the client's route the worker echoes, then the message
         identity, message = frames[0], frames[2:]
         worker = self.table.workers.get(identity)
@@ -187,7 +187,7 @@ class Broker:
             worker.expiry = time.monotonic() + self.cfg.expiry_s
             worker.last_heartbeat = time.time()
         if t == p.READY:
-            self._on_ready(identity, msg)
+            self._on_ready(identity, msg, fd)
         elif worker is None:
             # Unknown peer (e.g. we restarted): ask it to reconnect and register again.
             self._send_raw_backend(identity, p.encode(p.DISCONNECT, {"reason": "not registered"}))
@@ -210,9 +210,13 @@ class Broker:
         else:
             self.bad_frame("backend", identity, p.ProtocolError(f"{p.TYPE_NAMES[t]} from worker"))
 
-    def _on_ready(self, identity: bytes, msg: p.Message) -> None:
+    def _on_ready(self, identity: bytes, msg: p.Message, fd: int) -> None:
+        # the kernel's word for which process sent it (ipc only); a quoted pid alone is not
+        peer = peer_pid(fd)
+        verified = peer is not None and peer == msg.header.get("pid")
         live = self.table.find_by_id(str(msg.header.get("worker_id") or ""))
-        if live is not None and live.identity != identity and same_process(live.info, msg.header):
+        if (live is not None and live.identity != identity and verified
+                and live.peer_pid == peer and same_process(live.info, msg.header)):
             self._purge(live, "reconnected")  # the same process on a new connection
         try:
             worker = self.table.register(
@@ -223,9 +227,10 @@ class Broker:
             self.bad_frames.warning("refused READY from %s: %s", identity.hex(), exc)
             self._send_raw_backend(identity, p.encode(p.DISCONNECT, {"reason": str(exc)}))
             return
-        fd = self.pids.watch(identity, msg.header)
-        if fd is not None:
-            self.poller.register(fd, zmq.POLLIN)
+        worker.peer_pid = peer if verified else None
+        pidfd = self.pids.watch(identity, msg.header) if verified else None
+        if pidfd is not None:
+            self.poller.register(pidfd, zmq.POLLIN)
         log.info(
             "worker registered id=%s models=%s capacity=%d pid=%s device=%s cpus=%s",
             worker.worker_id, ",".join(worker.models), worker.capacity,

@@ -1,13 +1,17 @@
 """Local workers' processes, watched through pidfds: a worker on this host that exits is purged
 at once, not after its heartbeats go missing (remote workers stay on heartbeats).
 
-A READY quotes the worker's pid, boot id and process start time (procs.identity). The broker
-opens a pidfd only when all three name a live process of this boot: a pid from another pid
-namespace or a reused pid does not match the start time. The broker polls the pidfds beside
-its sockets; one turns readable when its process ends (killed, crashed or exited), even
-before its parent reaps it. The broker never signals a process: a worker purged for silence
-(SIGSTOP, a hang) that comes back finds itself unknown, drops what it was doing and registers
-again (workers/links.py); a hung engine ends itself (--progress-timeout-s).
+A READY quotes the worker's pid, boot id and process start time (procs.identity), but a quote
+proves nothing: any local user can read another process's from /proc. The broker watches a
+process only when the kernel vouches for it: the READY came over an ipc connection whose peer
+(SO_PEERCRED, `peer_pid`) is the pid it quotes, and that pid's start time matches. A tcp
+peer, a worker in another pid namespace, or a quote of someone else's pid is on heartbeats
+only, and never counts as the same process as a live registration. The broker polls the
+pidfds beside its sockets; one turns readable when its process ends (killed, crashed or
+exited), even before its parent reaps it. The broker never signals a process: a worker
+purged for silence (SIGSTOP, a hang) that comes back finds itself unknown, drops what it was
+doing and registers again (workers/links.py); a hung engine ends itself
+(--progress-timeout-s).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
+import struct
 from typing import Any
 
 import psutil
@@ -22,6 +28,22 @@ import psutil
 from zeroserve.procs import boot_id
 
 log = logging.getLogger("zeroserve.broker")
+
+
+def peer_pid(fd: int) -> int | None:
+    """The pid of the process at the other end of the unix socket `fd` (SO_PEERCRED), or
+    None: not a unix socket, or gone."""
+    if fd < 0:
+        return None
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            if sock.family != socket.AF_UNIX:
+                return None
+            pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except OSError:
+        return None
+    return pid or None
 
 
 class PidWatch:
@@ -34,7 +56,8 @@ class PidWatch:
 
     def watch(self, identity: bytes, info: dict[str, Any]) -> int | None:
         """A pidfd to poll for this worker's process (None: not a process of this host, or
-        watched already). A process that registers again moves its watch to the new id."""
+        watched already). The caller has checked that the kernel vouches for the pid; a
+        process that registers again (a new connection) moves its watch to the new id."""
         pid, started = info.get("pid"), info.get("started")
         if (info.get("boot_id") != self._boot or not isinstance(pid, int)
                 or isinstance(pid, bool) or not isinstance(started, int | float)):

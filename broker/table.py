@@ -68,6 +68,7 @@ class WorkerState:
     draining: bool = False
     served: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
+    peer_pid: int | None = None  # the kernel's word (SO_PEERCRED) that this pid sent READY
 
     @property
     def free(self) -> int:

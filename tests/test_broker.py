@@ -391,3 +391,57 @@ def test_a_full_pipe_to_a_worker_is_a_backlog_not_a_dead_worker(pipeline) -> Non
         stats = c.admin("stats")
         assert stats["lost"] == 0 and [w["worker_id"] for w in c.workers()] == ["a"], stats
     assert "purged" not in pipeline.dump_logs()
+
+
+def test_a_peer_quoting_another_process_identity_is_never_taken_for_it(pipeline) -> None:
+    """A backend peer that quotes a live worker's pid, boot and start time cannot replace its
+    registration, and one that quotes an unrelated process is not watched as that process:
+    the broker believes only the kernel's word (SO_PEERCRED) for which process is at the
+    other end of an ipc connection."""
+    import psutil
+
+    from zeroserve import procs
+    from zeroserve import protocol as p
+
+    pipeline.start_broker()
+    real = pipeline.start_worker("real")
+    pipeline.wait_workers(1)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(pipeline.backend)
+    try:
+        ident = {"pid": real.pid, "boot_id": procs.boot_id(),
+                 "started": psutil.Process(real.pid).create_time()}
+        rogue.send_multipart([b"", *p.encode(p.READY, {
+            "worker_id": "real", "models": ["echo"], "capacity": 8, **ident})])
+        assert rogue.poll(5000), "the broker did not answer the READY"
+        answer = p.decode(rogue.recv_multipart()[1:])
+        assert answer.type == p.DISCONNECT and "live under another" in answer.header["reason"]
+        # a quote of an unrelated process registers (heartbeats only) but is not watched
+        rogue2 = ctx.socket(zmq.DEALER)
+        rogue2.setsockopt(zmq.LINGER, 0)
+        rogue2.connect(pipeline.backend)
+        rogue2.send_multipart([b"", *p.encode(p.READY, {
+            "worker_id": "rogue", "models": ["echo"], "capacity": 1, "pid": bystander.pid,
+            "boot_id": procs.boot_id(),
+            "started": psutil.Process(bystander.pid).create_time()})])
+        with pipeline.client() as c:
+            deadline = time.monotonic() + 5
+            while {w["worker_id"] for w in c.workers()} != {"real", "rogue"}:
+                assert time.monotonic() < deadline, c.workers()
+                time.sleep(0.05)
+            bystander.kill()
+            bystander.wait()
+            time.sleep(0.5)  # a pidfd on the bystander would have purged "rogue" by now
+            assert {w["worker_id"] for w in c.workers()} == {"real", "rogue"}
+            real_row = next(w for w in c.workers() if w["worker_id"] == "real")
+            assert real_row["pid"] == real.pid
+        rogue2.close()
+        assert real.poll() is None  # the real worker never noticed
+    finally:
+        bystander.kill()
+        bystander.wait()
+        rogue.close()
+        ctx.term()

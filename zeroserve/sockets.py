@@ -9,6 +9,7 @@ this user and nobody else can enter it: another local user can then neither squa
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import zmq
@@ -45,13 +46,24 @@ def recv_bounded(sock: zmq.Socket, max_frames: int, flags: int = 0) -> list[byte
     """One whole message, keeping at most `max_frames` + 1 of its frames (the rest are read
     and dropped, so a message of a million empty frames cannot cost memory, and a decoder
     still sees that it had too many). ZeroMQ bounds each frame's size, never their count."""
+    return recv_sourced(sock, max_frames, flags, source=False)[0]
+
+
+def recv_sourced(sock: zmq.Socket, max_frames: int, flags: int = 0,
+                 source: bool = True) -> tuple[list[bytes], int]:
+    """recv_bounded, and the file descriptor of the connection the message came over
+    (ZMQ_SRCFD: for an ipc peer, the kernel can say which process it is; -1 if unknown)."""
     frames: list[bytes] = []
+    fd = -1
     while True:
         frame = sock.recv(flags if not frames else 0, copy=False)
+        if source and not frames:
+            with contextlib.suppress(zmq.ZMQError, AttributeError):
+                fd = frame.get(zmq.SRCFD)
         if len(frames) <= max_frames:
             frames.append(frame.bytes)
         if not frame.more:
-            return frames
+            return frames, fd
 
 
 class InsecureError(RuntimeError):

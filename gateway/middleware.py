@@ -119,7 +119,7 @@ class Frontline:
             **ticket.log_fields(),
         }
         log.info(json.dumps(line, separators=(",", ":")))
-        if span is not None:
+        if span is not None and span.is_recording():  # a client's flags 00: not sampled
             if ticket.ttft_ms is not None:  # from the first token to the end of the response
                 first = span.start_time + int(ticket.ttft_ms * 1e6)
                 tracing.record("gateway.stream", ticket.trace, first, tracing.now_ns())

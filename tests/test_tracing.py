@@ -93,3 +93,30 @@ def test_untraced_processes_ignore_a_traced_request(pipeline, tiny_model, tmp_pa
     root = [s for s in spans if s["name"] == "POST /v1/completions"]
     assert len(root) == 1 and root[0]["parent_id"] is None  # a new trace, rooted here
     assert {s["name"] for s in spans} <= {"POST /v1/completions", "gateway.stream"}
+
+
+def test_a_sampled_out_traceparent_is_served_and_counted(pipeline, tiny_model, tmp_path,
+                                                         monkeypatch) -> None:
+    """A client's traceparent with flags 00 (not sampled): the request is served, its span is
+    not recorded, and the gateway finishes it as any other (no traceback, counted in
+    /metrics)."""
+    monkeypatch.setenv("ZEROSERVE_TRACE_FILE", str(tmp_path / "{service}-{pid}.jsonl"))
+    url = start_stack(pipeline, tiny_model)
+    trace_id = secrets.token_hex(16)
+    for _ in range(3):
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                       headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-00"},
+                       json={"model": "tiny", "stream": True, "max_tokens": 3,
+                             "messages": [{"role": "user", "content": "not sampled"}]})
+        assert r.status_code == 200 and "[DONE]" in r.text
+
+    def counted() -> bool:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        return any(line.startswith("zeroserve_requests_total")
+                   and 'route="/v1/chat/completions"' in line and line.endswith(" 3.0")
+                   for line in text.splitlines())
+
+    assert wait_for(counted, 5), httpx.get(f"{url}/metrics", timeout=10).text[-2000:]
+    log = next(p for p in pipeline.logs if p.name.startswith(f"gateway-{url.rsplit(':', 1)[1]}-"))
+    assert "Traceback" not in log.read_text()
+    assert not [s for s in spans_in(tmp_path) if s["context"]["trace_id"] == f"0x{trace_id}"]

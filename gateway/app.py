@@ -229,10 +229,13 @@ def create_app(cfg: GatewayConfig) -> Any:
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
                             headers=rl_headers)
 
-    async def text_op(request: Request, model: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def text_op(request: Request, model: str, body: dict[str, Any],
+                      estimate: int) -> dict[str, Any]:
+        """/tokenize and /detokenize: charged as prompt tokens, like any request (the
+        estimate reserved, then trued up to the worker's count)."""
         key, t = gw.authorize(request, model), ticket(request)
-        t.model = model
-        gw.admit(request, key, 1)
+        t.model, t.prompt_estimate = model, estimate
+        gw.admit(request, key, estimate)
         assert gw.client is not None
         try:
             handle = await gw.client.submit(model, request_id=gw.wire_id(request),
@@ -240,6 +243,7 @@ def create_app(cfg: GatewayConfig) -> Any:
             result = await unless_disconnected(request, handle, handle.result())
         except errors.ZeroserveError as exc:
             raise from_zeroserve(exc) from None
+        t.prompt_tokens = int((result.data.get("usage") or {}).get("prompt_tokens", estimate))
         return {k: v for k, v in result.data.items() if k not in ("usage", "finish_reason")}
 
     @app.post("/tokenize")
@@ -248,11 +252,12 @@ def create_app(cfg: GatewayConfig) -> Any:
             body = req.engine_body()
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
-        return await text_op(request, req.model, body)
+        return await text_op(request, req.model, body, req.chars() // 4 + 1)
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest, request: Request) -> dict[str, Any]:
-        return await text_op(request, req.model, {"op": "detokenize", "tokens": req.tokens})
+        return await text_op(request, req.model, {"op": "detokenize", "tokens": req.tokens},
+                             len(req.tokens))
 
     routes = {getattr(r, "path", "") for r in app.routes}
 

@@ -1,7 +1,9 @@
 """Per-key rate limits: token buckets for requests per second and tokens per minute.
 
 A request reserves its prompt estimate plus max_tokens from the token bucket when admitted;
-when it finishes, what it did not use goes back (refund).
+when it finishes, the reservation is trued up to its real usage: what it did not use goes back,
+and what it used beyond the estimate (a prompt of more tokens than chars / 4) is charged, the
+bucket going into debt if need be, so the key's next requests wait for it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Bucket:
         return (amount - self.level) / self.rate_per_s
 
     def give(self, amount: float) -> None:
+        """Put `amount` back (negative: charge it, below zero if need be)."""
         self.level = min(self.capacity, self.level + amount)
 
 
@@ -83,6 +86,7 @@ class RateLimiter:
         return bucket
 
     def refund(self, key_id: str, tokens: float) -> None:
+        """True up a reservation: `tokens` reserved and not used (negative: used beyond it)."""
         bucket = self.tokens.get(key_id)
-        if bucket is not None and tokens > 0:
+        if bucket is not None and tokens:
             bucket.give(tokens)

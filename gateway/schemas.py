@@ -323,11 +323,16 @@ class TokenizeRequest(Strict):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_generation_prompt: bool = True
 
+    def chars(self) -> int:
+        if self.messages is not None:
+            return sum(len(m.text()) for m in self.messages)
+        return len(self.prompt or "")
+
     def engine_body(self) -> dict[str, Any]:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give a prompt or messages")
         if self.messages is not None:
-            chars = sum(len(m.text()) for m in self.messages)
+            chars = self.chars()
             if chars > MAX_PROMPT_CHARS:
                 raise ValueError(f"messages hold {chars} characters; the limit is "
                                  f"{MAX_PROMPT_CHARS}")

@@ -52,7 +52,8 @@ class Ticket:
         return self.prompt_tokens + self.completion_tokens
 
     def settle(self) -> None:
-        """Give back what the request reserved and did not use; only the first call counts."""
+        """True the reservation up to what the request used (gives back the rest, or charges
+        the excess); only the first call counts."""
         if self.limiter is not None and self.reserved:
             self.limiter.refund(self.key_id or "", self.reserved - self.used())
         self.reserved = 0

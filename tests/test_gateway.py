@@ -23,6 +23,7 @@ KEYS = {"keys": [
     {"id": "other", "key": "sk-other-tenant"},
     {"id": "metered", "key": "sk-metered", "tpm": 600},
     {"id": "budget", "key": "sk-budget", "tpm": 600},
+    {"id": "counted", "key": "sk-counted", "tpm": 600},
 ]}
 
 
@@ -425,6 +426,35 @@ def test_tokens_per_minute_are_reserved_then_refunded(stack) -> None:
                        json={**body, "max_tokens": 700})  # beyond the whole minute's budget
     assert never.status_code == 429 and never.headers["retry-after"] == "60"
     assert never.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_every_route_is_charged_its_real_token_count(stack) -> None:
+    """The chars / 4 estimate is trued up to the worker's count when a request ends, and
+    /tokenize and /detokenize cost tokens like any request (600 tokens a minute here)."""
+    pipe, _, secure = stack
+    auth = {"authorization": "Bearer sk-counted"}
+    big = httpx.post(f"{secure}/tokenize", headers=auth,
+                     json={"model": "tiny", "prompt": "hello there " * 250})  # ~750 tokens
+    assert big.status_code == 429 and big.headers["retry-after"] == "60"
+    # 400 symbols: estimated at 101 tokens, counted as about one token each
+    symbols = "".join(chr(33 + (i * 7) % 90) for i in range(400))
+    under = httpx.post(f"{secure}/v1/completions", headers={**auth, "x-request-id": "under"},
+                       json={"model": "tiny", "prompt": symbols, "max_tokens": 1})
+    assert under.status_code == 200, under.text
+    used = under.json()["usage"]["total_tokens"]
+    assert used > 300
+    access_line(pipe, secure, "under")  # settled
+    tok = httpx.post(f"{secure}/tokenize", headers={**auth, "x-request-id": "tok"},
+                     json={"model": "tiny", "prompt": "hello there " * 20})
+    assert tok.status_code == 200, tok.text
+    count = tok.json()["count"]
+    access_line(pipe, secure, "tok")
+    probe = httpx.post(f"{secure}/v1/completions", headers=auth,
+                       json={"model": "echo", "prompt": "a", "max_tokens": 1})
+    assert probe.status_code == 200
+    # used + count charged, 2 reserved; 10 tokens a second come back meanwhile
+    remaining = int(probe.headers["x-ratelimit-remaining-tokens"])
+    assert remaining <= 600 - used - count - 2 + 30, (remaining, used, count)
 
 
 def test_gateway_workers_share_the_port(stack) -> None:

@@ -308,3 +308,14 @@ def test_the_cuda_layout_gives_the_cpu_layouts_tokens(engine, monkeypatch) -> No
     packed = run_all(engine, joins)
     assert len(packs) >= 3 and max(max(seg) for seg in packs) >= 2  # 3+ chunks in one call
     assert {k: v["ids"] for k, v in packed.items()} == {k: v["ids"] for k, v in split.items()}
+
+
+def test_a_tokenize_answer_is_bounded_with_a_clear_error(engine, monkeypatch) -> None:
+    from zeroserve.workers.engine import EngineError
+    from zeroserve.workers.llm import engine as engine_module
+
+    ok = engine.prepare({"op": "tokenize", "prompt": "hello there " * 10}).answer
+    assert ok is not None and ok["count"] == len(ok["tokens"]) > 10
+    monkeypatch.setattr(engine_module, "MAX_TOKENIZE_TOKENS", ok["count"] - 1)
+    with pytest.raises(EngineError, match="answers at most"):
+        engine.prepare({"op": "tokenize", "prompt": "hello there " * 10})

@@ -40,3 +40,14 @@ def test_a_request_that_never_ran_is_refunded_in_full() -> None:
     t.reserve(limiter, "k", 300)
     t.settle()
     assert round(level(limiter, "k")) == 600
+
+
+def test_a_request_that_used_more_than_it_reserved_is_charged_the_rest() -> None:
+    limiter, t = RateLimiter(), Ticket("r4")
+    limiter.admit("k", Limits(rps=0, tpm=600), 550)
+    t.reserve(limiter, "k", 550)  # an estimate of 50 prompt tokens + 500 max_tokens
+    t.prompt_tokens, t.completion_tokens = 500, 400  # the prompt counted 10x the estimate
+    t.settle()
+    assert round(level(limiter, "k")) == 600 - 900  # in debt: the key waits it off
+    wait, _ = limiter.admit("k", Limits(rps=0, tpm=600), 10)
+    assert wait > 30

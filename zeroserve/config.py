@@ -18,6 +18,7 @@ from zeroserve.flags import knob
 MIB = 1024 * 1024
 # What one request may ask for: the engines and the gateway check the same numbers.
 MAX_PROMPT_CHARS = 4 * MIB  # a prompt, or all of a chat's messages together
+MAX_TOKENIZE_TOKENS = 1 << 18  # ids in one /tokenize answer: beyond it a 400
 MAX_EMBED_INPUTS = 2048  # texts in one embeddings request (OpenAI's limit)
 MAX_EMBED_TEXT_CHARS = 100_000
 

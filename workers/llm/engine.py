@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from zeroserve import protocol as p
-from zeroserve.config import MAX_PROMPT_CHARS, LLMConfig, WorkerConfig
+from zeroserve.config import MAX_PROMPT_CHARS, MAX_TOKENIZE_TOKENS, LLMConfig, WorkerConfig
 from zeroserve.workers.engine import EngineError, Output, RequestKey
 from zeroserve.workers.llm import logits as logits_processing
 from zeroserve.workers.llm import model_runner, params, sampler, stopping, support
@@ -312,6 +312,9 @@ class LLMEngine:
         op = body["op"]
         if op == "tokenize":
             ids = self._prompt_ids(body)
+            if len(ids) > MAX_TOKENIZE_TOKENS:
+                raise EngineError(p.BAD_REQUEST, f"the text is {len(ids)} tokens; /tokenize "
+                                                 f"answers at most {MAX_TOKENIZE_TOKENS}")
             return {"tokens": ids, "count": len(ids), "max_model_len": self.runner.max_model_len,
                     "usage": {"prompt_tokens": len(ids), "completion_tokens": 0}}
         if op == "detokenize":

@@ -85,11 +85,23 @@ def test_attacks_on_shared_memory_are_refused() -> None:
         secret = victim.put(torch.full((16,), 7.0))
         mine = attacker.put(torch.zeros(16))
         maps.view(secret)  # the consumer has mapped the victim's arena, as a worker would
-        # 1. the victim's arena, with the attacker's own key: refused
+        # 1. the victim's arena, with another lease's key (or none): refused. A peer that
+        # got one descriptor of this arena learns nothing that reads another slab
         with pytest.raises(DescriptorError, match="key"):
-            maps.view({**secret, "key": mine["key"]})
+            maps.view({**secret, "token": mine["token"]})
+        with pytest.raises(DescriptorError, match="token"):
+            maps.view({k: v for k, v in secret.items() if k != "token"})
+        other_lease = victim.put(torch.full((16,), 3.0))
         with pytest.raises(DescriptorError, match="key"):
-            maps.view({k: v for k, v in secret.items() if k != "key"})
+            maps.view({**other_lease, "token": secret["token"]})
+        # a hard link to an arena (or to any file of this user) is not an arena
+        hard = os.path.join(SHM_DIR, f"{prefix()}-{os.getpid()}-9998")
+        os.link(victim.path, hard)
+        try:
+            with pytest.raises(DescriptorError, match="links"):
+                Mappings().view({**secret, "arena": os.path.basename(hard)})
+        finally:
+            os.unlink(hard)
         # 2. slab 1's data through slab 0's header: offsets are checked against the slab
         other = victim.put(torch.full((16,), 9.0))
         assert other["slab"] != secret["slab"]
@@ -250,12 +262,12 @@ def test_bad_descriptor_gets_bad_request_and_worker_lives(pipeline, ctx) -> None
             c.submit("scale", inputs={"x": {"frame": 0, "dtype": "float32", "shape": [100]}},
                      buffers=[b"\0" * 8]).result(5)
         assert torch.equal(c.infer("scale", {"x": torch.ones(1)})["output"], torch.tensor([3.0]))
-        # another client's arena: a well-formed descriptor without that arena's key
+        # another client's arena: a well-formed descriptor without that lease's key
         secret = c.tensors.arena.put(torch.full((4,), 5.0))
         with pipeline.client() as attacker:
             attacker.infer("scale", {"x": torch.ones(1)})
-            own_key = attacker.tensors.arena.key
-            for forged in ({**secret, "key": own_key}, {**secret, "key": b""}):
+            own = attacker.tensors.arena.put(torch.ones(1))
+            for forged in ({**secret, "token": own["token"]}, {**secret, "token": 0}):
                 with pytest.raises(BadRequestError, match="key"):
                     attacker.generate("scale", inputs={"x": {"shm": forged}},
                                       **attacker.tensors.domain, timeout_s=5)

@@ -6,19 +6,20 @@ tracker, which on Python 3.11 unlinks segments other processes still use). The o
 slabs out of it in power-of-two size classes and reuses them (a pool): steady traffic
 allocates no new shared memory.
 
-    +-----+-------------------------------+--------+--------+-----
-    | key | slab headers (MAX_SLABS x 32) | slab 0 | slab 1 | ...
-    +-----+-------------------------------+--------+--------+-----
-    key: 16 random bytes, written once by the owner
+    +-------------------------------+--------+--------+-----
+    | slab headers (MAX_SLABS x 32) | slab 0 | slab 1 | ...
+    +-------------------------------+--------+--------+-----
     header: u32 state (0 free, 1 leased), u32 generation, u64 capacity, u64 offset, u64 token
 
-A descriptor {arena, key, slab, gen, token, offset, nbytes, dtype, shape} travels in a msgpack
-body. It is honoured only if it quotes the arena's key (only processes that can read the arena
-know it: Triton's registered regions, without the extra round trip) and points inside its own
-slab. The consumer opens the file with O_NOFOLLOW and checks (fstat) that it is a regular file
-of its own uid that covers the view, maps it once, views the tensor in place
-(torch.frombuffer), and releases the slab by writing state 0 into its header, only when the
-descriptor carries that lease's random token: no message goes back. The owner reuses a slab once
+A descriptor {arena, slab, gen, token, offset, nbytes, dtype, shape} travels in a msgpack
+body. It is honoured only if its slab is leased under the descriptor's token: a random 64-bit
+key drawn for that one lease, which only its recipient learns (so a peer that once received a
+descriptor from this arena can read nothing else in it: Triton's registered regions, without
+the extra round trip), and if it points inside its own slab. The consumer opens the file with
+O_NOFOLLOW and checks (fstat) that it is a regular file of its own uid with a single link (no
+hard link to someone's file) that covers the view, maps it once, views the tensor in place
+(torch.frombuffer), and releases the slab by writing state 0 into its header, with that same
+token: no message goes back. The owner reuses a slab once
 its local tensor is gone and the consumer released it, or once a lease outlives
 lease_timeout_s (a dead consumer). A generation bump on every reuse makes a stale descriptor
 fail validation instead of reading someone else's data. Mappings of arenas whose file is gone
@@ -59,9 +60,8 @@ from zeroserve.config import MIB, instance_name
 
 SHM_DIR = "/dev/shm"
 MAX_SLABS = 4096
-KEY_BYTES = 16
 HEADER = struct.Struct("<IIQQQ")  # state, generation, capacity, offset, lease token
-HEADERS_BYTES = KEY_BYTES + MAX_SLABS * HEADER.size
+HEADERS_BYTES = MAX_SLABS * HEADER.size
 FORGET_EVERY_S = 5.0  # how often a consumer drops mappings of arenas that are gone
 MIN_CLASS = 4096
 FREE, LEASED = 0, 1
@@ -116,7 +116,6 @@ class Arena:
                  instance: str | None = None) -> None:
         self.instance = instance
         self.name = f"{prefix(instance)}-{os.getpid()}-{next(_serial)}"
-        self.key = secrets.token_bytes(KEY_BYTES)
         self.size = size_bytes
         self.lease_timeout_s = lease_timeout_s
         self._lock = threading.Lock()
@@ -149,7 +148,6 @@ class Arena:
             finally:
                 os.close(fd)
             self._buf = memoryview(self._mm)
-            self._buf[:KEY_BYTES] = self.key
             self._base = _address(self._buf)
             atexit.register(self.close)
         return self._buf
@@ -183,9 +181,9 @@ class Arena:
             if slab is None:
                 raise ValueError("tensor is not in a live slab of this arena")
             slab.leased_at = time.monotonic()
-            slab.token = secrets.randbits(63)
+            slab.token = secrets.randbits(64) or 1
             self._set_header(slab, LEASED)
-        return {"arena": self.name, "key": self.key, "slab": slab.index, "gen": slab.gen,
+        return {"arena": self.name, "slab": slab.index, "gen": slab.gen,
                 "token": slab.token, "offset": offset,
                 "nbytes": tensor.numel() * tensor.element_size(),
                 "dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape)}
@@ -290,6 +288,8 @@ class Mappings:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
                     raise DescriptorError(f"arena {name} is not a regular file of this user")
+                if st.st_nlink != 1:
+                    raise DescriptorError(f"arena {name} has {st.st_nlink} links: not an arena")
                 if st.st_size <= HEADERS_BYTES:
                     raise DescriptorError(f"arena {name} is too small")
                 mm = mmap.mmap(fd, st.st_size)
@@ -307,12 +307,12 @@ class Mappings:
         if not isinstance(desc, dict):
             raise DescriptorError("descriptor must be a map")
         buf, fd = self._map(desc.get("arena"))  # type: ignore[arg-type]
-        if not hmac.compare_digest(bytes(buf[:KEY_BYTES]), _as_bytes(desc.get("key"))):
-            raise DescriptorError("descriptor does not quote its arena's key")
-        slab, gen, offset, nbytes = (desc.get(k) for k in ("slab", "gen", "offset", "nbytes"))
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                   for v in (slab, gen, offset, nbytes)):
-            raise DescriptorError("slab, gen, offset and nbytes must be non-negative integers")
+        slab, gen, offset, nbytes, token = (desc.get(k) for k in ("slab", "gen", "offset",
+                                                                  "nbytes", "token"))
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
+                   for v in (slab, gen, offset, nbytes, token)):
+            raise DescriptorError("slab, gen, offset, nbytes and token must be non-negative "
+                                  "integers")
         dtype = DTYPES.get(desc.get("dtype"))  # type: ignore[arg-type]
         shape = desc.get("shape")
         if dtype is None:
@@ -324,9 +324,12 @@ class Mappings:
             raise DescriptorError("nbytes does not match dtype and shape")
         if slab >= MAX_SLABS:
             raise DescriptorError("descriptor points outside the arena")
-        _, live_gen, capacity, start, _ = HEADER.unpack_from(buf, _header_at(slab))
+        state, live_gen, capacity, start, live_token = HEADER.unpack_from(buf, _header_at(slab))
         if live_gen != gen:
             raise DescriptorError("stale descriptor: the slab was reused or released")
+        if state != LEASED or not hmac.compare_digest(live_token.to_bytes(8, "little"),
+                                                      token.to_bytes(8, "little")):
+            raise DescriptorError("descriptor does not quote its lease's key")
         if (start < HEADERS_BYTES or offset < start or offset + nbytes > start + capacity
                 or offset + nbytes > len(buf)):
             raise DescriptorError("descriptor points outside its slab")
@@ -364,11 +367,7 @@ class Mappings:
 
 
 def _header_at(slab: int) -> int:
-    return KEY_BYTES + slab * HEADER.size
-
-
-def _as_bytes(value: Any) -> bytes:
-    return value if isinstance(value, bytes) else b""
+    return slab * HEADER.size
 
 
 def sweep(instance: str | None = None) -> list[str]:

@@ -134,3 +134,14 @@ def test_a_windowed_group_gives_back_what_its_window_passed_and_hits_without_it(
     assert b.num_computed == 12 and b.num_cached_tokens == 12
     assert b.kv[1].table[:5] == [0] * 5 and b.kv[1].table[5] != 0
     bm.check([hungry, b])
+
+
+def test_a_resumed_sequence_never_reports_more_cached_than_prompt_tokens() -> None:
+    bm = BlockManager(num_blocks=16, block_size=2)
+    first = seq(list(range(12)), "first")
+    bm.allocate(first)
+    computed(bm, first)
+    resumed = seq(list(range(12)) + [99], "resumed")
+    resumed.prompt_len = 4  # 8 of its tokens are output another worker had generated
+    bm.allocate(resumed)
+    assert resumed.num_computed == 12 and resumed.usage()["cached_tokens"] == 4

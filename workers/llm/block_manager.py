@@ -119,8 +119,10 @@ class BlockManager:
         seq.num_computed = height * self.block_size
         if seq.preemptions == 0:  # a first admission: count it for the hit rate
             self.queried_tokens += seq.prompt_len
-            self.hit_tokens += seq.num_computed
-            seq.num_cached_tokens = seq.num_computed
+            self.hit_tokens += min(seq.num_computed, seq.prompt_len)
+            # a resumed sequence's cached run may reach into its resumed output: only prompt
+            # tokens count as cached prompt tokens
+            seq.num_cached_tokens = min(seq.num_computed, seq.prompt_len)
 
     # -- growth ----------------------------------------------------------------------------
 

@@ -75,3 +75,26 @@ def test_a_squatters_socket_is_never_reached(tmp_ipc) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("how", ["foreign-parent", "group-writable-parent"])
+def test_a_directory_someone_else_can_swap_is_refused(tmp_path, how) -> None:
+    """The endpoint's own directory is private, but one above it lets another user rename it
+    (owned by them inside a shared sticky dir, or writable by others without the sticky bit):
+    after a restart they could put their own socket there, so it is refused."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp or a shared XDG_RUNTIME_DIR
+    middle = shared / "zeroserve"
+    middle.mkdir(mode=0o755)
+    if how == "foreign-parent":
+        os.chown(middle, OTHER_UID, OTHER_UID)  # they made it first: they may rename in it
+    else:
+        middle.chmod(0o777)
+    mine = middle / "blue"
+    mine.mkdir(mode=0o700)
+    with pytest.raises(PrivateDirError, match="swap"):
+        private_ipc(f"ipc://{mine}/frontend.sock")
+    middle.chmod(0o755)
+    os.chown(middle, os.geteuid(), os.getegid())
+    private_ipc(f"ipc://{mine}/frontend.sock")  # ours all the way up: fine

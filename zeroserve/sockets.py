@@ -108,6 +108,20 @@ def private_ipc(endpoint: str) -> None:
             f"{parent} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o}: ipc "
             f"endpoints need a directory owned by uid {os.geteuid()} with mode 700 "
             "(chmod 700 it, or pick another --instance or endpoint)")
+    # and nobody else may swap it: every directory above it is this user's or root's, and
+    # one that others may write to is sticky (they cannot rename what is not theirs)
+    above = os.path.dirname(os.path.realpath(parent))
+    while True:
+        st = os.stat(above)
+        if st.st_uid not in (0, os.geteuid()) or (st.st_mode & 0o022
+                                                  and not st.st_mode & stat.S_ISVTX):
+            raise PrivateDirError(
+                f"{above} (above {parent}) is owned by uid {st.st_uid} with mode "
+                f"{stat.S_IMODE(st.st_mode):o}: another user could swap the endpoint's "
+                "directory; ipc endpoints need a path only this user or root can change")
+        if above == os.path.dirname(above):
+            return
+        above = os.path.dirname(above)
 
 
 def is_disconnect(frames: list[bytes]) -> bool:

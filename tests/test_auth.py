@@ -127,3 +127,21 @@ def test_tcp_without_curve_needs_insecure(tmp_ipc) -> None:
         stop(proc)  # SIGTERM, then SIGKILL if it will not go
     with pytest.raises(Exception, match="without CURVE"):
         Client(f"tcp://127.0.0.1:{_port()}")
+
+
+def test_a_key_folder_others_can_write_to_is_refused(keys, tmp_path) -> None:
+    """Whoever can drop a file into public/<role>/ could let themselves in: the broker refuses
+    such a key directory at start, with the reason, instead of trusting it."""
+    from zeroserve.keys import allowlists
+
+    assert PeerKeys.load(keys, "alice").public in allowlists(keys)["client"]
+    (keys / "public" / "worker").chmod(0o777)
+    with pytest.raises(KeysError, match="another user could add a key"):
+        allowlists(keys)
+    ipc = tmp_path / "run"
+    ipc.mkdir(mode=0o700)
+    proc = spawn("broker", ["--keys", str(keys), "--frontend", f"ipc://{ipc}/f",
+                            "--backend", f"ipc://{ipc}/b", "--admin", f"ipc://{ipc}/a"],
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and b"another user could add a key" in out, out

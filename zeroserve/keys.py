@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,12 +66,31 @@ class PeerKeys:
 
 
 def allowlists(directory: str | os.PathLike[str]) -> dict[str, set[bytes]]:
-    """role -> the z85 public keys of that role."""
+    """role -> the z85 public keys of that role. Whoever can add a file to public/ROLE/ (or
+    swap the folders above it) can let themselves in: each must be this user's or root's and
+    writable by no one else."""
     out: dict[str, set[bytes]] = {}
+    d = Path(directory)
     for role in ROLES:
-        out[role] = {zmq.auth.load_certificate(f)[0]
-                     for f in sorted(Path(directory, "public", role).glob("*.key"))}
+        folder = d / "public" / role
+        for path in (d, d / "public", folder):
+            _trusted(path)
+        out[role] = set()
+        for f in sorted(folder.glob("*.key")):
+            _trusted(f)
+            out[role].add(zmq.auth.load_certificate(f)[0])
     return out
+
+
+def _trusted(path: Path) -> None:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022 or stat.S_ISLNK(st.st_mode):
+        raise KeysError(f"{path} is owned by uid {st.st_uid} with mode "
+                        f"{stat.S_IMODE(st.st_mode):o}: another user could add a key; "
+                        "chmod go-w it (and keep it this user's)")
 
 
 def generate(directory: str | os.PathLike[str], name: str, role: str) -> tuple[Path, Path]:

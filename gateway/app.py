@@ -32,7 +32,7 @@ from zeroserve.gateway.cache import ResponseCache
 from zeroserve.gateway.errors import ApiError, from_zeroserve
 from zeroserve.gateway.generate import generate, unless_disconnected
 from zeroserve.gateway.metrics import Metrics
-from zeroserve.gateway.middleware import Frontline
+from zeroserve.gateway.middleware import Frontline, allowed_hosts
 from zeroserve.gateway.ratelimit import Limits, RateLimiter
 from zeroserve.gateway.schemas import (
     ChatCompletionRequest,
@@ -268,7 +268,8 @@ def create_app(cfg: GatewayConfig) -> Any:
         return not gw.keys.enabled or gw.keys.check(
             authorization.decode("latin-1") if authorization else None) is not None
 
-    front = Frontline(app, cfg.max_body_bytes, count, key_ok)
+    hosts = None if gw.keys.enabled else allowed_hosts(cfg.host, cfg.allowed_hosts)
+    front = Frontline(app, cfg.max_body_bytes, count, key_ok, hosts)
     if not cfg.cors_origins:
         return front
     # outermost: its headers reach every answer, a 401 or 413 from Frontline included

@@ -20,21 +20,24 @@ from zeroserve.keys import keys_dir
 from zeroserve.logs import setup_logging
 
 ENV_CONFIG = "ZEROSERVE_GATEWAY_CONFIG"
-# GatewayConfig fields that are flags as they are (zeroserve/flags.py)
-FLAGS = ("host", "port", "workers", "api_keys_file", "rate_rps", "rate_tpm", "cache_ttl_s",
-         "max_body_bytes", "max_connections", "header_timeout_s", "max_header_bytes",
-         "body_timeout_s", "keep_alive_s", "request_timeout_s", "cors_origins",
-         "metrics_vllm_names")
+# GatewayConfig fields that are flags as they are (zeroserve/flags.py), listed in --help
+# before and after --cache-mb
+SERVING_FLAGS = ("host", "port", "workers", "api_keys_file", "rate_rps", "rate_tpm",
+                 "cache_ttl_s")
+LIMIT_FLAGS = ("max_body_bytes", "max_connections", "max_connections_per_client",
+               "header_timeout_s", "max_header_bytes", "body_timeout_s", "keep_alive_s",
+               "request_timeout_s", "cors_origins", "allowed_hosts", "metrics_vllm_names")
+FLAGS = SERVING_FLAGS + LIMIT_FLAGS
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="zeroserve gateway", description=__doc__.split("\n")[0])
     ap.add_argument("--broker", default=None, help="broker frontend endpoint")
     ap.add_argument("--instance", default=None)
-    flags.add(ap, GatewayConfig, FLAGS[:7])
+    flags.add(ap, GatewayConfig, SERVING_FLAGS)
     ap.add_argument("--cache-mb", type=int, default=GatewayConfig.cache_bytes // MIB,
                     help="response cache size (0: off)")
-    flags.add(ap, GatewayConfig, FLAGS[7:])
+    flags.add(ap, GatewayConfig, LIMIT_FLAGS)
     add_key_arguments(ap, "gateway")  # a client key
     ap.add_argument("--log-level", default="INFO")
     return ap

@@ -6,6 +6,8 @@ open for as long as the client likes. This protocol adds, per connection (Gatewa
 fields, `zeroserve gateway` flags):
 
     max_connections     a connection beyond it gets 503 at once and is closed
+    max_connections_per_client  the same, counted per client address (one client's idle
+                        sockets cannot take every seat)
     header_timeout_s    the whole request head must arrive within it (from the connection, or
                         from the first byte of a later request): else 408 (or a silent close
                         if nothing was sent at all), and the connection is closed
@@ -61,7 +63,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(503, f"over {self.limits.max_connections} connections: try again",
                          "server_busy")
             return
-        super().connection_made(transport)
+        super().connection_made(transport)  # adds this one to self.connections
+        cap = self.limits.max_connections_per_client
+        if cap and self.client is not None:
+            peer = self.client[0]
+            if sum(1 for c in self.connections if c.client and c.client[0] == peer) > cap:
+                self._refuse(503, f"over {cap} connections from {peer}: close idle ones",
+                             "too_many_connections")
+                return
         self._arm(self.limits.header_timeout_s, "head")
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -2,6 +2,8 @@
 
 - request ids: `X-Request-Id` accepted (or generated) and returned on the response;
 - API keys: a POST without a valid key gets 401 before its body is read or parsed;
+- Host: without API keys, a request whose Host is not loopback, --host or --allowed-hosts gets
+  400 (a web page that rebinds its DNS name to 127.0.0.1 cannot use an open gateway);
 - body limit: a body larger than max_body_bytes gets 413 before any route sees it (a body
   that never completes is logged with status 499, nothing answered);
 - the request's Ticket (ticket.py): made here, its rate-limit reservation settled before the
@@ -16,6 +18,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -43,11 +46,13 @@ class ClientGone(Exception):
 class Frontline:
     def __init__(self, app: Any, max_body_bytes: int,
                  on_done: Callable[[str, int], None] | None = None,
-                 key_ok: Callable[[bytes | None], bool] = lambda _: True) -> None:
+                 key_ok: Callable[[bytes | None], bool] = lambda _: True,
+                 hosts: frozenset[str] | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.on_done = on_done
         self.key_ok = key_ok
+        self.hosts = hosts  # Host names accepted (None: any)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -91,7 +96,10 @@ class Frontline:
             length = int(headers.get(b"content-length", b"0") or 0)
         except ValueError:
             length = 0
-        if scope["method"] == "POST" and not self.key_ok(headers.get(b"authorization")):
+        if self.hosts is not None and not host_ok(headers.get(b"host", b""), self.hosts):
+            await self._send_error(send, 400, "this Host is not served (see --allowed-hosts)",
+                                   "invalid_request_error", "host_not_allowed")
+        elif scope["method"] == "POST" and not self.key_ok(headers.get(b"authorization")):
             await self._send_error(send, 401, "missing or invalid API key",
                                    "invalid_request_error", "invalid_api_key")
         elif length > self.max_body_bytes:
@@ -170,6 +178,35 @@ class Frontline:
             headers.append((b"www-authenticate", b"Bearer"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def host_ok(host: bytes, names: frozenset[str]) -> bool:
+    """Is a Host header (its port aside) one of `names`, or a loopback address?"""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        text = text[1:text.find("]")] if "]" in text else text
+    elif text.count(":") == 1:
+        text = text.rsplit(":", 1)[0]
+    if text in names:
+        return True
+    try:
+        return ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(bind_host: str, extra: str) -> frozenset[str] | None:
+    """The Host names an open gateway answers: loopback, the address it listens on (unless
+    a wildcard) and --allowed-hosts; None (any) when that says '*'."""
+    names = {h.strip().lower() for h in extra.split(",") if h.strip()}
+    if "*" in names:
+        return None
+    if bind_host not in ("0.0.0.0", "::", ""):
+        names.add(bind_host.lower())
+    return frozenset(LOOPBACK_HOSTS | names)
 
 
 def _replay(body: bytes, receive: Any) -> Any:

@@ -55,7 +55,7 @@ def test_an_idle_connection_is_closed_after_the_header_timeout(url) -> None:
 def test_a_head_sent_slowly_gets_408(url) -> None:
     sock = _connect(url)
     t0 = time.monotonic()
-    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     for i in range(30):  # a header line every 0.2 s: never done
         try:
             sock.sendall(b"X-Drip-%d: y\r\n" % i)
@@ -69,7 +69,7 @@ def test_a_head_sent_slowly_gets_408(url) -> None:
 
 def test_a_head_too_large_gets_431(url) -> None:
     sock = _connect(url)
-    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n")
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n")
     data, _ = _answer(sock)
     assert data.startswith(b"HTTP/1.1 431") and b"header_too_large" in data
     with pytest.raises(httpx.HTTPStatusError):  # the same over a real client
@@ -78,7 +78,7 @@ def test_a_head_too_large_gets_431(url) -> None:
 
 def test_a_body_sent_slowly_gets_408(url) -> None:
     sock = _connect(url)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
                  b"\r\nContent-Length: 100\r\n\r\n{\"model\":")
     data, _ = _answer(sock)
     assert data.startswith(b"HTTP/1.1 408") and b"body not received" in data
@@ -95,7 +95,7 @@ def test_a_kept_alive_connection_idles_out_and_a_long_stream_is_not_cut(url) -> 
         text = "".join(json.loads(ln[6:])["choices"][0]["text"] for ln in lines[:-1])
         assert text.split() == ["t"] * 40
     sock = _connect(url)
-    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     t0 = time.monotonic()
     data, t1 = _answer(sock)  # answered, then closed by the keep-alive timer
     assert data.startswith(b"HTTP/1.1 200") and 0.8 < t1 - t0 < 4
@@ -111,3 +111,38 @@ def test_connections_beyond_the_limit_get_503_and_the_rest_still_serve(url) -> N
         sock.close()
     time.sleep(0.2)
     assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+
+
+def test_one_client_address_cannot_take_every_connection_and_hosts_are_checked() -> None:
+    """Per client address, connections beyond --max-connections-per-client get 503 while
+    another address is still served; without API keys, a Host that is not loopback, --host
+    or --allowed-hosts gets 400 (DNS rebinding), and an allowed one is served."""
+    pipe = Pipeline(Path(tempfile.mkdtemp(prefix="zs-http-")))
+    try:
+        pipe.start_broker()
+        pipe.start_worker("echo", "--model", "echo", "--step-delay-ms", "50")
+        pipe.wait_workers(1)
+        url = start_gateway(pipe, "--max-connections", "12", "--max-connections-per-client",
+                            "4", "--allowed-hosts", "api.internal")
+        time.sleep(0.5)  # the readiness probe's connection is gone
+        held = [_connect(url) for _ in range(4)]
+        time.sleep(0.2)
+        data, _ = _answer(_connect(url))
+        assert data.startswith(b"HTTP/1.1 503") and b"too_many_connections" in data
+        port = int(url.rsplit(":", 1)[1])
+        other = socket.create_connection(("127.0.0.1", port), timeout=10,
+                                         source_address=("127.0.0.2", 0))
+        other.sendall(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
+        assert _answer(other)[0].startswith(b"HTTP/1.1 200")
+        for sock in held:
+            sock.close()
+        time.sleep(0.2)
+        for host, status in (("evil.example", 400), (f"evil.example:{port}", 400),
+                             ("api.internal", 200), (f"127.0.0.1:{port}", 200),
+                             (f"[::1]:{port}", 200), ("localhost", 200)):
+            r = httpx.get(f"{url}/v1/models", headers={"host": host}, timeout=5)
+            assert r.status_code == status, (host, r.text)
+            if status == 400:
+                assert r.json()["error"]["code"] == "host_not_allowed"
+    finally:
+        pipe.close()

@@ -187,8 +187,11 @@ class GatewayConfig:
     cache_bytes: int = 64 * MIB
     cache_ttl_s: float = knob(300.0, "seconds a cached response is served")
     max_body_bytes: int = knob(8 * MIB, "largest request body: beyond it 413")
-    # gateway/http.py for these five
+    # gateway/http.py for these six
     max_connections: int = knob(4096, "per gateway process; beyond it: 503")
+    max_connections_per_client: int = knob(256, "per client address and gateway process; "
+                                                "beyond it: 503 (0: no cap; behind a proxy "
+                                                "every client shares its address)")
     header_timeout_s: float = knob(10.0, "a request head must arrive within it: else 408")
     max_header_bytes: int = knob(32 * 1024, "largest request head: beyond it 431")
     body_timeout_s: float = knob(60.0, "a request body must arrive within it of its head: "
@@ -201,6 +204,9 @@ class GatewayConfig:
                                            "vLLM's names (gateway/metrics.py)")
     cors_origins: str = knob("", "comma-separated origins browsers may call from ('*': any; "
                                  "default: off)")
+    allowed_hosts: str = knob("", "without API keys, Host names accepted besides loopback "
+                                  "ones and --host (comma-separated; '*': any): a web page's "
+                                  "DNS rebinding cannot reach an open gateway")
     keys_dir: str = ""  # CURVE to the broker with the keypair key_name (a client key)
     key_name: str = "gateway"
     insecure: bool = False

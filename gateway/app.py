@@ -177,8 +177,9 @@ def create_app(cfg: GatewayConfig) -> Any:
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        gw.authenticate(request)
-        return Response(gw.metrics.exposition(gw.cfg.metrics_vllm_names),
+        key = gw.authenticate(request)
+        return Response(gw.metrics.exposition(gw.cfg.metrics_vllm_names,
+                                              tenant_safe=key is not None and not key.admin),
                         media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")

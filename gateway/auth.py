@@ -3,9 +3,11 @@ constant time.
 
 Key file (JSON):
     {"keys": [{"id": "team-a", "key": "sk-...", "models": ["tiny"], "rps": 10, "tpm": 60000},
-              {"id": "ops", "sha256": "<hex of the key>"}]}
+              {"id": "ops", "sha256": "<hex of the key>", "admin": true}]}
 Environment: ZEROSERVE_API_KEYS="team-a:sk-...,ops:sk-..." (every model, default limits).
-"models" absent means every model; "rps"/"tpm" absent means the gateway's defaults.
+"models" absent means every model; "rps"/"tpm" absent means the gateway's defaults; an
+"admin" key also sees the figures that would tell one tenant about another's traffic (the
+prefix-cache counters on /metrics).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class ApiKey:
     models: frozenset[str] | None = None
     rps: float | None = None
     tpm: float | None = None
+    admin: bool = False
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -55,7 +58,8 @@ class KeyStore:
                 models = entry.get("models")
                 keys.append(ApiKey(str(entry["id"]), digest,
                                    frozenset(models) if models is not None else None,
-                                   entry.get("rps"), entry.get("tpm")))
+                                   entry.get("rps"), entry.get("tpm"),
+                                   entry.get("admin") is True))
         env = os.environ.get("ZEROSERVE_API_KEYS", "") if env is None else env
         for item in filter(None, (s.strip() for s in env.split(","))):
             key_id, _, secret = item.partition(":")

@@ -9,6 +9,10 @@ figures: zeroserve_worker_* (WorkerFamilies below).
 With --metrics-vllm-names the same figures are also exported under vLLM's names, label
 `model` as `model_name`, so dashboards built for vLLM work unchanged (VLLM_NAMES is the
 mapping, also in the README).
+
+Tenants: a key that is not an admin's sees no prefix-cache figure (a hit counter that moves
+when a guess is right tells one tenant what another sent). Per-worker series are kept for at
+most MAX_WORKER_SERIES workers, with bounded labels, so registrations cannot flood a scrape.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from prometheus_client.samples import Sample
 from zeroserve import protocol as p
 
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+MAX_WORKER_SERIES = 256  # workers with per-worker series (the first by worker id)
+MAX_LABEL_CHARS = 128
 
 
 class Metrics:
@@ -73,11 +79,13 @@ class Metrics:
         self.table: dict[str, Any] = {"workers": []}
         r.register(WorkerFamilies(self))
 
-    def exposition(self, vllm_names: bool = False) -> bytes:
-        """The /metrics body; with vllm_names, the mapped families follow under vLLM's names."""
-        text = generate_latest(self.registry)
+    def exposition(self, vllm_names: bool = False, tenant_safe: bool = False) -> bytes:
+        """The /metrics body; with vllm_names, the mapped families follow under vLLM's names;
+        tenant_safe leaves out the prefix-cache families."""
+        source: Any = TenantSafe(self.registry) if tenant_safe else self.registry
+        text = generate_latest(source)
         if vllm_names:
-            text += generate_latest(VllmNames(self.registry))  # type: ignore[arg-type]
+            text += generate_latest(VllmNames(source))  # type: ignore[arg-type]
         return text
 
     def update_from_table(self, table: dict[str, Any]) -> None:
@@ -128,9 +136,10 @@ def _worker_families(workers: list[dict[str, Any]]) -> Iterator[Metric]:
         out[key] = CounterMetricFamily(name, doc, labels=labels)
     steps = HistogramMetricFamily("zeroserve_worker_step_seconds", "Engine step time",
                                   labels=labels)
-    for w in workers:
+    for w in sorted(workers, key=lambda w: str(w.get("worker_id", "")))[:MAX_WORKER_SERIES]:
         stats = w.get("stats") or {}
-        values = [str(w.get("worker_id", "")), ",".join(w.get("models") or [])]
+        values = [str(w.get("worker_id", ""))[:MAX_LABEL_CHARS],
+                  ",".join(map(str, w.get("models") or []))[:MAX_LABEL_CHARS]]
         for key, family in out.items():
             if isinstance(stats.get(key), int | float):
                 family.add_metric(values, stats[key])
@@ -171,6 +180,16 @@ VLLM_NAMES = {
     "zeroserve_worker_prefix_cache_queries_tokens": ["vllm:prefix_cache_queries"],
     "zeroserve_worker_prefix_cache_hits_tokens": ["vllm:prefix_cache_hits"],
 }
+
+
+class TenantSafe:
+    """A registry's families but those about the prefix cache."""
+
+    def __init__(self, source: CollectorRegistry) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        return (f for f in self.source.collect() if "prefix_cache" not in f.name)
 
 
 class VllmNames:

@@ -69,7 +69,8 @@ def test_a_head_sent_slowly_gets_408(url) -> None:
 
 def test_a_head_too_large_gets_431(url) -> None:
     sock = _connect(url)
-    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n")
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 1_000_000
+                 + b"\r\n\r\n")
     data, _ = _answer(sock)
     assert data.startswith(b"HTTP/1.1 431") and b"header_too_large" in data
     with pytest.raises(httpx.HTTPStatusError):  # the same over a real client
@@ -78,8 +79,8 @@ def test_a_head_too_large_gets_431(url) -> None:
 
 def test_a_body_sent_slowly_gets_408(url) -> None:
     sock = _connect(url)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
-                 b"\r\nContent-Length: 100\r\n\r\n{\"model\":")
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
     data, _ = _answer(sock)
     assert data.startswith(b"HTTP/1.1 408") and b"body not received" in data
 

@@ -88,3 +88,33 @@ def test_a_tenant_sees_only_its_own_cached_prefixes(pipeline, tiny_model, monkey
     assert cached("sk-bob", cache_salt="team") > 100
     assert cached("sk-bob", cache_salt="alice") == 0
     assert cached("sk-bob", cache_salt="tenant:alice") == 0
+
+
+def test_prefix_cache_figures_are_for_admin_keys_only(pipeline, tmp_path) -> None:
+    pipeline.start_broker()
+    pipeline.start_worker("echo")
+    pipeline.wait_workers(1)
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"id": "alice", "key": "sk-alice"},
+                                         {"id": "ops", "key": "sk-ops", "admin": True}]}))
+    url = start_gateway(pipeline, "--api-keys-file", str(keys))
+
+    def metrics(key: str) -> str:
+        r = httpx.get(f"{url}/metrics", headers={"authorization": f"Bearer {key}"}, timeout=10)
+        assert r.status_code == 200
+        return r.text
+
+    assert "zeroserve_prefix_cache_hit_ratio" in metrics("sk-ops")
+    tenant = metrics("sk-alice")
+    assert "prefix_cache" not in tenant and "zeroserve_workers_up" in tenant
+
+
+def test_per_worker_series_are_bounded() -> None:
+    from zeroserve.gateway.metrics import MAX_LABEL_CHARS, MAX_WORKER_SERIES, _worker_families
+
+    workers = [{"worker_id": f"w{i:04d}" + "x" * 500, "models": ["m" * 500],
+                "stats": {"running": 1, "steps": 2}} for i in range(MAX_WORKER_SERIES + 100)]
+    for family in _worker_families(workers):
+        assert len(family.samples) <= MAX_WORKER_SERIES
+        for sample in family.samples:
+            assert all(len(v) <= MAX_LABEL_CHARS for v in sample.labels.values())

@@ -118,3 +118,35 @@ def test_per_worker_series_are_bounded() -> None:
         assert len(family.samples) <= MAX_WORKER_SERIES
         for sample in family.samples:
             assert all(len(v) <= MAX_LABEL_CHARS for v in sample.labels.values())
+
+
+def test_one_tenants_huge_tokenize_calls_do_not_hold_up_another(pipeline, tiny_model) -> None:
+    """Tenant a sends two 3 MB /tokenize bodies (each seconds of tokenizer work), then tenant b
+    a small generation: b is answered before either of a's, on the thread kept for others."""
+    import time
+
+    pipeline.start_broker()
+    pipeline.start_worker("llm", "--model", str(tiny_model), "--served-name", "tiny",
+                          engine="llm")
+    pipeline.wait_workers(1, timeout_s=120)
+    import threading
+
+    done: dict[str, float] = {}
+
+    def wait(name: str, handle) -> None:
+        with pytest.raises(BadRequestError, match="answers at most"):  # 1.2M tokens
+            handle.result(60)
+        done[name] = time.monotonic()
+
+    with pipeline.client() as a, pipeline.client() as b:
+        big = "word " * 600_000
+        waits = [threading.Thread(target=wait, args=(f"a{i}", a.submit(
+            "tiny", op="tokenize", prompt=big, tenant="a", resume=False))) for i in range(2)]
+        for t in waits:
+            t.start()
+        time.sleep(0.2)  # both are in preparation
+        b.submit("tiny", prompt="hello", max_tokens=2, tenant="b").result(60)
+        done["b"] = time.monotonic()
+        for t in waits:
+            t.join(60)
+    assert done["b"] < done["a0"] and done["b"] < done["a1"], done

@@ -13,7 +13,8 @@ Threads, as vLLM does it, so socket and text work never stall compute:
 - for engines with a ``prepare`` step (the LLM engine: chat template, tokenization), two
   prepare threads run it between the IO thread and the inbox, so a huge prompt is tokenized
   beside the running batch instead of inside a step, and does not hold up every request
-  behind it (tokenizers release the GIL while they work);
+  behind it (tokenizers release the GIL while they work); they take work fairly by tenant and
+  keep one thread for other tenants while one sends huge bodies (fair_queue.py);
 - the engine thread (the main thread) drains the inbox between steps and runs ``step()``.
 SIGTERM or a DRAIN drains: no new work, in-flight requests finish, DISCONNECT, exit 0.
 A step that runs past --progress-timeout-s (a hung engine: the IO thread would go on
@@ -48,6 +49,7 @@ from zeroserve.workers.engine import (
     UnsupportedModel,
     build,
 )
+from zeroserve.workers.fair_queue import FairQueue
 from zeroserve.workers.links import Links
 
 log = logging.getLogger("zeroserve.worker")
@@ -85,7 +87,7 @@ class Worker:
         # traced requests in flight: [traceparent, arrived ns, first token ns] (tracing.py)
         self.traces: dict[RequestKey, list[Any]] = {}
         self.cancelled_early: set[RequestKey] = set()
-        self.prepare_q: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self.prepare_q = FairQueue(PREPARE_THREADS)  # by tenant: fair_queue.py
         self._prep: list[threading.Thread] = []
         if hasattr(engine, "prepare"):
             self._prep = [threading.Thread(target=self._prepare_loop, name=f"worker-prepare-{i}",
@@ -119,8 +121,7 @@ class Worker:
         finally:
             time.sleep(0.05)  # let the IO thread flush the last replies
             self.stop_io.set()
-            for _ in self._prep:
-                self.prepare_q.put(None)
+            self.prepare_q.close()
             self._io.join(timeout=2)
             self.outbox.close(0)
             self.engine.close()
@@ -266,8 +267,8 @@ class Worker:
 
     def _prepare_loop(self) -> None:
         prepare = self.engine.prepare  # type: ignore[attr-defined]
-        while (job := self.prepare_q.get()) is not None:
-            key, raw, buffers = job
+        while (item := self.prepare_q.get()) is not None:
+            tenant, (key, raw, buffers) = item
             try:
                 self.inbox.put((ADD, key, prepare(p.decode_body(raw)), buffers))
             except p.ProtocolError as exc:
@@ -277,6 +278,8 @@ class Worker:
             except Exception as exc:
                 errors.exception("preparing request %s failed", key[1])
                 self.inbox.put((REJECT, key, (p.INTERNAL, f"{type(exc).__name__}: {exc}")))
+            finally:
+                self.prepare_q.done(tenant)
 
     # -- IO thread -----------------------------------------------------------------------
 
@@ -327,7 +330,8 @@ class Worker:
                 self.inbox.put((ADD, key, raw, msg.buffers[1:]))
             else:
                 self.preparing.add(key)
-                self.prepare_q.put((key, raw, msg.buffers[1:]))
+                self.prepare_q.put((route, msg.header.get("tenant", "")),
+                                   (key, raw, msg.buffers[1:]), len(raw))
         elif t == p.CANCEL:
             self.inbox.put((CANCEL, (route, msg.header["id"])))
         elif t == p.DRAIN:

@@ -65,7 +65,7 @@ def test_an_attention_keyword_the_engine_does_not_know_is_refused() -> None:
         layer_idx = 0
 
     q = torch.zeros(1, 4, 2, 16)
-    attention.set_context(attention.ForwardContext([], [], torch.zeros(0), q, q))
+    attention.set_context(attention.ForwardContext([], [], [0], torch.zeros(1, 0), q, q))
     try:
         with pytest.raises(UnsupportedModel, match="Layer passes attention_bias"):
             attention.block_attention(Layer(), q, q, q, None, attention_bias=torch.ones(1))

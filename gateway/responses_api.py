@@ -23,6 +23,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from zeroserve import contract as c
 from zeroserve import errors
 from zeroserve.client import Chunk
 from zeroserve.gateway.errors import ApiError, from_zeroserve
@@ -53,7 +54,7 @@ class InputMessage(BaseModel):
 
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[InputPart]
+    content: str | Annotated[list[InputPart], Field(max_length=c.MAX_CONTENT_PARTS)]
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -77,7 +78,8 @@ class ResponsesRequest(Strict):
     whole conversation comes as `input` (previous_response_id is refused)."""
 
     model: str = Field(min_length=1, max_length=256)
-    input: str | list[InputMessage] = Field(min_length=1)
+    input: str | Annotated[list[InputMessage], Field(max_length=c.MAX_MESSAGES)] = Field(
+        min_length=1)
     instructions: str | None = None
     max_output_tokens: int | None = number("max_tokens", None)
     temperature: float = number("temperature")

@@ -167,7 +167,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[ContentPart] | None = ""
+    content: str | Annotated[list[ContentPart], Field(max_length=c.MAX_CONTENT_PARTS)] | None = ""
     tool_calls: list[ToolCall] | None = Field(default=None, max_length=c.MAX_TOOLS)
     tool_call_id: str | None = Field(default=None, max_length=256)
 
@@ -239,7 +239,7 @@ class ResponseFormat(Strict):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=c.MAX_MESSAGES)
     response_format: ResponseFormat | None = None
     max_completion_tokens: int | None = number("max_tokens", None)
     logprobs: bool = False
@@ -320,7 +320,8 @@ class TokenizeRequest(Strict):
 
     model: str = Field(min_length=1, max_length=256)
     prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1,
+                                               max_length=c.MAX_MESSAGES)
     add_generation_prompt: bool = True
 
     def chars(self) -> int:

@@ -150,3 +150,21 @@ def test_one_tenants_huge_tokenize_calls_do_not_hold_up_another(pipeline, tiny_m
         for t in waits:
             t.join(60)
     assert done["b"] < done["a0"] and done["b"] < done["a1"], done
+
+
+def test_a_body_of_countless_small_items_is_refused_cheaply(pipeline) -> None:
+    """220,000 chat messages in a 7.7 MB body: refused by count (before each is checked and
+    sent on), and the gateway answers others meanwhile."""
+    from zeroserve.contract import MAX_MESSAGES
+
+    pipeline.start_broker()
+    pipeline.start_worker("echo")
+    pipeline.wait_workers(1)
+    url = start_gateway(pipeline)
+    flood = {"model": "echo", "messages": [{"role": "user", "content": "ab"}] * 220_000}
+    r = httpx.post(f"{url}/v1/chat/completions", json=flood, timeout=30)
+    assert r.status_code == 400 and f"at most {MAX_MESSAGES} items" in r.text
+    ok = {"model": "echo", "messages": [{"role": "user", "content": "ab"}] * MAX_MESSAGES}
+    r = httpx.post(f"{url}/v1/chat/completions", json=ok, timeout=30)
+    assert "items" not in r.text  # the limit itself passes (echo then wants a prompt)
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 200

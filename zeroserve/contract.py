@@ -58,6 +58,8 @@ MAX_LOGIT_BIAS = 300  # entries (OpenAI's limit)
 LOGIT_BIAS_LIMIT = 100
 MAX_TOOLS = 64
 MAX_CACHE_SALT = 256
+MAX_MESSAGES = 2048  # in one chat (also bounds the cost of parsing a body before any check)
+MAX_CONTENT_PARTS = 64  # in one message
 
 
 def default(name: str) -> Any:

@@ -168,3 +168,22 @@ def test_a_body_of_countless_small_items_is_refused_cheaply(pipeline) -> None:
     r = httpx.post(f"{url}/v1/chat/completions", json=ok, timeout=30)
     assert "items" not in r.text  # the limit itself passes (echo then wants a prompt)
     assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+
+
+def test_a_body_of_millions_of_strings_is_refused_and_its_memory_given_back(pipeline) -> None:
+    """45 MB of two-character strings (15M of them, some 800 MB as Python objects): the worker
+    refuses it by item count, gives the memory back, and serves on."""
+    import psutil
+
+    pipeline.start_broker()
+    worker = pipeline.start_worker("echo")
+    pipeline.wait_workers(1)
+    proc = psutil.Process(worker.pid)
+    with pipeline.client() as c:
+        assert c.generate("echo", "warm up", timeout_s=10).text == "warm up"
+        before = proc.memory_info().rss
+        with pytest.raises(BadRequestError, match="items"):
+            c.generate("echo", "x", junk=[["ab"] * 1_000_000] * 15, timeout_s=60)
+        grew = proc.memory_info().rss - before
+        assert grew < 200 << 20, f"the worker kept {grew >> 20} MiB"
+        assert c.generate("echo", "still here", timeout_s=10).text == "still here"

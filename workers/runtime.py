@@ -60,6 +60,7 @@ PREPARE_THREADS = 2  # one huge prompt's text work never holds up every new requ
 
 # Inbox items from the IO (and prepare) thread to the engine thread.
 ADD, REJECT, CANCEL, DRAIN, RESET = "add", "reject", "cancel", "drain", "reset"
+TRIM_BYTES = 8 * 1024 * 1024  # after a body this big, free heap goes back to the system
 
 
 class Worker:
@@ -189,6 +190,8 @@ class Worker:
             except Exception as exc:
                 errors.exception("engine rejected request %s", key[1])
                 self._emit([Output(key, error=(p.INTERNAL, f"{type(exc).__name__}: {exc}"))])
+            if isinstance(body, bytes) and len(body) > TRIM_BYTES:
+                procs.give_memory_back()
         elif kind == CANCEL:
             outs = self.engine.cancel(item[1])
             if not outs and item[1] in self.preparing:
@@ -280,6 +283,8 @@ class Worker:
                 self.inbox.put((REJECT, key, (p.INTERNAL, f"{type(exc).__name__}: {exc}")))
             finally:
                 self.prepare_q.done(tenant)
+                if len(raw) > TRIM_BYTES:
+                    procs.give_memory_back()
 
     # -- IO thread -----------------------------------------------------------------------
 

@@ -119,3 +119,15 @@ def stop_all(procs: Sequence[subprocess.Popen], timeout_s: float = 10.0) -> None
             proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             kill(proc)
+
+
+def give_memory_back() -> None:
+    """Return the C heap's free pages to the system (glibc's malloc_trim): after a huge
+    request is decoded and dropped, its memory is free but stays with the process otherwise."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)

@@ -109,6 +109,7 @@ MAX_HEADER_CONTAINERS = 64  # a header is a small flat map (READY: its models an
 BODY_LIMIT_BYTES = 64 * 1024 * 1024
 MAX_ID_LEN = 128
 MAX_CONTAINERS = 1 << 14  # arrays and maps in one decoded payload (a 2,000-message chat: 2k)
+MAX_ITEMS = 1 << 21  # their elements together (a prompt of token ids: up to 1M)
 MAX_BUFFERS = 1024  # frames after the header: the body and raw tensor buffers
 MAX_MESSAGE_BYTES = SocketConfig.max_message_bytes  # all frames together (a socket's default)
 MAX_NAME_LEN = 256
@@ -165,19 +166,23 @@ def packb(obj: Any) -> bytes:
 
 def unpackb(data: bytes, limit: int = BODY_LIMIT_BYTES,
             max_containers: int = MAX_CONTAINERS) -> Any:
-    """Decode untrusted msgpack with every length bounded by ``limit`` and the number of
-    arrays and maps by `max_containers`: one byte of msgpack is an empty list, some 60 bytes
-    of Python and a third of a microsecond to build, so a few MiB of them would otherwise cost
-    hundreds of MiB and seconds."""
+    """Decode untrusted msgpack with every length bounded by ``limit``, the number of
+    arrays and maps by `max_containers` and of their elements by MAX_ITEMS: one byte of
+    msgpack is an empty list, or a one-character string in one, some 50-60 bytes of Python and
+    a third of a microsecond to build, so a few MiB of them would otherwise cost hundreds of
+    MiB and seconds."""
     if len(data) > limit:
         raise ProtocolError(f"msgpack payload of {len(data)} bytes exceeds {limit}")
-    containers = 0
+    containers = items = 0
 
     def counted(obj: Any) -> Any:
-        nonlocal containers
+        nonlocal containers, items
         containers += 1
+        items += len(obj)
         if containers > max_containers:
             raise ProtocolError(f"msgpack payload holds over {max_containers} arrays and maps")
+        if items > MAX_ITEMS:
+            raise ProtocolError(f"msgpack payload holds over {MAX_ITEMS} items")
         return obj
 
     try:

@@ -16,6 +16,7 @@ KINDS = {
     "step": "zeroserve.bench.step",
     "parity": "zeroserve.bench.parity",
     "fleet": "zeroserve.bench.fleet",
+    "isolation": "zeroserve.bench.isolation",
 }
 
 

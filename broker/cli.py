@@ -78,10 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         log.error("refusing to bind: %s", exc)
         broker.close()
         return 2
-    from zeroserve.arena import sweep  # after bind: it imports torch, which takes seconds
-
-    for name in sweep(args.instance):
-        log.info("removed orphaned shared memory %s", name)
     try:
         broker.run()
     finally:

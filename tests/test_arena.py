@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import signal
 import subprocess
@@ -18,8 +17,7 @@ import zmq
 
 from zeroserve import AsyncClient, BadRequestError, ShmUnreachableError
 from zeroserve import protocol as p
-from zeroserve.arena import SHM_DIR, Arena, DescriptorError, Mappings, prefix, sweep
-from zeroserve.config import MIB
+from zeroserve.arena import SHM_DIR, Arena, DescriptorError, Mappings, prefix
 
 from .conftest import wait_for
 
@@ -47,7 +45,8 @@ def test_empty_describe_view_is_zero_copy_and_release_returns_the_slab() -> None
         assert arena.allocations == before
     finally:
         arena.close()
-    assert not os.path.exists(arena.path)
+    with pytest.raises(DescriptorError):  # its owner closed it: nothing more to map
+        Mappings().view(desc)
 
 
 def test_stale_and_bad_descriptors_are_rejected() -> None:
@@ -77,10 +76,10 @@ def test_stale_and_bad_descriptors_are_rejected() -> None:
 
 
 def test_attacks_on_shared_memory_are_refused() -> None:
-    """Another client's arena, another client's slab release, a symlink, a truncated file,
-    an offset past the slab: each refused, nothing read or changed."""
+    """Another lease's key, another client's slab release, a file that is not a sealed arena,
+    a truncation, an offset past the slab: each refused, nothing read or changed."""
     victim, attacker, maps = Arena(size_bytes=16 << 20), Arena(size_bytes=16 << 20), Mappings()
-    link = os.path.join(SHM_DIR, f"{prefix()}-{os.getpid()}-9999")
+    plain = os.path.join(SHM_DIR, f"unrelated-{os.getpid()}")
     try:
         secret = victim.put(torch.full((16,), 7.0))
         mine = attacker.put(torch.zeros(16))
@@ -94,14 +93,6 @@ def test_attacks_on_shared_memory_are_refused() -> None:
         other_lease = victim.put(torch.full((16,), 3.0))
         with pytest.raises(DescriptorError, match="key"):
             maps.view({**other_lease, "token": secret["token"]})
-        # a hard link to an arena (or to any file of this user) is not an arena
-        hard = os.path.join(SHM_DIR, f"{prefix()}-{os.getpid()}-9998")
-        os.link(victim.path, hard)
-        try:
-            with pytest.raises(DescriptorError, match="links"):
-                Mappings().view({**secret, "arena": os.path.basename(hard)})
-        finally:
-            os.unlink(hard)
         # 2. slab 1's data through slab 0's header: offsets are checked against the slab
         other = victim.put(torch.full((16,), 9.0))
         assert other["slab"] != secret["slab"]
@@ -116,26 +107,27 @@ def test_attacks_on_shared_memory_are_refused() -> None:
         assert state == 1  # still leased: the victim's zero-copy result stays intact
         maps.release(secret)
         assert _header(victim, secret["slab"])[0] == 0
-        # 4. a zs-* symlink to an unrelated file is never followed
-        target = os.path.join(SHM_DIR, f"unrelated-{os.getpid()}")
-        with open(target, "wb") as fh:
+        # 4. a descriptor naming an open file that is not a sealed arena (one anybody could
+        # shrink under the mapping): refused
+        with open(plain, "wb+") as fh:
             fh.write(b"\0" * (1 << 20))
-        os.symlink(target, link)
+            fh.flush()
+            with pytest.raises(DescriptorError, match="sealed"):
+                maps.view({**mine, "arena": f"{prefix()}-{os.getpid()}-{fh.fileno()}"})
         with pytest.raises(DescriptorError, match="cannot be opened"):
-            maps.view({**mine, "arena": os.path.basename(link)})
-        os.unlink(target)
-        # 5. a file truncated under a live mapping: refused, no SIGBUS
+            maps.view({**mine, "arena": f"{prefix()}-{os.getpid()}-999999"})
+        # 5. nobody can truncate an arena under a live mapping (its owner included): no SIGBUS
         fresh = Mappings()
         d = attacker.put(torch.ones(1024))
-        fresh.view(d)
-        os.truncate(attacker.path, d["offset"])
-        with pytest.raises(DescriptorError, match="truncated"):
-            fresh.view(d)
+        seen = fresh.view(d)
+        with pytest.raises(PermissionError):
+            os.truncate(attacker.path, d["offset"])
+        assert seen.sum() == 1024 and fresh.view(d).sum() == 1024
     finally:
         victim.close()
         attacker.close()
-        if os.path.lexists(link):
-            os.unlink(link)
+        if os.path.lexists(plain):
+            os.unlink(plain)
 
 
 def test_mappings_of_departed_arenas_are_dropped() -> None:
@@ -165,49 +157,15 @@ def test_unreleased_lease_is_reclaimed_after_timeout() -> None:
         arena.close()
 
 
-def test_sweep_removes_arenas_of_dead_pids_only(monkeypatch) -> None:
-    dead = os.path.join(SHM_DIR, f"{prefix()}-999999-0")
-    alive = os.path.join(SHM_DIR, f"{prefix()}-{os.getpid()}-99")
-    for path in (dead, alive):
-        with open(path, "wb") as fh:
-            fh.write(b"\0")
-    try:
-        assert f"{prefix()}-999999-0" in sweep()
-        assert not os.path.exists(dead) and os.path.exists(alive)
-    finally:
-        for path in (dead, alive):
-            if os.path.exists(path):
-                os.unlink(path)
-
-
-def test_another_users_files_are_neither_swept_nor_blocking(monkeypatch) -> None:
-    """A file of another uid under a dead pid's arena name, and one under the name this
-    process would take next: sweep leaves the first alone, a new arena steps past the second."""
-    import subprocess
-    import sys
-
-    from zeroserve import arena as arena_mod
-
-    nxt = next(arena_mod._serial)  # the serial the next Arena of this process would take
-    monkeypatch.setattr(arena_mod, "_serial", itertools.count(nxt))
-    foreign = [os.path.join(SHM_DIR, f"{prefix()}-999998-0"),
-               os.path.join(SHM_DIR, f"{prefix()}-{os.getpid()}-{nxt}")]
-    code = ("import os, sys; os.setgid(65534); os.setuid(65534)\n"
-            "for p in sys.argv[1:]: open(p, 'wb').write(b'not yours')")
-    subprocess.run([sys.executable, "-c", code, *foreign], check=True, timeout=30)
-    try:
-        assert all(os.stat(f).st_uid == 65534 for f in foreign)
-        assert sweep() == [] and all(os.path.exists(f) for f in foreign)
-        mine = Arena(size_bytes=1 * MIB)
-        t = mine.empty((4,), torch.float32)
-        assert mine.name != os.path.basename(foreign[1])
-        assert os.stat(mine.path).st_uid == os.geteuid()
-        assert t.numel() == 4
-        mine.close()
-    finally:
-        for f in foreign:
-            if os.path.exists(f):
-                os.unlink(f)
+def test_an_arena_is_no_file_and_outlives_its_owner_only_in_its_mappings() -> None:
+    arena, maps = Arena(size_bytes=4 << 20), Mappings()
+    desc = arena.put(torch.full((4,), 2.0))
+    seen = maps.view(desc)
+    assert not [f for f in os.listdir(SHM_DIR) if f.startswith(prefix())]
+    arena.close()
+    assert seen.sum() == 8  # a consumer's mapping holds the memory it views
+    maps.forget_missing()  # the owner's fd is gone: the mapping is let go
+    assert len(maps) == 0
 
 
 # -- end to end: client -> broker -> tensor worker -> client ------------------------------
@@ -297,25 +255,20 @@ def test_dynamic_batching_merges_concurrent_requests(pipeline) -> None:
     asyncio.run(run())
 
 
-def test_kill_9_leaves_no_orphan_shared_memory_after_restart(pipeline) -> None:
+def test_kill_9_leaves_no_shared_memory_behind(pipeline) -> None:
     pipeline.start_broker()
     worker = _tensor_worker(pipeline, "big", "big_output")
     pipeline.wait_workers(1)
     with pipeline.client() as c:
         out = c.infer("big", {"x": torch.zeros(1)}, copy=True)["output"]
         assert out.numel() == 16 << 20
-    path = os.path.join(SHM_DIR, f"{prefix()}-{worker.pid}-0")
-    assert os.path.exists(path)
+    memfds = [os.readlink(f"/proc/{worker.pid}/fd/{fd}")
+              for fd in os.listdir(f"/proc/{worker.pid}/fd")]
+    assert any(link.startswith(f"/memfd:{prefix()}") for link in memfds), memfds
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
-    assert os.path.exists(path)  # nobody cleaned up after a kill -9 ...
-    _tensor_worker(pipeline, "big2", "big_output")
-    pipeline.wait_workers(1, model="big2")
-    assert not os.path.exists(path)  # ... until the next process of the deployment started
-    pipeline.close()
-    mine = [f for f in os.listdir(SHM_DIR) if f.startswith(prefix() + "-")
-            and not f.startswith(f"{prefix()}-{os.getpid()}-")]
-    assert mine == []  # and clean exits unlink their own
+    # nothing was ever a file: a kill -9 leaves no orphan, and nobody has to sweep
+    assert not [f for f in os.listdir(SHM_DIR) if f.startswith(prefix() + "-")]
 
 
 def test_raw_frames_path_without_sdk(pipeline, ctx) -> None:
@@ -333,19 +286,18 @@ def test_raw_frames_path_without_sdk(pipeline, ctx) -> None:
     assert np.frombuffer(msg.buffers[1 + entry["frame"]], np.int32).tolist() == [3, 5]
 
 
-def _own_dev_shm() -> tuple[str, ...]:
-    """A command prefix that runs a process in its own mount namespace with a private tmpfs
-    on /dev/shm: it cannot see any other process's arena (a container, another host)."""
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"],
-                           capture_output=True)
+def _own_pid_namespace() -> tuple[str, ...]:
+    """A command prefix that runs a process in its own pid namespace (with its own /proc): it
+    cannot open any other process's arena (a container, another host)."""
+    cmd = ("unshare", "-m", "-p", "-f", "--mount-proc", "--propagation", "private")
+    probe = subprocess.run([*cmd, "true"], capture_output=True)
     if probe.returncode != 0:
-        pytest.skip(f"unshare -m is not allowed here: {probe.stderr.decode().strip()}")
-    return ("unshare", "-m", "--propagation", "private", "sh", "-c",
-            'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh")
+        pytest.skip(f"unshare -p is not allowed here: {probe.stderr.decode().strip()}")
+    return cmd
 
 
-def test_tensors_travel_as_frames_to_a_worker_without_our_dev_shm(pipeline) -> None:
-    apart = _own_dev_shm()
+def test_tensors_travel_as_frames_to_a_worker_that_cannot_map_our_arena(pipeline) -> None:
+    apart = _own_pid_namespace()
     pipeline.start_broker()
     pipeline.wait_broker()
     _tensor_worker(pipeline, "near", "scale")
@@ -359,7 +311,7 @@ def test_tensors_travel_as_frames_to_a_worker_without_our_dev_shm(pipeline) -> N
     pipeline.wait_workers(3 if gt else 2, timeout_s=120)
     x = torch.arange(6.0).reshape(3, 2)
     with pipeline.client() as c:
-        # decided per worker: the one that shares /dev/shm keeps shared memory both ways
+        # decided per worker: the one that can map our arena keeps shared memory both ways
         near = c.submit("near", buffers=(b := c.tensors.request("near", {"x": x}, None))[1],
                         **b[0]).result(10)
         assert "shm" in near.data["outputs"]["output"]

@@ -101,10 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     except (KeysError, InsecureError, PrivateDirError) as exc:
         log.error("refusing to connect: %s", exc)
         return 2
-    from zeroserve.arena import sweep
-
-    for name in sweep(args.instance):
-        log.info("removed orphaned shared memory %s", name)
     from zeroserve.workers.runtime import serve
 
     return serve(cfg)

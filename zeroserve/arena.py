@@ -1,8 +1,8 @@
 """Shared-memory tensor arenas: tensors cross processes as a small descriptor, never as bytes.
 
-Each producing process owns an arena: a file in /dev/shm named `zs-{instance}-{pid}-{n}`,
-created on first use and mapped with mmap (never through multiprocessing's resource
-tracker, which on Python 3.11 unlinks segments other processes still use). The owner carves
+Each producing process owns an arena: a sealed memfd named `zs-{instance}-{pid}-{fd}`, created
+on first use (memfd_create), sized once and sealed against shrinking or growing, and mapped
+with mmap. Other processes of the same user open it as /proc/{pid}/fd/{fd}. The owner carves
 slabs out of it in power-of-two size classes and reuses them (a pool): steady traffic
 allocates no new shared memory.
 
@@ -15,32 +15,32 @@ A descriptor {arena, slab, gen, token, offset, nbytes, dtype, shape} travels in 
 body. It is honoured only if its slab is leased under the descriptor's token: a random 64-bit
 key drawn for that one lease, which only its recipient learns (so a peer that once received a
 descriptor from this arena can read nothing else in it: Triton's registered regions, without
-the extra round trip), and if it points inside its own slab. The consumer opens the file with
-O_NOFOLLOW and checks (fstat) that it is a regular file of its own uid with a single link (no
-hard link to someone's file) that covers the view, maps it once, views the tensor in place
-(torch.frombuffer), and releases the slab by writing state 0 into its header, with that same
-token: no message goes back. The owner reuses a slab once
-its local tensor is gone and the consumer released it, or once a lease outlives
-lease_timeout_s (a dead consumer). A generation bump on every reuse makes a stale descriptor
-fail validation instead of reading someone else's data. Mappings of arenas whose file is gone
-are dropped every few seconds.
+the extra round trip), and if it points inside its own slab. The consumer opens the arena,
+checks (fstat, F_GET_SEALS) that it is a file of its own uid that nobody can shrink (the seal:
+a mapping of it can never fault with SIGBUS, whatever its owner or anyone else does), maps it
+once, views the tensor in place (torch.frombuffer), and releases the slab by writing state 0
+into its header, with that same token: no message goes back. The owner reuses a slab once its
+local tensor is gone and the consumer released it, or once a lease outlives lease_timeout_s (a
+dead consumer). A generation bump on every reuse makes a stale descriptor fail validation
+instead of reading someone else's data. Mappings of arenas whose owner is gone are dropped
+every few seconds.
 
-Who can map whose arena: `shm_domain()` names the /dev/shm a process sees (host boot, mount,
-uid). A request carries its client's domain; a worker in another domain (another host, its own
-mount namespace, another uid) refuses shared-memory inputs with SHM_UNREACHABLE, which the SDK
-answers by sending frames, and replies with frames itself.
+Who can map whose arena: `shm_domain()` names the processes that can (host boot, pid
+namespace, uid). A request carries its client's domain; a worker in another domain (another
+host, its own pid namespace, another uid) refuses shared-memory inputs with SHM_UNREACHABLE,
+which the SDK answers by sending frames, and replies with frames itself.
 
-Hygiene: the owner unlinks its arena at exit; `sweep()` at every process start unlinks arenas
-of this deployment whose owner pid is gone (a kill -9 leaves no orphan past the next start).
+Hygiene: nothing to clean. A memfd lives while its owner or a mapping holds it, so an owner's
+exit, kill -9 included, leaves nothing behind in /dev/shm or anywhere.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import functools
 import hmac
-import itertools
 import math
 import mmap
 import os
@@ -58,15 +58,15 @@ import torch
 
 from zeroserve.config import MIB, instance_name
 
-SHM_DIR = "/dev/shm"
+SHM_DIR = "/dev/shm"  # where arenas of earlier versions lived (chaos checks it stays clean)
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 MAX_SLABS = 4096
 HEADER = struct.Struct("<IIQQQ")  # state, generation, capacity, offset, lease token
 HEADERS_BYTES = MAX_SLABS * HEADER.size
 FORGET_EVERY_S = 5.0  # how often a consumer drops mappings of arenas that are gone
 MIN_CLASS = 4096
 FREE, LEASED = 0, 1
-NAME_RE = re.compile(r"^zs-[A-Za-z0-9_.-]{1,64}-\d{1,10}-\d{1,6}$")
-_serial = itertools.count()
+NAME_RE = re.compile(r"^zs-[A-Za-z0-9_.-]{1,64}-(\d{1,10})-(\d{1,6})$")
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -79,11 +79,10 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 @functools.cache
 def shm_domain() -> str:
     """Processes with the same domain can map each other's arenas: same boot of the same host,
-    same /dev/shm mount, same uid."""
+    same pid namespace (/proc/PID names the same process), same uid."""
     from zeroserve.procs import boot_id
 
-    st = os.stat(SHM_DIR)
-    return f"{boot_id()}:{st.st_dev}:{st.st_ino}:{os.getuid()}"
+    return f"{boot_id()}:{os.stat('/proc/self/ns/pid').st_ino}:{os.getuid()}"
 
 
 class DescriptorError(ValueError):
@@ -115,7 +114,8 @@ class Arena:
     def __init__(self, size_bytes: int = 1024 * MIB, lease_timeout_s: float = 60.0,
                  instance: str | None = None) -> None:
         self.instance = instance
-        self.name = f"{prefix(instance)}-{os.getpid()}-{next(_serial)}"
+        self.name = ""  # zs-{instance}-{pid}-{fd}, once opened
+        self._fd = -1
         self.size = size_bytes
         self.lease_timeout_s = lease_timeout_s
         self._lock = threading.Lock()
@@ -130,23 +130,21 @@ class Arena:
 
     @property
     def path(self) -> str:
-        return os.path.join(SHM_DIR, self.name)
+        """Where other processes open it."""
+        return f"/proc/{os.getpid()}/fd/{self._fd}"
 
     def _open(self) -> memoryview:
         if self._buf is None:
-            sweep()
-            while True:
-                try:
-                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW,
-                                 0o600)
-                    break
-                except FileExistsError:  # someone took this name first: never use theirs
-                    self.name = f"{prefix(self.instance)}-{os.getpid()}-{next(_serial)}"
+            fd = os.memfd_create(prefix(self.instance), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
-                os.ftruncate(fd, self.size)  # sparse on tmpfs: pages appear when touched
+                os.ftruncate(fd, self.size)  # sparse: pages appear when touched
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)  # its size is fixed for good
                 self._mm = mmap.mmap(fd, self.size)
-            finally:
+            except BaseException:
                 os.close(fd)
+                raise
+            self._fd = fd
+            self.name = f"{prefix(self.instance)}-{os.getpid()}-{fd}"
             self._buf = memoryview(self._mm)
             self._base = _address(self._buf)
             atexit.register(self.close)
@@ -210,8 +208,7 @@ class Arena:
             self._buf = None
             with contextlib.suppress(BufferError, ValueError):
                 self._mm.close()  # type: ignore[union-attr]
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            os.close(self._fd)  # consumers' mappings keep the memory until they drop them
 
     # -- the pool ------------------------------------------------------------------------
 
@@ -277,19 +274,24 @@ class Mappings:
         entry = self._maps.get(name)
         if entry is not None:
             return entry[1], entry[2]
-        if not isinstance(name, str) or not NAME_RE.match(name):
+        match = NAME_RE.match(name) if isinstance(name, str) else None
+        if match is None:
             raise DescriptorError(f"bad arena name {name!r}")
         with self._lock:
-            try:  # O_NOFOLLOW: a zs-* symlink to some other file is refused, not followed
-                fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)
+            try:  # the owner's memfd, through /proc: only processes of this user reach it
+                fd = os.open(_proc_path(match), os.O_RDWR)
             except OSError as exc:
                 raise DescriptorError(f"arena {name} cannot be opened: {exc.strerror}") from None
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
                     raise DescriptorError(f"arena {name} is not a regular file of this user")
-                if st.st_nlink != 1:
-                    raise DescriptorError(f"arena {name} has {st.st_nlink} links: not an arena")
+                try:
+                    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+                except OSError:
+                    seals = 0
+                if seals & SEALS != SEALS:  # a file someone could shrink under our mapping
+                    raise DescriptorError(f"arena {name} is not a sealed memfd")
                 if st.st_size <= HEADERS_BYTES:
                     raise DescriptorError(f"arena {name} is too small")
                 mm = mmap.mmap(fd, st.st_size)
@@ -297,7 +299,7 @@ class Mappings:
                 os.close(fd)
                 raise
             mv = memoryview(mm)
-            self._maps[name] = (mm, mv, fd)  # the fd stays open: views re-check its size
+            self._maps[name] = (mm, mv, fd)  # the fd stays open: forget_missing compares it
             return mv, fd
 
     def view(self, desc: Any) -> torch.Tensor:
@@ -306,7 +308,7 @@ class Mappings:
             self.forget_missing()
         if not isinstance(desc, dict):
             raise DescriptorError("descriptor must be a map")
-        buf, fd = self._map(desc.get("arena"))  # type: ignore[arg-type]
+        buf, _ = self._map(desc.get("arena"))  # type: ignore[arg-type]
         slab, gen, offset, nbytes, token = (desc.get(k) for k in ("slab", "gen", "offset",
                                                                   "nbytes", "token"))
         if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
@@ -333,8 +335,6 @@ class Mappings:
         if (start < HEADERS_BYTES or offset < start or offset + nbytes > start + capacity
                 or offset + nbytes > len(buf)):
             raise DescriptorError("descriptor points outside its slab")
-        if os.fstat(fd).st_size < offset + nbytes:  # truncated under us: no SIGBUS
-            raise DescriptorError("arena was truncated")
         raw = torch.frombuffer(buf[offset:offset + max(nbytes, 1)], dtype=torch.uint8)
         return raw[:nbytes].view(dtype).reshape(shape)
 
@@ -352,10 +352,14 @@ class Mappings:
                 HEADER.pack_into(buf, _header_at(slab), FREE, live_gen, cap, start, 0)
 
     def forget_missing(self) -> None:
-        """Drop mappings of arenas whose file is gone (their owner exited)."""
+        """Drop mappings of arenas whose owner is gone (or whose name now means another)."""
         self._forgot_at = time.monotonic()
-        for name in list(self._maps):
-            if not os.path.exists(os.path.join(SHM_DIR, name)):
+        for name, (_, _, fd) in list(self._maps.items()):
+            try:
+                same = os.stat(_proc_path(NAME_RE.match(name))).st_ino == os.fstat(fd).st_ino
+            except OSError:
+                same = False
+            if not same:
                 mm, mv, fd = self._maps.pop(name)
                 os.close(fd)
                 with contextlib.suppress(BufferError):  # tensors may still view it
@@ -366,32 +370,13 @@ class Mappings:
         return len(self._maps)
 
 
+def _proc_path(match: Any) -> str:
+    pid, fd = match.groups()
+    return f"/proc/{pid}/fd/{fd}"
+
+
 def _header_at(slab: int) -> int:
     return slab * HEADER.size
-
-
-def sweep(instance: str | None = None) -> list[str]:
-    """Unlink this deployment's arenas whose owner process is gone."""
-    import psutil
-
-    removed = []
-    pre = prefix(instance) + "-"
-    uid = os.geteuid()
-    with contextlib.suppress(FileNotFoundError):
-        for name in os.listdir(SHM_DIR):
-            if not name.startswith(pre):
-                continue
-            pid = name[len(pre):].split("-")[0]
-            if not pid.isdigit() or psutil.pid_exists(int(pid)):
-                continue
-            path = os.path.join(SHM_DIR, name)
-            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
-                st = os.lstat(path)
-                if st.st_uid != uid or not stat.S_ISREG(st.st_mode):
-                    continue  # another user's file (or a trap): never touch it
-                os.unlink(path)
-                removed.append(name)
-    return removed
 
 
 def _address(buf: memoryview | None) -> int:

@@ -1,6 +1,6 @@
 """Tensors in and out of the SDK's requests, without importing torch until a tensor is used.
 
-Same /dev/shm (arena.shm_domain): inputs go into this client's shared-memory arena and cross as
+Same shm domain (arena.shm_domain): inputs go into this client's shared-memory arena and cross as
 descriptors; outputs come back as views into the worker's arena (released when the tensor is
 collected). Every request quotes this client's domain and each worker decides for itself: one
 that cannot map the arena refuses shared-memory inputs (SHM_UNREACHABLE: the SDK resends that

@@ -59,6 +59,7 @@ class Gateway:
         self.client: AsyncClient | None = None
         self.table: dict[str, Any] = {"workers": []}
         self._poller: asyncio.Task[None] | None = None
+        self.caller_ids: set[tuple[str, str]] = set()  # (key id, X-Request-Id) in flight
 
     async def start(self) -> None:
         keys = PeerKeys.load(self.cfg.keys_dir, self.cfg.key_name) if self.cfg.keys_dir else None
@@ -128,8 +129,17 @@ class Gateway:
     def wire_id(self, request: Request) -> str:
         """The id a request travels under: the caller's X-Request-Id (for the logs) made
         unique by this gateway, so no tenant's id can collide with, reveal or steer another's
-        (a choice's id adds -c<i>)."""
-        return f"{ticket(request).request_id[:96]}.{self.client.core.new_id()}"  # type: ignore
+        (a choice's id adds -c<i>). One key sending an X-Request-Id it has in flight gets 409:
+        its two requests' logs would be one."""
+        t = ticket(request)
+        if t.caller_id:
+            claim = (t.key_id or "", t.request_id)
+            if claim in self.caller_ids:
+                raise ApiError(409, f"request id {t.request_id!r} is in flight already",
+                               "invalid_request_error", "request_id_in_flight")
+            self.caller_ids.add(claim)
+            t.on_end.append(lambda: self.caller_ids.discard(claim))
+        return f"{t.request_id[:96]}.{self.client.core.new_id()}"  # type: ignore[union-attr]
 
 
 def create_app(cfg: GatewayConfig) -> Any:

@@ -61,9 +61,10 @@ class Frontline:
         t0 = time.perf_counter()
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")
-        if not REQUEST_ID_RE.match(rid):
+        given = bool(REQUEST_ID_RE.match(rid))
+        if not given:
             rid = uuid.uuid4().hex
-        ticket = Ticket(rid)
+        ticket = Ticket(rid, caller_id=given)
         scope.setdefault("state", {})["ticket"] = ticket
         span = None
         if tracing.enabled() and scope["path"] not in UNTRACED:  # the broker's and worker's
@@ -117,8 +118,8 @@ class Frontline:
 
     def _done(self, scope: dict, ticket: Ticket, status: dict, seconds: float,
               span: Any) -> None:
-        """Settle the ticket, write the access log line, end the span, count the request."""
-        ticket.settle()
+        """End the ticket, write the access log line, end the span, count the request."""
+        ticket.end()
         if status["code"] and not status["ended"]:  # its client left mid-response
             status["code"], ticket.cancelled = 499, True
         line = {

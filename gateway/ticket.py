@@ -15,7 +15,8 @@ Nothing here touches a socket.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fastapi import Request
@@ -40,6 +41,8 @@ class Ticket:
     cancelled: bool = False  # the client left before the response's end
     reserved: int = 0  # rate-limit tokens taken at admission and not settled yet
     limiter: Refunds | None = None
+    caller_id: bool = False  # request_id is the caller's X-Request-Id (not generated here)
+    on_end: list[Callable[[], None]] = field(default_factory=list)  # run once, at the end
 
     def reserve(self, limiter: Refunds, key_id: str, tokens: int) -> None:
         self.limiter, self.key_id, self.reserved = limiter, key_id, tokens
@@ -57,6 +60,13 @@ class Ticket:
         if self.limiter is not None and self.reserved:
             self.limiter.refund(self.key_id or "", self.reserved - self.used())
         self.reserved = 0
+
+    def end(self) -> None:
+        """The request is over (the middleware calls this once): settle, then run on_end."""
+        self.settle()
+        callbacks, self.on_end = self.on_end, []
+        for callback in callbacks:
+            callback()
 
     def log_fields(self) -> dict[str, Any]:
         """The access log's request fields (those known)."""

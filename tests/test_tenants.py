@@ -187,3 +187,31 @@ def test_a_body_of_millions_of_strings_is_refused_and_its_memory_given_back(pipe
         grew = proc.memory_info().rss - before
         assert grew < 200 << 20, f"the worker kept {grew >> 20} MiB"
         assert c.generate("echo", "still here", timeout_s=10).text == "still here"
+
+
+def test_one_key_reusing_an_id_in_flight_gets_409_and_other_keys_never_notice(
+        pipeline, monkeypatch) -> None:
+    pipeline.start_broker()
+    pipeline.start_worker("echo", "--step-delay-ms", "20")
+    pipeline.wait_workers(1)
+    monkeypatch.setenv("ZEROSERVE_API_KEYS", "alice:sk-alice,bob:sk-bob")
+    url = start_gateway(pipeline)
+
+    def post(key: str) -> httpx.Response:
+        return httpx.post(f"{url}/v1/completions", timeout=30, headers={
+            "authorization": f"Bearer {key}", "x-request-id": "dup"}, json={
+            "model": "echo", "prompt": "one two three", "max_tokens": 3})
+
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=30, headers={
+            "authorization": "Bearer sk-alice", "x-request-id": "dup"}, json={
+            "model": "echo", "prompt": " ".join(["w"] * 100), "max_tokens": 100,
+            "stream": True}) as long:
+        assert long.status_code == 200
+        lines = long.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))  # it is running
+        again = post("sk-alice")
+        assert again.status_code == 409
+        assert again.json()["error"]["code"] == "request_id_in_flight"
+        assert post("sk-bob").status_code == 200  # another key's same id: no clash, no hint
+        assert sum(1 for line in lines if line.startswith("data: {")) > 50
+    assert post("sk-alice").status_code == 200  # its first request ended: the id is free

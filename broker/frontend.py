@@ -69,7 +69,8 @@ def on_request(broker: Broker, client: bytes, msg: p.Message, frames: list[bytes
                                                f"request id {rid} is in flight"))
         return
     job = Job(client, rid, model, frames, time.monotonic(), msg.header.get("tenant", ""),
-              msg.header.get("trace", ""), msg.header.get("prefix") or [])
+              msg.header.get("trace", ""), msg.header.get("prefix") or [],
+              msg.header.get("priority", 0))
     worker = broker.table.pick_worker(model, job.prefix)
     if worker is not None:
         broker.table.add(job)

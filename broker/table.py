@@ -39,6 +39,7 @@ class Job:
     tenant: str = ""  # whose share of the queue it counts against, with its client
     trace: str = ""  # its traceparent, when the client traces it (zeroserve/tracing.py)
     prefix: list[bytes] = field(default_factory=list)  # its prompt's prefix hashes
+    priority: int = 0  # lower leaves the queue first
     worker: WorkerState | None = None
     streamed: bool = False
     requeued: bool = False
@@ -114,7 +115,7 @@ class Table:
         self.workers: dict[bytes, WorkerState] = {}
         self.jobs: dict[JobKey, Job] = {}
         self.by_client: dict[bytes, dict[str, Job]] = {}
-        self.queues: dict[str, deque[Job]] = {}
+        self.queues: dict[str, dict[int, deque[Job]]] = {}  # model -> priority -> FIFO
         self.queued = 0
         self.queued_bytes = 0
         self.shares: dict[tuple[bytes, str | None], list[int]] = {}  # -> [jobs, bytes] queued
@@ -281,7 +282,7 @@ class Table:
                 del self.shares[key]
 
     def enqueue(self, job: Job, front: bool = False) -> None:
-        q = self.queues.setdefault(job.model, deque())
+        q = self.queues.setdefault(job.model, {}).setdefault(job.priority, deque())
         if front:
             q.appendleft(job)
         else:
@@ -289,24 +290,32 @@ class Table:
         self._count(job, +1)
 
     def dequeue_for(self, worker: WorkerState) -> list[Job]:
-        """Pop queued jobs this worker can take now, oldest first, up to its free credit."""
+        """Pop queued jobs this worker can take now, most urgent priority first, oldest first
+        within one, up to its free credit."""
         taken: list[Job] = []
         for model in worker.models:
-            q = self.queues.get(model)
-            while q and worker.free - len(taken) > 0 and not worker.draining:
-                job = q.popleft()
+            lanes = self.queues.get(model)
+            while lanes and worker.free - len(taken) > 0 and not worker.draining:
+                urgent = min(lanes)
+                job = lanes[urgent].popleft()
+                if not lanes[urgent]:
+                    del lanes[urgent]
                 self._count(job, -1)
                 taken.append(job)
             self._prune(model)
         return taken
 
     def _prune(self, model: str) -> None:
-        """Drop an empty queue: model names come from clients, the map must not keep them."""
-        if model in self.queues and not self.queues[model]:
-            del self.queues[model]
+        """Drop empty queues: model names come from clients, the map must not keep them."""
+        lanes = self.queues.get(model)
+        if lanes is not None:
+            for priority in [p for p, q in lanes.items() if not q]:
+                del lanes[priority]
+            if not lanes:
+                del self.queues[model]
 
     def unqueue(self, job: Job) -> bool:
-        q = self.queues.get(job.model)
+        q = self.queues.get(job.model, {}).get(job.priority)
         if q is None:
             return False
         try:
@@ -318,21 +327,23 @@ class Table:
         return True
 
     def expired_jobs(self, now: float) -> list[Job]:
-        """Queued jobs that waited longer than max_queue_wait_s (queues are FIFO by age)."""
+        """Queued jobs that waited longer than max_queue_wait_s (each lane is FIFO by age)."""
         out: list[Job] = []
         limit = now - self.max_queue_wait_s
-        for model, q in list(self.queues.items()):
-            while q and q[0].enqueued_at < limit:
-                job = q.popleft()
-                self._count(job, -1)
-                out.append(job)
+        for model, lanes in list(self.queues.items()):
+            for q in lanes.values():
+                while q and q[0].enqueued_at < limit:
+                    job = q.popleft()
+                    self._count(job, -1)
+                    out.append(job)
             self._prune(model)
         for job in out:
             self.drop(job)
         return out
 
     def next_queue_deadline(self) -> float | None:
-        heads = [q[0].enqueued_at for q in self.queues.values() if q]
+        heads = [q[0].enqueued_at for lanes in self.queues.values() for q in lanes.values()
+                 if q]
         return min(heads) + self.max_queue_wait_s if heads else None
 
     def stats(self) -> dict[str, Any]:

@@ -7,7 +7,8 @@ Key file (JSON):
 Environment: ZEROSERVE_API_KEYS="team-a:sk-...,ops:sk-..." (every model, default limits).
 "models" absent means every model; "rps"/"tpm" absent means the gateway's defaults; an
 "admin" key also sees the figures that would tell one tenant about another's traffic (the
-prefix-cache counters on /metrics).
+prefix-cache counters on /metrics); "priority" is its requests' default priority and the most
+urgent (lowest) one they may ask for.
 """
 
 from __future__ import annotations
@@ -28,9 +29,23 @@ class ApiKey:
     rps: float | None = None
     tpm: float | None = None
     admin: bool = False
+    priority: int | None = None  # its requests' default, and the most urgent they may ask
+
+    def priority_of(self, asked: int | None) -> int | None:
+        """A request's priority under this key: its own if no more urgent than the key's."""
+        if self.priority is None:
+            return asked
+        return self.priority if asked is None else max(asked, self.priority)
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+
+def _priority(entry: dict) -> int | None:
+    value = entry.get("priority")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"key {entry.get('id')!r}: priority must be an integer")
+    return value
 
 
 def _digest(secret: str) -> bytes:
@@ -59,7 +74,7 @@ class KeyStore:
                 keys.append(ApiKey(str(entry["id"]), digest,
                                    frozenset(models) if models is not None else None,
                                    entry.get("rps"), entry.get("tpm"),
-                                   entry.get("admin") is True))
+                                   entry.get("admin") is True, _priority(entry)))
         env = os.environ.get("ZEROSERVE_API_KEYS", "") if env is None else env
         for item in filter(None, (s.strip() for s in env.split(","))):
             key_id, _, secret = item.partition(":")

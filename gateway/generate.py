@@ -86,6 +86,10 @@ async def start(gw: Gateway, request: Request, req: Any, route: str, chat: bool,
         body = req.engine_body(gw.cfg.max_tokens_default) if not chat else req.engine_body()
     except ValueError as exc:
         raise ApiError(400, str(exc), param="prompt") from None
+    if key is not None:
+        asked = body.get("priority") if "priority" in req.model_fields_set else None
+        if (priority := key.priority_of(asked)) is not None:
+            body["priority"] = priority
     n = getattr(req, "n", 1)
     t.model, t.prompt_estimate = req.model, req.prompt_chars() // 4
     headers = gw.admit(request, key, t.prompt_estimate + body["max_tokens"] * n)

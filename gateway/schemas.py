@@ -75,6 +75,7 @@ class _Sampling(Strict):
                      Annotated[float, Field(ge=-c.LOGIT_BIAS_LIMIT, le=c.LOGIT_BIAS_LIMIT)]
                      ] | None = Field(default=None, max_length=c.MAX_LOGIT_BIAS)
     min_tokens: int = number("min_tokens")
+    priority: int = number("priority")  # vLLM's: lower first; the key's floor applies
     stop_token_ids: Annotated[list[TokenId], Field(max_length=c.MAX_STOP_TOKEN_IDS)] | None = None
     # vLLM's name: requests with the same salt share cached prefixes (default: the API key's)
     cache_salt: str | None = Field(default=None, min_length=1, max_length=c.MAX_CACHE_SALT)
@@ -94,7 +95,7 @@ class _Sampling(Strict):
         if self.ignore_eos:
             body["ignore_eos"] = True
         for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                              ("repetition_penalty", 1.0), ("min_tokens", 0)):
+                              ("repetition_penalty", 1.0), ("min_tokens", 0), ("priority", 0)):
             if getattr(self, name) != neutral:
                 body[name] = getattr(self, name)
         if self.logit_bias:

@@ -168,3 +168,18 @@ def test_least_loaded_routing_ignores_prefixes() -> None:
         table.register(bytes([i]), {"worker_id": f"w{i}", "models": ["m"], "capacity": 4}, 1e9)
     first = _send(table, "a", [b"P"])
     assert _send(table, "b", [b"P"]) != first and len(table.index) == 0
+
+
+def test_the_queue_serves_lower_priority_values_first_and_ages_out_every_lane() -> None:
+    table = Table(max_queue=10, max_queue_wait_s=1.0)
+    jobs = [Job(b"c", f"r{i}", "m", [], float(i), priority=p)
+            for i, p in enumerate([5, 0, 5, -1, 0])]
+    for job in jobs:
+        table.enqueue(job)
+    table.register(b"w", {"worker_id": "w", "models": ["m"], "capacity": 3}, 1e9)
+    taken = table.dequeue_for(table.workers[b"w"])
+    assert [j.rid for j in taken] == ["r3", "r1", "r4"]  # -1, then the 0s oldest first
+    # what is left waits in its lane; the oldest of every lane ages out on time
+    assert table.next_queue_deadline() == 1.0
+    assert [j.rid for j in table.expired_jobs(3.5)] == ["r0", "r2"]
+    assert table.queues == {} and table.queued == 0

@@ -107,6 +107,8 @@ class LLMConfig:
     prefix_caching: bool = knob(True, "llm: reuse cached KV blocks of shared prompt prefixes")
     check_blocks: bool = knob(False, "llm debug: assert the KV block accounting after every "
                                      "step")
+    scheduling: str = knob("priority", "llm: priority (lower `priority` first, as vLLM; the "
+                                       "least urgent preempted first) or fcfs (arrival order)")
 
 
 @dataclass(frozen=True)

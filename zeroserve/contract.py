@@ -9,7 +9,8 @@ Request body of a generation (what the SDK and the gateway send a worker):
   stop: [str] (MAX_STOP strings of at most MAX_STOP_CHARS), stop_token_ids: [id]
   (MAX_STOP_TOKEN_IDS), ignore_eos: bool, logit_bias: {"id": bias} (MAX_LOGIT_BIAS entries
   within +-LOGIT_BIAS_LIMIT), response_format, tools (MAX_TOOLS), resume, cache_salt: str
-  (MAX_CACHE_SALT; prefix.salt: the SDK sets it from the tenant unless the caller names one)
+  (MAX_CACHE_SALT; prefix.salt: the SDK sets it from the tenant unless the caller names one);
+  priority (in NUMBERS) also travels in the REQUEST header, for the broker's queue
 
 Replies (Delta on each CHUNK, Finish added on END): the TypedDicts below.
 """
@@ -48,6 +49,8 @@ NUMBERS: dict[str, Bounds] = {
     "repetition_penalty": Bounds(1.0, 0.01, 10.0),
     "min_tokens": Bounds(0, 0, 1 << 20, integer=True),  # and at most max_tokens
     "logprobs": Bounds(None, 0, 20, integer=True),  # alternatives per token; None: none
+    # scheduling: lower runs first (vLLM's meaning); a gateway key may set a floor
+    "priority": Bounds(0, -(1 << 31), (1 << 31) - 1, integer=True),
     "n": Bounds(1, 1, 8, integer=True),  # choices (the gateway sends one request each)
 }
 CHAT_MAX_TOKENS = 256  # max_tokens of a chat completion that names none (OpenAI: the rest)

@@ -32,7 +32,8 @@ Message types and their headers (every request-scoped one carries ``id``, the re
     ADMIN       client -> broker   {id, op, ...}          reply: END with buffer 0 the result
 
 A REQUEST may also carry ``tenant`` (who it is for, e.g. the gateway's API key id): the broker
-gives each tenant of a client a bounded share of its queue; and ``prefix``, at most
+gives each tenant of a client a bounded share of its queue; ``priority`` (lower first: the
+broker's queue serves it so, within those shares); and ``prefix``, at most
 MAX_PREFIX_HASHES short hashes of its prompt's prefixes (prefix.py), by which the broker
 routes it to the worker that has that prefix cached.
 
@@ -139,6 +140,7 @@ HEADER_FIELDS: dict[str, tuple[tuple[type, ...], int]] = {
     "prefix": ((list,), MAX_PREFIX_HASHES),  # prefix.py; each bytes of <= MAX_HASH_BYTES
     "ids": ((list,), MAX_CHUNK_IDS),  # CHUNKS: each a request id
     "again": ((int,), 0),  # a REQUEST sent once more after its broker restarted
+    "priority": ((int,), 0),  # a REQUEST's (lower first): the broker's queue order
 }
 UNATTRIBUTED = "*"  # request id of an ERROR that answers a frame with no usable id
 
@@ -256,8 +258,11 @@ _ID_TYPES = frozenset({REQUEST, CHUNK, END, ERROR, CANCEL, ADMIN})
 
 def request(rid: str, model: str, body: dict[str, Any], *buffers: bytes,
             tenant: str = "", trace: str = "", prefix: list[bytes] | None = None) -> list[bytes]:
+    """A REQUEST; the body's priority is copied into the header, for the broker's queue."""
+    priority = body.get("priority")
     head = {"id": rid, "model": model, **({"tenant": tenant} if tenant else {}),
-            **({"trace": trace} if trace else {}), **({"prefix": prefix} if prefix else {})}
+            **({"trace": trace} if trace else {}), **({"prefix": prefix} if prefix else {}),
+            **({"priority": priority} if isinstance(priority, int) and priority else {})}
     return encode(REQUEST, head, packb(body), *buffers)
 
 

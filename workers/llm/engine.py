@@ -71,7 +71,8 @@ class Prepared:
 class LLMEngine:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, runner: ModelRunner,
                  served_name: str, max_num_seqs: int, max_batched_tokens: int,
-                 prefix_caching: bool = True, check_blocks: bool = False) -> None:
+                 prefix_caching: bool = True, check_blocks: bool = False,
+                 scheduling: str = "priority") -> None:
         self.model, self.tokenizer, self.runner = model, tokenizer, runner
         self.models = (served_name,)
         self.device = str(runner.device)
@@ -80,7 +81,7 @@ class LLMEngine:
         self.blocks = BlockManager(groups[0].num_blocks, runner.kv.block_size, prefix_caching,
                                    [g.window for g in groups], [g.num_blocks for g in groups],
                                    [len(g.layers) for g in groups])
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batched_tokens, scheduling)
         self.check_blocks = check_blocks  # assert the block accounting after every step
         # Requests the broker may hand us: every slot, plus a short local queue so a slot
         # never idles waiting for a broker round trip.
@@ -119,7 +120,7 @@ class LLMEngine:
                              llm.kv_cache_tokens, llm.block_size, llm.max_batched_tokens)
         name = cfg.served_name or (cfg.model if "/" not in cfg.model else Path(path).name)
         return cls(model, tokenizer, runner, name, llm.max_num_seqs, llm.max_batched_tokens,
-                   llm.prefix_caching, llm.check_blocks)
+                   llm.prefix_caching, llm.check_blocks, llm.scheduling)
 
     # -- the Engine interface ------------------------------------------------------------
 

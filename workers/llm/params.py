@@ -30,6 +30,7 @@ class SamplingParams:
     repetition_penalty: float = c.default("repetition_penalty")
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = c.default("min_tokens")
+    priority: int = c.default("priority")  # scheduling, not sampling: lower runs first
 
     @property
     def greedy(self) -> bool:
@@ -91,6 +92,7 @@ def parse(body: dict[str, Any], vocab_size: int) -> SamplingParams:
         repetition_penalty=_value(body, "repetition_penalty"),
         logit_bias=_logit_bias(body.get("logit_bias"), vocab_size),
         min_tokens=_value(body, "min_tokens", hi=max_tokens),
+        priority=_value(body, "priority"),
     )
 
 

@@ -2,22 +2,30 @@
 
 Each step, oldest first, every running sequence gets its next chunk: one token when it
 decodes, a piece of its prompt (cut to the step's max_batched_tokens) while it prefills. A
-sequence that needs a new KV block when none is free preempts the newest running sequence
-(possibly itself): the victim frees its blocks and goes back to the head of the queue, to
-recompute when blocks are free again. Then waiting sequences are admitted in arrival order
-while a seat (max_num_seqs), token budget and blocks remain; admission takes cached prefix
-blocks first, needs only the blocks of the tokens a sequence has, and leaves a small watermark
-of free blocks for the running ones to grow into.
+sequence that needs a new KV block when none is free preempts the least urgent running
+sequence (possibly itself): the victim frees its blocks and goes back to the queue, ahead of
+everything of its priority, to recompute when blocks are free again. Then waiting sequences
+are admitted while a seat (max_num_seqs), token budget and blocks remain; admission takes
+cached prefix blocks first, needs only the blocks of the tokens a sequence has, and leaves a
+small watermark of free blocks for the running ones to grow into.
+
+Who goes first (`policy`): "priority" (vLLM's --scheduling-policy priority) admits the lowest
+`priority` value first and preempts the highest, arrival order breaking ties (the newest of
+a priority is preempted, so its oldest always progresses); "fcfs" admits in arrival order and
+preempts the newest, whatever the priorities.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from zeroserve.workers.llm.block_manager import BlockManager
 from zeroserve.workers.llm.sequence import Sequence, Status
+
+POLICIES = ("priority", "fcfs")
 
 
 @dataclass
@@ -30,7 +38,12 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batched_tokens: int) -> None:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batched_tokens: int,
+                 policy: str = "priority") -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"scheduling must be one of {', '.join(POLICIES)}, not {policy!r}")
+        self.by_priority = policy == "priority"
+        self._arrivals = itertools.count()
         self.blocks = blocks
         self.max_num_seqs = max(1, min(max_num_seqs, max_batched_tokens))
         self.max_batched_tokens = max_batched_tokens
@@ -39,7 +52,16 @@ class Scheduler:
         self.reset_figures()
 
     def add(self, seq: Sequence) -> None:
+        seq.order = next(self._arrivals)
         self.waiting.append(seq)
+
+    def _rank(self, seq: Sequence) -> tuple[int, int]:
+        return (seq.params.priority if self.by_priority else 0), seq.order
+
+    def _next_waiting(self) -> Sequence:
+        """Whom admission considers next (the queue's head in arrival order under fcfs; a
+        preempted sequence went back to its head)."""
+        return min(self.waiting, key=self._rank) if self.by_priority else self.waiting[0]
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -58,7 +80,7 @@ class Scheduler:
                 continue
             while not self.blocks.can_append(seq, n):
                 preempted = True
-                victim = self.running[-1]
+                victim = max(self.running, key=self._rank)
                 self._preempt(victim)
                 budget += planned.pop(victim, 0)
                 if victim is seq:
@@ -70,8 +92,10 @@ class Scheduler:
             budget -= n
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.max_num_seqs
-               and self.blocks.can_allocate(self.waiting[0], bool(self.running), budget)):
-            seq = self.waiting.popleft()
+               and self.blocks.can_allocate(nxt := self._next_waiting(), bool(self.running),
+                                            budget)):
+            seq = nxt
+            self.waiting.remove(seq)
             self.blocks.allocate(seq, budget)
             if not seq.preemptions:
                 seq.queue_ms = (time.monotonic() - seq.arrived) * 1000

@@ -53,6 +53,7 @@ class Sequence:
     cache_salt: bytes = b""  # the first block's key chains from it: prefixes per tenant
     emitted: int = 0  # chars of detok.text already streamed
     preemptions: int = 0
+    order: int = 0  # arrival order in its engine (the scheduler's tie-break)
     arrived: float = field(default_factory=time.monotonic)
     queue_ms: float = 0.0  # from arrival to first scheduled
 

@@ -1,8 +1,9 @@
 """Load generators for `zeroserve bench serve`: drive a pipeline through the SDK or over HTTP.
 
-Each driver fires a workload of (prompt text, token ids, output length) at a fixed concurrency
-or at Poisson arrivals, and records per request: time to first token, inter-token gaps, end to
-end time, tokens. Connects only to the endpoint or URL it is given.
+Each driver fires a workload of (prompt text, token ids, output length[, class]) at a fixed
+concurrency or at Poisson arrivals, and records per request: time to first token, inter-token
+gaps, end to end time, tokens, and its class (CLASSES: the mixed workload's interactive and
+batch requests, each sent with its priority). Connects only to the endpoint or URL it is given.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from tqdm import tqdm
 
 from zeroserve.bench.stats import percentile
 
+CLASSES = {"": {}, "interactive": {"priority": 0}, "batch": {"priority": 10}}
+
 
 @dataclass
 class Record:
@@ -27,6 +30,12 @@ class Record:
     tokens: int = 0
     itls_s: list[float] = field(default_factory=list)
     error: str = ""
+    kind: str = ""  # its class in a mixed workload
+
+    def meets(self, ttft_ms: float, tpot_ms: float) -> bool:
+        """Did it meet both SLOs (DistServe's goodput counts those that do)?"""
+        tpot = (self.e2e_s - self.ttft_s) / (self.tokens - 1) if self.tokens > 1 else 0.0
+        return not self.error and self.ttft_s * 1000 <= ttft_ms and tpot * 1000 <= tpot_ms
 
 
 async def drive_sdk(endpoint: str, model: str, workload: list, concurrency: int,
@@ -36,12 +45,13 @@ async def drive_sdk(endpoint: str, model: str, workload: list, concurrency: int,
     sem = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(workload), desc="via sdk", leave=False)
 
-    async def one(client: AsyncClient, text: str, n: int) -> Record:
-        rec = Record()
+    async def one(client: AsyncClient, text: str, n: int, kind: str = "") -> Record:
+        rec = Record(kind=kind)
         async with sem:
             t0 = last = time.perf_counter()
             try:
-                async for chunk in client.stream(model, text, max_tokens=n, temperature=0):
+                async for chunk in client.stream(model, text, max_tokens=n, temperature=0,
+                                                 **CLASSES[kind]):
                     now = time.perf_counter()
                     if chunk.token_ids:
                         if rec.tokens == 0:
@@ -58,7 +68,7 @@ async def drive_sdk(endpoint: str, model: str, workload: list, concurrency: int,
 
     async with AsyncClient(endpoint) as client:
         await client.generate(model, workload[0][0][:32], max_tokens=2)
-        out = await _fire(workload, rate, lambda text, n: one(client, text, n))
+        out = await _fire(workload, rate, lambda *item: one(client, *item))
     bar.close()
     return out
 
@@ -71,10 +81,10 @@ async def drive_http(base_url: str, model: str, workload: list, concurrency: int
     sem = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(workload), desc=f"via {label}", leave=False)
 
-    async def one(client: httpx.AsyncClient, text: str, n: int) -> Record:
-        rec = Record()
+    async def one(client: httpx.AsyncClient, text: str, n: int, kind: str = "") -> Record:
+        rec = Record(kind=kind)
         body = {"model": model, "prompt": text, "max_tokens": n, "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}}
+                "stream": True, "stream_options": {"include_usage": True}, **CLASSES[kind]}
         async with sem:
             t0 = last = time.perf_counter()
             events = 0
@@ -104,7 +114,7 @@ async def drive_http(base_url: str, model: str, workload: list, concurrency: int
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await one(client, workload[0][0][:32], 2)  # warm the connection pool and the path
-        out = await _fire(workload, rate, lambda text, n: one(client, text, n))
+        out = await _fire(workload, rate, lambda *item: one(client, *item))
     bar.close()
     return out
 
@@ -122,15 +132,28 @@ async def _fire(workload: list, rate: float | None, one: Any) -> tuple[list[Reco
     rng = random.Random(1)
     t0 = time.perf_counter()
     tasks = []
-    for text, _, n in workload:
-        tasks.append(asyncio.create_task(one(text, n)))
+    for text, _, n, *kind in workload:
+        tasks.append(asyncio.create_task(one(text, n, *kind)))
         if rate:
             await asyncio.sleep(rng.expovariate(rate))
     records = await asyncio.gather(*tasks)
     return list(records), time.perf_counter() - t0
 
 
-def summarize(records: list[Record], elapsed: float) -> dict[str, float]:
+def summarize(records: list[Record], elapsed: float,
+              goodput: tuple[float, float] | None = None) -> dict[str, float]:
+    """Throughput and latency of a run; with `goodput` (TTFT ms, TPOT ms), the requests per
+    second that met both, overall and per class of a mixed workload (with each class's
+    tokens per second)."""
+    extra: dict[str, float] = {}
+    if goodput is not None:
+        extra["goodput_rps"] = sum(r.meets(*goodput) for r in records) / elapsed
+        for kind in {r.kind for r in records} - {""}:
+            mine = [r for r in records if r.kind == kind]
+            extra[f"{kind}_goodput_rps"] = sum(r.meets(*goodput) for r in mine) / elapsed
+            extra[f"{kind}_tok_s"] = sum(r.tokens for r in mine if not r.error) / elapsed
+            extra[f"{kind}_ttft_ms_p99"] = percentile(
+                [r.ttft_s for r in mine if not r.error], 99) * 1000
     ok = [r for r in records if not r.error]
     tokens = sum(r.tokens for r in ok)
     tpots = [(r.e2e_s - r.ttft_s) / (r.tokens - 1) for r in ok if r.tokens > 1]
@@ -145,6 +168,7 @@ def summarize(records: list[Record], elapsed: float) -> dict[str, float]:
         "tpot_ms_p50": percentile(tpots, 50) * 1000,
         "tpot_ms_p99": percentile(tpots, 99) * 1000,
         "itl_ms_p99": percentile(itls, 99) * 1000,
+        **extra,
     }
 
 

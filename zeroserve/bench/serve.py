@@ -7,6 +7,13 @@ In the spirit of vLLM's benchmark_serving. N requests go through the SDK to a ru
                  unique 32-128-token user turn; 64 output tokens (what prefix caching is for)
   long           prompts of 4,096 tokens, 64 output tokens (on a model with sliding windows,
                  what the windowed KV groups save: see kv_tokens_used_peak below)
+  mixed          interactive requests (3 in 4: prompts of 16-48 tokens, 16-32 out, priority 0)
+                 among batch ones (prompts of 256-384 tokens, 128-192 out, priority 10),
+                 arriving at --rate (default 12/s: past a tiny model's capacity on 2 cores);
+                 no in-process baselines. With --goodput ttft:MS,tpot:MS each run reports
+                 goodput_rps (requests/s that met both SLOs) and, per class,
+                 interactive_goodput_rps, interactive_ttft_ms_p99, batch_tok_s; with
+                 `--compare scheduling=fcfs` the same under arrival order
 Then, with the pipeline stopped so nothing competes for the cores, the same requests run
 in-process as baselines (baselines.py), in the worker's dtype:
   engine_tok_s          zeroserve's engine alone, no sockets: what the pipeline costs
@@ -65,6 +72,15 @@ def make_workload(n: int, tokenizer: Any, seed: int = 0,
         return tokenizer.decode(tokenizer.encode(text)[:target])
 
     out = []
+    if kind == "mixed":
+        for _ in range(n):
+            if rng.random() < 0.75:
+                text = text_of(rng.randint(16, 48))
+                out.append((text, tokenizer.encode(text), rng.randint(16, 32), "interactive"))
+            else:
+                text = text_of(rng.randint(256, 384))
+                out.append((text, tokenizer.encode(text), rng.randint(128, 192), "batch"))
+        return out
     if kind == "long":
         return [(text, tokenizer.encode(text), 64) for text in (text_of(4096) for _ in range(n))]
     if kind == "shared-prefix":
@@ -80,7 +96,8 @@ def make_workload(n: int, tokenizer: Any, seed: int = 0,
 
 
 def serve_phase(model_dir: Path, workload: list, concurrency: int, rate: float | None,
-                worker_flags: list[str], via: list[str]) -> dict[str, dict[str, float]]:
+                worker_flags: list[str], via: list[str],
+                goodput: tuple[float, float] | None = None) -> dict[str, dict[str, float]]:
     """Start broker + one LLM worker (+ gateway for http) and drive it each way in `via`;
     "worker" holds the worker's own figures after the last run."""
     from zeroserve.up import wait_ready
@@ -113,7 +130,7 @@ def serve_phase(model_dir: Path, workload: list, concurrency: int, rate: float |
                     _wait_http(f"http://127.0.0.1:{port}/ready")
                     records, elapsed = asyncio.run(drive_http(
                         f"http://127.0.0.1:{port}", "bench", workload, concurrency, rate, kind))
-                out[kind] = summarize(records, elapsed)
+                out[kind] = summarize(records, elapsed, goodput)
             out["worker"] = worker_figures(front)
         finally:
             stop_all(procs)
@@ -235,6 +252,16 @@ def baseline_phase(res: dict[str, Any], args: argparse.Namespace, model_dir: Pat
             res[f"served_over_{name}"] = res["served_tok_s"] / res[f"{name}_tok_s"]
 
 
+GOODPUT_KEYS = ("goodput_rps", "interactive_goodput_rps", "interactive_ttft_ms_p99",
+                "interactive_tok_s", "batch_goodput_rps", "batch_tok_s", "batch_ttft_ms_p99")
+
+
+def _slos(text: str) -> tuple[float, float]:
+    """"ttft:500,tpot:150" -> (500.0, 150.0)."""
+    slos = dict(part.split(":", 1) for part in text.split(","))
+    return float(slos["ttft"]), float(slos["tpot"])
+
+
 def worker_flags(args: argparse.Namespace, change: str = "") -> list[str]:
     """The worker's command line for this run; `change` is one --compare entry."""
     flags = {"max-num-seqs": str(args.max_num_seqs or max(args.concurrency, 8)),
@@ -257,8 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="zeroserve bench serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="small", help="preset or model directory")
-    ap.add_argument("--workload", choices=["default", "shared-prefix", "long"],
+    ap.add_argument("--workload", choices=["default", "shared-prefix", "long", "mixed"],
                     default="default")
+    ap.add_argument("--goodput", default=None, metavar="ttft:MS,tpot:MS",
+                    help="SLOs a request must meet to count in goodput_rps")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second")
@@ -287,8 +316,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     exit_on_sigterm()  # a benchmark killed by `timeout` still stops its pipeline
     via = args.via or ["sdk"]
-    args.max_model_len = args.max_model_len or {"shared-prefix": 2048,
-                                                 "long": 4096 + 256}.get(args.workload, 512)
+    goodput = _slos(args.goodput) if args.goodput else None
+    if args.workload == "mixed":  # requests queue in the pipeline (where priority acts), not
+        # in this client: every arrival is sent, and the batch is smaller than the backlog
+        args.rate, args.skip_baselines = args.rate or 12.0, True
+        args.concurrency = max(args.concurrency, args.num_requests)
+        args.max_num_seqs = args.max_num_seqs or 16
+    args.max_model_len = args.max_model_len or {"shared-prefix": 2048, "long": 4096 + 256,
+                                                 "mixed": 1024}.get(args.workload, 512)
 
     import torch
     from transformers import AutoTokenizer
@@ -308,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                            "model": str(args.model), "workload": args.workload, "dtype": dtype,
                            "device": device}
     phases = serve_phase(model_dir, workload, args.concurrency, args.rate,
-                         worker_flags(args), via)
+                         worker_flags(args), via, goodput)
     idle = phases.pop("idle", None)
     res.update(phases.pop("worker"))
     first = phases[via[0]]
@@ -325,11 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     for change in args.compare:
         label = change.replace("-", "_").replace("=", "_")
         again = serve_phase(model_dir, workload, args.concurrency, args.rate,
-                            worker_flags(args, change), via[:1])
+                            worker_flags(args, change), via[:1], goodput)
         figures = {**again[via[0]], **again["worker"]}
         for k in ("served_tok_s", "ttft_ms_p50", "ttft_ms_p99", "max_running",
-                  "prefix_hit_rate", "requests_failed"):
-            res[f"{label}_{k}"] = figures[k]
+                  "prefix_hit_rate", "requests_failed", *GOODPUT_KEYS):
+            if k in figures:
+                res[f"{label}_{k}"] = figures[k]
         res[f"served_over_{label}"] = res["served_tok_s"] / figures["served_tok_s"]
         res[f"ttft_p50_{label}_over_served"] = figures["ttft_ms_p50"] / res["ttft_ms_p50"]
     if args.peer:

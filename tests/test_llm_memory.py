@@ -221,3 +221,26 @@ def test_kv_pressure_preempts_the_least_urgent_not_the_newest(tiny_model, schedu
         preempted |= {s.key[1] for s in eng.scheduler.waiting if s.preemptions}
     assert eng.stats()["preemptions"] > 0
     assert preempted == {victim}
+
+
+def test_an_urgent_arrival_takes_the_seat_of_a_less_urgent_one(tiny_model) -> None:
+    rng = random.Random(7)
+    batch = {**greedy([rng.randrange(500) for _ in range(40)], 40), "priority": 10}
+    chat = {**greedy([rng.randrange(500) for _ in range(20)], 8), "priority": 0}
+    solo = make_engine(tiny_model, max_num_seqs=1)
+    _, alone = _stream(solo, {"batch": batch})
+    eng = make_engine(tiny_model, max_num_seqs=1)
+    eng.add((b"t", "batch"), batch, [])
+    got: dict[str, list[int]] = {"batch": [], "chat": []}
+    ended: list[str] = []
+    for step in range(400):
+        if step == 5:  # the batch job holds the only seat, mid-generation
+            eng.add((b"t", "chat"), chat, [])
+        for out in eng.step():
+            got[out.key[1]] += out.delta["token_ids"] if out.delta else []
+            if out.finish:
+                ended.append(out.key[1])
+        if not eng.has_work():
+            break
+    assert ended == ["chat", "batch"]  # the chat did not wait for the seat
+    assert got["batch"] == alone["batch"]  # displaced and resumed: the same tokens

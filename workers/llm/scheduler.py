@@ -11,8 +11,10 @@ small watermark of free blocks for the running ones to grow into.
 
 Who goes first (`policy`): "priority" (vLLM's --scheduling-policy priority) admits the lowest
 `priority` value first and preempts the highest, arrival order breaking ties (the newest of
-a priority is preempted, so its oldest always progresses); "fcfs" admits in arrival order and
-preempts the newest, whatever the priorities.
+a priority is preempted, so its oldest always progresses); a waiting sequence that finds no
+seat or blocks displaces a running one of a less urgent priority, and prompt chunks take the
+step's token budget most urgent first. "fcfs" admits in arrival order and preempts the
+newest, whatever the priorities.
 """
 
 from __future__ import annotations
@@ -63,6 +65,15 @@ class Scheduler:
         preempted sequence went back to its head)."""
         return min(self.waiting, key=self._rank) if self.by_priority else self.waiting[0]
 
+    def _displaceable(self, seq: Sequence) -> Sequence | None:
+        """Under priority scheduling, the running sequence that gives its seat and blocks to
+        `seq`: the least urgent, if it is less urgent than `seq` (never one of its priority,
+        so two sequences cannot take turns evicting each other)."""
+        if not self.by_priority or not self.running:
+            return None
+        victim = max(self.running, key=self._rank)
+        return victim if victim.params.priority > seq.params.priority else None
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -70,8 +81,9 @@ class Scheduler:
         budget = self.max_batched_tokens
         planned: dict[Sequence, int] = {}
         preempted = False
-        # decodes first (one token each, the streams' latency), then prompt chunks
-        order = sorted(self.running, key=lambda s: s.num_pending > 1)
+        # decodes first (one token each, the streams' latency), then prompt chunks, the most
+        # urgent first (under fcfs, in the order they were admitted)
+        order = sorted(self.running, key=lambda s: (s.num_pending > 1, self._rank(s)))
         for seq in order:
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
@@ -90,11 +102,16 @@ class Scheduler:
             self.blocks.append(seq, n)
             planned[seq] = n
             budget -= n
-        while (self.waiting and budget > 0 and not preempted
-               and len(self.running) < self.max_num_seqs
-               and self.blocks.can_allocate(nxt := self._next_waiting(), bool(self.running),
-                                            budget)):
-            seq = nxt
+        while self.waiting and budget > 0 and not preempted:
+            seq = self._next_waiting()
+            if (len(self.running) >= self.max_num_seqs
+                    or not self.blocks.can_allocate(seq, bool(self.running), budget)):
+                victim = self._displaceable(seq)
+                if victim is None:
+                    break
+                self._preempt(victim)  # a less urgent sequence makes way for it
+                budget += planned.pop(victim, 0)
+                continue
             self.waiting.remove(seq)
             self.blocks.allocate(seq, budget)
             if not seq.preemptions:

@@ -154,6 +154,9 @@ def summarize(records: list[Record], elapsed: float,
             extra[f"{kind}_tok_s"] = sum(r.tokens for r in mine if not r.error) / elapsed
             extra[f"{kind}_ttft_ms_p99"] = percentile(
                 [r.ttft_s for r in mine if not r.error], 99) * 1000
+            extra[f"{kind}_tpot_ms_p50"] = percentile(
+                [(r.e2e_s - r.ttft_s) / (r.tokens - 1) for r in mine
+                 if not r.error and r.tokens > 1], 50) * 1000
     ok = [r for r in records if not r.error]
     tokens = sum(r.tokens for r in ok)
     tpots = [(r.e2e_s - r.ttft_s) / (r.tokens - 1) for r in ok if r.tokens > 1]

@@ -252,8 +252,8 @@ def baseline_phase(res: dict[str, Any], args: argparse.Namespace, model_dir: Pat
             res[f"served_over_{name}"] = res["served_tok_s"] / res[f"{name}_tok_s"]
 
 
-GOODPUT_KEYS = ("goodput_rps", "interactive_goodput_rps", "interactive_ttft_ms_p99",
-                "interactive_tok_s", "batch_goodput_rps", "batch_tok_s", "batch_ttft_ms_p99")
+GOODPUT_KEYS = ("goodput_rps", *(f"{kind}_{k}" for kind in ("interactive", "batch") for k in (
+    "goodput_rps", "tok_s", "ttft_ms_p99", "tpot_ms_p50")))
 
 
 def _slos(text: str) -> tuple[float, float]:

@@ -312,10 +312,10 @@ def test_the_cuda_layout_gives_the_cpu_layouts_tokens(engine, monkeypatch) -> No
 
 def test_a_tokenize_answer_is_bounded_with_a_clear_error(engine, monkeypatch) -> None:
     from zeroserve.workers.engine import EngineError
-    from zeroserve.workers.llm import engine as engine_module
+    from zeroserve.workers.llm import inputs as inputs_module
 
     ok = engine.prepare({"op": "tokenize", "prompt": "hello there " * 10}).answer
     assert ok is not None and ok["count"] == len(ok["tokens"]) > 10
-    monkeypatch.setattr(engine_module, "MAX_TOKENIZE_TOKENS", ok["count"] - 1)
+    monkeypatch.setattr(inputs_module, "MAX_TOKENIZE_TOKENS", ok["count"] - 1)
     with pytest.raises(EngineError, match="answers at most"):
         engine.prepare({"op": "tokenize", "prompt": "hello there " * 10})

@@ -7,27 +7,18 @@ KV memory is paged (block_manager.py) with automatic prefix caching and preempti
 `prepare()` does a request's text work (chat template, tokenization, validation); the worker
 runtime calls it on its own thread so a huge prompt never stalls the running streams.
 
-Request body: {"prompt": str | "prompt_token_ids": [int] | "messages": [{role, content,
-tool_calls?, tool_call_id?}],
-"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-"ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
-"logit_bias" ({"id": bias}), "min_tokens" (logits.py), "tools"? (shown to the model by the
-chat template, [{type, function}]), "response_format"?:
-{"type": "json_object"} | {"type": "json_schema", "schema": {...}} (constrained decoding,
-grammar.py), "resume"?: {"token_ids": [id], "text_chars": int}}; or a text op, answered
-at the next step without generating: {"op": "tokenize", prompt | messages} or
-{"op": "detokenize", "tokens": [id]}.
-`resume` continues a generation another worker started (it died): the tokens it had emitted
-join the sequence as already generated (they count towards max_tokens), sampling goes on at
-the next token index, and text is streamed from `text_chars` on, so the client sees neither a
-gap nor a repeat.
+Request body: the generation contract (zeroserve/contract.py: every parameter, its default
+and bounds); the input as a prompt, prompt_token_ids or chat messages, and the text ops
+(tokenize, detokenize), in inputs.py. `resume` continues a generation another worker started
+(it died): the tokens it had emitted join the sequence as already generated (they count
+towards max_tokens), sampling goes on at the next token index, and text is streamed from
+`text_chars` on, so the client sees neither a gap nor a repeat.
 Stream delta and END: contract.Delta and contract.Finish (zeroserve/contract.py).
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import random
 import time
@@ -38,13 +29,14 @@ from typing import Any
 import torch
 
 from zeroserve import protocol as p
-from zeroserve.config import MAX_PROMPT_CHARS, MAX_TOKENIZE_TOKENS, LLMConfig, WorkerConfig
+from zeroserve.config import LLMConfig, WorkerConfig
 from zeroserve.workers.engine import EngineError, Output, RequestKey
 from zeroserve.workers.llm import logits as logits_processing
 from zeroserve.workers.llm import model_runner, params, sampler, stopping, support
 from zeroserve.workers.llm.block_manager import BlockManager
 from zeroserve.workers.llm.detok import IncrementalDetokenizer
 from zeroserve.workers.llm.grammar import GrammarError, Grammars
+from zeroserve.workers.llm.inputs import Inputs
 from zeroserve.workers.llm.model_runner import ModelRunner
 from zeroserve.workers.llm.scheduler import Plan, Scheduler
 from zeroserve.workers.llm.sequence import Sequence
@@ -74,6 +66,7 @@ class LLMEngine:
                  prefix_caching: bool = True, check_blocks: bool = False,
                  scheduling: str = "priority") -> None:
         self.model, self.tokenizer, self.runner = model, tokenizer, runner
+        self.inputs = Inputs(tokenizer, runner.vocab_size, runner.max_model_len)
         self.models = (served_name,)
         self.device = str(runner.device)
         self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -128,8 +121,9 @@ class LLMEngine:
         """Template, tokenize and validate a request body. Touches no engine state: the
         runtime calls it beside the engine thread."""
         if body.get("op") is not None:
-            return Prepared([], params.SamplingParams(), [], 0, answer=self._text_op(body))
-        prompt_ids = self._prompt_ids(body)
+            return Prepared([], params.SamplingParams(), [], 0,
+                            answer=self.inputs.text_op(body))
+        prompt_ids = self.inputs.prompt_ids(body)
         sp = params.parse(body, self.runner.vocab_size)
         resume_ids, resume_chars = params.parse_resume(body, self.runner.vocab_size,
                                                        sp.max_tokens)
@@ -306,79 +300,6 @@ class LLMEngine:
     def _piece(self, token_id: int) -> str:
         """One token's own text, for logprobs (special tokens included)."""
         return self.tokenizer.decode([token_id])
-
-    def _text_op(self, body: dict[str, Any]) -> dict[str, Any]:
-        """{"op": "tokenize", prompt | messages (+ add_generation_prompt)} -> {tokens, count,
-        max_model_len}; {"op": "detokenize", "tokens": [id]} -> {prompt} (vLLM's shapes)."""
-        op = body["op"]
-        if op == "tokenize":
-            ids = self._prompt_ids(body)
-            if len(ids) > MAX_TOKENIZE_TOKENS:
-                raise EngineError(p.BAD_REQUEST, f"the text is {len(ids)} tokens; /tokenize "
-                                                 f"answers at most {MAX_TOKENIZE_TOKENS}")
-            return {"tokens": ids, "count": len(ids), "max_model_len": self.runner.max_model_len,
-                    "usage": {"prompt_tokens": len(ids), "completion_tokens": 0}}
-        if op == "detokenize":
-            ids = body.get("tokens")
-            vocab = self.runner.vocab_size
-            if not isinstance(ids, list) or len(ids) > 1 << 20 or not all(
-                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
-                    for t in ids):
-                raise EngineError(p.BAD_REQUEST, f"tokens must be a list of token ids below "
-                                                 f"{vocab}")
-            return {"prompt": self.tokenizer.decode(ids), "usage": {
-                "prompt_tokens": len(ids), "completion_tokens": 0}}
-        raise EngineError(p.BAD_REQUEST, f"unknown op {str(op)[:40]!r}: tokenize or detokenize")
-
-    def _prompt_ids(self, body: dict[str, Any]) -> list[int]:
-        if "prompt_token_ids" in body:
-            ids = body["prompt_token_ids"]
-            vocab = self.runner.vocab_size
-            if not isinstance(ids, list) or not ids or not all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids
-            ):
-                raise EngineError(p.BAD_REQUEST, "prompt_token_ids must be a non-empty list of "
-                                                 f"token ids below {vocab}")
-            return ids
-        if "messages" in body:
-            return self._chat_ids(body["messages"], body.get("add_generation_prompt") is not False,
-                                  body.get("tools"))
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt or len(prompt) > MAX_PROMPT_CHARS:
-            raise EngineError(p.BAD_REQUEST, "prompt must be a non-empty string "
-                                             "(or give prompt_token_ids or messages)")
-        return self.tokenizer.encode(prompt)
-
-    def _chat_ids(self, messages: Any, add_generation_prompt: bool = True,
-                  tools: Any = None) -> list[int]:
-        """Messages ({role, content, tool_calls?, tool_call_id?}) and the tools to show, through
-        the chat template."""
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str)
-            and isinstance(m.get("tool_calls", []), list)
-            and isinstance(m.get("tool_call_id", ""), str) for m in messages
-        ):
-            raise EngineError(p.BAD_REQUEST, "messages must be a list of {role, content} strings")
-        if tools is not None and not (isinstance(tools, list) and len(tools) <= 64
-                                      and all(isinstance(t, dict) for t in tools)):
-            raise EngineError(p.BAD_REQUEST, "tools must be a list of at most 64 objects")
-        extra = [m for m in messages if "tool_calls" in m or "tool_call_id" in m]
-        chars = sum(len(m["content"]) for m in messages) + (
-            len(json.dumps([tools, [m.get("tool_calls") for m in extra]])) if tools or extra
-            else 0)
-        if chars > MAX_PROMPT_CHARS:  # before the template and the tokenizer spend time on it
-            raise EngineError(p.BAD_REQUEST, f"messages hold {chars} characters; the limit is "
-                                             f"{MAX_PROMPT_CHARS}")
-        keep = ("role", "content", "tool_calls", "tool_call_id")
-        try:
-            out = self.tokenizer.apply_chat_template(
-                [{k: m[k] for k in keep if k in m} for m in messages], tools=tools or None,
-                add_generation_prompt=add_generation_prompt, tokenize=True)
-        except Exception as exc:
-            raise EngineError(p.BAD_REQUEST, f"chat template failed: {exc}") from None
-        ids = out["input_ids"] if hasattr(out, "keys") else out
-        return list(ids)
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:

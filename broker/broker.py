@@ -86,8 +86,8 @@ class Broker:
         # and sends again what died with the old process (protocol.py, client_core.py)
         self.epoch = uuid.uuid4().hex[:16]
         self.beat = p.encode(p.HEARTBEAT, {"epoch": self.epoch})
-        self.counts = {"requests": 0, "busy": 0, "lost": 0, "bad_frames": 0, "backlogged": 0,
-                       "slow_clients": 0}
+        self.counts = {"requests": 0, "busy": 0, "timeout": 0, "lost": 0, "bad_frames": 0,
+                       "backlogged": 0, "slow_clients": 0}
         self._next_heartbeat = 0.0
         self.handled = 0  # messages since the heap was last trimmed
 
@@ -349,12 +349,9 @@ class Broker:
         return deadline
 
     def _on_timers(self, now: float) -> None:
-        for job in self.table.expired_jobs(now):
-            known = self.table.serves(job.model) or job.model in self.table.known_models
-            code = p.BUSY if known else p.UNKNOWN_MODEL
-            self.counts["busy"] += code == p.BUSY
-            self.send_client(job.client, p.error(job.rid, code, f"no worker for {job.model!r} "
-                                                  f"within {self.cfg.max_queue_wait_ms} ms"))
+        for job, code, message in self.table.expired_jobs(now):
+            self.counts["busy" if code == p.BUSY else "timeout"] += code in (p.BUSY, p.TIMEOUT)
+            self.send_client(job.client, p.error(job.rid, code, message))
         if now < self._next_heartbeat:
             return
         self._next_heartbeat = now + self.cfg.heartbeat_interval_s

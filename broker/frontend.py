@@ -68,9 +68,15 @@ def on_request(broker: Broker, client: bytes, msg: p.Message, frames: list[bytes
             broker.send_client(client, p.error(rid, p.BAD_REQUEST,
                                                f"request id {rid} is in flight"))
         return
-    job = Job(client, rid, model, frames, time.monotonic(), msg.header.get("tenant", ""),
+    left = deadline - time.time() if (deadline := msg.header.get("deadline")) else None
+    if left is not None and left <= 0:
+        broker.send_client(client, p.error(rid, p.TIMEOUT, "its deadline passed before it "
+                                                           "reached the broker"))
+        return
+    now = time.monotonic()
+    job = Job(client, rid, model, frames, now, msg.header.get("tenant", ""),
               msg.header.get("trace", ""), msg.header.get("prefix") or [],
-              msg.header.get("priority", 0))
+              msg.header.get("priority", 0), now + left if left is not None else 0.0)
     worker = broker.table.pick_worker(model, job.prefix)
     if worker is not None:
         broker.table.add(job)

@@ -7,7 +7,10 @@ client, per model queue, per share) never disagree.
 
 The queue is bounded in jobs and in bytes, and shared fairly: one client may hold at most
 `client_share` of it, and one tenant of a client (the API key a gateway passes along) at most
-`tenant_share`, so no client and no tenant can make the others BUSY.
+`tenant_share`, so no client and no tenant can make the others BUSY. Within a model, jobs wait
+in a lane per priority (lower leaves first, oldest first within one). A job leaves the queue
+with an error when it waited max_queue_wait_s (BUSY) or its deadline passed (TIMEOUT: the
+broker drops it without a worker ever seeing it).
 
 Routing (`routing`): "least-loaded" sends a job to the live worker with the most free credit;
 "prefix" first asks the prefix index (affinity.py) which worker was sent the job's longest
@@ -18,11 +21,14 @@ prompt prefix and sends it there, so its KV cache serves it, unless that worker 
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from zeroserve import protocol as p
 from zeroserve.broker.affinity import PrefixIndex
 
 JobKey = tuple[bytes, str]  # (client identity, request id)
@@ -40,6 +46,8 @@ class Job:
     trace: str = ""  # its traceparent, when the client traces it (zeroserve/tracing.py)
     prefix: list[bytes] = field(default_factory=list)  # its prompt's prefix hashes
     priority: int = 0  # lower leaves the queue first
+    expires: float = 0.0  # monotonic time its deadline passes (0: none)
+    waiting: bool = False  # in a queue now
     worker: WorkerState | None = None
     streamed: bool = False
     requeued: bool = False
@@ -118,6 +126,8 @@ class Table:
         self.queues: dict[str, dict[int, deque[Job]]] = {}  # model -> priority -> FIFO
         self.queued = 0
         self.queued_bytes = 0
+        self.deadlines: list[tuple[float, int, Job]] = []  # heap of queued jobs' expiries
+        self._tie = itertools.count()
         self.shares: dict[tuple[bytes, str | None], list[int]] = {}  # -> [jobs, bytes] queued
         self.known_models: set[str] = set()
         self._rr = 0
@@ -271,6 +281,7 @@ class Table:
         return out
 
     def _count(self, job: Job, sign: int) -> None:
+        job.waiting = sign > 0
         size = job.nbytes
         self.queued += sign
         self.queued_bytes += sign * size
@@ -283,6 +294,11 @@ class Table:
 
     def enqueue(self, job: Job, front: bool = False) -> None:
         q = self.queues.setdefault(job.model, {}).setdefault(job.priority, deque())
+        if job.expires:
+            if len(self.deadlines) > 2 * self.queued + 64:  # entries of jobs gone: compact
+                self.deadlines = [e for e in self.deadlines if e[2].waiting]
+                heapq.heapify(self.deadlines)
+            heapq.heappush(self.deadlines, (job.expires, next(self._tie), job))
         if front:
             q.appendleft(job)
         else:
@@ -326,25 +342,37 @@ class Table:
         self._prune(job.model)
         return True
 
-    def expired_jobs(self, now: float) -> list[Job]:
-        """Queued jobs that waited longer than max_queue_wait_s (each lane is FIFO by age)."""
-        out: list[Job] = []
+    def expired_jobs(self, now: float) -> list[tuple[Job, str, str]]:
+        """Queued jobs to answer now, each with its error: past its deadline (TIMEOUT), or
+        waited longer than max_queue_wait_s (BUSY, or UNKNOWN_MODEL if nothing serves it)."""
+        out: list[tuple[Job, str, str]] = []
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, _, job = heapq.heappop(self.deadlines)
+            if self.unqueue(job):
+                out.append((job, p.TIMEOUT, "its deadline passed while it was queued "
+                            f"({(now - job.enqueued_at) * 1000:.0f} ms)"))
         limit = now - self.max_queue_wait_s
         for model, lanes in list(self.queues.items()):
             for q in lanes.values():
                 while q and q[0].enqueued_at < limit:
                     job = q.popleft()
                     self._count(job, -1)
-                    out.append(job)
+                    known = self.serves(model) or model in self.known_models
+                    out.append((job, p.BUSY if known else p.UNKNOWN_MODEL,
+                                f"no worker for {model!r} within "
+                                f"{self.max_queue_wait_s * 1000:.0f} ms"))
             self._prune(model)
-        for job in out:
+        for job, _, _ in out:
             self.drop(job)
         return out
 
     def next_queue_deadline(self) -> float | None:
-        heads = [q[0].enqueued_at for lanes in self.queues.values() for q in lanes.values()
-                 if q]
-        return min(heads) + self.max_queue_wait_s if heads else None
+        while self.deadlines and not self.deadlines[0][2].waiting:
+            heapq.heappop(self.deadlines)  # it left the queue: nothing to expire
+        heads = [q[0].enqueued_at + self.max_queue_wait_s for lanes in self.queues.values()
+                 for q in lanes.values() if q]
+        heads += [self.deadlines[0][0]] if self.deadlines else []
+        return min(heads) if heads else None
 
     def stats(self) -> dict[str, Any]:
         return {

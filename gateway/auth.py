@@ -8,7 +8,8 @@ Environment: ZEROSERVE_API_KEYS="team-a:sk-...,ops:sk-..." (every model, default
 "models" absent means every model; "rps"/"tpm" absent means the gateway's defaults; an
 "admin" key also sees the figures that would tell one tenant about another's traffic (the
 prefix-cache counters on /metrics); "priority" is its requests' default priority and the most
-urgent (lowest) one they may ask for.
+urgent (lowest) one they may ask for; "timeout" the deadline (seconds) of its requests that
+name none.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class ApiKey:
     tpm: float | None = None
     admin: bool = False
     priority: int | None = None  # its requests' default, and the most urgent they may ask
+    timeout: float | None = None  # its requests' default deadline, in seconds from arrival
 
     def priority_of(self, asked: int | None) -> int | None:
         """A request's priority under this key: its own if no more urgent than the key's."""
@@ -45,6 +47,15 @@ def _priority(entry: dict) -> int | None:
     value = entry.get("priority")
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise ValueError(f"key {entry.get('id')!r}: priority must be an integer")
+    return value
+
+
+def _timeout(entry: dict) -> float | None:
+    value = entry.get("timeout")
+    if value is not None:
+        from zeroserve.contract import NUMBERS
+
+        NUMBERS["timeout"].check(f"key {entry.get('id')!r}: timeout", value)
     return value
 
 
@@ -74,7 +85,8 @@ class KeyStore:
                 keys.append(ApiKey(str(entry["id"]), digest,
                                    frozenset(models) if models is not None else None,
                                    entry.get("rps"), entry.get("tpm"),
-                                   entry.get("admin") is True, _priority(entry)))
+                                   entry.get("admin") is True, _priority(entry),
+                                   _timeout(entry)))
         env = os.environ.get("ZEROSERVE_API_KEYS", "") if env is None else env
         for item in filter(None, (s.strip() for s in env.split(","))):
             key_id, _, secret = item.partition(":")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from zeroserve import errors
+from zeroserve import contract, errors
 from zeroserve.client import AsyncRequestHandle, Chunk
 from zeroserve.gateway import responses
 from zeroserve.gateway.cache import cache_key
@@ -75,6 +75,23 @@ class Started:
     cache_at: str | None = None  # the response cache's key for the reply, when it may be kept
 
 
+def _deadline(request: Request, body: dict[str, Any], key: Any) -> None:
+    """The request's timeout: its body's, else its x-request-timeout header, else its key's."""
+    if body.get("timeout") is not None:
+        return
+    header = request.headers.get("x-request-timeout")
+    if header is not None:
+        try:
+            value = float(header)
+            contract.NUMBERS["timeout"].check("x-request-timeout", value)
+        except ValueError as exc:
+            raise ApiError(400, str(exc) if "must be" in str(exc) else
+                           "x-request-timeout must be a number of seconds") from None
+        body["timeout"] = value
+    elif key is not None and key.timeout is not None:
+        body["timeout"] = key.timeout
+
+
 async def start(gw: Gateway, request: Request, req: Any, route: str, chat: bool,
                 cacheable: bool = True) -> Started | Response:
     """Authorize, rate-limit, answer from the response cache when it may (a Response), else
@@ -86,6 +103,7 @@ async def start(gw: Gateway, request: Request, req: Any, route: str, chat: bool,
         body = req.engine_body(gw.cfg.max_tokens_default) if not chat else req.engine_body()
     except ValueError as exc:
         raise ApiError(400, str(exc), param="prompt") from None
+    _deadline(request, body, key)
     if key is not None:
         asked = body.get("priority") if "priority" in req.model_fields_set else None
         if (priority := key.priority_of(asked)) is not None:

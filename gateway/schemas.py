@@ -76,6 +76,7 @@ class _Sampling(Strict):
                      ] | None = Field(default=None, max_length=c.MAX_LOGIT_BIAS)
     min_tokens: int = number("min_tokens")
     priority: int = number("priority")  # vLLM's: lower first; the key's floor applies
+    timeout: float | None = number("timeout", None)  # seconds (or x-request-timeout)
     stop_token_ids: Annotated[list[TokenId], Field(max_length=c.MAX_STOP_TOKEN_IDS)] | None = None
     # vLLM's name: requests with the same salt share cached prefixes (default: the API key's)
     cache_salt: str | None = Field(default=None, min_length=1, max_length=c.MAX_CACHE_SALT)
@@ -104,6 +105,8 @@ class _Sampling(Strict):
             body["stop_token_ids"] = self.stop_token_ids
         if self.cache_salt:
             body["cache_salt"] = self.cache_salt
+        if self.timeout is not None:
+            body["timeout"] = self.timeout
         return body
 
     @property

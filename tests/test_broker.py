@@ -445,3 +445,22 @@ def test_a_peer_quoting_another_process_identity_is_never_taken_for_it(pipeline)
         bystander.wait()
         rogue.close()
         ctx.term()
+
+
+def test_a_queued_request_past_its_deadline_fails_without_reaching_a_worker(pipeline) -> None:
+    from zeroserve import RequestTimeoutError
+
+    pipeline.start_broker()
+    pipeline.start_worker("w", "--capacity", "1", "--step-delay-ms", "20")
+    pipeline.wait_workers(1)
+    with pipeline.client() as c:
+        busy = c.submit("echo", " ".join(["w"] * 60))  # holds the only seat ~1.2 s
+        t0 = time.monotonic()
+        with pytest.raises(RequestTimeoutError, match="deadline"):
+            c.generate("echo", "late", timeout=0.3, timeout_s=10)
+        assert time.monotonic() - t0 < 1.0  # at its deadline, not when the seat freed
+        assert busy.result(10).text.startswith("w")
+        time.sleep(0.3)
+        worker = c.workers()[0]
+        assert worker["served"] == 1  # the late one never reached it
+        assert c.admin("stats")["timeout"] == 1

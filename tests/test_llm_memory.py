@@ -244,3 +244,27 @@ def test_an_urgent_arrival_takes_the_seat_of_a_less_urgent_one(tiny_model) -> No
             break
     assert ended == ["chat", "batch"]  # the chat did not wait for the seat
     assert got["batch"] == alone["batch"]  # displaced and resumed: the same tokens
+
+
+def test_past_its_deadline_a_request_stops_with_what_it_made_or_never_runs(tiny_model) -> None:
+    import time
+
+    from zeroserve import protocol as p
+
+    eng = make_engine(tiny_model, max_num_seqs=1)
+    now = time.time()
+    eng.add((b"t", "long"), {**greedy([5] * 20, 480), "deadline": now + 0.25}, [])
+    eng.add((b"t", "queued"), {**greedy([6] * 20, 8), "deadline": now + 0.1}, [])
+    tokens: dict[str, int] = {"long": 0, "queued": 0}
+    ends: dict[str, object] = {}
+    steps_after = 0
+    while eng.has_work():
+        steps_after += time.time() > now + 0.25
+        for out in eng.step():
+            tokens[out.key[1]] += len(out.delta["token_ids"]) if out.delta else 0
+            if out.finish or out.error:
+                ends[out.key[1]] = out.finish["finish_reason"] if out.finish else out.error[0]
+    assert ends == {"queued": p.TIMEOUT, "long": "timeout"}
+    assert tokens["queued"] == 0 and 0 < tokens["long"] < 480
+    assert steps_after <= 1  # no compute after the deadline but the step it fell in
+    assert eng.stats()["deadline_misses"] == 2

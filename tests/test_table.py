@@ -22,7 +22,7 @@ def test_queues_of_client_chosen_model_names_do_not_pile_up() -> None:
         assert table.unqueue(job)
     expired = Job(b"c", "old", "model-x", [], 0.0)
     table.enqueue(expired)
-    assert table.expired_jobs(1.0) == [expired]
+    assert [j for j, _, _ in table.expired_jobs(1.0)] == [expired]
     assert table.queues == {} and table.queued == 0
 
 
@@ -181,5 +181,24 @@ def test_the_queue_serves_lower_priority_values_first_and_ages_out_every_lane() 
     assert [j.rid for j in taken] == ["r3", "r1", "r4"]  # -1, then the 0s oldest first
     # what is left waits in its lane; the oldest of every lane ages out on time
     assert table.next_queue_deadline() == 1.0
-    assert [j.rid for j in table.expired_jobs(3.5)] == ["r0", "r2"]
+    assert [j.rid for j, _, _ in table.expired_jobs(3.5)] == ["r0", "r2"]
     assert table.queues == {} and table.queued == 0
+
+
+def test_a_queued_job_past_its_deadline_leaves_with_timeout_before_its_wait_ends() -> None:
+    from zeroserve import protocol as p
+
+    table = Table(max_queue=10, max_queue_wait_s=60.0)
+    soon = Job(b"c", "soon", "m", [], 0.0, expires=0.5)
+    later = Job(b"c", "later", "m", [], 0.0, expires=100.0)
+    for job in (soon, later):
+        table.add(job)
+        table.enqueue(job)
+    assert table.next_queue_deadline() == 0.5
+    assert table.expired_jobs(0.4) == []
+    (job, code, message), = table.expired_jobs(0.6)
+    assert job is soon and code == p.TIMEOUT and "deadline" in message
+    assert table.next_queue_deadline() == 60.0  # later's wait, not its far deadline
+    table.register(b"w", {"worker_id": "w", "models": ["m"], "capacity": 1}, 1e9)
+    assert table.dequeue_for(table.workers[b"w"]) == [later]
+    assert table.next_queue_deadline() is None and table.expired_jobs(200.0) == []

@@ -91,6 +91,9 @@ class ClientCore:
                trace: str = "") -> Out:
         if rid in self.pending:  # never another request's entry: its replies would go astray
             raise errors.BadRequestError(f"request id {rid} is in flight", rid)
+        if body.get("timeout") is not None:  # a wall-clock deadline, the same everywhere
+            body = {k: v for k, v in body.items() if k != "timeout"} | {
+                "deadline": time.time() + float(body["timeout"])}
         generation = not buffers and any(f in body for f in GENERATION_FIELDS)
         prefix: list[bytes] = []
         if generation:  # one salt for the worker's cached blocks and the broker's routing

@@ -10,7 +10,9 @@ Request body of a generation (what the SDK and the gateway send a worker):
   (MAX_STOP_TOKEN_IDS), ignore_eos: bool, logit_bias: {"id": bias} (MAX_LOGIT_BIAS entries
   within +-LOGIT_BIAS_LIMIT), response_format, tools (MAX_TOOLS), resume, cache_salt: str
   (MAX_CACHE_SALT; prefix.salt: the SDK sets it from the tenant unless the caller names one);
-  priority (in NUMBERS) also travels in the REQUEST header, for the broker's queue
+  priority (in NUMBERS) also travels in the REQUEST header, for the broker's queue, and so
+  does deadline (the SDK's: now + timeout): past it a queued request fails with TIMEOUT and
+  costs no compute, a running one finishes with finish_reason "timeout" and what it made
 
 Replies (Delta on each CHUNK, Finish added on END): the TypedDicts below.
 """
@@ -51,8 +53,13 @@ NUMBERS: dict[str, Bounds] = {
     "logprobs": Bounds(None, 0, 20, integer=True),  # alternatives per token; None: none
     # scheduling: lower runs first (vLLM's meaning); a gateway key may set a floor
     "priority": Bounds(0, -(1 << 31), (1 << 31) - 1, integer=True),
+    # seconds it may take from now: the SDK turns it into `deadline` (wall-clock seconds),
+    # which the broker (queued) and the engine (queued or running) honour
+    "timeout": Bounds(None, 0.001, 86400.0),
     "n": Bounds(1, 1, 8, integer=True),  # choices (the gateway sends one request each)
 }
+DEADLINE = Bounds(None, 0.0, float(1 << 40))  # what the SDK sends for a timeout (see above)
+ENGINE_FREE = ("n", "timeout")  # numbers the gateway or SDK resolve: no engine sees them
 CHAT_MAX_TOKENS = 256  # max_tokens of a chat completion that names none (OpenAI: the rest)
 MAX_STOP = 16
 MAX_STOP_CHARS = 1000

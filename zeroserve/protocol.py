@@ -141,6 +141,7 @@ HEADER_FIELDS: dict[str, tuple[tuple[type, ...], int]] = {
     "ids": ((list,), MAX_CHUNK_IDS),  # CHUNKS: each a request id
     "again": ((int,), 0),  # a REQUEST sent once more after its broker restarted
     "priority": ((int,), 0),  # a REQUEST's (lower first): the broker's queue order
+    "deadline": ((float, int), 0),  # a REQUEST's, wall-clock seconds: dropped if queued past it
 }
 UNATTRIBUTED = "*"  # request id of an ERROR that answers a frame with no usable id
 
@@ -258,11 +259,13 @@ _ID_TYPES = frozenset({REQUEST, CHUNK, END, ERROR, CANCEL, ADMIN})
 
 def request(rid: str, model: str, body: dict[str, Any], *buffers: bytes,
             tenant: str = "", trace: str = "", prefix: list[bytes] | None = None) -> list[bytes]:
-    """A REQUEST; the body's priority is copied into the header, for the broker's queue."""
-    priority = body.get("priority")
+    """A REQUEST; the body's priority and deadline are copied into the header, for the
+    broker's queue."""
+    priority, deadline = body.get("priority"), body.get("deadline")
     head = {"id": rid, "model": model, **({"tenant": tenant} if tenant else {}),
             **({"trace": trace} if trace else {}), **({"prefix": prefix} if prefix else {}),
-            **({"priority": priority} if isinstance(priority, int) and priority else {})}
+            **({"priority": priority} if isinstance(priority, int) and priority else {}),
+            **({"deadline": deadline} if isinstance(deadline, float | int) else {})}
     return encode(REQUEST, head, packb(body), *buffers)
 
 

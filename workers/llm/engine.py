@@ -187,7 +187,7 @@ class LLMEngine:
 
     def step(self) -> list[Output]:
         t0 = time.perf_counter()
-        answered, self.answers = self.answers, []
+        answered, self.answers = self.answers + self._expire(), []
         plan = self.scheduler.schedule()
         if plan.empty:
             return answered
@@ -296,6 +296,18 @@ class LLMEngine:
         self.seqs.pop(seq.key, None)
         return Output(seq.key, delta, {"finish_reason": finish, "usage": seq.usage(),
                                        "queue_ms": round(seq.queue_ms, 3)})
+
+    def _expire(self) -> list[Output]:
+        """Requests past their deadline: one that never ran fails with TIMEOUT (it cost no
+        compute); one that ran ends with what it made, finish_reason "timeout"."""
+        waiting, running = self.scheduler.expire(time.time())
+        outs = [Output(s.key, error=(p.TIMEOUT, "its deadline passed before it ran"))
+                for s in waiting]
+        outs += [Output(s.key, {"text": stopping.new_text(s, True, False), "token_ids": []},
+                        {"finish_reason": "timeout", "usage": s.usage()}) for s in running]
+        for seq in waiting + running:
+            self.seqs.pop(seq.key, None)
+        return outs
 
     def _piece(self, token_id: int) -> str:
         """One token's own text, for logprobs (special tokens included)."""

@@ -31,6 +31,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = c.default("min_tokens")
     priority: int = c.default("priority")  # scheduling, not sampling: lower runs first
+    deadline: float | None = None  # wall-clock seconds: past it, stop (contract.py)
 
     @property
     def greedy(self) -> bool:
@@ -44,9 +45,9 @@ def _bad(msg: str) -> EngineError:
 def _value(body: dict[str, Any], key: str, hi: float | None = None) -> Any:
     """body[key] within the contract's bounds for it (and at most `hi`), or its default."""
     v = body.get(key)
+    bounds = c.DEADLINE if key == "deadline" else c.NUMBERS[key]
     if v is None:
-        return c.default(key)
-    bounds = c.NUMBERS[key]
+        return bounds.default
     try:
         bounds.check(key, v)
     except ValueError as exc:
@@ -93,6 +94,7 @@ def parse(body: dict[str, Any], vocab_size: int) -> SamplingParams:
         logit_bias=_logit_bias(body.get("logit_bias"), vocab_size),
         min_tokens=_value(body, "min_tokens", hi=max_tokens),
         priority=_value(body, "priority"),
+        deadline=_value(body, "deadline"),
     )
 
 

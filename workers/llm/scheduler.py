@@ -65,6 +65,17 @@ class Scheduler:
         preempted sequence went back to its head)."""
         return min(self.waiting, key=self._rank) if self.by_priority else self.waiting[0]
 
+    def expire(self, now: float) -> tuple[list[Sequence], list[Sequence]]:
+        """Take out the sequences whose deadline (wall-clock) has passed: (waiting ones, which
+        never ran, or were preempted; running ones)."""
+        late = [s for s in (*self.waiting, *self.running)
+                if s.params.deadline is not None and s.params.deadline <= now]
+        self.deadline_misses += len(late)
+        waiting = [s for s in late if s.status is Status.WAITING and not s.num_output]
+        for seq in late:
+            self.finish(seq)
+        return waiting, [s for s in late if s not in waiting]
+
     def _displaceable(self, seq: Sequence) -> Sequence | None:
         """Under priority scheduling, the running sequence that gives its seat and blocks to
         `seq`: the least urgent, if it is less urgent than `seq` (never one of its priority,
@@ -134,11 +145,13 @@ class Scheduler:
 
     def reset_figures(self) -> None:
         self.preemptions = self.max_running = self.kv_peak = self.kv_full_peak = 0
+        self.deadline_misses = 0
         self.blocks.reset_figures()
 
     def figures(self) -> dict[str, int]:
         return {"running": len(self.running), "waiting": len(self.waiting),
                 "max_running": self.max_running, "preemptions": self.preemptions,
+                "deadline_misses": self.deadline_misses,
                 "kv_tokens_used_peak": self.kv_peak,
                 "kv_tokens_full_attention_peak": self.kv_full_peak}
 

@@ -228,6 +228,7 @@ class Broker:
             self._send_raw_backend(identity, p.encode(p.DISCONNECT, {"reason": str(exc)}))
             return
         worker.peer_pid = peer if verified else None
+        worker.stats = msg.header.get("stats") or worker.stats
         pidfd = self.pids.watch(identity, msg.header) if verified else None
         if pidfd is not None:
             self.poller.register(pidfd, zmq.POLLIN)

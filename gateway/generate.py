@@ -28,6 +28,7 @@ from zeroserve.client import AsyncRequestHandle, Chunk
 from zeroserve.gateway import responses
 from zeroserve.gateway.cache import cache_key
 from zeroserve.gateway.errors import ApiError, from_zeroserve
+from zeroserve.gateway.metrics import priority_label
 from zeroserve.gateway.ticket import Ticket, ticket
 from zeroserve.gateway.tools import ToolStream
 
@@ -108,6 +109,7 @@ async def start(gw: Gateway, request: Request, req: Any, route: str, chat: bool,
         asked = body.get("priority") if "priority" in req.model_fields_set else None
         if (priority := key.priority_of(asked)) is not None:
             body["priority"] = priority
+    t.priority = body.get("priority", 0)
     n = getattr(req, "n", 1)
     t.model, t.prompt_estimate = req.model, req.prompt_chars() // 4
     headers = gw.admit(request, key, t.prompt_estimate + body["max_tokens"] * n)
@@ -139,7 +141,8 @@ async def start(gw: Gateway, request: Request, req: Any, route: str, chat: bool,
     return Started(handles, meta, time.perf_counter(), headers, body, t, cache_at)
 
 
-async def first_chunk(request: Request, started: Started) -> tuple[Chunk, AsyncIterator[Chunk]]:
+async def first_chunk(gw: Gateway, request: Request,
+                      started: Started) -> tuple[Chunk, AsyncIterator[Chunk]]:
     """Wait for choice 0's first reply before any header goes out, so that a refused request
     gets a real HTTP error rather than an error event inside a 200 stream."""
     chunks = started.handles[0].chunks().__aiter__()
@@ -148,7 +151,7 @@ async def first_chunk(request: Request, started: Started) -> tuple[Chunk, AsyncI
     except errors.ZeroserveError as exc:
         for handle in started.handles[1:]:
             handle.client.cancel_nowait(handle.id)
-        raise from_zeroserve(exc) from None
+        raise refused(gw, started.ticket, exc) from None
     return first, chunks
 
 
@@ -169,7 +172,7 @@ async def _complete(gw: Gateway, request: Request, req: Any, started: Started,
         choices = await unless_disconnected(request, started.handles, asyncio.gather(
             *(collect(gw, handle, started.t0, t) for handle in started.handles)))
     except errors.ZeroserveError as exc:
-        raise from_zeroserve(exc) from None
+        raise refused(gw, t, exc) from None
     gw.metrics.e2e.labels(req.model).observe(time.perf_counter() - started.t0)
     raw = responses.completion_body(started.meta, chat, choices, "logprobs" in started.body,
                                     req.tool_mode() if chat else None)
@@ -181,7 +184,7 @@ async def _complete(gw: Gateway, request: Request, req: Any, started: Started,
 async def _stream(gw: Gateway, request: Request, req: Any, started: Started,
                   chat: bool) -> Response:
     """OpenAI's server-sent events, once the first reply came."""
-    first, chunks = await first_chunk(request, started)
+    first, chunks = await first_chunk(gw, request, started)
     n, meta = len(started.handles), started.meta
     parts = (_indexed(first, chunks) if n == 1 else
              _merged([chain(first, chunks), *(h.chunks() for h in started.handles[1:])]))
@@ -229,8 +232,19 @@ def record_usage(gw: Gateway, t: Ticket, data: dict[str, Any]) -> None:
     t.completion_tokens += usage.get("completion_tokens", 0)
     gw.metrics.tokens.labels("prompt").inc(t.prompt_tokens)
     gw.metrics.tokens.labels("completion").inc(usage.get("completion_tokens", 0))
+    prio = priority_label(t.priority)
     if "queue_ms" in data:
-        gw.metrics.queue.labels(t.model).observe(data["queue_ms"] / 1000)
+        gw.metrics.queue.labels(t.model, prio).observe(data["queue_ms"] / 1000)
+    if data.get("finish_reason") == "timeout":
+        gw.metrics.late.labels(t.model, prio, "running").inc()
+
+
+def refused(gw: Gateway, t: Ticket, exc: errors.ZeroserveError) -> ApiError:
+    """A request's error as the HTTP error it answers with (a queued request past its deadline
+    counted as a deadline miss)."""
+    if isinstance(exc, errors.RequestTimeoutError):
+        gw.metrics.late.labels(t.model or "", priority_label(t.priority), "queued").inc()
+    return from_zeroserve(exc)
 
 
 async def collect(gw: Gateway, handle: AsyncRequestHandle, t0: float, t: Ticket

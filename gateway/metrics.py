@@ -48,7 +48,10 @@ class Metrics:
         self.e2e = Histogram("zeroserve_request_duration_seconds", "End-to-end latency",
                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue = Histogram("zeroserve_queue_time_seconds", "Time waiting in the worker",
-                               ["model"], buckets=LATENCY_BUCKETS, registry=r)
+                               ["model", "priority"], buckets=LATENCY_BUCKETS, registry=r)
+        self.late = Counter("zeroserve_deadline_misses", "Requests past their deadline: "
+                            "queued (failed, 504) or running (ended with what they made)",
+                            ["model", "priority", "stage"], registry=r)
         self.cache = Counter("zeroserve_cache_lookups", "Response cache", ["result"], registry=r)
         self.tokens = Counter("zeroserve_tokens", "Tokens", ["kind"], registry=r)
         self.workers_up = Gauge("zeroserve_workers_up", "Live workers", registry=r)
@@ -151,6 +154,11 @@ def _worker_families(workers: list[dict[str, Any]]) -> Iterator[Metric]:
                              stats.get("busy_s", 0.0))
     yield from out.values()
     yield steps
+
+
+def priority_label(priority: int) -> str:
+    """A request's priority as a label: its value within [-10, 10], else which side."""
+    return str(priority) if -10 <= priority <= 10 else ("<-10" if priority < 0 else ">10")
 
 
 class WorkerFamilies:

@@ -175,7 +175,7 @@ async def create(gw: Gateway, request: Request, req: ResponsesRequest) -> Respon
     rid = started.meta["id"].removeprefix("chatcmpl-")
     created = started.meta["created"]
     if req.stream:
-        first, chunks = await first_chunk(request, started)
+        first, chunks = await first_chunk(gw, request, started)
         return StreamingResponse(_events(gw, req, started, chain(first, chunks)),
                                  media_type="text/event-stream",
                                  headers={**SSE_HEADERS, **started.headers})

@@ -42,6 +42,7 @@ class Ticket:
     reserved: int = 0  # rate-limit tokens taken at admission and not settled yet
     limiter: Refunds | None = None
     caller_id: bool = False  # request_id is the caller's X-Request-Id (not generated here)
+    priority: int = 0  # as sent (after its key's floor): metrics label it
     on_end: list[Callable[[], None]] = field(default_factory=list)  # run once, at the end
 
     def reserve(self, limiter: Refunds, key_id: str, tokens: int) -> None:

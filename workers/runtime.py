@@ -101,6 +101,7 @@ class Worker:
         self.inbox.put((DRAIN, True))
 
     def run(self) -> int:
+        self.stats = self.engine.stats()  # READY carries them: figures from the first moment
         self._io.start()
         for thread in self._prep:
             thread.start()
@@ -298,6 +299,7 @@ class Worker:
             "cpus": list(self.cfg.cpus),
             "device": self.engine.device,
             "engine": self.cfg.engine.name,
+            "stats": self.beat(),
         }
 
     def broker_lost(self, tag: bytes) -> None:

@@ -16,8 +16,8 @@ from zeroserve.ops import supervisor
 
 CRASH_LOOP_RESTARTS = 3
 COLUMNS = ("slot", "pid", "state", "device", "cpus", "model", "capacity", "in_flight",
-           "running", "waiting", "kv_tokens", "prefix_hit", "preempted", "tok_s", "uptime_s",
-           "restarts")
+           "running", "waiting", "kv_tokens", "prefix_hit", "preempted", "late", "tok_s",
+           "uptime_s", "restarts")
 
 
 def _table(client: Client) -> dict[str, dict[str, Any]]:
@@ -80,6 +80,7 @@ def _figures(w: dict[str, Any], uptime: float | None, rates: dict[str, float]
         "prefix_hit": f"{stats['prefix_cache_hit_rate']:.0%}"
         if "prefix_cache_hit_rate" in stats else None,
         "preempted": stats.get("preemptions"),
+        "late": stats.get("deadline_misses"),  # requests it stopped at their deadline
         "tok_s": rates.get(w.get("worker_id", ""), lifetime),
         "uptime_s": round(uptime) if uptime else None, "served": w.get("served"),
     }

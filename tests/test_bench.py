@@ -65,3 +65,26 @@ def test_bench_slowloris_holds_the_connections_and_reports_both_rounds():
     res = bench("slowloris", "--idle", "40", "--slow", "5", "--round-s", "2", "--rounds", "1")
     assert res["idle_connections"] == 40 and res["requests"] > 10
     assert res["quiet_p50_ms"] > 0 and res["loaded_p50_ms"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_bench_step_runs_more_steps_than_its_old_token_budget_and_reports_the_host_share(
+        tiny_model):
+    # 40 steps: the timed and host-share passes outlast steps + 32 tokens (it used to crash)
+    res = bench("step", "--model", str(tiny_model), "--batch", "8", "--prompt-tokens", "32",
+                "--steps", "40", "--dtype", "float32")
+    assert res["batch"] == 8 and res["steps"] == 40
+    assert 0 < res["host_step_ms"] < res["decode_step_ms"]  # the forward costs something
+    assert res["step_over_forward"] > 0.5
+
+
+@pytest.mark.timeout(300)
+def test_bench_serve_mixed_reports_goodput_by_class(tiny_model):
+    res = bench("serve", "--model", str(tiny_model), "--workload", "mixed", "--num-requests",
+                "16", "--rate", "50", "--goodput", "ttft:60000,tpot:60000")
+    assert res["requests_failed"] == 0
+    # with SLOs nobody misses, goodput is the request rate, split by class
+    assert res["goodput_rps"] == pytest.approx(res["request_throughput_per_s"])
+    assert res["interactive_goodput_rps"] + res["batch_goodput_rps"] == pytest.approx(
+        res["goodput_rps"])
+    assert res["batch_tok_s"] > 0 and res["interactive_tok_s"] > 0

@@ -47,7 +47,8 @@ def engine_steps(cfg: Any, batch: int, prompt: int, steps: int, body: dict[str, 
     vocab = eng.runner.vocab_size
     for i in range(batch):  # contexts of mixed lengths, as served requests have
         ids = [rng.randrange(3, vocab) for _ in range(rng.randint(prompt // 2, prompt * 3 // 2))]
-        eng.add((b"", f"s{i}"), {**body, "prompt_token_ids": ids, "max_tokens": steps + 32,
+        # enough tokens for the warm-up, the timed pass and the host-share pass
+        eng.add((b"", f"s{i}"), {**body, "prompt_token_ids": ids, "max_tokens": 2 * steps + 8,
                                  "ignore_eos": True}, [])
     while any(s.num_computed < s.total_len - 1 for s in eng.seqs.values()):
         eng.step()  # prefill
@@ -135,8 +136,9 @@ def run(model: str, device: str, dtype: str, batch: int, prompt: int,
     dt = pick_dtype(dtype, dev)[0]
     cfg = WorkerConfig(broker="-", model=str(path), device=device,
                        dtype=str(dt).removeprefix("torch."),
-                       engine=LLMConfig(max_num_seqs=batch, max_model_len=2 * prompt + steps + 64,
-                                        kv_cache_tokens=batch * (2 * prompt + steps + 64)))
+                       engine=LLMConfig(max_num_seqs=batch,
+                                        max_model_len=2 * prompt + 2 * steps + 64,
+                                        kv_cache_tokens=batch * (2 * prompt + 2 * steps + 64)))
     res: dict[str, Any] = {"device": device, "dtype": cfg.dtype, "batch": batch,
                            "prompt_tokens": prompt, "steps": steps}
     greedy, syncs, host = engine_steps(cfg, batch, prompt, steps, {"temperature": 0})

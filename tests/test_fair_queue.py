@@ -40,3 +40,21 @@ def test_a_tenants_second_big_job_leaves_the_last_thread_to_others() -> None:
     assert q.get() == ("a", "a-small")  # small jobs never wait for that
     q.close()
     assert q.get() is None
+
+
+def test_a_workers_prepare_threads_yield_the_cores_to_its_steps(pipeline, tiny_model) -> None:
+    """The two prepare threads run at a lower priority (nice 5) than the engine and IO threads:
+    a huge tokenization never takes a core a step needs."""
+    import os
+
+    pipeline.start_broker()
+    worker = pipeline.start_worker("llm", "--model", str(tiny_model), "--served-name", "tiny",
+                                   engine="llm")
+    pipeline.wait_workers(1, timeout_s=120)
+
+    def nice(tid: str) -> int:
+        with open(f"/proc/{worker.pid}/task/{tid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[16])
+
+    nices = sorted(nice(t) for t in os.listdir(f"/proc/{worker.pid}/task"))
+    assert nices.count(5) == 2 and nices[0] == 0, nices

@@ -24,6 +24,7 @@ the broker resumes its requests elsewhere and a supervisor starts it again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -61,6 +62,7 @@ PREPARE_THREADS = 2  # one huge prompt's text work never holds up every new requ
 # Inbox items from the IO (and prepare) thread to the engine thread.
 ADD, REJECT, CANCEL, DRAIN, RESET = "add", "reject", "cancel", "drain", "reset"
 TRIM_BYTES = 8 * 1024 * 1024  # after a body this big, free heap goes back to the system
+PREPARE_NICE = 5  # the prepare threads' niceness: a huge tokenization never starves a step
 
 
 class Worker:
@@ -271,6 +273,8 @@ class Worker:
 
     def _prepare_loop(self) -> None:
         prepare = self.engine.prepare  # type: ignore[attr-defined]
+        with contextlib.suppress(OSError, AttributeError):  # text work yields the cores to
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PREPARE_NICE)  # steps
         while (item := self.prepare_q.get()) is not None:
             tenant, (key, raw, buffers) = item
             try:

@@ -319,3 +319,13 @@ def test_a_tokenize_answer_is_bounded_with_a_clear_error(engine, monkeypatch) ->
     monkeypatch.setattr(inputs_module, "MAX_TOKENIZE_TOKENS", ok["count"] - 1)
     with pytest.raises(EngineError, match="answers at most"):
         engine.prepare({"op": "tokenize", "prompt": "hello there " * 10})
+
+
+def test_an_unknown_field_is_refused_by_name_with_the_closest_one(engine) -> None:
+    from zeroserve.workers.engine import EngineError
+
+    with pytest.raises(EngineError, match=r"max_token \(did you mean max_tokens\?\)"):
+        engine.prepare({"prompt": "hello", "max_token": 5})
+    with pytest.raises(EngineError, match="unknown field: n"):
+        engine.prepare({"prompt": "hello", "n": 2})  # the gateway sends one request a choice
+    assert engine.prepare({"prompt": "hello", "max_tokens": 5, "priority": 3}).params.priority == 3

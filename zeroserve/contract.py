@@ -60,6 +60,26 @@ NUMBERS: dict[str, Bounds] = {
 }
 DEADLINE = Bounds(None, 0.0, float(1 << 40))  # what the SDK sends for a timeout (see above)
 ENGINE_FREE = ("n", "timeout")  # numbers the gateway or SDK resolve: no engine sees them
+# every field an LLM worker reads from a body: anything else is refused by name (a typo such
+# as max_token= fails loudly instead of being ignored)
+LLM_FIELDS = frozenset({
+    *(k for k in NUMBERS if k not in ENGINE_FREE), "deadline",
+    "prompt", "prompt_token_ids", "messages", "add_generation_prompt", "tools",
+    "response_format", "stop", "stop_token_ids", "ignore_eos", "logit_bias", "cache_salt",
+    "resume", "op", "tokens"})
+
+
+def unknown_fields(body: dict[str, Any], known: frozenset[str]) -> str | None:
+    """The error naming a body's fields that are not in `known` (with the closest known name
+    for each), or None."""
+    import difflib
+
+    odd = sorted(k for k in body if k not in known)
+    if not odd:
+        return None
+    hints = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
+        str(k), known, 1)) else str(k) for k in odd[:8]]
+    return f"unknown field{'s' if len(odd) > 1 else ''}: {', '.join(hints)}"
 CHAT_MAX_TOKENS = 256  # max_tokens of a chat completion that names none (OpenAI: the rest)
 MAX_STOP = 16
 MAX_STOP_CHARS = 1000

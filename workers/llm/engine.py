@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from zeroserve import contract as c
 from zeroserve import protocol as p
 from zeroserve.config import LLMConfig, WorkerConfig
 from zeroserve.workers.engine import EngineError, Output, RequestKey
@@ -120,6 +121,8 @@ class LLMEngine:
     def prepare(self, body: dict[str, Any]) -> Prepared:
         """Template, tokenize and validate a request body. Touches no engine state: the
         runtime calls it beside the engine thread."""
+        if (odd := c.unknown_fields(body, c.LLM_FIELDS)) is not None:
+            raise EngineError(p.BAD_REQUEST, odd)
         if body.get("op") is not None:
             return Prepared([], params.SamplingParams(), [], 0,
                             answer=self.inputs.text_op(body))

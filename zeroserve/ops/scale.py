@@ -1,6 +1,7 @@
 """Scale worker slots under supervisord without dropping a request.
 
-Up: start the lowest stopped slots until N are up. Down: pick the highest running slots, ask
+Up: start the lowest stopped slots until N are up, and return once each is registered with
+the broker and RUNNING in supervisord. Down: pick the highest running slots, ask
 the broker to DRAIN each (no new work; in-flight requests finish; the worker then leaves and
 exits 0), wait until the broker no longer lists them, then stop them in supervisord. A drain
 goes to a broker's admin endpoint (ZEROSERVE_ADMIN, else admin-0.sock in the run dir; the
@@ -36,6 +37,7 @@ def scale(rpc: Any, client: Client, target: int, drain_timeout_s: float = 120.0,
             rpc.supervisor.startProcess(slot.name, False)
             started.append(slot.slot)
         _wait_registered(client, [f"worker-{n}" for n in started], start_timeout_s)
+        _wait_running(rpc, started, start_timeout_s)
     elif len(up) > target:
         victims = sorted(up, key=lambda s: s.slot)[target:]
         with Client(admin_endpoint()) as admin:
@@ -65,6 +67,15 @@ def _wait_registered(client: Client, ids: list[str], timeout_s: float) -> None:
     while not set(ids) <= _registered(client):
         if time.monotonic() > deadline:
             raise TimeoutError(f"workers {ids} did not register in {timeout_s}s")
+        time.sleep(0.2)
+
+
+def _wait_running(rpc: Any, numbers: list[int], timeout_s: float) -> None:
+    """Until supervisord says RUNNING too (a worker can register before its startsecs)."""
+    deadline = time.monotonic() + timeout_s
+    while any(s.state != "RUNNING" for s in supervisor.slots(rpc) if s.slot in numbers):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"slots {numbers} registered but not RUNNING in {timeout_s}s")
         time.sleep(0.2)
 
 

@@ -4,7 +4,8 @@ Fills in the ZEROSERVE_* variables the config reads (defaults below; the environ
 starts supervisord, starts ZEROSERVE_WORKERS worker slots once the broker is up, and on Ctrl-C
 or SIGTERM stops supervisord, which stops every program (workers drain first).
 `--render PATH` instead writes the config with those variables filled in, for an ops team's
-/etc/supervisor/conf.d, and starts nothing.
+/etc/supervisor/conf.d, and creates the run directory it names (logs, sockets), and starts
+nothing else.
 """
 
 from __future__ import annotations
@@ -62,10 +63,15 @@ def render(env: dict[str, str], config: str) -> str:
     return re.sub(r"%\(ENV_(\w+)\)s", value, Path(config).read_text())
 
 
-def start(env: dict[str, str], config: str | None = None) -> subprocess.Popen:
-    run = Path(env["ZEROSERVE_RUN_DIR"])
+def private_dir(run: Path) -> None:
+    """The run directory: it holds the ipc endpoints, the logs and supervisord's socket, for
+    this user only."""
     run.mkdir(mode=0o700, parents=True, exist_ok=True)
-    run.chmod(0o700)  # it holds the ipc endpoints and supervisord's socket: this user's only
+    run.chmod(0o700)
+
+
+def start(env: dict[str, str], config: str | None = None) -> subprocess.Popen:
+    private_dir(Path(env["ZEROSERVE_RUN_DIR"]))
     conf = config or str(REPO / "supervisord.conf")
     return subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-c", conf],
                             env=env, start_new_session=True)
@@ -99,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="write the config with its variables filled in to PATH, and exit")
     args = ap.parse_args(argv)
     if args.render:
-        Path(args.render).write_text(render(environment(), args.config))
+        env = environment()
+        private_dir(Path(env["ZEROSERVE_RUN_DIR"]))  # the rendered config's logs, sockets
+        Path(args.render).write_text(render(env, args.config))
         print(f"wrote {args.render}: start its {environment()['ZEROSERVE_WORKERS']} worker "
               "slot(s) with scripts/scale_workers.py once supervisord runs it")
         return 0

@@ -34,7 +34,9 @@ def test_up_serves_sdk_and_http_then_ctrl_c_stops_everything(tmp_ipc, tiny_model
     with open(tmp_ipc / "up.log", "w+b") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "zeroserve.cli", "up", "--model", str(tiny_model),
-             "--frontend", frontend, "--backend", backend, "--port", str(port)],
+             "--frontend", frontend, "--backend", backend, "--port", str(port),
+             "--worker-flags", "--dtype float32 --scheduling fcfs",
+             "--gateway-flags", "--allowed-hosts api.internal"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     children: list[psutil.Process] = []
     try:
@@ -46,9 +48,11 @@ def test_up_serves_sdk_and_http_then_ctrl_c_stops_everything(tmp_ipc, tiny_model
         assert len(children) >= 3  # broker, worker, gateway
         with Client(frontend) as c:
             model = c.workers()[0]["models"][0]
+            assert c.workers()[0]["stats"]["dtype"] == "float32"  # --worker-flags reached it
             assert c.generate(model, "hello", max_tokens=3, timeout_s=30).token_ids
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
-                       json={"model": model, "prompt": "hello", "max_tokens": 3}, timeout=30)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", headers={
+            "host": "api.internal"},  # served only because --gateway-flags allowed it
+            json={"model": model, "prompt": "hello", "max_tokens": 3}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         # a worker killed -9: up starts it again while the gateway keeps answering
         worker = next(c for c in children if "worker" in c.cmdline())

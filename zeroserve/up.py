@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import os
+import shlex
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -87,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default=GatewayConfig.host, help="gateway HTTP host")
     ap.add_argument("--port", type=int, default=GatewayConfig.port, help="gateway HTTP port")
     ap.add_argument("--no-gateway", action="store_true")
+    ap.add_argument("--worker-flags", default="", metavar="'FLAGS'",
+                    help="more worker flags, as one string (e.g. '--dtype float32 "
+                         "--kv-cache-tokens 8192 --scheduling fcfs')")
+    ap.add_argument("--gateway-flags", default="", metavar="'FLAGS'",
+                    help="more gateway flags, as one string (e.g. '--api-keys-file keys.json "
+                         "--rate-tpm 60000')")
     ap.add_argument("--ready-timeout-s", type=float, default=600.0)
     ap.add_argument("--log-level", default="INFO")
     return ap
@@ -124,9 +132,31 @@ def endpoints(given: str | None, role: str, brokers: int, instance: str | None) 
             for i in range(brokers)]
 
 
+PARSERS = {"worker": "zeroserve.workers.worker", "gateway": "zeroserve.gateway.cli"}
+
+
+def passed_through(ap: argparse.ArgumentParser, flags: str, role: str, base: list[str]
+                   ) -> list[str]:
+    """--worker-flags / --gateway-flags as arguments, checked by that role's own parser now
+    (a typo fails here, not in a child that restarts in a loop)."""
+    from importlib import import_module
+
+    extra = shlex.split(flags)
+    parser = import_module(PARSERS[role]).build_parser()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            parser.parse_args([*base, *extra])
+    except SystemExit:
+        ap.error(f"--{role}-flags: {err.getvalue().strip().splitlines()[-1]}")
+    return extra
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
     setup_logging(args.log_level, "up")
+    worker_extra = passed_through(ap, args.worker_flags, "worker", ["--broker", "-"])
+    gateway_extra = passed_through(ap, args.gateway_flags, "gateway", [])
     fronts, backs, admins = (endpoints(given, role, args.brokers, args.instance) for given, role
                              in ((args.frontend, "frontend"), (args.backend, "backend"),
                                  (None, "admin")))
@@ -144,12 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         Child(f"worker-{i}", "worker", [
             "--broker", backend, "--engine", args.engine, "--model", args.model, "--slot",
             str(i), "--slots", str(args.workers), "--device", args.device, "--worker-id",
-            f"worker-{i}", "--log-level", args.log_level])
+            f"worker-{i}", "--log-level", args.log_level, *worker_extra])
         for i in range(args.workers)
     ]
     gateway = [] if args.no_gateway else [
         Child("gateway", "gateway", ["--broker", frontend, "--host", args.host, "--port",
-                                     str(args.port), "--log-level", args.log_level])]
+                                     str(args.port), "--log-level", args.log_level,
+                                     *gateway_extra])]
     children = [*brokers, *workers, *gateway]
     try:
         rows = wait_ready(frontend, args.workers, args.ready_timeout_s,

@@ -189,19 +189,3 @@ def test_the_autoscale_loop_reads_the_broker_and_decides(pipeline) -> None:
                 h.cancel()
     assert stop(loop, timeout_s=10, sig=signal.SIGINT) == 0  # Ctrl-C: it ends between ticks
 
-
-def test_a_rendered_config_parses_on_a_fresh_machine(tmp_path, monkeypatch) -> None:
-    """`zeroserve supervise --render` makes the run directory its config logs into, so
-    supervisord can read the file as written (it refuses a missing log directory)."""
-    from supervisor.options import ServerOptions
-
-    from zeroserve.ops import supervise
-
-    run = tmp_path / "fresh" / "run"
-    monkeypatch.setenv("ZEROSERVE_RUN_DIR", str(run))
-    conf = tmp_path / "zeroserve.conf"
-    assert supervise.main(["--render", str(conf)]) == 0
-    assert run.is_dir() and run.stat().st_mode & 0o777 == 0o700
-    opts = ServerOptions()
-    opts.realize(args=["-c", str(conf)])  # exits (SystemExit) on a config it cannot use
-    assert str(run) in opts.logfile

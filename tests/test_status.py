@@ -61,7 +61,8 @@ def test_supervise_render_writes_a_concrete_config(tmp_path, monkeypatch) -> Non
     assert "%(process_num)s" in conf["program:worker"]["command"]  # supervisord's own stays
     from supervisor.options import ServerOptions
 
-    (tmp_path / "run").mkdir(mode=0o700)
+    # the run directory its logs go to exists (a fresh machine's render failed to parse)
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o700
     opts = ServerOptions()  # supervisord itself reads it
     opts.realize(args=["-c", str(out)])
     assert {g.name for g in opts.process_group_configs} >= {"broker", "worker", "gateway"}

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from zeroserve import protocol as p
 from zeroserve.broker import admin
 from zeroserve.broker.table import Job
+from zeroserve.contract import DEADLINE
 
 if TYPE_CHECKING:
     from zeroserve.broker.broker import Broker
@@ -68,7 +69,12 @@ def on_request(broker: Broker, client: bytes, msg: p.Message, frames: list[bytes
             broker.send_client(client, p.error(rid, p.BAD_REQUEST,
                                                f"request id {rid} is in flight"))
         return
-    left = deadline - time.time() if (deadline := msg.header.get("deadline")) else None
+    deadline = msg.header.get("deadline")
+    if deadline is not None and not 0 < deadline < DEADLINE.hi:  # NaN too: it would unsort
+        broker.send_client(client, p.error(rid, p.BAD_REQUEST,  # the expiry heap
+                                           "deadline must be wall-clock seconds"))
+        return
+    left = deadline - time.time() if deadline else None
     if left is not None and left <= 0:
         broker.send_client(client, p.error(rid, p.TIMEOUT, "its deadline passed before it "
                                                            "reached the broker"))

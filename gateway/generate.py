@@ -242,8 +242,10 @@ def record_usage(gw: Gateway, t: Ticket, data: dict[str, Any]) -> None:
 def refused(gw: Gateway, t: Ticket, exc: errors.ZeroserveError) -> ApiError:
     """A request's error as the HTTP error it answers with (a queued request past its deadline
     counted as a deadline miss)."""
-    if isinstance(exc, errors.RequestTimeoutError):
-        gw.metrics.late.labels(t.model or "", priority_label(t.priority), "queued").inc()
+    if isinstance(exc, errors.RequestTimeoutError):  # a label per served model, no other
+        served = {m for w in gw.table.get("workers", []) for m in w.get("models", [])}
+        model = t.model if t.model in served else "other"
+        gw.metrics.late.labels(model, priority_label(t.priority), "queued").inc()
     return from_zeroserve(exc)
 
 

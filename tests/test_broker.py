@@ -464,3 +464,36 @@ def test_a_queued_request_past_its_deadline_fails_without_reaching_a_worker(pipe
         worker = c.workers()[0]
         assert worker["served"] == 1  # the late one never reached it
         assert c.admin("stats")["timeout"] == 1
+
+
+def test_a_deadline_that_is_not_a_time_is_refused_and_the_queue_stays_sound(pipeline) -> None:
+    """A hostile header deadline (NaN, infinite, negative) would unsort the broker's expiry
+    heap: refused with BAD_REQUEST, and deadlines keep working afterwards."""
+    import msgpack
+
+    from zeroserve import RequestTimeoutError
+    from zeroserve import protocol as p
+
+    pipeline.start_broker()
+    pipeline.start_worker("w", "--capacity", "1", "--step-delay-ms", "20")
+    pipeline.wait_workers(1)
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(pipeline.frontend)
+    try:
+        for i, bad in enumerate((float("nan"), float("inf"), -1.0)):
+            head = {"id": f"bad-{i}", "model": "echo", "deadline": bad}
+            raw.send_multipart([p.VERSION, p.REQUEST, msgpack.packb(head),
+                                msgpack.packb({"prompt": "x"})])
+            assert raw.poll(5000)
+            answer = p.decode(raw.recv_multipart())
+            assert answer.type == p.ERROR and answer.header["code"] == p.BAD_REQUEST
+    finally:
+        raw.close()
+        ctx.term()
+    with pipeline.client() as c:
+        busy = c.submit("echo", " ".join(["w"] * 40))
+        with pytest.raises(RequestTimeoutError):
+            c.generate("echo", "late", timeout=0.2, timeout_s=10)
+        assert busy.result(10).text.startswith("w")

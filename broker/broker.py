@@ -85,6 +85,7 @@ class Broker:
         # new with every process: in its heartbeats, so a client learns of a restart at once
         # and sends again what died with the old process (protocol.py, client_core.py)
         self.epoch = uuid.uuid4().hex[:16]
+        self.born = time.monotonic()  # workers register again over the first expiry_s
         self.beat = p.encode(p.HEARTBEAT, {"epoch": self.epoch})
         self.counts = {"requests": 0, "busy": 0, "timeout": 0, "lost": 0, "bad_frames": 0,
                        "backlogged": 0, "slow_clients": 0}
@@ -350,7 +351,8 @@ class Broker:
         return deadline
 
     def _on_timers(self, now: float) -> None:
-        for job, code, message in self.table.expired_jobs(now):
+        for job, code, message in self.table.expired_jobs(now, now - self.born
+                                                          > self.cfg.expiry_s):
             self.counts["busy" if code == p.BUSY else "timeout"] += code in (p.BUSY, p.TIMEOUT)
             self.send_client(job.client, p.error(job.rid, code, message))
         if now < self._next_heartbeat:

@@ -5,9 +5,12 @@ HEARTBEAT (echoed), DISCONNECT, ADMIN (read-only ops). Replies go out through th
 `send_client` (a bounded backlog per client, outbox.py).
 
 A REQUEST is dispatched at once to a worker with free credit, else queued within its client's
-and tenant's share (table.py), else answered BUSY. A client that leaves (DISCONNECT, gone,
-silent past expiry, or too slow to read) has its requests cancelled: queued ones are dropped,
-running ones are cancelled in their worker and keep its credit until the worker confirms.
+and tenant's share (table.py), else answered BUSY. A model no registered worker serves is
+answered UNKNOWN_MODEL, but not in a new broker's first expiry_s: its workers are still
+registering again, and the requests its clients resend after a restart wait for them.
+A client that leaves (DISCONNECT, gone, silent past expiry, or too slow to read) has its
+requests cancelled: queued ones are dropped, running ones are cancelled in their worker and
+keep its credit until the worker confirms.
 The same request sent again (the SDK resuming it) while that cancel is pending waits for it.
 A copy marked `again` (the SDK sends everything again when this broker's epoch is new to it)
 of a request that runs here already is ignored.
@@ -88,7 +91,8 @@ def on_request(broker: Broker, client: bytes, msg: p.Message, frames: list[bytes
         broker.table.add(job)
         broker.dispatch(job, worker)
         return
-    if broker.table.workers and not broker.table.serves(model) and (
+    settled = time.monotonic() - broker.born > broker.cfg.expiry_s  # all workers back
+    if settled and broker.table.workers and not broker.table.serves(model) and (
         model not in broker.table.known_models
     ):
         broker.send_client(client, p.error(rid, p.UNKNOWN_MODEL, f"no worker serves {model!r}"))

@@ -342,9 +342,11 @@ class Table:
         self._prune(job.model)
         return True
 
-    def expired_jobs(self, now: float) -> list[tuple[Job, str, str]]:
-        """Queued jobs to answer now, each with its error: past its deadline (TIMEOUT), or
-        waited longer than max_queue_wait_s (BUSY, or UNKNOWN_MODEL if nothing serves it)."""
+    def expired_jobs(self, now: float, settled: bool = True) -> list[tuple[Job, str, str]]:
+        """Queued jobs to answer now, each with its error: past its deadline (TIMEOUT), waited
+        longer than max_queue_wait_s (BUSY, or UNKNOWN_MODEL if nothing serves it), or, once
+        the broker's workers are `settled` (all registered again), for a model none of them
+        serves (UNKNOWN_MODEL: a new broker queues those until then)."""
         out: list[tuple[Job, str, str]] = []
         while self.deadlines and self.deadlines[0][0] <= now:
             _, _, job = heapq.heappop(self.deadlines)
@@ -353,12 +355,15 @@ class Table:
                             f"({(now - job.enqueued_at) * 1000:.0f} ms)"))
         limit = now - self.max_queue_wait_s
         for model, lanes in list(self.queues.items()):
+            unknown = (settled and bool(self.workers) and not self.serves(model)
+                       and model not in self.known_models)
             for q in lanes.values():
-                while q and q[0].enqueued_at < limit:
+                while q and (unknown or q[0].enqueued_at < limit):
                     job = q.popleft()
                     self._count(job, -1)
                     known = self.serves(model) or model in self.known_models
                     out.append((job, p.BUSY if known else p.UNKNOWN_MODEL,
+                                f"no worker serves {model!r}" if unknown else
                                 f"no worker for {model!r} within "
                                 f"{self.max_queue_wait_s * 1000:.0f} ms"))
             self._prune(model)

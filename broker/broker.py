@@ -15,7 +15,7 @@ Backend out:  REQUEST, CANCEL, HEARTBEAT, DRAIN, DISCONNECT (each behind a route
 
 Each REQUEST goes to the live worker that serves its model and holds its prompt's longest
 prefix (by the prefix hashes in its header), unless that one is loaded well past the others,
-else to the one with the most free credit (table.py, affinity.py); with no credit anywhere
+else to the least loaded one with credit (table.py, affinity.py); with no credit anywhere
 it waits in a bounded, fairly shared queue (table.py; full, over its client's or tenant's
 share, or too old: BUSY). Replies to a client that reads slowly wait in a bounded
 backlog (outbox.py), and so do messages to a worker whose pipe is full. A client that

@@ -12,7 +12,10 @@ in a lane per priority (lower leaves first, oldest first within one). A job leav
 with an error when it waited max_queue_wait_s (BUSY) or its deadline passed (TIMEOUT: the
 broker drops it without a worker ever seeing it).
 
-Routing (`routing`): "least-loaded" sends a job to the live worker with the most free credit;
+Routing (`routing`): "least-loaded" sends a job to the live worker with free credit and the
+fewest jobs in flight for its size (`slots`, its engine's whole capacity: unlike its credit
+here, which is its share among its brokers, it does not move while brokers come and go, so a
+burst resent from a lost broker does not all land on the worker that re-announced first);
 "prefix" first asks the prefix index (affinity.py) which worker was sent the job's longest
 prompt prefix and sends it there, so its KV cache serves it, unless that worker has more than
 `affinity_slack` x its capacity in flight beyond the least loaded one: then least-loaded wins
@@ -68,9 +71,10 @@ class WorkerState:
     identity: bytes
     worker_id: str
     models: tuple[str, ...]
-    capacity: int
+    capacity: int  # its credit here: its share of `slots` among its live brokers
     info: dict[str, Any]
     expiry: float
+    slots: int = 1  # its engine's whole capacity (>= capacity): what load is measured against
     registered_at: float = field(default_factory=time.time)
     last_heartbeat: float = field(default_factory=time.time)
     inflight: dict[JobKey, Job] = field(default_factory=dict)
@@ -143,16 +147,17 @@ class Table:
         capacity = int(info.get("capacity") or 1)
         if not models or capacity < 1:
             raise ValueError("READY needs models and a capacity >= 1")
+        slots = max(capacity, int(info.get("slots") or capacity))
         worker = self.workers.get(identity)
         if worker is None:
             worker_id = str(info.get("worker_id") or identity.hex())
             if self.find_by_id(worker_id) is not None:  # no stealing a live worker's traffic
                 raise ValueError(f"worker id {worker_id!r} is live under another connection")
-            worker = WorkerState(identity, worker_id, models, capacity, info, expiry)
+            worker = WorkerState(identity, worker_id, models, capacity, info, expiry, slots)
             self.workers[identity] = worker
         else:
             worker.models, worker.capacity, worker.info = models, capacity, info
-            worker.expiry = expiry
+            worker.expiry, worker.slots = expiry, slots
         self.known_models.update(models)
         return worker
 
@@ -229,16 +234,17 @@ class Table:
         return worker
 
     def _least_loaded(self, model: str) -> WorkerState | None:
-        """The live, non-draining worker serving `model` with the most free credit; ties rotate."""
+        """The live, non-draining worker serving `model` with free credit and the fewest jobs in
+        flight for its slots; ties rotate."""
         best: list[WorkerState] = []
-        best_free = 0
+        best_load = float("inf")
         for w in self.workers.values():
-            if w.draining or model not in w.models:
+            if w.draining or model not in w.models or w.free <= 0:
                 continue
-            free = w.capacity - len(w.inflight)
-            if free > best_free:
-                best, best_free = [w], free
-            elif free == best_free and free > 0:
+            load = len(w.inflight) / w.slots
+            if load < best_load:
+                best, best_load = [w], load
+            elif load == best_load:
                 best.append(w)
         if not best:
             return None

@@ -26,6 +26,30 @@ def test_queues_of_client_chosen_model_names_do_not_pile_up() -> None:
     assert table.queues == {} and table.queued == 0
 
 
+def test_a_burst_spreads_by_load_not_by_who_announced_its_larger_share_first() -> None:
+    """A broker was lost: each worker's share here doubles, but one READY lands first. The
+    requests its clients resend in that moment still spread evenly (by slots, which did not
+    move), not all to the worker that re-announced first (seen in chaos: 32 of 32)."""
+    table = Table(max_queue=2, max_queue_wait_s=1.0)
+    for i in range(2):
+        table.register(bytes([i]), {"worker_id": f"w{i}", "models": ["m"], "capacity": 48,
+                                    "slots": 96}, 1e9)
+        for k in range(16):
+            table.assign(Job(b"c", f"{i}-{k}", "m", [], 0.0), table.workers[bytes([i])])
+    table.register(b"\x01", {"worker_id": "w1", "models": ["m"], "capacity": 96,
+                              "slots": 96}, 1e9)
+    picks = []
+    for k in range(32):
+        worker = table.pick_worker("m")
+        table.assign(Job(b"c", f"again-{k}", "m", [], 0.0), worker)
+        picks.append(worker.worker_id)
+    assert picks.count("w0") == picks.count("w1") == 16
+    # a READY cannot claim fewer slots than its credit
+    table.register(b"\x00", {"worker_id": "w0", "models": ["m"], "capacity": 48, "slots": 2},
+                   1e9)
+    assert table.workers[b"\x00"].slots == 48
+
+
 def test_pick_worker_prefers_most_free_credit_and_rotates_ties() -> None:
     table = _table_with(4, 4)
     picks = [table.pick_worker("m").worker_id for _ in range(4)]

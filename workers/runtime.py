@@ -298,6 +298,7 @@ class Worker:
             "worker_id": self.worker_id,
             "models": list(self.engine.models),
             "capacity": self.engine.capacity,
+            "slots": self.engine.capacity,  # links.py sends each broker its share as capacity
             **procs.identity(),  # pid, boot_id, started: lets a local broker watch the pid
             "host": socket.gethostname(),
             "cpus": list(self.cfg.cpus),

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     cpus = pinning.parse_cpus(args.cpus) if args.cpus else pinning.partition(args.slot, args.slots)
     if not args.no_pin:
         pinning.pin(cpus)
-    log.info("pinned to cpus %s (slot %d of %d)", ",".join(map(str, cpus)), args.slot, args.slots)
+    log.info("%s cpus %s (slot %d of %d)", "sized to (not pinned)" if args.no_pin else "pinned to",
+             ",".join(map(str, cpus)), args.slot, args.slots)
     keys = keys_dir(args)
     try:  # before minutes of model loading: never register with (or serve) a squatter
         curve = PeerKeys.load(keys, args.key_name) if keys else None

@@ -40,8 +40,10 @@ class Stack:
         self.args = {
             **{b: ["--frontend", fronts[i], "--backend", backs[i], "--admin", admins[i],
                    "--max-message-mb", "32", *HEARTBEAT] for i, b in enumerate(self.brokers)},
-            "l1": ["--broker", self.back, "--worker-id", "l1", "--no-pin", *llm, *HEARTBEAT],
-            "l2": ["--broker", self.back, "--worker-id", "l2", "--no-pin", *llm, *HEARTBEAT],
+            # each LLM worker pinned to its half of the cores, as deployed: unpinned, their
+            # OpenMP threads spin against each other and a 3 ms step takes 300 ms
+            **{w: ["--broker", self.back, "--worker-id", w, "--slot", str(i), "--slots", "2",
+                   *llm, *HEARTBEAT] for i, w in enumerate(("l1", "l2"))},
             "echo": ["--broker", self.back, "--worker-id", "echo", "--no-pin",
                      "--step-delay-ms", "20", *HEARTBEAT],
             "gateway": ["--broker", self.front, "--port", str(free_port()), "--cache-mb", "0"],

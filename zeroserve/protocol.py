@@ -134,7 +134,8 @@ HEADER_FIELDS: dict[str, tuple[tuple[type, ...], int]] = {
     "op": ((str,), 64),
     "worker_id": ((str,), MAX_NAME_LEN),
     "models": ((list,), 256),
-    "capacity": ((int,), 0),
+    "capacity": ((int,), 0),  # a READY's: its credit with this broker (a share of slots)
+    "slots": ((int,), 0),  # a READY's: its engine's whole capacity, across its brokers
     "stats": ((dict,), 0),
     "epoch": ((str,), 32),  # a broker process's random identity (its heartbeats)
     "prefix": ((list,), MAX_PREFIX_HASHES),  # prefix.py; each bytes of <= MAX_HASH_BYTES

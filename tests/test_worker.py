@@ -31,6 +31,20 @@ def test_partition_splits_cores_evenly_and_shares_when_few() -> None:
     assert [pinning.partition(i, 4, (0, 1)) for i in range(4)] == [(0,), (1,), (0,), (1,)]
 
 
+def test_a_worker_that_may_share_its_cores_waits_passively(monkeypatch) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert not pinning.wait_passively_if_shared(pinned=True, slots=1)
+    assert "OMP_WAIT_POLICY" not in os.environ  # its own cores: spinning is the fast wait
+    cores = len(os.sched_getaffinity(0))
+    assert pinning.wait_passively_if_shared(pinned=True, slots=cores + 1)
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the operator's word stands
+    assert not pinning.wait_passively_if_shared(pinned=False, slots=1)
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert pinning.wait_passively_if_shared(pinned=False, slots=1)
+
+
 def test_echo_engine_streams_one_token_per_step() -> None:
     eng = EchoEngine(step_delay_ms=0)
     eng.add((b"c", "1"), {"prompt": "a b c"}, [])

@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     cpus = pinning.parse_cpus(args.cpus) if args.cpus else pinning.partition(args.slot, args.slots)
     if not args.no_pin:
         pinning.pin(cpus)
+    pinning.wait_passively_if_shared(not args.no_pin, args.slots)
     log.info("%s cpus %s (slot %d of %d)", "sized to (not pinned)" if args.no_pin else "pinned to",
              ",".join(map(str, cpus)), args.slot, args.slots)
     keys = keys_dir(args)

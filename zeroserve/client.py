@@ -96,9 +96,9 @@ class Client:
         rid = request_id or self.core.new_id()
         sink = ThreadCollector()
         with self._lock:
-            out = self.core.submit(rid, model, request_body(prompt, params), buffers, sink,
-                                   resume, tenant, trace)
-        self._command(("send", out))
+            self.core.submit(rid, model, request_body(prompt, params), buffers, sink, resume,
+                             tenant, trace)
+        self._command(("submit", rid))
         return RequestHandle(self, rid, sink)
 
     def generate(self, model: str, prompt: str | None = None, *,
@@ -144,8 +144,8 @@ class Client:
         rid = self.core.new_id()
         sink = ThreadCollector()
         with self._lock:
-            out = self.core.admin(rid, op, args, sink)
-        self._command(("send", out))
+            self.core.admin(rid, op, args, sink)
+        self._command(("submit", rid))
         return RequestHandle(self, rid, sink).result(timeout_s).data
 
     def workers(self) -> list[dict[str, Any]]:
@@ -205,7 +205,12 @@ class Client:
                         with self._lock:
                             core.fail_all("client closed")
                         return
-                    send([cmd[1]])
+                    if cmd[0] == "submit":  # where it goes now: a failover may have moved it
+                        with self._lock:
+                            first = core.outgoing(cmd[1])
+                        send([first] if first else [])
+                    else:
+                        send([cmd[1]])
                 for link in links:
                     if link.sock in events:
                         for frames in link.read():
@@ -289,9 +294,9 @@ class AsyncClient:
         self._ensure_reader()
         rid = request_id or self.core.new_id()
         sink = AsyncCollector()
-        out = self.core.submit(rid, model, request_body(prompt, params), buffers, sink,
-                               resume, tenant, trace)
-        await self._send([out])
+        self.core.submit(rid, model, request_body(prompt, params), buffers, sink, resume,
+                         tenant, trace)
+        await self._send([out] if (out := self.core.outgoing(rid)) else [])
         return AsyncRequestHandle(self, rid, sink)
 
     async def generate(self, model: str, prompt: str | None = None, *,
@@ -337,7 +342,8 @@ class AsyncClient:
         self._ensure_reader()
         rid = self.core.new_id()
         sink = AsyncCollector()
-        await self._send([self.core.admin(rid, op, args, sink)])
+        self.core.admin(rid, op, args, sink)
+        await self._send([out] if (out := self.core.outgoing(rid)) else [])
         return (await AsyncRequestHandle(self, rid, sink).result(timeout_s)).data
 
     async def workers(self) -> list[dict[str, Any]]:

@@ -64,7 +64,8 @@ class _Resume:
 class _Pending:
     frames: list[bytes]
     sink: Collector
-    via: int  # the broker it was sent through (its index)
+    via: int  # the broker it goes (or went) through: its index
+    sent: bool = False  # handed to a socket (`outgoing`): until then a failover only moves it
     started: bool = False
     resent: int = 0
     resume: _Resume | None = None  # None: not a generation, or the caller opted out
@@ -88,7 +89,9 @@ class ClientCore:
 
     def submit(self, rid: str, model: str, body: dict[str, Any], buffers: Sequence[Any],
                sink: Collector, resumable: bool = True, tenant: str = "",
-               trace: str = "") -> Out:
+               trace: str = "") -> None:
+        """Register a request; its first send is `outgoing(rid)`, from the thread that owns
+        the sockets (a failover in between moves it instead of sending it twice)."""
         if rid in self.pending:  # never another request's entry: its replies would go astray
             raise errors.BadRequestError(f"request id {rid} is in flight", rid)
         if body.get("timeout") is not None:  # a wall-clock deadline, the same everywhere
@@ -110,13 +113,18 @@ class ClientCore:
         resume = _Resume(model, body, tenant, trace, prefix) if resumable and generation else None
         via = self.brokers.pick(prefix, time.monotonic())
         self.pending[rid] = _Pending(frames, sink, via, resume=resume)
-        return via, frames
 
-    def admin(self, rid: str, op: str, args: dict[str, Any], sink: Collector) -> Out:
+    def admin(self, rid: str, op: str, args: dict[str, Any], sink: Collector) -> None:
         frames = p.admin(rid, op, **args)
-        via = self.brokers.pick([], time.monotonic())
-        self.pending[rid] = _Pending(frames, sink, via)
-        return via, frames
+        self.pending[rid] = _Pending(frames, sink, self.brokers.pick([], time.monotonic()))
+
+    def outgoing(self, rid: str) -> Out | None:
+        """A registered request's first send, where it goes now (None: cancelled, or sent)."""
+        pend = self.pending.get(rid)
+        if pend is None or pend.sent:
+            return None
+        pend.sent = True
+        return pend.via, pend.frames
 
     def cancel(self, rid: str) -> Out | None:
         """Forget a request (its reader gets CancelledError); the CANCEL to send."""
@@ -208,7 +216,8 @@ class ClientCore:
         requests we sent it. Send them all again, marked `again`; generations that streamed
         resume from what they received; what started and cannot resume fails
         (UnavailableError)."""
-        mine = [(rid, pend) for rid, pend in self.pending.items() if pend.via == via]
+        mine = [(rid, pend) for rid, pend in self.pending.items()
+                if pend.via == via and pend.sent]
         if not self.brokers.new_epoch(via, epoch) or not mine:
             return []
         log.warning("broker %s restarted (epoch %s): sending %d requests again",
@@ -247,6 +256,9 @@ class ClientCore:
                         if to != lost else "sent again as it reconnects")
         out = []
         for rid, pend in mine:
+            if not pend.sent:  # its first send is still to come: it goes there instead
+                pend.via = to
+                continue
             if (pend.started and pend.resent < self.cfg.max_resends
                     and self._resume(rid, pend, "broker lost", count=False)):
                 pend.resent += 1

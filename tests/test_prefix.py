@@ -38,3 +38,27 @@ def test_prompts_hash_by_full_blocks_and_only_the_deepest_are_kept() -> None:
     ids = prefix.hashes("m", "", {"prompt_token_ids": list(range(3 * prefix.BLOCK_TOKENS))})
     assert len(ids) == 3
     assert prefix.hashes("m", "", {"input": "an embedding"}) == []
+
+
+def test_a_hash_stands_for_its_whole_prefix_and_text_ops_carry_none() -> None:
+    doc = "".join(f"line {i}\n" for i in range(200))
+    base = prefix.hashes("m", "", {"prompt": doc})
+    changed = prefix.hashes("m", "", {"prompt": "X" + doc[1:]})  # one byte of the first block
+    assert not set(base) & set(changed)  # every later hash differs too: each is a running hash
+    ids = list(range(2 * prefix.BLOCK_TOKENS))
+    assert prefix.hashes("m", "", {"prompt_token_ids": [*ids[:-1], "x"]}) == []  # not ids
+    two = [{"role": "user", "content": "ab"}, {"role": "user", "content": "c"}]
+    joined = [{"role": "user", "content": "a"}, {"role": "user", "content": "bc"}]
+    assert prefix.hashes("m", "", {"messages": two})[-1] != prefix.hashes(
+        "m", "", {"messages": joined})[-1]  # message boundaries count
+
+    from zeroserve import protocol as p
+    from zeroserve.client_core import ClientCore
+    from zeroserve.config import ClientConfig
+    from zeroserve.replies import ThreadCollector
+
+    core = ClientCore(ClientConfig(("ipc:///x",)))
+    core.submit("t", "m", {"op": "tokenize", "prompt": doc}, (), ThreadCollector(),
+                resumable=False)
+    sent = core.outgoing("t")
+    assert sent is not None and "prefix" not in p.decode(sent[1]).header  # no KV, no route

@@ -97,7 +97,8 @@ class ClientCore:
         if body.get("timeout") is not None:  # a wall-clock deadline, the same everywhere
             body = {k: v for k, v in body.items() if k != "timeout"} | {
                 "deadline": time.time() + float(body["timeout"])}
-        generation = not buffers and any(f in body for f in GENERATION_FIELDS)
+        generation = (not buffers and "op" not in body  # tokenize/detokenize: no KV, no route
+                      and any(f in body for f in GENERATION_FIELDS))
         prefix: list[bytes] = []
         if generation:  # one salt for the worker's cached blocks and the broker's routing
             salt = prefixes.salt(tenant, body.get("cache_salt"))

@@ -45,6 +45,29 @@ def test_a_worker_that_may_share_its_cores_waits_passively(monkeypatch) -> None:
     assert pinning.wait_passively_if_shared(pinned=False, slots=1)
 
 
+def test_torch_steps_on_a_core_fewer_while_text_work_is_heavy() -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cores = pinning.CoreShare()
+        cores.update(False)
+        assert torch.get_num_threads() == 2
+        cores.update(True)  # a prepare thread tokenizes megabytes on one of the cores
+        assert torch.get_num_threads() == 1 and cores.narrow
+        cores.update(True)
+        assert torch.get_num_threads() == 1
+        cores.update(False)
+        assert torch.get_num_threads() == 2 and not cores.narrow
+        torch.set_num_threads(1)
+        one = pinning.CoreShare()
+        one.update(True)  # one core: nothing to give
+        assert torch.get_num_threads() == 1 and not one.narrow
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_echo_engine_streams_one_token_per_step() -> None:
     eng = EchoEngine(step_delay_ms=0)
     eng.add((b"c", "1"), {"prompt": "a b c"}, [])

@@ -14,7 +14,8 @@ Threads, as vLLM does it, so socket and text work never stall compute:
   prepare threads run it between the IO thread and the inbox, so a huge prompt is tokenized
   beside the running batch instead of inside a step, and does not hold up every request
   behind it (tokenizers release the GIL while they work); they take work fairly by tenant and
-  keep one thread for other tenants while one sends huge bodies (fair_queue.py);
+  keep one thread for other tenants while one sends huge bodies (fair_queue.py); while one
+  works on a large body, torch steps on one core fewer (pinning.CoreShare);
 - the engine thread (the main thread) drains the inbox between steps and runs ``step()``.
 SIGTERM or a DRAIN drains: no new work, in-flight requests finish, DISCONNECT, exit 0.
 A step that runs past --progress-timeout-s (a hung engine: the IO thread would go on
@@ -50,8 +51,9 @@ from zeroserve.workers.engine import (
     UnsupportedModel,
     build,
 )
-from zeroserve.workers.fair_queue import FairQueue
+from zeroserve.workers.fair_queue import SMALL_BYTES, FairQueue
 from zeroserve.workers.links import Links
+from zeroserve.workers.pinning import CoreShare
 
 log = logging.getLogger("zeroserve.worker")
 errors = RateLimitedLog(log)  # unexpected errors: a request that trips one each time is no flood
@@ -91,10 +93,13 @@ class Worker:
         self.traces: dict[RequestKey, list[Any]] = {}
         self.cancelled_early: set[RequestKey] = set()
         self.prepare_q = FairQueue(PREPARE_THREADS)  # by tenant: fair_queue.py
+        self.heavy = [False] * PREPARE_THREADS  # each prepare thread's: large text work now
+        self.cores = CoreShare()  # torch steps on a core fewer meanwhile (pinning.py)
         self._prep: list[threading.Thread] = []
         if hasattr(engine, "prepare"):
-            self._prep = [threading.Thread(target=self._prepare_loop, name=f"worker-prepare-{i}",
-                                           daemon=True) for i in range(PREPARE_THREADS)]
+            self._prep = [threading.Thread(target=self._prepare_loop, args=(i,),
+                                           name=f"worker-prepare-{i}", daemon=True)
+                          for i in range(PREPARE_THREADS)]
 
     # -- engine thread -------------------------------------------------------------------
 
@@ -114,6 +119,7 @@ class Worker:
                 if not self._take_inbox(block=not self.engine.has_work()):
                     break
                 if self.engine.has_work():
+                    self.cores.update(any(self.heavy))
                     failed_steps = self._step(failed_steps)
                 self.stats = self.engine.stats()
             self._send(b"", p.encode(p.DISCONNECT, {"reason": "drained"}))
@@ -271,12 +277,13 @@ class Worker:
 
     # -- prepare thread ------------------------------------------------------------------
 
-    def _prepare_loop(self) -> None:
+    def _prepare_loop(self, slot: int) -> None:
         prepare = self.engine.prepare  # type: ignore[attr-defined]
         with contextlib.suppress(OSError, AttributeError):  # text work yields the cores to
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PREPARE_NICE)  # steps
         while (item := self.prepare_q.get()) is not None:
             tenant, (key, raw, buffers) = item
+            self.heavy[slot] = len(raw) > SMALL_BYTES  # the engine steps on a core fewer
             try:
                 self.inbox.put((ADD, key, prepare(p.decode_body(raw)), buffers))
             except p.ProtocolError as exc:
@@ -287,6 +294,7 @@ class Worker:
                 errors.exception("preparing request %s failed", key[1])
                 self.inbox.put((REJECT, key, (p.INTERNAL, f"{type(exc).__name__}: {exc}")))
             finally:
+                self.heavy[slot] = False
                 self.prepare_q.done(tenant)
                 if len(raw) > TRIM_BYTES:
                     procs.give_memory_back()

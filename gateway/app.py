@@ -25,7 +25,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from zeroserve import errors
 from zeroserve.client import AsyncClient
-from zeroserve.config import GatewayConfig
+from zeroserve.config import MIB, GatewayConfig
 from zeroserve.gateway import responses_api
 from zeroserve.gateway.auth import ApiKey, KeyStore
 from zeroserve.gateway.cache import ResponseCache
@@ -33,7 +33,7 @@ from zeroserve.gateway.errors import ApiError, from_zeroserve
 from zeroserve.gateway.generate import generate, unless_disconnected
 from zeroserve.gateway.metrics import Metrics
 from zeroserve.gateway.middleware import Frontline, allowed_hosts
-from zeroserve.gateway.ratelimit import Limits, RateLimiter
+from zeroserve.gateway.ratelimit import BodyPace, Limits, RateLimiter
 from zeroserve.gateway.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -280,7 +280,8 @@ def create_app(cfg: GatewayConfig) -> Any:
             authorization.decode("latin-1") if authorization else None) is not None
 
     hosts = None if gw.keys.enabled else allowed_hosts(cfg.host, cfg.allowed_hosts)
-    front = Frontline(app, cfg.max_body_bytes, count, key_ok, hosts)
+    front = Frontline(app, cfg.max_body_bytes, count, key_ok, hosts,
+                      BodyPace(cfg.body_mib_per_s * MIB) if cfg.body_mib_per_s > 0 else None)
     if not cfg.cors_origins:
         return front
     # outermost: its headers reach every answer, a 401 or 413 from Frontline included

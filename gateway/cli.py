@@ -24,7 +24,7 @@ ENV_CONFIG = "ZEROSERVE_GATEWAY_CONFIG"
 # before and after --cache-mb
 SERVING_FLAGS = ("host", "port", "workers", "api_keys_file", "rate_rps", "rate_tpm",
                  "cache_ttl_s")
-LIMIT_FLAGS = ("max_body_bytes", "max_connections", "max_connections_per_client",
+LIMIT_FLAGS = ("max_body_bytes", "body_mib_per_s", "max_connections", "max_connections_per_client",
                "header_timeout_s", "max_header_bytes", "body_timeout_s", "keep_alive_s",
                "request_timeout_s", "cors_origins", "allowed_hosts", "metrics_vllm_names")
 FLAGS = SERVING_FLAGS + LIMIT_FLAGS

@@ -6,6 +6,8 @@
   400 (a web page that rebinds its DNS name to 127.0.0.1 cannot use an open gateway);
 - body limit: a body larger than max_body_bytes gets 413 before any route sees it (a body
   that never completes is logged with status 499, nothing answered);
+- body pace: a sender (API key, or client address without keys) past its body bytes a second
+  waits, its body unread, for its turn (ratelimit.BodyPace);
 - the request's Ticket (ticket.py): made here, its rate-limit reservation settled before the
   response's last byte goes out (and after the app, whatever happened);
 - access log: one JSON line per request when its response has been sent; a response its
@@ -18,6 +20,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -29,6 +32,7 @@ from typing import Any
 
 from zeroserve import tracing
 from zeroserve.gateway.errors import ApiError
+from zeroserve.gateway.ratelimit import BodyPace
 from zeroserve.gateway.ticket import Ticket
 from zeroserve.logs import RateLimitedLog
 
@@ -47,9 +51,10 @@ class Frontline:
     def __init__(self, app: Any, max_body_bytes: int,
                  on_done: Callable[[str, int], None] | None = None,
                  key_ok: Callable[[bytes | None], bool] = lambda _: True,
-                 hosts: frozenset[str] | None = None) -> None:
+                 hosts: frozenset[str] | None = None, pace: BodyPace | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.pace = pace
         self.on_done = on_done
         self.key_ok = key_ok
         self.hosts = hosts  # Host names accepted (None: any)
@@ -106,8 +111,16 @@ class Frontline:
         elif length > self.max_body_bytes:
             await self._reject(send)
         else:
+            sender = headers.get(b"authorization") or str(
+                (scope.get("client") or ("",))[0]).encode()
+            if self.pace is not None and scope["method"] == "POST":
+                wait = self.pace.wait_s(sender, length)
+                if wait > 0:
+                    await asyncio.sleep(wait)
             try:
                 body = await self._read_body(receive) if scope["method"] == "POST" else None
+                if self.pace is not None and body and not length:  # chunked: charged as read
+                    self.pace.wait_s(sender, len(body))
             except ClientGone:  # before its body arrived (or it timed out, http.py)
                 status["code"] = 499
             else:

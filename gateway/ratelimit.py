@@ -1,4 +1,5 @@
-"""Per-key rate limits: token buckets for requests per second and tokens per minute.
+"""Per-key rate limits: token buckets for requests per second and tokens per minute, and a
+pace for request-body bytes (BodyPace).
 
 A request reserves its prompt estimate plus max_tokens from the token bucket when admitted;
 when it finishes, the reservation is trued up to its real usage: what it did not use goes back,
@@ -39,9 +40,49 @@ class Bucket:
             return float("inf")
         return (amount - self.level) / self.rate_per_s
 
+    def pace(self, amount: float, now: float | None = None) -> float:
+        """Charge `amount` now, into debt if need be; the seconds until the debt is paid."""
+        self._refill(time.monotonic() if now is None else now)
+        self.level -= amount
+        return max(0.0, -self.level / self.rate_per_s)
+
     def give(self, amount: float) -> None:
         """Put `amount` back (negative: charge it, below zero if need be)."""
         self.level = min(self.capacity, self.level + amount)
+
+
+class BodyPace:
+    """Request-body bytes a second per sender (an API key, or a client address without keys):
+    a body past its sender's budget waits, unread, for its turn, so one sender's flood of
+    megabyte bodies cannot hold the gateway's event loop (reading, parsing) against the
+    others, and costs nothing while it waits (its bytes stay in the kernel's buffers). When
+    the table is full, senders whose bucket refilled are forgotten, then (all busy) the
+    oldest: it holds at most MAX_SENDERS."""
+
+    MAX_SENDERS = 10_000
+
+    def __init__(self, bytes_per_s: float) -> None:
+        self.rate = bytes_per_s
+        self.senders: dict[bytes, Bucket] = {}
+
+    def wait_s(self, sender: bytes, nbytes: int) -> float:
+        if self.rate <= 0 or nbytes <= 0:
+            return 0.0
+        now = time.monotonic()
+        bucket = self.senders.get(sender)
+        if bucket is None:
+            if len(self.senders) >= self.MAX_SENDERS:
+                self._forget_idle(now)
+            bucket = self.senders[sender] = Bucket(self.rate, self.rate, stamp=now)
+        return bucket.pace(nbytes, now)
+
+    def _forget_idle(self, now: float) -> None:
+        for sender, bucket in list(self.senders.items()):
+            bucket._refill(now)
+            if bucket.level >= bucket.capacity:
+                del self.senders[sender]
+        while len(self.senders) >= self.MAX_SENDERS:
+            del self.senders[next(iter(self.senders))]
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -215,3 +216,63 @@ def test_one_key_reusing_an_id_in_flight_gets_409_and_other_keys_never_notice(
         assert post("sk-bob").status_code == 200  # another key's same id: no clash, no hint
         assert sum(1 for line in lines if line.startswith("data: {")) > 50
     assert post("sk-alice").status_code == 200  # its first request ended: the id is free
+
+
+def test_a_key_past_its_body_pace_waits_unread_and_other_keys_do_not(pipeline,
+                                                                     monkeypatch) -> None:
+    """Key A sends 1.5 MiB bodies back to back on a 2 MiB/s pace: its third waits about a
+    second before it is read; key B's small requests meanwhile are answered at once."""
+    pipeline.start_broker()
+    pipeline.start_worker("echo")
+    pipeline.wait_workers(1)
+    monkeypatch.setenv("ZEROSERVE_API_KEYS", "a:sk-a,b:sk-b")
+    url = start_gateway(pipeline, "--body-mib-per-s", "2")
+    big = json.dumps({"model": "echo", "prompt": "x " * (3 << 19), "max_tokens": 1}).encode()
+
+    async def run() -> tuple[list[float], list[float]]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            async def a() -> list[float]:
+                took = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    res = await http.post("/v1/completions", content=big, headers={
+                        "authorization": "Bearer sk-a", "content-type": "application/json"})
+                    assert res.status_code == 200, res.text
+                    took.append(time.perf_counter() - t0)
+                return took
+
+            async def b() -> list[float]:
+                await asyncio.sleep(0.3)  # while A's third body waits
+                took = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    res = await http.post("/v1/completions", headers={
+                        "authorization": "Bearer sk-b"}, json={
+                        "model": "echo", "prompt": "small", "max_tokens": 1})
+                    assert res.status_code == 200
+                    took.append(time.perf_counter() - t0)
+                return took
+
+            return await asyncio.gather(a(), b())
+
+    a_took, b_took = asyncio.run(run())
+    assert sum(a_took) > 0.9  # 4.5 MiB at 2 MiB/s, the first 2 MiB at once: paced
+    assert max(b_took) < 0.5 < sum(a_took)  # B never waited for A's turn
+
+
+def test_the_body_pace_table_stays_bounded() -> None:
+    from zeroserve.gateway.ratelimit import BodyPace
+
+    pace = BodyPace(bytes_per_s=1000)
+    pace.MAX_SENDERS = 4
+    assert pace.wait_s(b"busy", 3000) == pytest.approx(2.0, abs=0.05)  # 1 s of budget, 2 owed
+    assert pace.wait_s(b"quiet", 10) == 0.0
+    time.sleep(0.05)  # its bucket is full again
+    pace.wait_s(b"c", 10)
+    pace.wait_s(b"d", 10)
+    pace.wait_s(b"e", 10)  # the table was full: the quiet sender is forgotten, the busy kept
+    assert set(pace.senders) == {b"busy", b"c", b"d", b"e"}
+    for i in range(50):  # all busy: the oldest go, the table stays bounded
+        pace.wait_s(f"client {i}".encode(), 10)
+    assert len(pace.senders) <= 4
+    assert BodyPace(0).wait_s(b"x", 10**9) == 0.0  # off

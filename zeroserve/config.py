@@ -189,6 +189,9 @@ class GatewayConfig:
     cache_bytes: int = 64 * MIB
     cache_ttl_s: float = knob(300.0, "seconds a cached response is served")
     max_body_bytes: int = knob(8 * MIB, "largest request body: beyond it 413")
+    body_mib_per_s: float = knob(64.0, "request-body MiB a second per API key (per client "
+                                       "address without keys): a body past it waits, unread, "
+                                       "for its turn (0: off)")
     # gateway/http.py for these six
     max_connections: int = knob(4096, "per gateway process; beyond it: 503")
     max_connections_per_client: int = knob(256, "per client address and gateway process; "

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Thin wrapper over zeroserve.ops.autoscale (see its docstring)."""
+"""Thin wrapper over zeroserve.tooling.ops.autoscale (see its docstring)."""
 
 import sys
 
-from zeroserve.ops.autoscale import main
+from zeroserve.tooling.ops.autoscale import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

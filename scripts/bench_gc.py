@@ -17,8 +17,8 @@ import time
 
 
 def run_once(model: str, steps: int, freeze: bool) -> dict[str, float]:
-    from zeroserve.bench.stats import percentile
     from zeroserve.config import LLMConfig, WorkerConfig
+    from zeroserve.tooling.bench.stats import percentile
     from zeroserve.workers.llm.engine import LLMEngine
 
     eng = LLMEngine.from_config(WorkerConfig(

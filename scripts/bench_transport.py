@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Thin wrapper: `zeroserve bench transport` (see zeroserve/bench/transport.py)."""
+"""Thin wrapper: `zeroserve bench transport` (see tooling/bench/transport.py)."""
 
 import sys
 
-from zeroserve.bench.transport import main
+from zeroserve.tooling.bench.transport import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

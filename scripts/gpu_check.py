@@ -40,7 +40,7 @@ LLM_TESTS = ["tests/test_llm.py", "tests/test_sampler.py", "tests/test_logits.py
 
 
 def plan(device: str, model: str) -> dict[str, list[str]]:
-    """Each step's command line (after `python -m zeroserve.cli`, or pytest for tests)."""
+    """Each step's command line (after `python -m zeroserve.tooling.cli`, or pytest for tests)."""
     smoke = device == "cpu"
     serve = ["bench", "serve", "--model", model, "--device", device, "--json",
              "--baselines", "engine,static_batch,hf_sequential"]
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 res[name] = {**run_step(name, full, scratch, env, args.step_limit_s, logs),
                              **junit_counts(junit)}
             else:
-                full = [sys.executable, "-P", "-m", "zeroserve.cli", *cmd]
+                full = [sys.executable, "-P", "-m", "zeroserve.tooling.cli", *cmd]
                 res[name] = run_step(name, full, scratch, env, args.step_limit_s, logs)
     res["goals"] = goals(res)
     res["elapsed_s"] = round(time.monotonic() - t0, 1)

@@ -173,8 +173,8 @@ def test_an_arena_is_no_file_and_outlives_its_owner_only_in_its_mappings() -> No
 
 def _tensor_worker(pipeline, name: str, module: str, *args: str, wrap: tuple = ()):
     return pipeline.start_worker(name, "--model", name, "--module",
-                                 f"zeroserve.bench.modules:{module}", *args, engine="tensor",
-                                 wrap=wrap)
+                                 f"zeroserve.tooling.bench.modules:{module}", *args,
+                                 engine="tensor", wrap=wrap)
 
 
 def test_infer_over_shm_and_frames_with_torch_and_numpy(pipeline) -> None:

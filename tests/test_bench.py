@@ -10,8 +10,9 @@ import pytest
 
 
 def bench(*args: str) -> dict:
-    proc = subprocess.Popen([sys.executable, "-m", "zeroserve.cli", "bench", *args, "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "zeroserve.tooling.cli", "bench", *args,
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
     try:
         out, _ = proc.communicate(timeout=240)
     finally:

@@ -16,7 +16,7 @@ ROWS = ["kill-1-of-2", "kill-all", "sigstop", "engine-error", "broker-kill", "br
 
 @pytest.mark.timeout(600)
 def test_chaos_suite_passes_every_row(tiny_model) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "zeroserve.cli", "chaos", "--json",
+    proc = subprocess.Popen([sys.executable, "-m", "zeroserve.tooling.cli", "chaos", "--json",
                              "--model", str(tiny_model)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

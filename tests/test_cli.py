@@ -13,7 +13,7 @@ import httpx
 import psutil
 
 from zeroserve import Client
-from zeroserve.cli import main as cli_main
+from zeroserve.tooling.cli import main as cli_main
 
 from .conftest import wait_for
 
@@ -33,7 +33,7 @@ def test_up_serves_sdk_and_http_then_ctrl_c_stops_everything(tmp_ipc, tiny_model
     frontend, backend = f"ipc://{tmp_ipc}/f.sock", f"ipc://{tmp_ipc}/b.sock"
     with open(tmp_ipc / "up.log", "w+b") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "zeroserve.cli", "up", "--model", str(tiny_model),
+            [sys.executable, "-m", "zeroserve.tooling.cli", "up", "--model", str(tiny_model),
              "--frontend", frontend, "--backend", backend, "--port", str(port),
              "--worker-flags", "--dtype float32 --scheduling fcfs",
              "--gateway-flags", "--allowed-hosts api.internal"],

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from zeroserve import families
-from zeroserve.bench.parity import hf_greedy
+from zeroserve.tooling.bench.parity import hf_greedy
 
 MAX_TOKENS = 24
 
@@ -48,7 +48,7 @@ def _run(eng, prompts: list[list[int]]) -> list[list[int]]:
 
 @pytest.mark.parametrize("family", list(families.FAMILIES))
 def test_engine_matches_transformers(family: str, tokenizer, tmp_path: Path) -> None:
-    from zeroserve.bench.baselines import load
+    from zeroserve.tooling.bench.baselines import load
 
     path = families.build(family, tmp_path, tokenizer=tokenizer)
     ref = load(path)
@@ -78,7 +78,7 @@ def test_engine_matches_transformers(family: str, tokenizer, tmp_path: Path) -> 
 def test_windowed_layers_hold_only_their_window(family: str, tokenizer, tmp_path: Path) -> None:
     """A long generation on a windowed model: its windowed layers hold at most window / block
     + 2 blocks while decoding (full layers hold every token), and the tokens stay exact."""
-    from zeroserve.bench.baselines import load
+    from zeroserve.tooling.bench.baselines import load
 
     path = families.build(family, tmp_path, tokenizer=tokenizer)
     eng = _engine(path)
@@ -118,8 +118,8 @@ def test_windowed_models_survive_preemption_exactly(family: str, tokenizer,
     recompute, windowed groups included, and every output is still transformers' own. (An
     all-windowed model such as Mistral holds a bounded number of blocks per sequence, so
     admission, not preemption, is what limits it.)"""
-    from zeroserve.bench.baselines import load
     from zeroserve.config import LLMConfig, WorkerConfig
+    from zeroserve.tooling.bench.baselines import load
     from zeroserve.workers.llm.engine import LLMEngine
 
     path = families.build(family, tmp_path, tokenizer=tokenizer)

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from zeroserve import Client, ZeroserveError
-from zeroserve.ops import autoscale, status, supervise, supervisor
-from zeroserve.ops.autoscale import Figures, Policy, PolicyState, decide
-from zeroserve.ops.scale import scale
 from zeroserve.procs import stop
+from zeroserve.tooling.ops import autoscale, status, supervise, supervisor
+from zeroserve.tooling.ops.autoscale import Figures, Policy, PolicyState, decide
+from zeroserve.tooling.ops.scale import scale
 
 from .conftest import wait_for
 

@@ -10,7 +10,7 @@ import signal
 
 import httpx
 
-from zeroserve.bench.fleet import conversations
+from zeroserve.tooling.bench.fleet import conversations
 
 from .conftest import Pipeline, wait_for
 from .test_gateway import start_gateway

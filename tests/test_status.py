@@ -1,4 +1,4 @@
-"""zeroserve/ops/status.py without supervisord: the broker's table alone, tok/s as a rate."""
+"""tooling/ops/status.py without supervisord: the broker's table alone, tok/s as a rate."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import subprocess
 import sys
 import threading
 
-from zeroserve.ops import status, supervisor
+from zeroserve.tooling.ops import status, supervisor
 
 from .conftest import wait_for
 
@@ -19,7 +19,7 @@ def test_status_without_supervisord_shows_the_brokers_workers(pipeline, tiny_mod
                           "--dtype", "bfloat16", engine="llm")
     pipeline.start_worker("echo-1", "--model", "echo", "--heartbeat-interval-s", "1")
     pipeline.wait_workers(2, timeout_s=120)
-    out = subprocess.run([sys.executable, "-m", "zeroserve.ops.status", "--broker",
+    out = subprocess.run([sys.executable, "-m", "zeroserve.tooling.ops.status", "--broker",
                           pipeline.frontend, "--socket", str(tmp_path / "none.sock"),
                           "--window-s", "0"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr  # no traceback without supervisord
@@ -50,7 +50,7 @@ def test_supervise_render_writes_a_concrete_config(tmp_path, monkeypatch) -> Non
     monkeypatch.setenv("ZEROSERVE_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("ZEROSERVE_PORT", "8123")
     out = tmp_path / "zeroserve.conf"
-    done = subprocess.run([sys.executable, "-m", "zeroserve.cli", "supervise", "--render",
+    done = subprocess.run([sys.executable, "-m", "zeroserve.tooling.cli", "supervise", "--render",
                            str(out)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     text = out.read_text()

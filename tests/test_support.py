@@ -75,8 +75,8 @@ def test_an_attention_keyword_the_engine_does_not_know_is_refused() -> None:
 
 def test_models_check_cli(built, tmp_path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "zeroserve.cli", "models", "check", *args],
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run([sys.executable, "-m", "zeroserve.tooling.cli", "models",
+                               "check", *args], capture_output=True, text=True, timeout=60)
 
     ok = run(str(built["gemma3"]))
     assert ok.returncode == 0 and "window 32, full" in ok.stdout, ok.stdout + ok.stderr

@@ -1,6 +1,6 @@
 """Child-process management for `zeroserve up`, benchmarks and tests: start, wait, reap.
 
-Every child runs `python -m zeroserve.cli ROLE ...` in its own process group, so a stop can
+Every child runs `python -m zeroserve.tooling.cli ROLE ...` in its own process group, so a stop can
 signal the whole group; `stop_all` sends SIGTERM, waits, then SIGKILLs what is left.
 """
 
@@ -65,7 +65,7 @@ def trim_heap() -> bool:
 def spawn(role: str, args: Sequence[str], env: dict[str, str] | None = None,
           wrap: Sequence[str] = (), **popen: object) -> subprocess.Popen:
     """`zeroserve ROLE ARGS` in its own session, run under `wrap` (e.g. numactl) if given."""
-    cmd = [*wrap, sys.executable, "-m", "zeroserve.cli", role, *args]
+    cmd = [*wrap, sys.executable, "-m", "zeroserve.tooling.cli", role, *args]
     return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True,
                             **popen)  # type: ignore[call-overload]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from zeroserve.bench.stats import percentile
+from zeroserve.tooling.bench.stats import percentile
 
 CLASSES = {"": {}, "interactive": {"priority": 0}, "batch": {"priority": 10}}
 

@@ -1,4 +1,4 @@
-"""Torch modules the tensor benchmark serves (`--module zeroserve.bench.modules:NAME`)."""
+"""Torch modules the tensor benchmark serves (`--module zeroserve.tooling.bench.modules:NAME`)."""
 
 from __future__ import annotations
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from zeroserve.bench import model_parser
-from zeroserve.bench.stats import report
+from zeroserve.tooling.bench import model_parser
+from zeroserve.tooling.bench.stats import report
 
 
 def _sync(device: torch.device) -> None:
@@ -126,9 +126,9 @@ def forward_alone(model: Any, device: torch.device, batch: int, prompt: int,
 
 def run(model: str, device: str, dtype: str, batch: int, prompt: int,
         steps: int) -> dict[str, Any]:
-    from zeroserve.bench import baselines
     from zeroserve.config import LLMConfig, WorkerConfig
     from zeroserve.models import resolve
+    from zeroserve.tooling.bench import baselines
     from zeroserve.workers.llm.model_runner import pick_dtype
 
     path = resolve(model)

@@ -50,10 +50,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zeroserve.bench import baselines
-from zeroserve.bench.drivers import drive_http, drive_sdk, idle_ttft, summarize
-from zeroserve.bench.stats import report
 from zeroserve.procs import exit_on_sigterm, spawn, stop_all
+from zeroserve.tooling.bench import baselines
+from zeroserve.tooling.bench.drivers import drive_http, drive_sdk, idle_ttft, summarize
+from zeroserve.tooling.bench.stats import report
 
 BASELINES = ("engine", "static_batch", "hf_continuous", "hf_sequential")
 
@@ -100,7 +100,7 @@ def serve_phase(model_dir: Path, workload: list, concurrency: int, rate: float |
                 goodput: tuple[float, float] | None = None) -> dict[str, dict[str, float]]:
     """Start broker + one LLM worker (+ gateway for http) and drive it each way in `via`;
     "worker" holds the worker's own figures after the last run."""
-    from zeroserve.up import wait_ready
+    from zeroserve.tooling.up import wait_ready
 
     out: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="zs-bench-") as tmp:

@@ -37,9 +37,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from zeroserve.bench.drivers import sse_events
-from zeroserve.bench.stats import percentile, report
 from zeroserve.procs import spawn, stop_all
+from zeroserve.tooling.bench.drivers import sse_events
+from zeroserve.tooling.bench.stats import percentile, report
 
 WORDS = [
     "river", "stone", "lamp", "window", "garden", "pepper", "violin", "cotton", "harbor",
@@ -66,8 +66,8 @@ def fleet(model: str, workers: int, broker_flags: list[str], worker_flags: list[
           gateway: bool = True, brokers: int = 1) -> Iterator[tuple[str, str]]:
     """`brokers` brokers, `workers` workers (every one registered with each broker) and a
     gateway on a temp dir; yields (the frontends, comma-separated; the gateway's url)."""
-    from zeroserve.bench.serve import _free_port, _wait_http
-    from zeroserve.up import wait_ready
+    from zeroserve.tooling.bench.serve import _free_port, _wait_http
+    from zeroserve.tooling.up import wait_ready
 
     with tempfile.TemporaryDirectory(prefix="zs-fleet-") as tmp:
         fronts = [f"ipc://{tmp}/f{i}" for i in range(brokers)]

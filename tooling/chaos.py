@@ -46,9 +46,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from zeroserve.chaos_rows import ROWS, STREAMS, Row, Run, streams
-from zeroserve.chaos_stack import Stack, acceptable, growth, leftovers
 from zeroserve.procs import exit_on_sigterm
+from zeroserve.tooling.chaos_rows import ROWS, STREAMS, Row, Run, streams
+from zeroserve.tooling.chaos_stack import Stack, acceptable, growth, leftovers
 
 
 async def _suite(stack: Stack, only: list[str], repeat: int) -> list[Row]:

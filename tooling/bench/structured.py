@@ -16,9 +16,9 @@ import json
 import statistics
 import time
 
-from zeroserve.bench.pipeline import llm_pipeline
-from zeroserve.bench.stats import report
 from zeroserve.procs import exit_on_sigterm
+from zeroserve.tooling.bench.pipeline import llm_pipeline
+from zeroserve.tooling.bench.stats import report
 
 SCHEMA = {
     "type": "object",

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from zeroserve.bench import model_parser
-from zeroserve.bench.stats import report
+from zeroserve.tooling.bench import model_parser
+from zeroserve.tooling.bench.stats import report
 
 
 def engine_outputs(cfg: Any, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -55,9 +55,9 @@ def hf_greedy(model: Any, ids: list[int], n: int) -> tuple[list[int], torch.Tens
 
 def run(model: str, device: str, dtype: str, prompts: int, max_tokens: int,
         tie_gap: float | None) -> dict[str, Any]:
-    from zeroserve.bench import baselines
     from zeroserve.config import LLMConfig, WorkerConfig
     from zeroserve.models import resolve
+    from zeroserve.tooling.bench import baselines
     from zeroserve.workers.llm.model_runner import pick_dtype
 
     path = resolve(model)

@@ -78,7 +78,7 @@ def start(env: dict[str, str], config: str | None = None) -> subprocess.Popen:
 
 
 def wait_socket(env: dict[str, str], proc: subprocess.Popen, timeout_s: float = 30) -> Any:
-    from zeroserve.ops import supervisor
+    from zeroserve.tooling.ops import supervisor
 
     sock = os.path.join(env["ZEROSERVE_RUN_DIR"], "supervisor.sock")
     deadline = time.monotonic() + timeout_s
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from zeroserve.client import Client
     from zeroserve.models import PRESETS, ensure_built
-    from zeroserve.ops.scale import scale
     from zeroserve.procs import stop_on_signals
+    from zeroserve.tooling.ops.scale import scale
 
     env = environment()
     if env["ZEROSERVE_ENGINE"] == "llm" and env["ZEROSERVE_MODEL"] in PRESETS:

@@ -20,8 +20,8 @@ import statistics
 import tempfile
 import time
 
-from zeroserve.bench.stats import percentile, report
 from zeroserve.procs import exit_on_sigterm, spawn, stop_all
+from zeroserve.tooling.bench.stats import percentile, report
 
 
 def free_port() -> int:
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     exit_on_sigterm()
     from zeroserve.gateway.cli import raise_fd_limit
-    from zeroserve.up import wait_ready
+    from zeroserve.tooling.up import wait_ready
 
     raise_fd_limit(args.idle + args.slow + 256)
     port = free_port()

@@ -19,9 +19,9 @@ from typing import Any
 
 from zeroserve.client import Client
 from zeroserve.config import default_endpoint
-from zeroserve.ops import supervisor
+from zeroserve.tooling.ops import supervisor
 
-log = logging.getLogger("zeroserve.ops")
+log = logging.getLogger("zeroserve.tooling.ops")
 
 
 def scale(rpc: Any, client: Client, target: int, drain_timeout_s: float = 120.0,

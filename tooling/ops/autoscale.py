@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger("zeroserve.ops")
+log = logging.getLogger("zeroserve.tooling.ops")
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from zeroserve.client import Client
     from zeroserve.config import default_endpoint
     from zeroserve.errors import ZeroserveError
-    from zeroserve.ops import scale, supervisor
+    from zeroserve.tooling.ops import scale, supervisor
 
     policy = Policy(args.target_ongoing_requests, args.min_workers, args.max_workers,
                     args.upscale_delay_s, args.downscale_delay_s)

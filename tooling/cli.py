@@ -21,14 +21,14 @@ import sys
 COMMANDS = {
     "broker": "zeroserve.broker.cli",
     "worker": "zeroserve.workers.worker",
-    "up": "zeroserve.up",
-    "bench": "zeroserve.bench",
+    "up": "zeroserve.tooling.up",
+    "bench": "zeroserve.tooling.bench",
     "make-model": "zeroserve.models",
-    "models": "zeroserve.ops.check_model",
+    "models": "zeroserve.tooling.ops.check_model",
     "gateway": "zeroserve.gateway.cli",
-    "supervise": "zeroserve.ops.supervise",
+    "supervise": "zeroserve.tooling.ops.supervise",
     "keys": "zeroserve.keys",
-    "chaos": "zeroserve.chaos",
+    "chaos": "zeroserve.tooling.chaos",
 }
 
 

@@ -15,10 +15,10 @@ import asyncio
 import contextlib
 import time
 
-from zeroserve.bench.pipeline import llm_pipeline
-from zeroserve.bench.stats import percentile, report
 from zeroserve.errors import BadRequestError
 from zeroserve.procs import exit_on_sigterm
+from zeroserve.tooling.bench.pipeline import llm_pipeline
+from zeroserve.tooling.bench.stats import percentile, report
 
 
 async def one_round(endpoint: str, streams: int, max_tokens: int, big_chars: int

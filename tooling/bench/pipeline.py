@@ -17,7 +17,7 @@ from zeroserve.procs import spawn, stop_all
 @contextlib.contextmanager
 def llm_pipeline(model_dir: Path, max_num_seqs: int, prefix: str = "zs-bench-"
                  ) -> Iterator[str]:
-    from zeroserve.up import wait_ready
+    from zeroserve.tooling.up import wait_ready
 
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         front, back = f"ipc://{tmp}/f", f"ipc://{tmp}/b"

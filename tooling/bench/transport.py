@@ -24,8 +24,8 @@ import zmq
 from tqdm import tqdm
 
 from zeroserve import protocol as p
-from zeroserve.bench.stats import percentile, report
 from zeroserve.procs import spawn, stop
+from zeroserve.tooling.bench.stats import percentile, report
 
 ROUTE = b"bench"
 PROMPT = "x" * 100  # one whitespace token of 100 bytes: a one-chunk reply

@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from zeroserve.chaos_stack import Stack, idle_within, restart_after_exit
 from zeroserve.procs import stop
+from zeroserve.tooling.chaos_stack import Stack, idle_within, restart_after_exit
 
 STREAMS = [{"prompt": f"stream {i} says", "max_tokens": 48, "ignore_eos": True,
             **({"temperature": 0} if i % 2 else {"temperature": 0.9, "seed": i})}

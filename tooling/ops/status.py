@@ -12,7 +12,7 @@ from typing import Any
 
 from zeroserve.client import Client
 from zeroserve.config import default_endpoint
-from zeroserve.ops import supervisor
+from zeroserve.tooling.ops import supervisor
 
 CRASH_LOOP_RESTARTS = 3
 COLUMNS = ("slot", "pid", "state", "device", "cpus", "model", "capacity", "in_flight",

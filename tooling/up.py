@@ -28,7 +28,7 @@ from zeroserve.config import GatewayConfig, WorkerConfig, default_endpoint
 from zeroserve.logs import setup_logging
 from zeroserve.procs import spawn, stop_all, stop_on_signals
 
-log = logging.getLogger("zeroserve.up")
+log = logging.getLogger("zeroserve.tooling.up")
 
 STABLE_S = 30.0  # a child that ran this long starts its backoff over
 MAX_QUICK_EXITS = 5

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from zeroserve.bench.stats import report
 from zeroserve.procs import spawn, stop_all
+from zeroserve.tooling.bench.stats import report
 
 SIZES = {"1mib": 1 << 20, "64mib": 64 << 20}
 MESSAGE_MB = 80
@@ -73,7 +73,7 @@ def pickle_baseline(repeat: int, bar: tqdm) -> dict[str, float]:
 
 def run(repeat: int, device: str = "cpu") -> dict[str, float]:
     from zeroserve.client import Client
-    from zeroserve.up import wait_ready
+    from zeroserve.tooling.up import wait_ready
 
     res: dict[str, float] = {}
     bar = tqdm(total=repeat * 8, desc="bench tensor", leave=False)
@@ -86,7 +86,7 @@ def run(repeat: int, device: str = "cpu") -> dict[str, float]:
         for name in ("first_element", "big_output"):
             procs.append(spawn("worker", [
                 "--broker", back, "--engine", "tensor", "--model", name, "--no-pin",
-                "--module", f"zeroserve.bench.modules:{name}", "--device", device, *limit,
+                "--module", f"zeroserve.tooling.bench.modules:{name}", "--device", device, *limit,
                 "--log-level", "WARNING"]))
         try:
             if not wait_ready(front, 2, 120, procs):

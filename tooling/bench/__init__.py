@@ -7,16 +7,16 @@ import importlib
 import sys
 
 KINDS = {
-    "transport": "zeroserve.bench.transport",
-    "serve": "zeroserve.bench.serve",
-    "tensor": "zeroserve.bench.tensor",
-    "stall": "zeroserve.bench.stall",
-    "slowloris": "zeroserve.bench.slowloris",
-    "structured": "zeroserve.bench.structured",
-    "step": "zeroserve.bench.step",
-    "parity": "zeroserve.bench.parity",
-    "fleet": "zeroserve.bench.fleet",
-    "isolation": "zeroserve.bench.isolation",
+    "transport": "zeroserve.tooling.bench.transport",
+    "serve": "zeroserve.tooling.bench.serve",
+    "tensor": "zeroserve.tooling.bench.tensor",
+    "stall": "zeroserve.tooling.bench.stall",
+    "slowloris": "zeroserve.tooling.bench.slowloris",
+    "structured": "zeroserve.tooling.bench.structured",
+    "step": "zeroserve.tooling.bench.step",
+    "parity": "zeroserve.tooling.bench.parity",
+    "fleet": "zeroserve.tooling.bench.fleet",
+    "isolation": "zeroserve.tooling.bench.isolation",
 }
 
 

@@ -27,10 +27,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from zeroserve.bench.drivers import sse_events
-from zeroserve.bench.fleet import fleet
-from zeroserve.bench.stats import percentile, report
 from zeroserve.procs import spawn, stop_all
+from zeroserve.tooling.bench.drivers import sse_events
+from zeroserve.tooling.bench.fleet import fleet
+from zeroserve.tooling.bench.stats import percentile, report
 
 KEYS = {"keys": [{"id": "a", "key": "sk-tenant-a"}, {"id": "b", "key": "sk-tenant-b"}]}
 
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flooders", type=int, default=2, help="tenant A's concurrent loops")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    from zeroserve.bench.serve import _free_port, _wait_http
     from zeroserve.models import resolve
+    from zeroserve.tooling.bench.serve import _free_port, _wait_http
 
     flags = ["--engine", "llm", "--model", str(resolve(args.model)), "--served-name", "bench",
              "--max-model-len", "512"]

@@ -13,17 +13,15 @@ runtime directory (only this user reaches it); with CURVE keys it admits admin k
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from zeroserve import protocol as p
-
-if TYPE_CHECKING:
-    from zeroserve.broker.broker import Broker
+from zeroserve.broker.hub import Hub
 
 STATE_CHANGING = frozenset({"drain"})
 
 
-def run_op(broker: Broker, msg: p.Message, privileged: bool) -> tuple[Any, str]:
+def run_op(broker: Hub, msg: p.Message, privileged: bool) -> tuple[Any, str]:
     """(result, "") or (None, error message) for one ADMIN message."""
     op, now, table = msg.header.get("op"), time.time(), broker.table
     if op in STATE_CHANGING and not privileged:
@@ -41,7 +39,7 @@ def run_op(broker: Broker, msg: p.Message, privileged: bool) -> tuple[Any, str]:
     return None, f"unknown admin op {op!r}"
 
 
-def on_admin_socket(broker: Broker, frames: list[bytes]) -> None:
+def on_admin_socket(broker: Hub, frames: list[bytes]) -> None:
     """One message on the admin endpoint."""
     peer, message = frames[0], frames[1:]  # the ROUTER's identity frame, then the message
 

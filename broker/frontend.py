@@ -20,20 +20,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from zeroserve import protocol as p
 from zeroserve.broker import admin
+from zeroserve.broker.hub import Hub
 from zeroserve.broker.table import Job
 from zeroserve.contract import DEADLINE
-
-if TYPE_CHECKING:
-    from zeroserve.broker.broker import Broker
 
 log = logging.getLogger("zeroserve.broker")
 
 
-def on_message(broker: Broker, frames: list[bytes]) -> None:
+def on_message(broker: Hub, frames: list[bytes]) -> None:
     client, message = frames[0], frames[1:]  # the ROUTER's identity frame, then the message
     broker.clients[client] = time.monotonic()
     try:
@@ -59,7 +56,7 @@ def on_message(broker: Broker, frames: list[bytes]) -> None:
                                            f"{p.TYPE_NAMES[t]} is not accepted from clients"))
 
 
-def on_request(broker: Broker, client: bytes, msg: p.Message, frames: list[bytes]) -> None:
+def on_request(broker: Hub, client: bytes, msg: p.Message, frames: list[bytes]) -> None:
     rid, model = msg.header["id"], msg.header["model"]
     broker.counts["requests"] += 1
     same = broker.table.jobs.get((client, rid))
@@ -106,7 +103,7 @@ def on_request(broker: Broker, client: bytes, msg: p.Message, frames: list[bytes
     broker.table.enqueue(job)
 
 
-def _on_cancel(broker: Broker, client: bytes, rid: str) -> None:
+def _on_cancel(broker: Hub, client: bytes, rid: str) -> None:
     job = broker.table.jobs.get((client, rid))
     if job is None or job.cancelled:
         return  # already finished: the END crossed the CANCEL
@@ -117,7 +114,7 @@ def _on_cancel(broker: Broker, client: bytes, rid: str) -> None:
         broker.send_client(client, p.error(rid, p.CANCELLED, "cancelled while queued"))
 
 
-def client_gone(broker: Broker, client: bytes, why: str = "") -> None:
+def client_gone(broker: Hub, client: bytes, why: str = "") -> None:
     """The client left: cancel its jobs, forget it. With `why` (silent or too slow: perhaps
     still there) each job gets an ERROR UNAVAILABLE saying so, so the client can resend
     instead of waiting forever. A job on a worker keeps its credit until the worker
@@ -140,7 +137,7 @@ def client_gone(broker: Broker, client: bytes, why: str = "") -> None:
         broker.outbox.drop(client)
 
 
-def _on_admin(broker: Broker, client: bytes, msg: p.Message) -> None:
+def _on_admin(broker: Hub, client: bytes, msg: p.Message) -> None:
     result, error = admin.run_op(broker, msg, privileged=False)
     rid = msg.header["id"]
     broker.send_client(client, p.error(rid, p.BAD_REQUEST, error) if error

@@ -33,7 +33,7 @@ from zeroserve.gateway.ticket import Ticket, ticket
 from zeroserve.gateway.tools import ToolStream
 
 if TYPE_CHECKING:
-    from zeroserve.gateway.app import Gateway
+    from zeroserve.gateway.gateway import Gateway
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

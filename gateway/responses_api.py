@@ -41,7 +41,7 @@ from zeroserve.gateway.generate import (
 from zeroserve.gateway.schemas import ChatCompletionRequest, Strict, Tag, number
 
 if TYPE_CHECKING:
-    from zeroserve.gateway.app import Gateway
+    from zeroserve.gateway.gateway import Gateway
 
 
 class InputPart(BaseModel):

@@ -23,7 +23,7 @@ COMMANDS = {
     "worker": "zeroserve.workers.worker",
     "up": "zeroserve.tooling.up",
     "bench": "zeroserve.tooling.bench",
-    "make-model": "zeroserve.models",
+    "make-model": "zeroserve.tooling.make_model",
     "models": "zeroserve.tooling.ops.check_model",
     "gateway": "zeroserve.gateway.cli",
     "supervise": "zeroserve.tooling.ops.supervise",

@@ -8,16 +8,13 @@ final result, or an error, per request.
 An engine may also define ``prepare(body) -> object``: the request's text work (templating,
 tokenization, validation), which touches no engine state. The runtime then calls it on a
 thread of its own and hands its result to ``add`` in place of the body, so text work never
-runs inside a step. `build(cfg)` constructs the engine a worker's config names.
+runs inside a step. engines.py builds the one a worker's config names.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    from zeroserve.config import WorkerConfig
+from typing import Any, Protocol
 
 RequestKey = tuple[bytes, str]  # (route: the client identity, request id)
 
@@ -73,29 +70,3 @@ class Engine(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
-
-
-def build(cfg: WorkerConfig) -> Engine:
-    """Construct the engine named by the config (heavy imports happen only here)."""
-    from zeroserve.config import EchoConfig, EmbedConfig, LLMConfig, TensorConfig
-
-    eng = cfg.engine
-    if isinstance(eng, EchoConfig):
-        from zeroserve.workers.echo import EchoEngine
-
-        return EchoEngine(cfg.served_name or cfg.model, cfg.capacity, eng.step_delay_ms)
-    if isinstance(eng, LLMConfig):
-        from zeroserve.workers.llm.engine import LLMEngine
-
-        return LLMEngine.from_config(cfg)
-    if isinstance(eng, TensorConfig):
-        from zeroserve.workers.tensor import TensorEngine, load_factory
-
-        return TensorEngine(load_factory(eng.module), cfg.served_name or cfg.model,
-                            eng.max_batch_size, eng.max_queue_delay_ms, cfg.device)
-    if isinstance(eng, EmbedConfig):
-        from zeroserve.workers.embed import EmbedEngine
-
-        return EmbedEngine(cfg.model, cfg.served_name, eng.max_batch_size,
-                           eng.max_queue_delay_ms, cfg.device)
-    raise ValueError(f"unknown engine {eng!r}")

@@ -18,18 +18,39 @@ the link reconnects after a backoff, then waits for the broker to be there.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import zmq
 
 from zeroserve import protocol as p
+from zeroserve.config import WorkerConfig
 from zeroserve.sockets import is_disconnect, make_socket
-
-if TYPE_CHECKING:
-    from zeroserve.workers.runtime import Worker
+from zeroserve.workers.engine import Engine
 
 log = logging.getLogger("zeroserve.worker")
+
+
+class Host(Protocol):
+    """What the IO thread needs of its worker (runtime.Worker)."""
+
+    cfg: WorkerConfig
+    ctx: zmq.Context
+    engine: Engine
+    worker_id: str
+    outbox_addr: str
+    stop_io: threading.Event
+
+    def ready_header(self) -> dict[str, Any]: ...
+
+    def beat(self) -> dict[str, Any]: ...
+
+    def broker_lost(self, tag: bytes) -> None: ...
+
+    def check_progress(self, tell_all: Any, now: float) -> None: ...
+
+    def on_broker(self, frames: list[bytes]) -> bool: ...
 
 
 class Link:
@@ -48,7 +69,7 @@ class Link:
 
 
 class Links:
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Host) -> None:
         self.worker, self.cfg, self.ctx = worker, worker.cfg, worker.ctx
         interval = self.cfg.heartbeat_interval_s
         endpoints = [e for e in self.cfg.broker.split(",") if e]

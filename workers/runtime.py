@@ -49,8 +49,8 @@ from zeroserve.workers.engine import (
     Output,
     RequestKey,
     UnsupportedModel,
-    build,
 )
+from zeroserve.workers.engines import build
 from zeroserve.workers.fair_queue import SMALL_BYTES, FairQueue
 from zeroserve.workers.links import Links
 from zeroserve.workers.pinning import CoreShare

@@ -1,15 +1,15 @@
 """The embedded default models: small Llama-architecture models with random weights.
 
-`zeroserve make-model [tiny|small]` builds one deterministically (same bytes every build): a
-byte-level BPE tokenizer trained offline on text shipped in the package, a chat template, and
-a randomly initialised LlamaForCausalLM saved as safetensors. Built once into the user's cache
-dir (ZEROSERVE_CACHE, else ~/.cache/zeroserve) under a file lock, so concurrent workers wait
-for one build instead of racing. Outputs are gibberish; the compute path is real.
+`zeroserve make-model [tiny|small]` (tooling/make_model.py) builds one deterministically
+(same bytes every build): a byte-level BPE tokenizer trained offline on text shipped in the
+package, a chat template, and a randomly initialised LlamaForCausalLM saved as safetensors.
+Built once into the user's cache dir (ZEROSERVE_CACHE, else ~/.cache/zeroserve) under a file
+lock, so concurrent workers wait for one build instead of racing. Outputs are gibberish; the
+compute path is real.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -168,30 +168,3 @@ def build(preset: str, out: Path, progress: bool = True) -> None:
         bar.update()
         tokenizer.save_pretrained(out)
         bar.update()
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="zeroserve make-model", description=__doc__.split("\n")[0])
-    ap.add_argument("preset", nargs="?", default="tiny", choices=sorted(PRESETS))
-    ap.add_argument("--out", default=None, help="build into this directory instead of the cache")
-    ap.add_argument("--family", default=None, help="a random tiny model of this transformers "
-                    "family instead (families.py; needs --out)")
-    ap.add_argument("--window", type=int, default=None, help="the sliding window of a "
-                    "windowed family (default 32)")
-    args = ap.parse_args(argv)
-    if args.family:
-        from zeroserve import families
-
-        if args.family not in families.FAMILIES or not args.out:
-            ap.error(f"--family takes one of {', '.join(families.FAMILIES)}, with --out")
-        print(families.build(args.family, Path(args.out), args.window or families.WINDOW))
-    elif args.out:
-        build(args.preset, Path(args.out))
-        print(args.out)
-    else:
-        print(ensure_built(args.preset))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

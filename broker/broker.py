@@ -131,11 +131,11 @@ class Broker:
             for fd in [e for e in events if isinstance(e, int)]:  # a local worker's pidfd
                 self._process_ended(fd)
             if self.backend in events:
-                self._drain(self.backend, self._on_backend, sourced=True)
+                self._read_batch(self.backend, self._on_backend, sourced=True)
             if self.frontend in events:
-                self._drain(self.frontend, lambda frames: frontend.on_message(self, frames))
+                self._read_batch(self.frontend, lambda frames: frontend.on_message(self, frames))
             if self.admin in events:
-                self._drain(self.admin, lambda frames: admin.on_admin_socket(self, frames))
+                self._read_batch(self.admin, lambda frames: admin.on_admin_socket(self, frames))
             self._on_timers(time.monotonic())
             if self.outbox.backlog:
                 for client in self.outbox.flush():
@@ -145,7 +145,7 @@ class Broker:
                     if (worker := self.table.workers.get(identity)) is not None:
                         self._purge(worker, "unreachable")
 
-    def _drain(self, sock: zmq.Socket, handler: Any, sourced: bool = False) -> None:
+    def _read_batch(self, sock: zmq.Socket, handler: Any, sourced: bool = False) -> None:
         end = time.monotonic() + BATCH_S
         for _ in range(BATCH):
             if time.monotonic() > end:
@@ -163,7 +163,7 @@ class Broker:
 
     def drain(self, worker: WorkerState, why: str) -> None:
         self.send_worker(worker, NO_ROUTE, p.encode(p.DRAIN, {}))
-        self._drain_worker(worker, why)
+        self._stop_routing(worker, why)
 
     def send_quiet(self, sock: zmq.Socket, frames: list) -> None:
         with contextlib.suppress(zmq.ZMQError):  # a peer that left needs no answer
@@ -200,7 +200,7 @@ class Broker:
             if isinstance(stats := msg.header.get("stats"), dict):
                 worker.stats = stats
         elif t == p.DRAIN:
-            self._drain_worker(worker, "worker asked")
+            self._stop_routing(worker, "worker asked")
         elif t == p.DISCONNECT:
             reason = msg.header.get("reason", "no reason")
             if not worker.inflight:
@@ -288,7 +288,7 @@ class Broker:
         if self.table.queued:
             self._dispatch_queued(worker)
 
-    def _drain_worker(self, worker: WorkerState, why: str) -> None:
+    def _stop_routing(self, worker: WorkerState, why: str) -> None:
         if not worker.draining:
             worker.draining = True
             log.info("worker draining id=%s in_flight=%d (%s)", worker.worker_id,
@@ -358,7 +358,7 @@ class Broker:
         if now < self._next_heartbeat:
             return
         self._next_heartbeat = now + self.cfg.heartbeat_interval_s
-        self._drain(self.backend, self._on_backend)  # a busy broker is not a silent worker
+        self._read_batch(self.backend, self._on_backend)  # a busy broker is not a silent worker
         for worker in self.table.expired_workers(now):
             self._purge(worker, "heartbeat expired")
         if self.handled >= TRIM_AFTER:  # a burst is over (or goes on): hand back its memory

@@ -23,7 +23,7 @@ def tokenizer(tiny_model) -> Any:
 
 def test_the_rust_backend_is_used_and_gives_transformers_ids(tokenizer) -> None:
     inputs = Inputs(tokenizer, 10**6, 512)
-    assert inputs._backend is not None  # it agreed on the probes
+    assert inputs.fast is not None  # it agreed on the probes
     for text in TEXTS:
         assert inputs.prompt_ids({"prompt": text}) == tokenizer.encode(text)
     chat = [{"role": "user", "content": t} for t in TEXTS[:4]]
@@ -53,7 +53,7 @@ def test_a_backend_that_disagrees_is_not_used(tokenizer, monkeypatch) -> None:
     monkeypatch.setattr(type(tokenizer), "backend_tokenizer", property(lambda self: _Disagrees(
         real)))
     inputs = Inputs(tokenizer, 10**6, 512)
-    assert inputs._backend is None
+    assert inputs.fast is None
     monkeypatch.undo()
     assert inputs.prompt_ids({"prompt": TEXTS[1]}) == tokenizer.encode(TEXTS[1])
     chat = [{"role": "user", "content": "hi"}]

@@ -5,7 +5,8 @@ and a free loopback port. Tenant B sends short streamed chat requests one after 
 (--requests per round) and its TTFT is measured from the request to the first token. Rounds
 alternate (--rounds of each): quiet, B alone; loaded, B while tenant A floods the gateway with
 --flooders concurrent loops of /tokenize calls of 3 MiB of text (seconds of tokenizer work
-each) and 7 MB completion bodies. Reported (JSON keys):
+each) and 7 MB completion bodies (--flood tokenize or bodies: only one kind, back to back).
+Reported (JSON keys):
   ttft_ms_p50_quiet, ttft_ms_p99_quiet     B alone
   ttft_ms_p50_loaded, ttft_ms_p99_loaded   B beside A's flood
   ttft_ms_p50_quiet_rounds, ..._loaded_rounds   each round's p50 (this machine is noisy)
@@ -55,17 +56,23 @@ async def _tenant_b(url: str, n: int, bar: tqdm) -> list[float]:
     return ttfts
 
 
-def _tenant_a(url: str, flooders: int, stop: Any, count: Any) -> None:
+FLOODS = ("both", "tokenize", "bodies")
+
+
+def _tenant_a(url: str, flooders: int, stop: Any, count: Any, flood: str = "both") -> None:
     """Tenant A, in a process of its own (its client work must not slow B's measurement):
-    `flooders` loops of a 3 MiB /tokenize then a 7 MB completion body, until `stop` is set."""
+    `flooders` loops of a 3 MiB /tokenize then a 7 MB completion body (or one of the two),
+    until `stop` is set."""
     import httpx
 
     tokenize = json.dumps({"model": "bench", "prompt": "word " * (3 * 2**20 // 5)}).encode()
     big = json.dumps({"model": "bench", "prompt": "x" * 7_000_000, "max_tokens": 1}).encode()
+    kinds = [("/tokenize", tokenize), ("/v1/completions", big)]
+    kinds = kinds[:1] if flood == "tokenize" else kinds[1:] if flood == "bodies" else kinds
 
     async def loop(http: httpx.AsyncClient) -> None:
         while not stop.is_set():
-            for path, body in (("/tokenize", tokenize), ("/v1/completions", big)):
+            for path, body in kinds:
                 with contextlib.suppress(httpx.HTTPError):
                     await http.post(path, content=body)
                 with count.get_lock():
@@ -80,21 +87,23 @@ def _tenant_a(url: str, flooders: int, stop: Any, count: Any) -> None:
     asyncio.run(run())
 
 
-def _round(url: str, n: int, flooders: int, bar: tqdm) -> tuple[list[float], int]:
+def _round(url: str, n: int, flooders: int, bar: tqdm, flood: str = "both"
+           ) -> tuple[list[float], int]:
     if not flooders:
         return asyncio.run(_tenant_b(url, n, bar)), 0
     mp = multiprocessing.get_context("spawn")
     stop, count = mp.Event(), mp.Value("i", 0)
-    flood = mp.Process(target=_tenant_a, args=(url, flooders, stop, count), daemon=True)
-    flood.start()
+    flooder = mp.Process(target=_tenant_a, args=(url, flooders, stop, count, flood),
+                         daemon=True)
+    flooder.start()
     time.sleep(1.5)  # the flood is under way
     try:
         ttfts = asyncio.run(_tenant_b(url, n, bar))
     finally:
         stop.set()
-        flood.join(120)  # its requests in flight end first: no work left for the next round
-        if flood.is_alive():
-            flood.kill()
+        flooder.join(120)  # its requests in flight end first: no work left for the next round
+        if flooder.is_alive():
+            flooder.kill()
     return ttfts, count.value
 
 
@@ -105,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="quiet and loaded rounds, each")
     ap.add_argument("--requests", type=int, default=40, help="tenant B's requests a round")
     ap.add_argument("--flooders", type=int, default=2, help="tenant A's concurrent loops")
+    ap.add_argument("--flood", choices=FLOODS, default="both", help="what tenant A sends: "
+                    "3 MiB /tokenize calls and 7 MB bodies in turn, or one of them")
+    ap.add_argument("--unpaced", action="store_true", help="the gateway without its body "
+                    "pace (--body-mib-per-s 0): what the pace buys")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     from zeroserve.models import resolve
@@ -121,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         keys.write_text(json.dumps(KEYS))
         port = _free_port()
         gateway = spawn("gateway", ["--broker", front, "--port", str(port), "--cache-mb", "0",
-                                    "--api-keys-file", str(keys), "--log-level", "WARNING"])
+                                    "--api-keys-file", str(keys), "--log-level", "WARNING",
+                                    *(["--body-mib-per-s", "0"] if args.unpaced else [])])
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_http(f"{url}/ready", gateway)
@@ -130,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.rounds):
                 for kind in ("quiet", "loaded"):
                     got, n = _round(url, args.requests,
-                                    args.flooders if kind == "loaded" else 0, bar)
+                                    args.flooders if kind == "loaded" else 0, bar, args.flood)
                     ttft[kind] += got
                     per_round[kind].append(round(percentile(got, 50), 1))
                     flood += n
@@ -139,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_all([gateway])
     res: dict[str, Any] = {"model": args.model, "rounds": args.rounds,
                            "requests_per_round": args.requests, "flooders": args.flooders,
+                           "flood": args.flood, "paced": not args.unpaced,
                            "flood_requests": flood}
     for kind, values in ttft.items():
         res[f"ttft_ms_p50_{kind}"] = percentile(values, 50)

@@ -33,10 +33,10 @@ class Inputs:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
-        self._backend: Any = None  # the Rust tokenizer, once it agrees with transformers
+        self.fast: Any = None  # the Rust tokenizer, once it agrees with transformers
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if hasattr(backend, "encode_batch_fast"):
-            self._backend = backend if self._agrees(backend) else None
+            self.fast = backend if self._agrees(backend) else None
 
     def _agrees(self, backend: Any) -> bool:
         """Whether the backend gives transformers' ids for a probe text, and for a chat."""
@@ -58,8 +58,8 @@ class Inputs:
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of `text` (with the tokenizer's special tokens, e.g. BOS, if `special`)."""
-        if self._backend is not None:
-            return self._backend.encode_batch_fast([text], add_special_tokens=special)[0].ids
+        if self.fast is not None:
+            return self.fast.encode_batch_fast([text], add_special_tokens=special)[0].ids
         return self.tokenizer.encode(text, add_special_tokens=special)
 
     def text_op(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +129,7 @@ class Inputs:
         try:
             out = self.tokenizer.apply_chat_template(
                 [{k: m[k] for k in keep if k in m} for m in messages], tools=tools or None,
-                add_generation_prompt=add_generation_prompt, tokenize=self._backend is None)
+                add_generation_prompt=add_generation_prompt, tokenize=self.fast is None)
         except Exception as exc:
             raise EngineError(p.BAD_REQUEST, f"chat template failed: {exc}") from None
         if isinstance(out, str):  # rendered: the template wrote the special tokens

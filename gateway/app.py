@@ -40,6 +40,8 @@ from zeroserve.gateway.ticket import ticket
 
 
 def create_app(cfg: GatewayConfig) -> Any:
+    """The ASGI app of one gateway process: its routes around one Gateway, wrapped in the
+    middleware every request passes (and CORS, if asked for)."""
     gw = Gateway(cfg)
 
     @contextlib.asynccontextmanager
@@ -55,7 +57,14 @@ def create_app(cfg: GatewayConfig) -> Any:
     app = FastAPI(title="zeroserve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible gateway of zeroserve", **docs)
     app.state.gateway = gw
+    _error_handlers(app)
+    _ops_routes(app, gw)
+    _generation_routes(app, gw)
+    _text_routes(app, gw)
+    return _wrapped(app, gw)
 
+
+def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), exc.status, headers=exc.headers)
@@ -70,6 +79,9 @@ def create_app(cfg: GatewayConfig) -> Any:
         msg = f"{loc}: {text}" if loc else text
         return JSONResponse(ApiError(400, msg, param=loc, code="invalid_value").body(), 400)
 
+
+def _ops_routes(app: FastAPI, gw: Gateway) -> None:
+    """GET /health, /ready, /metrics and /v1/models."""
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -97,6 +109,10 @@ def create_app(cfg: GatewayConfig) -> Any:
         return {"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "zeroserve"} for m in names]}
 
+
+def _generation_routes(app: FastAPI, gw: Gateway) -> None:
+    """POST /v1/completions, /v1/chat/completions, /v1/responses (generate.py,
+    responses_api.py) and /v1/embeddings."""
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
         return await generate(gw, request, req, "/v1/completions", chat=False)
@@ -137,6 +153,10 @@ def create_app(cfg: GatewayConfig) -> Any:
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
                             headers=rl_headers)
 
+
+def _text_routes(app: FastAPI, gw: Gateway) -> None:
+    """POST /tokenize and /detokenize (vLLM's shapes)."""
+
     async def text_op(request: Request, model: str, body: dict[str, Any],
                       estimate: int) -> dict[str, Any]:
         """/tokenize and /detokenize: charged as prompt tokens, like any request (the
@@ -167,6 +187,11 @@ def create_app(cfg: GatewayConfig) -> Any:
         return await text_op(request, req.model, {"op": "detokenize", "tokens": req.tokens},
                              len(req.tokens))
 
+
+def _wrapped(app: FastAPI, gw: Gateway) -> Any:
+    """The app inside Frontline (keys, Host, body limit and pace, tickets, access log), and
+    CORS outermost when origins are configured."""
+    cfg = gw.cfg
     routes = {getattr(r, "path", "") for r in app.routes}
 
     def count(path: str, status: int) -> None:  # a label per route, not per path asked for

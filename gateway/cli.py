@@ -12,9 +12,12 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
+import tempfile
 
 from zeroserve import flags, tracing
 from zeroserve.config import MIB, GatewayConfig, default_endpoint
+from zeroserve.gateway.metrics import MULTIPROC_DIR
 from zeroserve.keys import add_arguments as add_key_arguments
 from zeroserve.keys import keys_dir
 from zeroserve.logs import setup_logging
@@ -78,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, "gateway")
     cfg = config_from_args(args)
+    shared_dir = None  # several processes: one set of figures at /metrics (metrics.py)
+    if cfg.workers > 1 and not os.environ.get(MULTIPROC_DIR):
+        shared_dir = os.environ[MULTIPROC_DIR] = tempfile.mkdtemp(prefix="zs-gateway-metrics-")
     raise_fd_limit(cfg.max_connections + 256)
     os.environ[ENV_CONFIG] = json.dumps(dataclasses.asdict(cfg))
     os.environ["ZEROSERVE_LOG_LEVEL"] = args.log_level
@@ -87,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                 timeout_keep_alive=cfg.keep_alive_s,  # type: ignore[arg-type]
                 log_level=args.log_level.lower(), access_log=False, timeout_graceful_shutdown=10,
                 log_config=None)
+    if shared_dir is not None:
+        shutil.rmtree(shared_dir, ignore_errors=True)
     return 0
 
 

@@ -10,6 +10,11 @@ With --metrics-vllm-names the same figures are also exported under vLLM's names,
 `model` as `model_name`, so dashboards built for vLLM work unchanged (VLLM_NAMES is the
 mapping, also in the README).
 
+Several gateway processes (--workers N) export one set of figures: cli.py gives them a shared
+PROMETHEUS_MULTIPROC_DIR, counters and histograms add up across the processes, and gauges
+(the same table, polled by each) show the most recent value; whichever process a scrape
+reaches answers the same.
+
 Tenants: a key that is not an admin's sees no prefix-cache figure (a hit counter that moves
 when a guess is right tells one tenant what another sent). Per-worker series are kept for at
 most MAX_WORKER_SERIES workers, with bounded labels, so registrations cannot flood a scrape.
@@ -17,10 +22,13 @@ most MAX_WORKER_SERIES workers, with bounded labels, so registrations cannot flo
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import Gauge as _Gauge
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -31,6 +39,8 @@ from prometheus_client.samples import Sample
 
 from zeroserve import protocol as p
 
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set: several gateway processes share the figures
+Gauge = partial(_Gauge, multiprocess_mode="mostrecent")  # each process polls the same table
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
 MAX_WORKER_SERIES = 256  # workers with per-worker series (the first by worker id)
 MAX_LABEL_CHARS = 128
@@ -80,12 +90,18 @@ class Metrics:
                             ["decision"], registry=r)
 
         self.table: dict[str, Any] = {"workers": []}
-        r.register(WorkerFamilies(self))
+        self.scraped = r  # what /metrics reads: this process's figures, or every process's
+        if os.environ.get(MULTIPROC_DIR):
+            from prometheus_client import multiprocess
+
+            self.scraped = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.scraped)
+        self.scraped.register(WorkerFamilies(self))  # from the table: the same in each process
 
     def exposition(self, vllm_names: bool = False, tenant_safe: bool = False) -> bytes:
         """The /metrics body; with vllm_names, the mapped families follow under vLLM's names;
         tenant_safe leaves out the prefix-cache families."""
-        source: Any = TenantSafe(self.registry) if tenant_safe else self.registry
+        source: Any = TenantSafe(self.scraped) if tenant_safe else self.scraped
         text = generate_latest(source)
         if vllm_names:
             text += generate_latest(VllmNames(source))  # type: ignore[arg-type]

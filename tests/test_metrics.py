@@ -68,3 +68,35 @@ def test_engine_metrics_per_worker_move_and_carry_vllm_names(stack) -> None:  # 
     exported = set(re.findall(r"^(zeroserve_[a-z_]+)", httpx.get(f"{url}/metrics").text,
                               re.MULTILINE))
     assert len(queried) >= 15 and queried <= exported, queried - exported
+
+
+def _count(text: str, family: str, **labels: str) -> float:
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == family and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+def test_several_gateway_processes_export_one_set_of_figures(pipeline) -> None:
+    """`gateway --workers 2`: each scrape, whichever process answers it, counts every
+    request either process served (each process used to show only its own)."""
+    from .test_gateway import start_gateway
+
+    pipeline.start_broker()
+    pipeline.start_worker("echo")
+    pipeline.wait_workers(1)
+    url = start_gateway(pipeline, "--workers", "2")
+    done = 0
+    for i in range(24):  # new connections: the kernel spreads them over both processes
+        res = httpx.post(f"{url}/v1/completions", json={
+            "model": "echo", "prompt": f"p{i}", "max_tokens": 1}, timeout=10)
+        done += res.status_code == 200
+    assert done == 24
+    seen = set()
+    for _ in range(8):
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        seen.add(_count(text, "zeroserve_requests_total", route="/v1/completions",
+                        status="200"))
+        assert _count(text, "zeroserve_workers_up") == 1  # a gauge: the table, not a sum
+    assert seen == {24.0}

@@ -128,7 +128,7 @@ async def start(gw: Gateway, request: Request, req: Any, route: str, chat: bool,
     rid, wire = t.request_id, gw.wire_id(request)
     handles: list[AsyncRequestHandle] = []
     try:
-        for i, choice_body in enumerate(_choices(body, n)):
+        for i, choice_body in enumerate(contract.choices(body, n)):
             handles.append(await gw.client.submit(req.model, request_id=wire if not i else
                                                   f"{wire}-c{i}", tenant=t.key_id,
                                                   trace=t.trace, **choice_body))
@@ -193,16 +193,6 @@ async def _stream(gw: Gateway, request: Request, req: Any, started: Started,
     stream = _sse(gw, started, parts, chat, req.include_usage, calls)
     return StreamingResponse(stream, media_type="text/event-stream",
                              headers={**SSE_HEADERS, **started.headers})
-
-
-def _choices(body: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """The engine body of each of n choices: choice i of a seeded request is seeded seed+i."""
-    out = [body]
-    for i in range(1, n):
-        seed = body.get("seed")
-        out.append(body if seed is None else
-                   {**body, "seed": (seed + i + (1 << 63)) % (1 << 64) - (1 << 63)})
-    return out
 
 
 def _cache_allowed(request: Request) -> bool:

@@ -193,3 +193,29 @@ def test_a_new_broker_epoch_sends_everything_again() -> None:
     sinks["tensor"].get(0)  # its chunk
     assert isinstance(sinks["tensor"].get(0), UnavailableError)
     assert set(core.pending) == {"queued", "gen"}
+
+
+def test_n_choices_through_the_sdk(pipeline, tiny_model) -> None:
+    """n through the SDK as through the gateway: n requests, choice i of a seeded one seeded
+    seed + i, every choice in the first one's `choices`; submit() alone refuses n."""
+    from zeroserve import BadRequestError
+
+    pipeline.start_broker()
+    pipeline.start_worker("tiny", "--model", str(tiny_model), "--served-name", "tiny",
+                          "--dtype", "float32", engine="llm")
+    pipeline.wait_workers(1, timeout_s=120)
+    params = {"max_tokens": 8, "temperature": 1.0, "seed": 41, "ignore_eos": True}
+    with pipeline.client() as c:
+        first = c.generate("tiny", "once upon", n=3, timeout_s=60, **params)
+        assert len(first.choices) == 3 and first.choices[0] is first
+        alone = [c.generate("tiny", "once upon", timeout_s=60, **{**params, "seed": 41 + i})
+                 for i in range(3)]
+        assert [r.token_ids for r in first.choices] == [r.token_ids for r in alone]
+        chat = c.chat("tiny", [{"role": "user", "content": "hi"}], n=2, max_tokens=4,
+                      timeout_s=60)
+        assert len(chat.choices) == 2 and all(r.finish_reason for r in chat.choices)
+        assert c.generate("tiny", "x", max_tokens=2, timeout_s=60).choices == []
+        with pytest.raises(BadRequestError, match="n > 1 is n requests"):
+            c.submit("tiny", "x", n=2)
+        with pytest.raises(BadRequestError, match="n must be"):
+            c.generate("tiny", "x", n=9)

@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from zeroserve import contract, errors
-from zeroserve.client_core import request_body
+from zeroserve.client_core import choice_params, request_body
 from zeroserve.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from zeroserve.workers.engine import EngineError
 from zeroserve.workers.llm import params as engine_params
@@ -37,8 +37,9 @@ def engine_ok(name: str, value) -> bool:
 
 
 def sdk_ok(name: str, value) -> bool:
-    try:
-        request_body("p", {name: value})
+    try:  # as generate() and chat() do: n becomes n requests, each checked
+        for each in choice_params({name: value}):
+            request_body("p", each)
         return True
     except errors.BadRequestError:
         return False

@@ -28,13 +28,13 @@ import zmq.asyncio
 
 from zeroserve import errors
 from zeroserve import protocol as p
-from zeroserve.client_core import ClientCore, Out, request_body
+from zeroserve.client_core import ClientCore, Out, choice_params, request_body
 from zeroserve.codec import TensorCodec
 from zeroserve.config import ClientConfig, SocketConfig, default_endpoint
 from zeroserve.dealers import Dealer
 from zeroserve.handles import AsyncRequestHandle, RequestHandle
 from zeroserve.keys import PeerKeys
-from zeroserve.replies import AsyncCollector, Chunk, Result, ThreadCollector
+from zeroserve.replies import AsyncCollector, Chunk, Result, ThreadCollector, first_of
 from zeroserve.sockets import check_transport, is_disconnect, private_ipc
 
 log = logging.getLogger("zeroserve.client")
@@ -103,7 +103,10 @@ class Client:
 
     def generate(self, model: str, prompt: str | None = None, *,
                  timeout_s: float | None = None, **params: Any) -> Result:
-        return self.submit(model, prompt, **params).result(timeout_s)
+        """A generation's result. With n > 1, n requests (choice i of a seeded one seeded
+        seed + i): the first choice's result, every choice in its `choices`."""
+        handles = [self.submit(model, prompt, **each) for each in choice_params(params)]
+        return first_of([h.result(timeout_s) for h in handles])
 
     def stream(self, model: str, prompt: str | None = None, *, timeout_s: float | None = None,
                **params: Any) -> Iterator[Chunk]:
@@ -112,8 +115,8 @@ class Client:
     def chat(self, model: str, messages: list[dict[str, Any]], *,
              timeout_s: float | None = None, **params: Any) -> Result:
         """A chat turn: `messages` through the model's chat template; `params` as generate's
-        (zeroserve/contract.py)."""
-        return self.submit(model, messages=messages, **params).result(timeout_s)
+        (zeroserve/contract.py), `n` too."""
+        return self.generate(model, messages=messages, timeout_s=timeout_s, **params)
 
     def empty(self, shape: Sequence[int], dtype: Any = None) -> Any:
         """A tensor allocated in this client's shared-memory arena: fill it and `infer` sends
@@ -301,8 +304,8 @@ class AsyncClient:
 
     async def generate(self, model: str, prompt: str | None = None, *,
                        timeout_s: float | None = None, **params: Any) -> Result:
-        handle = await self.submit(model, prompt, **params)
-        return await handle.result(timeout_s)
+        handles = [await self.submit(model, prompt, **each) for each in choice_params(params)]
+        return first_of([await h.result(timeout_s) for h in handles])
 
     async def stream(self, model: str, prompt: str | None = None, *,
                      timeout_s: float | None = None, **params: Any) -> AsyncIterator[Chunk]:
@@ -313,9 +316,8 @@ class AsyncClient:
     async def chat(self, model: str, messages: list[dict[str, Any]], *,
                    timeout_s: float | None = None, **params: Any) -> Result:
         """A chat turn: `messages` through the model's chat template; `params` as generate's
-        (zeroserve/contract.py)."""
-        handle = await self.submit(model, messages=messages, **params)
-        return await handle.result(timeout_s)
+        (zeroserve/contract.py), `n` too."""
+        return await self.generate(model, messages=messages, timeout_s=timeout_s, **params)
 
     def empty(self, shape: Sequence[int], dtype: Any = None) -> Any:
         import torch

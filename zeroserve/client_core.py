@@ -298,4 +298,19 @@ def request_body(prompt: str | None, params: dict[str, Any]) -> dict[str, Any]:
         contract.check(params)
     except ValueError as exc:
         raise errors.BadRequestError(str(exc)) from None
+    if params.get("n", 1) != 1:
+        raise errors.BadRequestError("n > 1 is n requests: generate() and chat() send them; "
+                                     "submit() sends one")
+    params = {k: v for k, v in params.items() if k != "n"}
     return params if prompt is None else {"prompt": prompt, **params}
+
+
+def choice_params(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """A call's parameters for each of its `n` choices (1 by default): choice i of a seeded
+    call is seeded seed + i, as the gateway's are."""
+    n = params.get("n", 1)
+    try:
+        contract.NUMBERS["n"].check("n", n)
+    except ValueError as exc:
+        raise errors.BadRequestError(str(exc)) from None
+    return contract.choices({k: v for k, v in params.items() if k != "n"}, n)

@@ -96,6 +96,14 @@ def default(name: str) -> Any:
     return NUMBERS[name].default
 
 
+def choices(body: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """The body of each of a request's n choices (each is a request of its own): choice i of
+    a seeded one is seeded seed + i, wrapping within int64, so one seed reproduces them all."""
+    seed = body.get("seed")
+    return [body if seed is None or not i else
+            {**body, "seed": (seed + i + (1 << 63)) % (1 << 64) - (1 << 63)} for i in range(n)]
+
+
 def check(params: dict[str, Any]) -> None:
     """The SDK's check before sending: every number in NUMBERS within its bounds, stop and
     logit_bias within theirs. ValueError names the first field that is not."""

@@ -49,6 +49,8 @@ class Result(PayloadView):
     request_id: str
     data: dict[str, Any]
     buffers: list[bytes] = field(default_factory=list)
+    # every choice's result, this one first, when it was asked for with n > 1
+    choices: list[Result] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def finish_reason(self) -> str | None:
@@ -138,6 +140,13 @@ def merge_result(rid: str, parts: list[Chunk]) -> Result:
         merge_delta(data, part.data)
         buffers.extend(part.buffers)
     return Result(rid, data, buffers)
+
+
+def first_of(choices: list[Result]) -> Result:
+    """The first choice, holding them all (when there are several) in `choices`."""
+    if len(choices) > 1:
+        choices[0].choices = choices
+    return choices[0]
 
 
 def deadline_of(timeout_s: float | None, default_s: float | None) -> float | None:

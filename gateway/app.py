@@ -24,7 +24,7 @@ from starlette.middleware.cors import CORSMiddleware
 from zeroserve import errors
 from zeroserve.config import MIB, GatewayConfig
 from zeroserve.gateway import responses_api
-from zeroserve.gateway.errors import ApiError, from_zeroserve
+from zeroserve.gateway.api_errors import ApiError, from_zeroserve
 from zeroserve.gateway.gateway import Gateway
 from zeroserve.gateway.generate import generate, unless_disconnected
 from zeroserve.gateway.middleware import Frontline, allowed_hosts

@@ -15,9 +15,9 @@ from fastapi import Request
 from zeroserve import errors
 from zeroserve.client import AsyncClient
 from zeroserve.config import GatewayConfig
+from zeroserve.gateway.api_errors import ApiError
 from zeroserve.gateway.auth import ApiKey, KeyStore
 from zeroserve.gateway.cache import ResponseCache
-from zeroserve.gateway.errors import ApiError
 from zeroserve.gateway.metrics import Metrics
 from zeroserve.gateway.ratelimit import Limits, RateLimiter
 from zeroserve.gateway.ticket import ticket

@@ -25,9 +25,9 @@ from fastapi.responses import Response, StreamingResponse
 
 from zeroserve import contract, errors
 from zeroserve.client import AsyncRequestHandle, Chunk
-from zeroserve.gateway import responses
+from zeroserve.gateway import openai_shapes
+from zeroserve.gateway.api_errors import ApiError, from_zeroserve
 from zeroserve.gateway.cache import cache_key
-from zeroserve.gateway.errors import ApiError, from_zeroserve
 from zeroserve.gateway.metrics import priority_label
 from zeroserve.gateway.ticket import Ticket, ticket
 from zeroserve.gateway.tools import ToolStream
@@ -174,7 +174,7 @@ async def _complete(gw: Gateway, request: Request, req: Any, started: Started,
     except errors.ZeroserveError as exc:
         raise refused(gw, t, exc) from None
     gw.metrics.e2e.labels(req.model).observe(time.perf_counter() - started.t0)
-    raw = responses.completion_body(started.meta, chat, choices, "logprobs" in started.body,
+    raw = openai_shapes.completion_body(started.meta, chat, choices, "logprobs" in started.body,
                                     req.tool_mode() if chat else None)
     if started.cache_at is not None:
         gw.cache.put(started.cache_at, raw)
@@ -313,7 +313,7 @@ async def _sse(gw: Gateway, started: Started, parts: AsyncIterator[tuple[int, Ch
                chat: bool, include_usage: bool, calls: list[ToolStream] | None = None
                ) -> AsyncIterator[bytes]:
     """OpenAI's SSE: role first (chat), each choice's events, usage of them all, [DONE]."""
-    events = responses.SseEvents(started.meta, chat)
+    events = openai_shapes.SseEvents(started.meta, chat)
     t, t0, last = started.ticket, started.t0, started.t0
     finals: list[dict[str, Any]] = []
     try:
@@ -338,7 +338,7 @@ async def _sse(gw: Gateway, started: Started, parts: AsyncIterator[tuple[int, Ch
     yield events.DONE
 
 
-def _chunk_events(events: responses.SseEvents, i: int, chunk: Chunk,
+def _chunk_events(events: openai_shapes.SseEvents, i: int, chunk: Chunk,
                   calls: ToolStream | None) -> list[bytes]:
     """The events of choice i's chunk: its text (through the choice's ToolStream when tools
     are in play, which may turn it into tool-call deltas), logprobs, and its finish_reason."""

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from zeroserve import tracing
-from zeroserve.gateway.errors import ApiError
+from zeroserve.gateway.api_errors import ApiError
 from zeroserve.gateway.ratelimit import BodyPace
 from zeroserve.gateway.ticket import Ticket
 from zeroserve.logs import RateLimitedLog

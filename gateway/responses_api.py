@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from zeroserve import contract as c
 from zeroserve import errors
 from zeroserve.client import Chunk
-from zeroserve.gateway.errors import ApiError, from_zeroserve
+from zeroserve.gateway.api_errors import ApiError, from_zeroserve
 from zeroserve.gateway.generate import (
     SSE_HEADERS,
     Started,

@@ -1,7 +1,7 @@
 """OpenAI request schemas (pydantic) and their mapping onto zeroserve request bodies.
 
 Only the request side is modelled: it is what needs validating. Responses are built in
-responses.py, in exactly OpenAI's shapes, which is cheaper on the streaming hot path.
+openai_shapes.py, in exactly OpenAI's shapes, which is cheaper on the streaming hot path.
 Unknown fields are refused (400), never silently dropped: a client that asks for
 `response_format` or `tools` must not get plain text back as if it had been honoured. Sizes
 are bounded with the engines' own limits (config.py).

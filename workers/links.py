@@ -39,7 +39,7 @@ class Host(Protocol):
     ctx: zmq.Context
     engine: Engine
     worker_id: str
-    outbox_addr: str
+    replies_addr: str
     stop_io: threading.Event
 
     def ready_header(self) -> dict[str, Any]: ...
@@ -126,7 +126,7 @@ class Links:
     def run(self) -> None:
         pair = self.ctx.socket(zmq.PAIR)
         pair.setsockopt(zmq.LINGER, 0)
-        pair.connect(self.worker.outbox_addr)
+        pair.connect(self.worker.replies_addr)
         for link in self.links:
             self._connect(link)
         log.info("worker %s connected to %s: READY models=%s capacity=%d", self.worker.worker_id,

@@ -74,10 +74,10 @@ class Worker:
         self.ctx = ctx or zmq.Context.instance()
         self.worker_id = cfg.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self.outbox_addr = f"inproc://worker-outbox-{uuid.uuid4().hex}"
-        self.outbox = self.ctx.socket(zmq.PAIR)  # engine thread's end
-        self.outbox.setsockopt(zmq.LINGER, 0)
-        self.outbox.bind(self.outbox_addr)
+        self.replies_addr = f"inproc://worker-replies-{uuid.uuid4().hex}"
+        self.replies = self.ctx.socket(zmq.PAIR)  # engine thread's end
+        self.replies.setsockopt(zmq.LINGER, 0)
+        self.replies.bind(self.replies_addr)
         self.stop_io = threading.Event()
         self.draining = False
         self.stats: dict[str, Any] = {}
@@ -133,7 +133,7 @@ class Worker:
             self.stop_io.set()
             self.prepare_q.close()
             self._io.join(timeout=2)
-            self.outbox.close(0)
+            self.replies.close(0)
             self.engine.close()
             log.info("worker %s exiting: served=%d code=%d", self.worker_id, self.served, code)
         return code
@@ -273,7 +273,7 @@ class Worker:
             tracing.worker_spans(*self.traces.pop(out.key), out.finish, self.worker_id)
 
     def _send(self, route: bytes, frames: list[Any]) -> None:
-        self.outbox.send_multipart([route, *frames], copy=False)
+        self.replies.send_multipart([route, *frames], copy=False)
 
     # -- prepare thread ------------------------------------------------------------------
 

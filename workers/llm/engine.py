@@ -18,7 +18,6 @@ Stream delta and END: contract.Delta and contract.Finish (zeroserve/contract.py)
 
 from __future__ import annotations
 
-import bisect
 import logging
 import random
 import time
@@ -36,6 +35,7 @@ from zeroserve.workers.llm import logits as logits_processing
 from zeroserve.workers.llm import model_runner, params, sampler, stopping, support
 from zeroserve.workers.llm.block_manager import BlockManager
 from zeroserve.workers.llm.detok import IncrementalDetokenizer
+from zeroserve.workers.llm.figures import StepFigures
 from zeroserve.workers.llm.grammar import GrammarError, Grammars
 from zeroserve.workers.llm.inputs import Inputs
 from zeroserve.workers.llm.model_runner import ModelRunner
@@ -84,11 +84,7 @@ class LLMEngine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self._grammars: Grammars | None = None  # built on the first structured-output request
         self.answers: list[Output] = []  # text ops done, sent with the next step's outputs
-        # cumulative since start, sent on heartbeats (the gateway's /metrics exports them)
-        self.counters: dict[str, Any] = {
-            "steps": 0, "generated_tokens": 0, "prompt_tokens": 0, "batch_size": 0,
-            "step_ms": 0.0, "busy_s": 0.0, "prefill_tokens": 0, "decode_tokens": 0,
-            "step_s_buckets": [0] * (len(p.STEP_BUCKETS_S) + 1)}  # per bucket; last: +Inf
+        self.figures = StepFigures()  # since start, sent on heartbeats (figures.py)
 
     @classmethod
     def from_config(cls, cfg: WorkerConfig) -> LLMEngine:
@@ -168,7 +164,7 @@ class LLMEngine:
         seq.emitted = req.resume_chars
         self.seqs[key] = seq
         self.scheduler.add(seq)
-        self.counters["prompt_tokens"] += seq.prompt_len
+        self.figures.prompt_tokens += seq.prompt_len
 
     def cancel(self, key: RequestKey) -> list[Output]:
         seq = self.seqs.pop(key, None)
@@ -198,16 +194,7 @@ class LLMEngine:
         outs = answered + self._postprocess(plan, logits, sampling)
         if self.check_blocks:
             self.blocks.check(self.scheduler.running)
-        c = self.counters
-        c["steps"] += 1
-        c["batch_size"] = len(plan.chunks)
-        c["step_tokens"] = sum(n for _, n in plan.chunks)
-        decoded = sum(1 for _, n in plan.chunks if n == 1)
-        c["decode_tokens"] += decoded
-        c["prefill_tokens"] += c["step_tokens"] - decoded
-        c["step_ms"] = (time.perf_counter() - t0) * 1000
-        c["busy_s"] += c["step_ms"] / 1000  # time spent in steps: utilisation over uptime
-        c["step_s_buckets"][bisect.bisect_left(p.STEP_BUCKETS_S, c["step_ms"] / 1000)] += 1
+        self.figures.step(plan.chunks, time.perf_counter() - t0)
         return outs
 
     def warmup(self) -> None:
@@ -225,9 +212,7 @@ class LLMEngine:
                 self.step()
         self.blocks.prefix_caching = caching  # random warmup prompts never fill the cache
         self.scheduler.reset_figures()
-        self.counters.update(steps=0, generated_tokens=0, prompt_tokens=0, busy_s=0.0,
-                             prefill_tokens=0, decode_tokens=0,
-                             step_s_buckets=[0] * (len(p.STEP_BUCKETS_S) + 1))
+        self.figures = StepFigures()
 
     def stats(self) -> dict[str, Any]:
         b, s = self.blocks, self.scheduler
@@ -244,7 +229,7 @@ class LLMEngine:
             "prefix_cache_queried_tokens": b.queried_tokens,
             "prefix_cache_hit_rate": b.hit_tokens / b.queried_tokens if b.queried_tokens else 0.0,
             "dtype": self.dtype,
-            **self.counters,
+            **self.figures.as_dict(),
         }
 
     def close(self) -> None:
@@ -270,7 +255,7 @@ class LLMEngine:
         # the step's one host synchronisation: its tokens (and logprobs) read back together
         tokens, *host = to_host([chosen, *(asked.tensors() if asked else [])])
         lps = asked.entries(host, tokens, len(tokens)) if asked else [None] * len(tokens)
-        self.counters["generated_tokens"] += len(tokens)
+        self.figures.generated_tokens += len(tokens)
         return [self._advance(seq, tok, lp) for seq, tok, lp in zip(sampling, tokens, lps,
                                                                      strict=True)]
 

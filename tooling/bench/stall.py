@@ -58,6 +58,9 @@ async def one_round(endpoint: str, streams: int, max_tokens: int, big_chars: int
         big_ms = await big(client) if big_chars else 0.0
         started.set()
         await asyncio.gather(*tasks)
+    if not gaps:  # every stream's tokens came in one chunk: a stall as long as the round
+        raise SystemExit("zeroserve bench stall: a round measured no gap between tokens (each "
+                         "stream's reply came in one piece): give it more --max-tokens")
     return {"itl_ms_p50": percentile(gaps, 50) * 1000, "itl_ms_p99": percentile(gaps, 99) * 1000,
             "big_prompt_answered_ms": big_ms}
 

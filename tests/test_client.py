@@ -219,3 +219,26 @@ def test_n_choices_through_the_sdk(pipeline, tiny_model) -> None:
             c.submit("tiny", "x", n=2)
         with pytest.raises(BadRequestError, match="n must be"):
             c.generate("tiny", "x", n=9)
+
+
+@pytest.mark.timeout(30)
+def test_an_unknown_generation_keyword_is_refused_before_anything_is_sent() -> None:
+    """generate, stream and chat take a generation's fields only (contract.SDK_FIELDS): a typo
+    fails at once, naming the field it may mean, even with no broker to answer; submit()
+    still sends an engine's own fields."""
+    import time
+
+    from zeroserve import BadRequestError, Client, contract
+
+    with Client("ipc:///nonexistent/zeroserve-test", timeout_s=10) as c:
+        t0 = time.monotonic()
+        with pytest.raises(BadRequestError, match=r"max_token \(did you mean max_tokens\?\)"):
+            c.generate("m", "x", max_token=5)
+        with pytest.raises(BadRequestError, match="unknown field: tempreature"):
+            next(c.stream("m", "x", tempreature=0.5))
+        with pytest.raises(BadRequestError, match="unknown field: fail_at"):
+            c.chat("m", [{"role": "user", "content": "hi"}], fail_at=1)
+        assert time.monotonic() - t0 < 5  # none waited for an answer
+        handle = c.submit("m", "x", fail_at=1)  # an echo engine's own field: sent as given
+        handle.cancel()
+    assert {"max_tokens", "temperature", "stop", "n", "timeout", "messages"} <= contract.SDK_FIELDS

@@ -149,7 +149,7 @@ def test_a_hung_engine_exits_after_the_progress_timeout(pipeline) -> None:
     worker = pipeline.start_worker("hung", "--progress-timeout-s", "1")
     pipeline.wait_workers(1)
     with pipeline.client() as c, pytest.raises(WorkerLostError, match="engine hung"):
-        c.generate("echo", WORDS, stall_at=3, resume=False, timeout_s=30)
+        c.submit("echo", WORDS, stall_at=3, resume=False).result(30)
     assert worker.wait(10) == 70
     assert "progress timeout" in pipeline.dump_logs()
 

@@ -105,7 +105,7 @@ def test_engine_exception_fails_requests_with_internal_and_worker_stays_up(pipel
     pipeline.wait_workers(1)
     with pipeline.client() as c:
         with pytest.raises(InternalError, match="fail at token 1"):
-            c.generate("echo", "a b c", fail_at=1, timeout_s=5)
+            c.submit("echo", "a b c", fail_at=1).result(5)  # echo's own field: submit
         with pytest.raises(BadRequestError):
             c.generate("echo", None, timeout_s=5)  # no prompt
         assert c.generate("echo", "fine", timeout_s=5).text == "fine"
@@ -119,7 +119,7 @@ def test_repeated_engine_failure_is_fatal_and_announced(pipeline) -> None:
     with pipeline.client() as c:
         for _ in range(5):
             with pytest.raises(InternalError):
-                c.generate("echo", "a b", fail_at=0, timeout_s=5)
+                c.submit("echo", "a b", fail_at=0).result(5)
         assert worker.wait(10) == 1
         assert c.workers() == []  # the dead notice removed it at once
 

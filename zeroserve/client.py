@@ -28,7 +28,7 @@ import zmq.asyncio
 
 from zeroserve import errors
 from zeroserve import protocol as p
-from zeroserve.client_core import ClientCore, Out, choice_params, request_body
+from zeroserve.client_core import ClientCore, Out, choice_params, generation_params, request_body
 from zeroserve.codec import TensorCodec
 from zeroserve.config import ClientConfig, SocketConfig, default_endpoint
 from zeroserve.dealers import Dealer
@@ -110,7 +110,7 @@ class Client:
 
     def stream(self, model: str, prompt: str | None = None, *, timeout_s: float | None = None,
                **params: Any) -> Iterator[Chunk]:
-        yield from self.submit(model, prompt, **params).chunks(timeout_s)
+        yield from self.submit(model, prompt, **generation_params(params)).chunks(timeout_s)
 
     def chat(self, model: str, messages: list[dict[str, Any]], *,
              timeout_s: float | None = None, **params: Any) -> Result:
@@ -309,7 +309,7 @@ class AsyncClient:
 
     async def stream(self, model: str, prompt: str | None = None, *,
                      timeout_s: float | None = None, **params: Any) -> AsyncIterator[Chunk]:
-        handle = await self.submit(model, prompt, **params)
+        handle = await self.submit(model, prompt, **generation_params(params))
         async for chunk in handle.chunks(timeout_s):
             yield chunk
 

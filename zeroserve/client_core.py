@@ -305,10 +305,22 @@ def request_body(prompt: str | None, params: dict[str, Any]) -> dict[str, Any]:
     return params if prompt is None else {"prompt": prompt, **params}
 
 
+SUBMIT_KEYWORDS = frozenset({"buffers", "request_id", "resume", "tenant", "trace"})  # submit's own
+
+
+def generation_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of generate, stream and chat: a generation's fields only
+    (contract.SDK_FIELDS), so a typo is a BadRequestError naming it (and the field it may
+    mean) before anything is sent. submit() takes any engine's body (echo, tensor)."""
+    if (odd := contract.unknown_fields(params, contract.SDK_FIELDS | SUBMIT_KEYWORDS)) is not None:
+        raise errors.BadRequestError(odd)
+    return params
+
+
 def choice_params(params: dict[str, Any]) -> list[dict[str, Any]]:
     """A call's parameters for each of its `n` choices (1 by default): choice i of a seeded
     call is seeded seed + i, as the gateway's are."""
-    n = params.get("n", 1)
+    n = generation_params(params).get("n", 1)
     try:
         contract.NUMBERS["n"].check("n", n)
     except ValueError as exc:

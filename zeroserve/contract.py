@@ -67,6 +67,9 @@ LLM_FIELDS = frozenset({
     "prompt", "prompt_token_ids", "messages", "add_generation_prompt", "tools",
     "response_format", "stop", "stop_token_ids", "ignore_eos", "logit_bias", "cache_salt",
     "resume", "op", "tokens"})
+# the keywords of the SDK's generate, stream and chat: the engine's fields less those the SDK
+# sets itself, plus the numbers it resolves; anything else is refused before it is sent
+SDK_FIELDS = (LLM_FIELDS | frozenset(ENGINE_FREE)) - {"deadline", "op", "tokens", "resume"}
 
 
 def unknown_fields(body: dict[str, Any], known: frozenset[str]) -> str | None:

@@ -212,10 +212,10 @@ def test_bad_descriptor_gets_bad_request_and_worker_lives(pipeline, ctx) -> None
                               "offset": 1 << 40, "nbytes": 4, "dtype": "float32",
                               "shape": [1]}}}
         with pytest.raises(BadRequestError):
-            c.generate("scale", inputs=evil, **c.tensors.domain, timeout_s=5)
+            c.submit("scale", inputs=evil, **c.tensors.domain).result(5)
         with pytest.raises(BadRequestError):
-            c.generate("scale", inputs={"x": {"frame": 3, "dtype": "float32", "shape": [1]}},
-                       timeout_s=5)
+            c.submit("scale", inputs={"x": {"frame": 3, "dtype": "float32", "shape": [1]}}
+                     ).result(5)
         with pytest.raises(BadRequestError):  # the frame is shorter than the shape says
             c.submit("scale", inputs={"x": {"frame": 0, "dtype": "float32", "shape": [100]}},
                      buffers=[b"\0" * 8]).result(5)
@@ -227,8 +227,8 @@ def test_bad_descriptor_gets_bad_request_and_worker_lives(pipeline, ctx) -> None
             own = attacker.tensors.arena.put(torch.ones(1))
             for forged in ({**secret, "token": own["token"]}, {**secret, "token": 0}):
                 with pytest.raises(BadRequestError, match="key"):
-                    attacker.generate("scale", inputs={"x": {"shm": forged}},
-                                      **attacker.tensors.domain, timeout_s=5)
+                    attacker.submit("scale", inputs={"x": {"shm": forged}},
+                                    **attacker.tensors.domain).result(5)
         assert torch.equal(c.infer("scale", {"x": torch.ones(1)})["output"], torch.tensor([3.0]))
     assert worker.poll() is None
 

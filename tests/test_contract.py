@@ -72,3 +72,21 @@ def test_the_sdk_refuses_bad_stop_and_bias_before_sending() -> None:
         with pytest.raises(errors.BadRequestError):
             request_body("p", bad)
     assert request_body("p", {"stop": "x", "logit_bias": {"5": -100}})["prompt"] == "p"
+
+
+def test_the_gateway_and_the_sdk_build_only_the_contracts_body() -> None:
+    """Every key the gateway's mapping or the SDK sends an LLM worker is a field of
+    contract.GenerationBody, which the engine reads (and refuses any other key of)."""
+    numbers = {"max_tokens": 5, "temperature": 0.5, "top_p": 0.9, "top_k": 3, "seed": 1,
+               "presence_penalty": 0.1, "frequency_penalty": 0.1, "repetition_penalty": 1.1,
+               "min_tokens": 1, "stop": ["x"], "logit_bias": {"5": 1.0}, "priority": 1}
+    completion = CompletionRequest(model="m", prompt="p", logprobs=2, **numbers).engine_body()
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
+                                 logprobs=True, top_logprobs=2, **numbers).engine_body()
+    for body in (completion, chat):
+        assert set(numbers) <= set(body) <= contract.LLM_FIELDS, set(body) - contract.LLM_FIELDS
+    sdk = request_body("p", {**numbers, "ignore_eos": True, "cache_salt": "s"})
+    assert set(sdk) <= contract.LLM_FIELDS
+    assert set(contract.NUMBERS) - set(contract.ENGINE_FREE) <= contract.LLM_FIELDS
+    sp = engine_params.parse({k: v for k, v in sdk.items() if k != "prompt"}, VOCAB)
+    assert (sp.max_tokens, sp.top_k, sp.stop) == (5, 3, ("x",))

@@ -184,7 +184,7 @@ def test_a_body_of_millions_of_strings_is_refused_and_its_memory_given_back(pipe
         assert c.generate("echo", "warm up", timeout_s=10).text == "warm up"
         before = proc.memory_info().rss
         with pytest.raises(BadRequestError, match="items"):
-            c.generate("echo", "x", junk=[["ab"] * 1_000_000] * 15, timeout_s=60)
+            c.submit("echo", "x", junk=[["ab"] * 1_000_000] * 15).result(60)
         grew = proc.memory_info().rss - before
         assert grew < 200 << 20, f"the worker kept {grew >> 20} MiB"
         assert c.generate("echo", "still here", timeout_s=10).text == "still here"

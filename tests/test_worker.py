@@ -214,7 +214,7 @@ def test_a_body_of_too_many_containers_is_a_bad_request(pipeline) -> None:
     pipeline.wait_workers(1)
     with pipeline.client() as c:
         with pytest.raises(BadRequestError, match="arrays and maps"):
-            c.generate("echo", "x", junk=[[]] * 70_000, timeout_s=10)
+            c.submit("echo", "x", junk=[[]] * 70_000).result(10)
         assert c.generate("echo", "still here", timeout_s=10).text == "still here"
     assert worker.poll() is None
 
@@ -224,7 +224,7 @@ def test_a_worker_pins_itself_to_its_cores_and_reports_them(pipeline) -> None:
 
     pipeline.start_broker()
     cpu = max(psutil.Process().cpu_affinity())  # a core this machine lets us use
-    proc = pipeline._spawn("worker", "pinned", [  # without the fixture's --no-pin
+    proc = pipeline.spawn("worker", "pinned", [  # without the fixture's --no-pin
         "--broker", pipeline.backend, "--worker-id", "pinned", "--cpus", str(cpu)])
     rows = pipeline.wait_workers(1)
     assert rows[0]["cpus"] == [cpu]

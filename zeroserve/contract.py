@@ -60,13 +60,46 @@ NUMBERS: dict[str, Bounds] = {
 }
 DEADLINE = Bounds(None, 0.0, float(1 << 40))  # what the SDK sends for a timeout (see above)
 ENGINE_FREE = ("n", "timeout")  # numbers the gateway or SDK resolve: no engine sees them
+
+
+class GenerationBody(TypedDict, total=False):
+    """A generation request as the wire carries it to an LLM worker: every field it may have,
+    typed. Numbers keep the bounds and defaults of NUMBERS; an absent field is its default.
+    The engine refuses any other key by name (LLM_FIELDS); the SDK builds these from the
+    keywords of generate/stream/chat (SDK_FIELDS); the gateway maps OpenAI bodies onto them
+    (gateway/schemas.py `engine_body`)."""
+
+    prompt: str
+    prompt_token_ids: list[int]
+    messages: list[dict[str, Any]]
+    add_generation_prompt: bool
+    tools: list[dict[str, Any]]
+    response_format: dict[str, Any]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    min_tokens: int
+    logprobs: int
+    priority: int
+    deadline: float  # wall-clock seconds: the SDK's now + timeout
+    stop: list[str]
+    stop_token_ids: list[int]
+    ignore_eos: bool
+    logit_bias: dict[str, float]
+    cache_salt: str
+    resume: dict[str, Any]  # {"token_ids": [...]}: what a resumed generation already made
+    op: str  # a text op instead of a generation: "tokenize" or "detokenize"
+    tokens: list[int]  # detokenize's input
+
+
 # every field an LLM worker reads from a body: anything else is refused by name (a typo such
 # as max_token= fails loudly instead of being ignored)
-LLM_FIELDS = frozenset({
-    *(k for k in NUMBERS if k not in ENGINE_FREE), "deadline",
-    "prompt", "prompt_token_ids", "messages", "add_generation_prompt", "tools",
-    "response_format", "stop", "stop_token_ids", "ignore_eos", "logit_bias", "cache_salt",
-    "resume", "op", "tokens"})
+LLM_FIELDS = frozenset(GenerationBody.__annotations__)
 # the keywords of the SDK's generate, stream and chat: the engine's fields less those the SDK
 # sets itself, plus the numbers it resolves; anything else is refused before it is sent
 SDK_FIELDS = (LLM_FIELDS | frozenset(ENGINE_FREE)) - {"deadline", "op", "tokens", "resume"}

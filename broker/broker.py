@@ -6,11 +6,11 @@ Binds:
     admin     ROUTER  operators' tools connect here for state-changing ADMIN ops (admin.py).
 
 Frontend in:  REQUEST, CANCEL, HEARTBEAT, DISCONNECT, ADMIN {op: workers | stats} (read-only),
-              handled in frontend.py
+              handled by frontend.py's table
 Frontend out: CHUNK, CHUNKS, END, ERROR (request-scoped), HEARTBEAT {epoch} (echo of the
               client's)
 Backend in:   READY, HEARTBEAT, CHUNK, CHUNKS, END, ERROR, DRAIN (worker's own SIGTERM),
-              DISCONNECT
+              DISCONNECT, handled by backend.py's table (READY: `register` here)
 Backend out:  REQUEST, CANCEL, HEARTBEAT, DRAIN, DISCONNECT (each behind a route frame)
 
 Each REQUEST goes to the live worker that serves its model and holds its prompt's longest
@@ -39,7 +39,9 @@ import zmq
 
 from zeroserve import protocol as p
 from zeroserve import tracing
-from zeroserve.broker import admin, frontend
+from zeroserve.broker.admin import Admin
+from zeroserve.broker.backend import Backend
+from zeroserve.broker.frontend import Frontend
 from zeroserve.broker.liveness import PidWatch, peer_pid
 from zeroserve.broker.outbox import Outbox, Sent
 from zeroserve.broker.table import Job, Table, WorkerState, same_process
@@ -91,6 +93,9 @@ class Broker:
                        "backlogged": 0, "slow_clients": 0}
         self._next_heartbeat = 0.0
         self.handled = 0  # messages since the heap was last trimmed
+        # each socket's handlers, one per message type, over this broker (hub.py)
+        self.from_clients, self.from_workers = Frontend(self), Backend(self)
+        self.from_admins = Admin(self)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -131,19 +136,19 @@ class Broker:
             for fd in [e for e in events if isinstance(e, int)]:  # a local worker's pidfd
                 self._process_ended(fd)
             if self.backend in events:
-                self._read_batch(self.backend, self._on_backend, sourced=True)
+                self._read_batch(self.backend, self.from_workers.on_message, sourced=True)
             if self.frontend in events:
-                self._read_batch(self.frontend, lambda frames: frontend.on_message(self, frames))
+                self._read_batch(self.frontend, self.from_clients.on_message)
             if self.admin in events:
-                self._read_batch(self.admin, lambda frames: admin.on_admin_socket(self, frames))
+                self._read_batch(self.admin, self.from_admins.on_message)
             self._on_timers(time.monotonic())
             if self.outbox.backlog:
                 for client in self.outbox.flush():
-                    frontend.client_gone(self, client)
+                    self.from_clients.client_gone(client)
             if self.to_workers.backlog:
                 for identity in self.to_workers.flush():
                     if (worker := self.table.workers.get(identity)) is not None:
-                        self._purge(worker, "unreachable")
+                        self.purge(worker, "unreachable")
 
     def _read_batch(self, sock: zmq.Socket, handler: Any, sourced: bool = False) -> None:
         end = time.monotonic() + BATCH_S
@@ -163,62 +168,23 @@ class Broker:
 
     def drain(self, worker: WorkerState, why: str) -> None:
         self.send_worker(worker, NO_ROUTE, p.encode(p.DRAIN, {}))
-        self._stop_routing(worker, why)
+        self.stop_routing(worker, why)
 
     def send_quiet(self, sock: zmq.Socket, frames: list) -> None:
         with contextlib.suppress(zmq.ZMQError):  # a peer that left needs no answer
             sock.send_multipart(frames, zmq.NOBLOCK)
 
-    # -- backend: workers ----------------------------------------------------------------
+    # -- backend: workers (backend.py handles the rest) ---------------------------------
 
-    def _on_backend(self, frames: list[bytes], fd: int = -1) -> None:
-        # the ROUTER's identity frame, the client's route the worker echoes, then the message
-        identity, message = frames[0], frames[2:]
-        worker = self.table.workers.get(identity)
-        try:
-            if len(frames) < 2:
-                raise p.ProtocolError("missing route frame")
-            msg = p.decode(message, self.cfg.sockets.max_message_bytes)
-        except p.ProtocolError as exc:
-            self.bad_frame("backend", identity, exc)
-            self._send_raw_backend(identity, p.error(p.rid_of(message), p.BAD_REQUEST, str(exc)))
-            return
-        route, t = frames[1], msg.type
-        if worker is not None:
-            worker.expiry = time.monotonic() + self.cfg.expiry_s
-            worker.last_heartbeat = time.time()
-        if t == p.READY:
-            self._on_ready(identity, msg, fd)
-        elif worker is None:
-            # Unknown peer (e.g. we restarted): ask it to reconnect and register again.
-            self._send_raw_backend(identity, p.encode(p.DISCONNECT, {"reason": "not registered"}))
-        elif t in (p.CHUNK, p.END, p.ERROR):
-            self._on_reply(worker, route, msg, message)
-        elif t == p.CHUNKS:
-            self._on_chunks(worker, route, msg, message)
-        elif t == p.HEARTBEAT:
-            if isinstance(stats := msg.header.get("stats"), dict):
-                worker.stats = stats
-        elif t == p.DRAIN:
-            self._stop_routing(worker, "worker asked")
-        elif t == p.DISCONNECT:
-            reason = msg.header.get("reason", "no reason")
-            if not worker.inflight:
-                log.info("worker left id=%s (%s)", worker.worker_id, reason)
-                self.table.remove_worker(worker)
-            else:
-                self._purge(worker, f"disconnected ({reason})")
-        else:
-            self.bad_frame("backend", identity, p.ProtocolError(f"{p.TYPE_NAMES[t]} from worker"))
-
-    def _on_ready(self, identity: bytes, msg: p.Message, fd: int) -> None:
+    def register(self, identity: bytes, msg: p.Message, fd: int) -> None:
+        """A READY: the worker joins the table (or is refused), its process watched."""
         # the kernel's word for which process sent it (ipc only); a quoted pid alone is not
         peer = peer_pid(fd)
         verified = peer is not None and peer == msg.header.get("pid")
         live = self.table.find_by_id(str(msg.header.get("worker_id") or ""))
         if (live is not None and live.identity != identity and verified
                 and live.peer_pid == peer and same_process(live.info, msg.header)):
-            self._purge(live, "reconnected")  # the same process on a new connection
+            self.purge(live, "reconnected")  # the same process on a new connection
         try:
             worker = self.table.register(
                 identity, msg.header, time.monotonic() + self.cfg.expiry_s
@@ -226,7 +192,7 @@ class Broker:
         except (TypeError, ValueError) as exc:
             self.counts["bad_frames"] += 1
             self.bad_frames.warning("refused READY from %s: %s", identity.hex(), exc)
-            self._send_raw_backend(identity, p.encode(p.DISCONNECT, {"reason": str(exc)}))
+            self.send_raw_backend(identity, p.encode(p.DISCONNECT, {"reason": str(exc)}))
             return
         worker.peer_pid = peer if verified else None
         worker.stats = msg.header.get("stats") or worker.stats
@@ -238,47 +204,14 @@ class Broker:
             worker.worker_id, ",".join(worker.models), worker.capacity,
             msg.header.get("pid"), msg.header.get("device"), msg.header.get("cpus"),
         )
-        self._dispatch_queued(worker)
+        self.dispatch_queued(worker)
 
-    def _on_reply(self, worker: WorkerState, route: bytes, msg: p.Message, frames: list) -> None:
-        job = self.table.jobs.get((route, msg.header["id"]))
-        if job is None or job.worker is not worker:
-            return  # late reply of a job that was cancelled or reassigned
-        if job.cancelled:  # its client left: only the worker's last word matters, for credit
-            if msg.type != p.CHUNK:
-                self.table.finish(job)
-                self._after_credit(worker)
-                self._after_cancel(job)
-            return
-        if msg.type == p.CHUNK:
-            job.streamed = True
-        else:
-            self.table.finish(job)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("request %s %s from worker %s", job.rid, p.TYPE_NAMES[msg.type],
-                          worker.worker_id)
-        self.send_client(route, frames)  # on failure the client's jobs are cancelled there
-        if msg.type != p.CHUNK:
-            self._after_credit(worker)
-
-    def _on_chunks(self, worker: WorkerState, route: bytes, msg: p.Message,
-                   frames: list) -> None:
-        """One step's deltas for several of a client's requests: forwarded as one message if
-        any of them is still live there (each one is marked as having streamed)."""
-        live = False
-        for rid in msg.header["ids"]:
-            job = self.table.jobs.get((route, rid))
-            if job is not None and job.worker is worker and not job.cancelled:
-                job.streamed = live = True
-        if live:
-            self.send_client(route, frames)
-
-    def _after_cancel(self, job: Job) -> None:
+    def after_cancel(self, job: Job) -> None:
         """A cancelled job is gone for good: the request sent again meanwhile goes now."""
         if job.successor is not None:
-            frontend.on_request(self, job.client, *job.successor)
+            self.from_clients.on_request(job.client, *job.successor)
 
-    def _after_credit(self, worker: WorkerState) -> None:
+    def after_credit(self, worker: WorkerState) -> None:
         if worker.draining:
             if not worker.inflight:
                 self.send_worker(worker, NO_ROUTE, p.encode(p.DISCONNECT, {"reason": "drained"}))
@@ -286,15 +219,15 @@ class Broker:
                 self.table.remove_worker(worker)
             return
         if self.table.queued:
-            self._dispatch_queued(worker)
+            self.dispatch_queued(worker)
 
-    def _stop_routing(self, worker: WorkerState, why: str) -> None:
+    def stop_routing(self, worker: WorkerState, why: str) -> None:
         if not worker.draining:
             worker.draining = True
             log.info("worker draining id=%s in_flight=%d (%s)", worker.worker_id,
                      len(worker.inflight), why)
         if not worker.inflight:
-            self._after_credit(worker)
+            self.after_credit(worker)
 
     # -- dispatch and failure handling ---------------------------------------------------
 
@@ -308,9 +241,9 @@ class Broker:
                            now - int((time.monotonic() - job.enqueued_at) * 1e9), now,
                            worker=worker.worker_id, model=job.model, requeued=job.requeued)
         if not self.send_worker(worker, job.client, job.frames):
-            self._purge(worker, "unreachable")
+            self.purge(worker, "unreachable")
 
-    def _dispatch_queued(self, worker: WorkerState) -> None:
+    def dispatch_queued(self, worker: WorkerState) -> None:
         for job in self.table.dequeue_for(worker):
             self.dispatch(job, worker)
             if worker.identity not in self.table.workers:
@@ -320,9 +253,9 @@ class Broker:
         self.poller.unregister(fd)
         worker = self.table.workers.get(self.pids.ended(fd) or b"")
         if worker is not None:
-            self._purge(worker, "process exited")
+            self.purge(worker, "process exited")
 
-    def _purge(self, worker: WorkerState, why: str) -> None:
+    def purge(self, worker: WorkerState, why: str) -> None:
         if worker.identity not in self.table.workers:
             return
         self.to_workers.drop(worker.identity)
@@ -336,10 +269,10 @@ class Broker:
         for job in reversed(requeue):
             self.table.enqueue(job, front=True)
         for job in cancelled:
-            self._after_cancel(job)
+            self.after_cancel(job)
         for w in list(self.table.workers.values()):
             if self.table.queued:
-                self._dispatch_queued(w)
+                self.dispatch_queued(w)
 
     # -- timers --------------------------------------------------------------------------
 
@@ -358,9 +291,10 @@ class Broker:
         if now < self._next_heartbeat:
             return
         self._next_heartbeat = now + self.cfg.heartbeat_interval_s
-        self._read_batch(self.backend, self._on_backend)  # a busy broker is not a silent worker
+        # a busy broker is not a silent worker: read what they sent before judging them
+        self._read_batch(self.backend, self.from_workers.on_message)
         for worker in self.table.expired_workers(now):
-            self._purge(worker, "heartbeat expired")
+            self.purge(worker, "heartbeat expired")
         if self.handled >= TRIM_AFTER:  # a burst is over (or goes on): hand back its memory
             self.handled = 0
             trim_heap()
@@ -369,7 +303,7 @@ class Broker:
         silent = [c for c, seen in self.clients.items() if now - seen > self.cfg.expiry_s]
         for client in silent:
             quiet_s = now - self.clients[client]
-            frontend.client_gone(self, client, f"silent for {quiet_s:.1f} s: cancelled")
+            self.from_clients.client_gone(client, f"silent for {quiet_s:.1f} s: cancelled")
 
     # -- sending -------------------------------------------------------------------------
 
@@ -377,12 +311,12 @@ class Broker:
         sent = self.outbox.send(client, frames, droppable)
         if sent is Sent.GONE:
             log.info("client %s unreachable: cancelling its requests", client.hex())
-            frontend.client_gone(self, client)
+            self.from_clients.client_gone(client)
         elif sent is Sent.QUEUED:
             self.counts["backlogged"] += 1
         elif sent is Sent.OVERFLOW:
             self.counts["slow_clients"] += 1
-            frontend.client_gone(self, client, f"fell {self.cfg.client_backlog} messages behind")
+            self.from_clients.client_gone(client, f"fell {self.cfg.client_backlog} messages behind")
         return sent in (Sent.SENT, Sent.QUEUED)
 
     def send_worker(self, worker: WorkerState, route: bytes, frames: list,
@@ -391,7 +325,7 @@ class Broker:
         sent = self.to_workers.send(worker.identity, [route, *frames], droppable)
         return sent in (Sent.SENT, Sent.QUEUED)
 
-    def _send_raw_backend(self, identity: bytes, frames: list) -> None:
+    def send_raw_backend(self, identity: bytes, frames: list) -> None:
         self.send_quiet(self.backend, [identity, NO_ROUTE, *frames])
 
     def bad_frame(self, side: str, peer: bytes, exc: Exception) -> None:

@@ -1,6 +1,7 @@
-"""What the broker's message handlers (frontend.py, admin.py) may use of the broker: its
-table, counters and outboxes, and the sends it owns. broker.py implements it; the handlers
-see only this, so they never import the broker back.
+"""What the broker's message handlers (frontend.py, backend.py, admin.py) may use of the
+broker: its table, counters and outboxes, the sends it owns, and the worker lifecycle it
+runs. broker.py implements it; the handlers see only this, so they never import the broker
+back.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from typing import Protocol
 
 import zmq
 
+from zeroserve import protocol as p
 from zeroserve.broker.outbox import Outbox
 from zeroserve.broker.table import Job, Table, WorkerState
 from zeroserve.config import BrokerConfig
@@ -36,3 +38,15 @@ class Hub(Protocol):
     def drain(self, worker: WorkerState, why: str) -> None: ...
 
     def bad_frame(self, side: str, peer: bytes, exc: Exception) -> None: ...
+
+    def send_raw_backend(self, identity: bytes, frames: list) -> None: ...
+
+    def register(self, identity: bytes, msg: p.Message, fd: int) -> None: ...
+
+    def purge(self, worker: WorkerState, why: str) -> None: ...
+
+    def stop_routing(self, worker: WorkerState, why: str) -> None: ...
+
+    def after_credit(self, worker: WorkerState) -> None: ...
+
+    def after_cancel(self, job: Job) -> None: ...

@@ -34,6 +34,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -100,6 +101,12 @@ class Worker:
             self._prep = [threading.Thread(target=self._prepare_loop, args=(i,),
                                            name=f"worker-prepare-{i}", daemon=True)
                           for i in range(PREPARE_THREADS)]
+        # what a broker sends (on the IO thread), one handler per message type: True asks
+        # the link to register again
+        self.from_broker: dict[int, Callable[[bytes, p.Message], bool | None]] = {
+            p.REQUEST: self._on_request, p.DISCONNECT: self._on_disconnect,
+            p.CANCEL: lambda route, msg: self.inbox.put((CANCEL, (route, msg.header["id"]))),
+            p.DRAIN: lambda route, msg: self.inbox.put((DRAIN, False))}
 
     # -- engine thread -------------------------------------------------------------------
 
@@ -340,30 +347,28 @@ class Worker:
         except p.ProtocolError as exc:
             log.warning("malformed frame from broker: %s", exc)
             return False
-        t = msg.type
-        if t == p.REQUEST:  # the body is decoded on the prepare or engine thread, not here
-            key = (route, msg.header["id"])
-            if "trace" in msg.header and tracing.enabled():
-                self.traces[key] = [msg.header["trace"], tracing.now_ns(), 0]
-            raw = msg.buffers[0] if msg.buffers else b""
-            if not self._prep:
-                self.inbox.put((ADD, key, raw, msg.buffers[1:]))
-            else:
-                self.preparing.add(key)
-                self.prepare_q.put((route, msg.header.get("tenant", "")),
-                                   (key, raw, msg.buffers[1:]), len(raw))
-        elif t == p.CANCEL:
-            self.inbox.put((CANCEL, (route, msg.header["id"])))
-        elif t == p.DRAIN:
-            self.inbox.put((DRAIN, False))
-        elif t == p.DISCONNECT:
-            reason = msg.header.get("reason", "")
-            if reason == "drained" or self.draining:
-                return False  # we are leaving anyway
-            log.info("broker says disconnect (%s): registering again", reason)
-            return True
-        return False
+        handler = self.from_broker.get(msg.type)
+        return bool(handler(route, msg)) if handler is not None else False
 
+    def _on_request(self, route: bytes, msg: p.Message) -> None:
+        """The body is decoded on a prepare thread (or the engine's), not here."""
+        key = (route, msg.header["id"])
+        if "trace" in msg.header and tracing.enabled():
+            self.traces[key] = [msg.header["trace"], tracing.now_ns(), 0]
+        raw = msg.buffers[0] if msg.buffers else b""
+        if not self._prep:
+            self.inbox.put((ADD, key, raw, msg.buffers[1:]))
+        else:
+            self.preparing.add(key)
+            self.prepare_q.put((route, msg.header.get("tenant", "")),
+                               (key, raw, msg.buffers[1:]), len(raw))
+
+    def _on_disconnect(self, route: bytes, msg: p.Message) -> bool:
+        reason = msg.header.get("reason", "")
+        if reason == "drained" or self.draining:
+            return False  # we are leaving anyway
+        log.info("broker says disconnect (%s): registering again", reason)
+        return True
 
 def serve(cfg: WorkerConfig) -> int:
     """Load and warm the engine, then register with the broker and serve until drained."""

@@ -24,7 +24,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +83,10 @@ class ClientCore:
         self._prefix = uuid.uuid4().hex[:12]
         self._ids = itertools.count()
         self.brokers = Brokers(cfg)
+        # what the brokers send, one handler per message type (DISCONNECT: none needed)
+        self.handlers: dict[int, Callable[[int, p.Message], list[Out]]] = {
+            p.HEARTBEAT: self._on_heartbeat, p.CHUNKS: self._on_chunks,
+            p.CHUNK: self._on_reply, p.END: self._on_reply, p.ERROR: self._on_reply}
 
     def new_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
@@ -142,38 +146,36 @@ class ClientCore:
             msg = p.decode(frames, self.cfg.sockets.max_message_bytes)
         except p.ProtocolError:
             return []
-        if msg.type == p.HEARTBEAT:
-            return self._on_epoch(via, msg.header.get("epoch"))
-        if msg.type == p.DISCONNECT:
-            return []
-        if msg.type == p.CHUNKS:
-            try:
-                parts = p.split_chunks(msg)
-            except p.ProtocolError:
-                return []  # garbled: its requests' ENDs (or silence budgets) still come
-            stale = []
-            for rid, data in parts:
-                if (pend := self.pending.get(rid)) is not None:
-                    if pend.via != via:
-                        stale.append((via, p.cancel(rid)))
-                    else:
-                        self._on_data(rid, pend, data, [], final=False)
-            return stale
+        handler = self.handlers.get(msg.type)
+        return handler(via, msg) if handler is not None else []
+
+    def _on_heartbeat(self, via: int, msg: p.Message) -> list[Out]:
+        return self._on_epoch(via, msg.header.get("epoch"))
+
+    def _on_chunks(self, via: int, msg: p.Message) -> list[Out]:
+        """One step's deltas for several requests."""
+        try:
+            parts = p.split_chunks(msg)
+        except p.ProtocolError:
+            return []  # garbled: its requests' ENDs (or silence budgets) still come
+        stale = []
+        for rid, data in parts:
+            if (pend := self.pending.get(rid)) is not None:
+                if pend.via != via:
+                    stale.append((via, p.cancel(rid)))
+                else:
+                    self._on_data(rid, pend, data, [], final=False)
+        return stale
+
+    def _on_reply(self, via: int, msg: p.Message) -> list[Out]:
+        """A CHUNK, END or ERROR of one request."""
         rid = msg.header.get("id")
         pend = self.pending.get(rid) if isinstance(rid, str) else None
         if pend is None:
             return []
         if pend.via != via:  # a broker we gave up on came back: its copy is not wanted
             return [(via, p.cancel(rid))] if msg.type == p.CHUNK else []
-        if msg.type in (p.CHUNK, p.END):
-            try:
-                data = p.body(msg)
-            except p.ProtocolError as exc:  # a garbled reply fails its request, not the client
-                del self.pending[rid]
-                pend.sink.put(errors.InternalError(f"malformed reply: {exc}", rid))
-                return []
-            self._on_data(rid, pend, data, msg.buffers[1:], final=msg.type == p.END)
-        elif msg.type == p.ERROR:
+        if msg.type == p.ERROR:
             h = msg.header
             # a lost worker, or a broker that dropped the job (it thought us gone): go on
             lost = {p.WORKER_LOST: "worker lost", p.UNAVAILABLE: "dropped by the broker"}
@@ -182,6 +184,14 @@ class ClientCore:
                 return [(pend.via, pend.frames)]
             del self.pending[rid]
             pend.sink.put(errors.from_code(str(h.get("code")), str(h.get("message")), rid))
+            return []
+        try:
+            data = p.body(msg)
+        except p.ProtocolError as exc:  # a garbled reply fails its request, not the client
+            del self.pending[rid]
+            pend.sink.put(errors.InternalError(f"malformed reply: {exc}", rid))
+            return []
+        self._on_data(rid, pend, data, msg.buffers[1:], final=msg.type == p.END)
         return []
 
     def _on_data(self, rid: str, pend: _Pending, data: dict[str, Any], buffers: list[Any],

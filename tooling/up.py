@@ -188,24 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             log.error("pipeline did not come up")
             return 1
-        model = rows[0]["models"][0]
-        http = "" if args.no_gateway else f"""
-Call it over HTTP (OpenAI-compatible):
-
-    curl -s http://{args.host}:{args.port}/v1/completions -H 'content-type: application/json' \\
-      -d '{{"model": "{model}", "prompt": "hello from zeroserve", "max_tokens": 16}}'
-"""
-        print(f"""
-zeroserve is up: {args.brokers} broker(s) + {args.workers} {args.engine} worker(s){
-    "" if args.no_gateway else " + gateway"}.
-Ctrl-C here stops everything.
-{http}
-Or from Python:
-
-    from zeroserve import Client
-    with Client("{frontend}") as c:
-        print(c.generate("{model}", "hello from zeroserve").text)
-""", flush=True)
+        print(_banner(args, frontend, rows[0]["models"][0]), flush=True)
         while not stopping():
             now = time.monotonic()
             if not all([c.keep_up(now) for c in children]):  # every child gets its turn
@@ -225,6 +208,27 @@ Or from Python:
             if endpoint.startswith("ipc://"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(endpoint[len("ipc://"):])
+
+
+def _banner(args: argparse.Namespace, frontend: str, model: str) -> str:
+    """What `up` prints once the pipeline serves: how to call it over HTTP and from Python."""
+    http = "" if args.no_gateway else f"""
+Call it over HTTP (OpenAI-compatible):
+
+    curl -s http://{args.host}:{args.port}/v1/completions -H 'content-type: application/json' \\
+      -d '{{"model": "{model}", "prompt": "hello from zeroserve", "max_tokens": 16}}'
+"""
+    return f"""
+zeroserve is up: {args.brokers} broker(s) + {args.workers} {args.engine} worker(s){
+    "" if args.no_gateway else " + gateway"}.
+Ctrl-C here stops everything.
+{http}
+Or from Python:
+
+    from zeroserve import Client
+    with Client("{frontend}") as c:
+        print(c.generate("{model}", "hello from zeroserve").text)
+"""
 
 
 if __name__ == "__main__":

@@ -280,7 +280,7 @@ def worker_flags(args: argparse.Namespace, change: str = "") -> list[str]:
     return [x for k, v in flags.items() for x in (f"--{k}", v)] + [f"--{s}" for s in switches]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="zeroserve bench serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="small", help="preset or model directory")
@@ -313,6 +313,51 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate the served run and the in-process engine this many times")
     ap.add_argument("--json", action="store_true")
+    return ap
+
+
+def _served(res: dict[str, Any], phases: dict[str, Any], via: list[str]) -> None:
+    """The served run's figures: the first path's as they are, every path's prefixed."""
+    idle = phases.pop("idle", None)
+    res.update(phases.pop("worker"))
+    res.update(phases[via[0]])  # served_tok_s, ttft_ms_p50, ... of the first path
+    for kind, figures in phases.items():
+        res[f"{kind}_tok_s"] = figures["served_tok_s"]
+        for k in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "itl_ms_p99", "requests_failed"):
+            res[f"{kind}_{k}"] = figures[k]
+    if idle is not None:
+        res["http_over_sdk_tok_s"] = res["http_tok_s"] / res["sdk_tok_s"]
+        res.update(idle)
+        res["gateway_ttft_ms_p50_added"] = (idle["http_idle_ttft_ms_p50"]
+                                            - idle["sdk_idle_ttft_ms_p50"])
+
+
+def _compared(res: dict[str, Any], change: str, again: dict[str, Any], path: str) -> None:
+    """A --compare run's figures, prefixed with its flag, and its ratios to the served run."""
+    label = change.replace("-", "_").replace("=", "_")
+    figures = {**again[path], **again["worker"]}
+    for k in ("served_tok_s", "ttft_ms_p50", "ttft_ms_p99", "max_running",
+              "prefix_hit_rate", "requests_failed", *GOODPUT_KEYS):
+        if k in figures:
+            res[f"{label}_{k}"] = figures[k]
+    res[f"served_over_{label}"] = res["served_tok_s"] / figures["served_tok_s"]
+    res[f"ttft_p50_{label}_over_served"] = figures["ttft_ms_p50"] / res["ttft_ms_p50"]
+
+
+def _peered(res: dict[str, Any], peer: dict[str, Any]) -> None:
+    """The peer server's figures and the served run's ratios to them."""
+    res["peer_tok_s"] = peer["served_tok_s"]
+    res["peer_ttft_ms_p50"] = peer["ttft_ms_p50"]
+    res["peer_ttft_ms_p99"] = peer["ttft_ms_p99"]
+    res["peer_requests_failed"] = peer["requests_failed"]
+    res["served_over_peer_tok_s"] = res["served_tok_s"] / res["peer_tok_s"]
+    if "http_tok_s" in res:
+        res["http_over_peer_tok_s"] = res["http_tok_s"] / res["peer_tok_s"]
+        res["http_over_peer_ttft_p99"] = res["http_ttft_ms_p99"] / res["peer_ttft_ms_p99"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
     args = ap.parse_args(argv)
     exit_on_sigterm()  # a benchmark killed by `timeout` still stops its pipeline
     via = args.via or ["sdk"]
@@ -344,40 +389,12 @@ def main(argv: list[str] | None = None) -> int:
                            "device": device}
     phases = serve_phase(model_dir, workload, args.concurrency, args.rate,
                          worker_flags(args), via, goodput)
-    idle = phases.pop("idle", None)
-    res.update(phases.pop("worker"))
-    first = phases[via[0]]
-    res.update(first)  # served_tok_s, ttft_ms_p50, ... of the first path
-    for kind, figures in phases.items():
-        res[f"{kind}_tok_s"] = figures["served_tok_s"]
-        for k in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "itl_ms_p99", "requests_failed"):
-            res[f"{kind}_{k}"] = figures[k]
-    if idle is not None:
-        res["http_over_sdk_tok_s"] = res["http_tok_s"] / res["sdk_tok_s"]
-        res.update(idle)
-        res["gateway_ttft_ms_p50_added"] = (idle["http_idle_ttft_ms_p50"]
-                                            - idle["sdk_idle_ttft_ms_p50"])
+    _served(res, phases, via)
     for change in args.compare:
-        label = change.replace("-", "_").replace("=", "_")
-        again = serve_phase(model_dir, workload, args.concurrency, args.rate,
-                            worker_flags(args, change), via[:1], goodput)
-        figures = {**again[via[0]], **again["worker"]}
-        for k in ("served_tok_s", "ttft_ms_p50", "ttft_ms_p99", "max_running",
-                  "prefix_hit_rate", "requests_failed", *GOODPUT_KEYS):
-            if k in figures:
-                res[f"{label}_{k}"] = figures[k]
-        res[f"served_over_{label}"] = res["served_tok_s"] / figures["served_tok_s"]
-        res[f"ttft_p50_{label}_over_served"] = figures["ttft_ms_p50"] / res["ttft_ms_p50"]
+        _compared(res, change, serve_phase(model_dir, workload, args.concurrency, args.rate,
+                                           worker_flags(args, change), via[:1], goodput), via[0])
     if args.peer:
-        peer = peer_phase(model_dir, workload, args.concurrency, args.rate)
-        res["peer_tok_s"] = peer["served_tok_s"]
-        res["peer_ttft_ms_p50"] = peer["ttft_ms_p50"]
-        res["peer_ttft_ms_p99"] = peer["ttft_ms_p99"]
-        res["peer_requests_failed"] = peer["requests_failed"]
-        res["served_over_peer_tok_s"] = res["served_tok_s"] / res["peer_tok_s"]
-        if "http" in phases:
-            res["http_over_peer_tok_s"] = res["http_tok_s"] / res["peer_tok_s"]
-            res["http_over_peer_ttft_p99"] = res["http_ttft_ms_p99"] / res["peer_ttft_ms_p99"]
+        _peered(res, peer_phase(model_dir, workload, args.concurrency, args.rate))
     if not args.skip_baselines and chosen:
         baseline_phase(res, args, model_dir, workload, via, chosen, device, dtype)
     report(res, args.json, f"zeroserve bench serve (concurrency {args.concurrency})")

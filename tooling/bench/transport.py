@@ -89,6 +89,15 @@ def _wait_connected(sock: zmq.Socket, prefix: list[bytes]) -> None:
     raise TimeoutError("worker never answered")
 
 
+def _dealer(ctx: zmq.Context, endpoint: str, bind: bool = False) -> Callable[[], zmq.Socket]:
+    """A phase's client socket: a DEALER bound to or connected to `endpoint`."""
+    def make() -> zmq.Socket:
+        s = ctx.socket(zmq.DEALER)
+        s.bind(endpoint) if bind else s.connect(endpoint)
+        return s
+    return make
+
+
 def run(rtt_n: int, tput_n: int, inflight: int, curve: bool = False) -> dict[str, float]:
     ctx = zmq.Context()
     out: dict[str, float] = {}
@@ -113,12 +122,7 @@ def run(rtt_n: int, tput_n: int, inflight: int, curve: bool = False) -> dict[str
                 stop(worker)
 
         # direct: the client stands where the broker would; the worker connects to it
-        def direct() -> zmq.Socket:
-            s = ctx.socket(zmq.DEALER)
-            s.bind(path("direct"))
-            return s
-
-        phase("direct", direct, [ROUTE], path("direct"), 60.0)
+        phase("direct", _dealer(ctx, path("direct"), bind=True), [ROUTE], path("direct"), 60.0)
 
         # proxy: a C device; the worker's DEALER sees [client id, ...] as its route frame
         front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
@@ -126,22 +130,12 @@ def run(rtt_n: int, tput_n: int, inflight: int, curve: bool = False) -> dict[str
         back.bind(path("pb"))
         threading.Thread(target=_proxy, args=(front, back), daemon=True).start()
 
-        def via_proxy() -> zmq.Socket:
-            s = ctx.socket(zmq.DEALER)
-            s.connect(path("pf"))
-            return s
-
-        phase("proxy", via_proxy, [], path("pb"), 60.0)
+        phase("proxy", _dealer(ctx, path("pf")), [], path("pb"), 60.0)
 
         broker = spawn("broker", ["--frontend", path("bf"), "--backend", path("bb"),
                                   "--log-level", "WARNING"])
         try:
-            def via_broker() -> zmq.Socket:
-                s = ctx.socket(zmq.DEALER)
-                s.connect(path("bf"))
-                return s
-
-            phase("broker", via_broker, [], path("bb"), 1.0)
+            phase("broker", _dealer(ctx, path("bf")), [], path("bb"), 1.0)
         finally:
             stop(broker)
         if curve:

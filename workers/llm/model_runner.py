@@ -156,16 +156,8 @@ class ModelRunner:
                 place(seq, n)
                 segment += [i] * n
             packed = attention.PackedPrefills(a, len(ids), self._packed_mask(segment))
-        prefills = []
-        for seq, n in plan.chunks:
-            if n > 1 and (packed is None or seq.num_computed > 0):
-                start = seq.num_computed
-                a = place(seq, n)
-                blocks = None
-                if start:
-                    nb = -(-(start + n) // bs)
-                    blocks = to_device([h.table[:nb] for h in seq.kv], torch.long, dev)
-                prefills.append(attention.PrefillChunk(a, a + n, start, blocks))
+        prefills = [self._prefill_chunk(seq, n, place(seq, n)) for seq, n in plan.chunks
+                    if n > 1 and (packed is None or seq.num_computed > 0)]
         rows = max([g.blocks[0].numel() for g in decodes]
                    + [c.blocks[0].numel() for c in prefills if c.blocks is not None] + [0])
         k_buf, v_buf = self._workspaces(rows)
@@ -183,6 +175,15 @@ class ModelRunner:
         finally:
             attention.set_context(None)
         return out.logits[0], sampled  # [K, V]
+
+    def _prefill_chunk(self, seq: Sequence, n: int, a: int) -> attention.PrefillChunk:
+        """The prefill chunk of `seq` at rows [a, a + n); over a computed prefix it carries
+        the block tables its attention reads that prefix through."""
+        start, blocks = seq.num_computed, None
+        if start:
+            nb = -(-(start + n) // self.block_size)
+            blocks = to_device([h.table[:nb] for h in seq.kv], torch.long, self.device)
+        return attention.PrefillChunk(a, a + n, start, blocks)
 
     @torch.inference_mode()
     def _probe_windows(self, layers: int, block_size: int, kv_heads: int, head_dim: int,

@@ -29,7 +29,7 @@ class Pipeline:
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
 
-    def _spawn(self, role: str, name: str, args: list[str],
+    def spawn(self, role: str, name: str, args: list[str],
                wrap: tuple[str, ...] = ()) -> subprocess.Popen:
         log = self.root / f"{name}-{uuid.uuid4().hex[:6]}.log"
         self.logs.append(log)
@@ -39,14 +39,14 @@ class Pipeline:
         return proc
 
     def start_broker(self, *args: str) -> subprocess.Popen:
-        self.broker = self._spawn("broker", "broker", [
+        self.broker = self.spawn("broker", "broker", [
             "--frontend", self.frontend, "--backend", self.backend, "--admin", self.admin,
             "--heartbeat-interval-s", "0.25", *args])
         return self.broker
 
     def start_worker(self, worker_id: str, *args: str, engine: str = "echo",
                      wrap: tuple[str, ...] = ()) -> subprocess.Popen:
-        proc = self._spawn("worker", worker_id, [
+        proc = self.spawn("worker", worker_id, [
             "--broker", self.backend, "--engine", engine, "--worker-id", worker_id,
             "--heartbeat-interval-s", "0.25", "--no-pin", *args], wrap)
         self.workers[worker_id] = proc

@@ -46,12 +46,12 @@ class Two:
         self.brokers = [self.start(i) for i in range(2)]
 
     def start(self, i: int):
-        return self.pipe._spawn("broker", f"broker{i}", [
+        return self.pipe.spawn("broker", f"broker{i}", [
             "--frontend", self.fronts[i], "--backend", self.backs[i], "--admin", self.admins[i],
             "--heartbeat-interval-s", "0.25"])
 
     def worker(self, name: str, *args: str) -> None:
-        self.pipe._spawn("worker", name, [
+        self.pipe.spawn("worker", name, [
             "--broker", ",".join(self.backs), "--worker-id", name, "--no-pin",
             "--heartbeat-interval-s", "0.25", *args])
 

@@ -35,7 +35,7 @@ def free_port() -> int:
 
 def start_gateway(pipe: Pipeline, *args: str, broker: str | None = None) -> str:
     port = free_port()
-    pipe._spawn("gateway", f"gateway-{port}", ["--broker", broker or pipe.frontend,
+    pipe.spawn("gateway", f"gateway-{port}", ["--broker", broker or pipe.frontend,
                                                "--port", str(port), *args])
     url = f"http://127.0.0.1:{port}"
 

@@ -35,6 +35,9 @@ def test_gpu_check_runs_every_step_on_the_cpu(tmp_path) -> None:
     for name in ("serve_c32", "serve_c128"):
         serve = res[name]
         assert serve["requests_failed"] == 0 and serve["served_tok_s"] > 0, name
+        assert serve["requests_ok"] == serve["num_requests"], name
+        assert serve["completion_tokens"] >= serve["num_requests"], name
+        assert 0 < serve["max_running"] <= serve["concurrency"], name
         assert serve["static_batch_tok_s"] > 0 and serve["hf_sequential_tok_s"] > 0, name
     assert res["serve_c128"]["concurrency"] > res["serve_c32"]["concurrency"]
     assert res["tensor"]["shm_in_ms_64mib"] > 0 and res["tensor"]["frames_in_ms_64mib"] > 0

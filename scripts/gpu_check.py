@@ -13,6 +13,8 @@ installed package is imported, never the source tree):
   serve_c32    `bench serve` at concurrency 32 and 128 (small preset), with the engine,
   serve_c128   static-batch and HF-sequential baselines
   tensor       `bench tensor` with the tensor workers on the device
+  step_medium_b1, step_medium_b32  (cuda only) `bench step` of the medium preset (1.0B,
+               bandwidth-bound) at batch 1 and 32, against its measured floor
 Goals (from the issue): served tok/s at concurrency 128 at least 10x HF sequential and at
 least 0.9x the static batch; the decode step at batch 32 within 1.5x of the forward alone.
 --device cpu is the smoke run: the same steps on the tiny model at small sizes.
@@ -62,6 +64,10 @@ def plan(device: str, model: str) -> dict[str, list[str]]:
                                            "1" if smoke else "8"]
     steps["tensor"] = ["bench", "tensor", "--device", device, "--json",
                        "--repeat", "3" if smoke else "30"]
+    if not smoke:  # last: building it takes a minute, and the figures above come first
+        for b in (1, 32):
+            steps[f"step_medium_b{b}"] = ["bench", "step", "--model", "medium", "--device",
+                                          device, "--json", "--batch", str(b), "--steps", "20"]
     return steps
 
 
@@ -114,6 +120,9 @@ def goals(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "decode_step_over_forward_b32": goal(step.get("step_over_forward"), "<=", 1.5),
         "host_syncs_per_step": goal(step.get("host_syncs_per_step"), "<=", 1),
         "parity_divergences": goal(res.get("parity", {}).get("divergences"), "<=", 0),
+        **{f"medium_step_over_floor_b{b}": goal(res[f"step_medium_b{b}"].get("step_over_floor"),
+                                                "<=", 3) for b in (1, 32)
+           if f"step_medium_b{b}" in res},
     }
 
 

@@ -91,6 +91,12 @@ def test_bench_step_runs_more_steps_than_its_old_token_budget_and_reports_the_ho
     assert res["batch"] == 8 and res["steps"] == 40
     assert 0 < res["host_step_ms"] < res["decode_step_ms"]  # the forward costs something
     assert res["step_over_forward"] > 0.5
+    # the floor: the weights' bytes over the read rate, or the FLOPs over the matmul rate
+    weight_ms = res["weight_gb"] / res["read_gb_s"] * 1000
+    flop_ms = 2 * 8 * res["weight_gb"] / 4 / res["matmul_tflops"]  # float32: 4 bytes a weight
+    assert res["floor_ms"] == pytest.approx(max(weight_ms, flop_ms), rel=1e-6)
+    assert res["step_over_floor"] == pytest.approx(res["decode_step_ms"] / res["floor_ms"])
+    assert res["step_over_floor"] > 1  # nothing beats what the machine can read
 
 
 @pytest.mark.timeout(300)

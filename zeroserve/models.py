@@ -57,6 +57,9 @@ PRESETS = {
     "tiny": Preset(2048, 128, 2, 4, 2, 256, 2048),
     # benchmarks: about GPT-2-small size (12 layers, hidden 768)
     "small": Preset(8192, 768, 12, 12, 12, 3072, 2048),
+    # the GPU check's bandwidth-bound model: TinyLlama-1.1B's shape (22 layers, hidden 2048,
+    # 32 query heads over 4 KV heads), 1.0B parameters; 4 GB on disk, built on first use
+    "medium": Preset(8192, 2048, 22, 32, 4, 5632, 4096),
 }
 
 

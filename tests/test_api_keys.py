@@ -11,7 +11,7 @@ import pytest
 
 from zeroserve.gateway.auth import KeyStore
 
-from .test_gateway import start_gateway
+from .conftest import start_gateway
 
 
 def test_the_store_keeps_digests_and_matches_bearer_tokens(tmp_path) -> None:

@@ -19,8 +19,7 @@ from zeroserve import (
 from zeroserve.keys import KeysError, PeerKeys, generate
 from zeroserve.procs import spawn, stop
 
-from .conftest import wait_for
-from .test_gateway import start_gateway
+from .conftest import start_gateway, wait_for
 
 
 def _port() -> int:

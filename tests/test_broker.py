@@ -6,8 +6,6 @@ import asyncio
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -20,10 +18,8 @@ from zeroserve import (
     Client,
     UnknownModelError,
     WorkerLostError,
-    procs,
 )
 from zeroserve import protocol as p
-from zeroserve.broker.liveness import PidWatch
 
 from .conftest import wait_for
 
@@ -106,45 +102,6 @@ def test_unknown_model_is_rejected(pipeline) -> None:
         c.generate("nope", "x", timeout_s=5)
 
 
-def test_pid_watch_only_trusts_a_matching_local_process() -> None:
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        info = {**procs.identity(), "pid": child.pid}
-        info["started"] = __import__("psutil").Process(child.pid).create_time()
-        watch = PidWatch()
-        assert watch.watch(b"w", {**info, "boot_id": "another-host"}) is None
-        assert watch.watch(b"w", {**info, "started": info["started"] - 5}) is None  # reused pid
-        assert watch.watch(b"w", {**info, "pid": "1"}) is None
-        fd = watch.watch(b"w", info)
-        assert fd is not None
-        assert watch.watch(b"w2", info) is None  # registered again: the watch moves to w2
-        child.kill()
-        child.wait()
-        assert watch.ended(fd) == b"w2" and not watch.identities
-    finally:
-        child.kill()
-        child.wait()
-
-
-def test_a_local_worker_that_dies_is_purged_without_waiting_for_heartbeats(pipeline) -> None:
-    # heartbeats every 30 s: only the pidfd can tell the broker within the test's bound
-    pipeline.start_broker("--heartbeat-interval-s", "30")
-    pipeline.wait_broker()
-    pipeline.start_worker("victim", "--step-delay-ms", "20")
-    pipeline.start_worker("other", "--step-delay-ms", "20")
-    pipeline.wait_workers(2)
-    with pipeline.client() as c:
-        handle = c.submit("echo", " ".join(["w"] * 200), resume=False)
-        chunks = handle.chunks(20)
-        next(chunks)
-        victim_id = next(w["worker_id"] for w in c.workers() if w["in_flight"])
-        os.kill(pipeline.workers[victim_id].pid, signal.SIGKILL)
-        with pytest.raises(WorkerLostError, match="process exited"):
-            list(chunks)
-        assert [w["worker_id"] for w in c.workers()] == [
-            "other" if victim_id == "victim" else "victim"]
-
-
 def test_kill_9_worker_mid_stream(pipeline) -> None:
     pipeline.start_broker()
     victim = pipeline.start_worker("victim", "--capacity", "4", "--step-delay-ms", "50")
@@ -219,25 +176,6 @@ def test_random_and_malformed_frames_do_not_hurt_the_broker(pipeline, ctx) -> No
     with pipeline.client() as c:
         assert c.generate("echo", "still here", timeout_s=10).text == "still here"
     assert pipeline.broker.poll() is None
-
-
-def test_rogue_ready_with_a_live_worker_id_is_refused(pipeline, ctx) -> None:
-    pipeline.start_broker()
-    pipeline.start_worker("a")
-    pipeline.wait_workers(1)
-    rogue = ctx.socket(zmq.DEALER)
-    rogue.connect(pipeline.backend)
-    rogue.send_multipart([b"", *p.encode(p.READY, {"worker_id": "a", "models": ["echo"],
-                                                   "capacity": 10_000, "pid": 1})])
-    assert rogue.poll(5000)
-    msg = p.decode(rogue.recv_multipart()[1:])
-    assert msg.type == p.DISCONNECT and "live under another connection" in msg.header["reason"]
-    with pipeline.client() as c:
-        for i in range(5):
-            assert c.generate("echo", f"victim {i}", timeout_s=10).text == f"victim {i}"
-        rows = c.workers()
-    assert [(r["worker_id"], r["pid"]) for r in rows] == [("a", pipeline.workers["a"].pid)]
-    assert not rogue.poll(200)  # not one prompt reached the rogue
 
 
 def test_overload_gives_busy_at_once(pipeline) -> None:
@@ -337,27 +275,6 @@ def test_oversized_frame_is_dropped_and_the_broker_goes_on(pipeline, ctx) -> Non
     assert pipeline.broker.poll() is None
 
 
-def test_a_worker_that_reconnects_replaces_its_own_registration(pipeline, ctx) -> None:
-    # the same process (pid, boot, start time) on a new connection is a reconnect, not a rogue
-    pipeline.start_broker()
-    pipeline.wait_broker()
-    info = {"worker_id": "w", "models": ["m"], "capacity": 2, **procs.identity()}
-    first, second = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
-    for sock in (first, second):
-        sock.connect(pipeline.backend)
-    first.send_multipart([b"", *p.encode(p.READY, info)])
-    with pipeline.client() as c:
-        assert wait_for(lambda: [w["worker_id"] for w in c.workers()] == ["w"], 10)
-        second.send_multipart([b"", *p.encode(p.READY, info)])
-        handle = c.submit("m", "hello")
-        kinds = set()
-        while p.REQUEST not in kinds and second.poll(5000):  # heartbeats come too
-            kinds.add(p.decode(second.recv_multipart()[1:]).type)
-        assert p.REQUEST in kinds, "the new connection gets the work"
-        handle.cancel()
-        assert [w["worker_id"] for w in c.workers()] == ["w"]
-
-
 def test_a_silent_client_is_told_its_requests_were_cancelled(pipeline, ctx) -> None:
     sock = _raw_client_with_a_long_stream(pipeline, ctx, "slow-1", 500)
     time.sleep(1.5)  # no heartbeat for longer than 0.25 s x 3: the broker gives up on us
@@ -391,60 +308,6 @@ def test_a_full_pipe_to_a_worker_is_a_backlog_not_a_dead_worker(pipeline) -> Non
         stats = c.admin("stats")
         assert stats["lost"] == 0 and [w["worker_id"] for w in c.workers()] == ["a"], stats
     assert "purged" not in pipeline.dump_logs()
-
-
-def test_a_peer_quoting_another_process_identity_is_never_taken_for_it(pipeline) -> None:
-    """A backend peer that quotes a live worker's pid, boot and start time cannot replace its
-    registration, and one that quotes an unrelated process is not watched as that process:
-    the broker believes only the kernel's word (SO_PEERCRED) for which process is at the
-    other end of an ipc connection."""
-    import psutil
-
-    from zeroserve import procs
-    from zeroserve import protocol as p
-
-    pipeline.start_broker()
-    real = pipeline.start_worker("real")
-    pipeline.wait_workers(1)
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    ctx = zmq.Context()
-    rogue = ctx.socket(zmq.DEALER)
-    rogue.setsockopt(zmq.LINGER, 0)
-    rogue.connect(pipeline.backend)
-    try:
-        ident = {"pid": real.pid, "boot_id": procs.boot_id(),
-                 "started": psutil.Process(real.pid).create_time()}
-        rogue.send_multipart([b"", *p.encode(p.READY, {
-            "worker_id": "real", "models": ["echo"], "capacity": 8, **ident})])
-        assert rogue.poll(5000), "the broker did not answer the READY"
-        answer = p.decode(rogue.recv_multipart()[1:])
-        assert answer.type == p.DISCONNECT and "live under another" in answer.header["reason"]
-        # a quote of an unrelated process registers (heartbeats only) but is not watched
-        rogue2 = ctx.socket(zmq.DEALER)
-        rogue2.setsockopt(zmq.LINGER, 0)
-        rogue2.connect(pipeline.backend)
-        rogue2.send_multipart([b"", *p.encode(p.READY, {
-            "worker_id": "rogue", "models": ["echo"], "capacity": 1, "pid": bystander.pid,
-            "boot_id": procs.boot_id(),
-            "started": psutil.Process(bystander.pid).create_time()})])
-        with pipeline.client() as c:
-            deadline = time.monotonic() + 5
-            while {w["worker_id"] for w in c.workers()} != {"real", "rogue"}:
-                assert time.monotonic() < deadline, c.workers()
-                time.sleep(0.05)
-            bystander.kill()
-            bystander.wait()
-            time.sleep(0.5)  # a pidfd on the bystander would have purged "rogue" by now
-            assert {w["worker_id"] for w in c.workers()} == {"real", "rogue"}
-            real_row = next(w for w in c.workers() if w["worker_id"] == "real")
-            assert real_row["pid"] == real.pid
-        rogue2.close()
-        assert real.poll() is None  # the real worker never noticed
-    finally:
-        bystander.kill()
-        bystander.wait()
-        rogue.close()
-        ctx.term()
 
 
 def test_a_queued_request_past_its_deadline_fails_without_reaching_a_worker(pipeline) -> None:

@@ -14,8 +14,7 @@ import zmq
 
 from zeroserve import protocol as p
 
-from .conftest import wait_for
-from .test_gateway import start_gateway
+from .conftest import start_gateway, wait_for
 
 
 def _raw_run(pipeline, ctx, n: int) -> tuple[dict[str, str], list[bytes]]:

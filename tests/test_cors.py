@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 
-from .test_gateway import start_gateway
+from .conftest import start_gateway
 
 
 def test_cors_is_off_by_default_and_grants_only_the_configured_origins(pipeline,

@@ -149,7 +149,7 @@ def test_the_gateway_carries_200_streams_past_a_small_high_water_mark(pipeline) 
 
     import httpx
 
-    from .test_gateway import start_gateway
+    from .conftest import start_gateway
 
     # heartbeats as deployed (1 s x 3 everywhere; the gateway's SDK beats once a second)
     beat = ("--heartbeat-interval-s", "1")

@@ -10,8 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from .conftest import wait_for
-from .test_gateway import start_gateway
+from .conftest import start_gateway, wait_for
 
 
 def test_ready_flips_when_the_last_worker_dies(pipeline) -> None:

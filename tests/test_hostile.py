@@ -23,8 +23,7 @@ from hypothesis import strategies as st
 from zeroserve import protocol as p
 from zeroserve.client import Client
 
-from .conftest import Pipeline, wait_for
-from .test_gateway import start_gateway
+from .conftest import Pipeline, start_gateway, wait_for
 
 MIB = 1 << 20
 HOSTILE = 10_000

@@ -13,8 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import Pipeline
-from .test_gateway import start_gateway
+from .conftest import Pipeline, start_gateway
 
 LIMITS = ("--header-timeout-s", "1", "--body-timeout-s", "1", "--keep-alive-s", "1",
           "--max-header-bytes", "8192", "--max-connections", "12")

@@ -81,7 +81,7 @@ def _count(text: str, family: str, **labels: str) -> float:
 def test_several_gateway_processes_export_one_set_of_figures(pipeline) -> None:
     """`gateway --workers 2`: each scrape, whichever process answers it, counts every
     request either process served (each process used to show only its own)."""
-    from .test_gateway import start_gateway
+    from .conftest import start_gateway
 
     pipeline.start_broker()
     pipeline.start_worker("echo")

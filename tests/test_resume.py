@@ -18,8 +18,7 @@ import pytest
 
 from zeroserve import AsyncClient, WorkerLostError
 
-from .conftest import Pipeline, wait_for
-from .test_gateway import start_gateway
+from .conftest import Pipeline, start_gateway, wait_for
 
 WORDS = " ".join(f"w{i}" for i in range(60))
 

@@ -12,8 +12,7 @@ import httpx
 
 from zeroserve.tooling.bench.fleet import conversations
 
-from .conftest import Pipeline, wait_for
-from .test_gateway import start_gateway
+from .conftest import Pipeline, start_gateway, wait_for
 
 
 def _fleet(pipeline: Pipeline, tiny_model, *broker_args: str, seqs: int = 8) -> str:

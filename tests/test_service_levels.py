@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from .test_gateway import start_gateway
+from .conftest import start_gateway
 
 KEYS = {"keys": [{"id": "chat", "key": "sk-chat"},
                  {"id": "batch", "key": "sk-batch", "priority": 10, "timeout": 0.5}]}

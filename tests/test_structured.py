@@ -17,8 +17,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from .conftest import Pipeline
-from .test_gateway import start_gateway
+from .conftest import Pipeline, start_gateway
 
 Short = Annotated[str, Field(max_length=6)]
 Small = Annotated[int, Field(ge=0, le=99)]

@@ -12,7 +12,7 @@ import pytest
 
 from zeroserve import BadRequestError
 
-from .test_gateway import start_gateway
+from .conftest import start_gateway
 
 
 def test_the_same_request_id_from_two_keys_streams_both_whole(pipeline, monkeypatch) -> None:

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from .conftest import Pipeline, wait_for
-from .test_gateway import start_gateway
+from .conftest import Pipeline, start_gateway, wait_for
 
 
 def spans_in(folder: Path) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Load generators for `zeroserve bench serve`: drive a pipeline through the SDK or over HTTP.
+"""Load generators for `zeroserve bench serve`: its workloads (make_workload: the kinds are
+in serve.py's docstring), driven through the SDK or over HTTP.
 
 Each driver fires a workload of (prompt text, token ids, output length[, class]) at a fixed
 concurrency or at Poisson arrivals, and records per request: time to first token, inter-token
@@ -21,6 +22,43 @@ from tqdm import tqdm
 from zeroserve.tooling.bench.stats import percentile
 
 CLASSES = {"": {}, "interactive": {"priority": 0}, "batch": {"priority": 10}}
+
+
+def make_workload(n: int, tokenizer: Any, seed: int = 0,
+                  kind: str = "default") -> list[tuple[str, list[int], int]]:
+    """(prompt text, its token ids, output length) per request, from a fixed seed, of tokens
+    that survive a decode/encode round trip (see the module docstring for the kinds)."""
+    rng = random.Random(seed)
+    special = set(tokenizer.all_special_ids)
+    vocab = [t for t in range(len(tokenizer)) if t not in special
+             and tokenizer.encode(tokenizer.decode([t])) == [t]]
+
+    def text_of(target: int) -> str:
+        text = tokenizer.decode([rng.choice(vocab) for _ in range(target)])
+        return tokenizer.decode(tokenizer.encode(text)[:target])
+
+    out = []
+    if kind == "mixed":
+        for _ in range(n):
+            if rng.random() < 0.75:
+                text = text_of(rng.randint(16, 48))
+                out.append((text, tokenizer.encode(text), rng.randint(16, 32), "interactive"))
+            else:
+                text = text_of(rng.randint(256, 384))
+                out.append((text, tokenizer.encode(text), rng.randint(128, 192), "batch"))
+        return out
+    if kind == "long":
+        return [(text, tokenizer.encode(text), 64) for text in (text_of(4096) for _ in range(n))]
+    if kind == "shared-prefix":
+        systems = [text_of(1000) + "\n\n" for _ in range(4)]
+        for _ in range(n):
+            text = rng.choice(systems) + text_of(rng.randint(32, 128))
+            out.append((text, tokenizer.encode(text), 64))
+        return out
+    for _ in range(n):
+        text = text_of(rng.randint(32, 256))
+        out.append((text, tokenizer.encode(text), rng.randint(64, 128)))
+    return out
 
 
 @dataclass

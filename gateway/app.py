@@ -25,6 +25,7 @@ from zeroserve import errors
 from zeroserve.config import MIB, GatewayConfig
 from zeroserve.gateway import responses_api
 from zeroserve.gateway.api_errors import ApiError, from_zeroserve
+from zeroserve.gateway.auth import ApiKey
 from zeroserve.gateway.gateway import Gateway
 from zeroserve.gateway.generate import generate, unless_disconnected
 from zeroserve.gateway.middleware import Frontline, allowed_hosts
@@ -197,12 +198,12 @@ def _wrapped(app: FastAPI, gw: Gateway) -> Any:
     def count(path: str, status: int) -> None:  # a label per route, not per path asked for
         gw.metrics.requests.labels(path if path in routes else "other", str(status)).inc()
 
-    def key_ok(authorization: bytes | None) -> bool:
-        return not gw.keys.enabled or gw.keys.check(
-            authorization.decode("latin-1") if authorization else None) is not None
+    def key_of(authorization: bytes | None) -> ApiKey | None:
+        """The caller's key, once per request (the routes take it from the ticket)."""
+        return gw.keys.check(authorization.decode("latin-1") if authorization else None)
 
     hosts = None if gw.keys.enabled else allowed_hosts(cfg.host, cfg.allowed_hosts)
-    front = Frontline(app, cfg.max_body_bytes, count, key_ok, hosts,
+    front = Frontline(app, cfg.max_body_bytes, count, key_of if gw.keys.enabled else None, hosts,
                       BodyPace(cfg.body_mib_per_s * MIB) if cfg.body_mib_per_s > 0 else None)
     if not cfg.cors_origins:
         return front

@@ -75,7 +75,7 @@ class Gateway:
         """The caller's key (None when no keys are configured); 401 without a valid one."""
         if not self.keys.enabled:
             return None
-        key = self.keys.check(request.headers.get("authorization"))
+        key = ticket(request).api_key or self.keys.check(request.headers.get("authorization"))
         if key is None:
             raise ApiError(401, "missing or invalid API key", "invalid_request_error",
                            "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})

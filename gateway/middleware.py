@@ -51,13 +51,13 @@ class ClientGone(Exception):
 class Frontline:
     def __init__(self, app: Any, max_body_bytes: int,
                  on_done: Callable[[str, int], None] | None = None,
-                 key_ok: Callable[[bytes | None], bool] = lambda _: True,
+                 key_of: Callable[[bytes | None], Any] | None = None,
                  hosts: frozenset[str] | None = None, pace: BodyPace | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.pace = pace
         self.on_done = on_done
-        self.key_ok = key_ok
+        self.key_of = key_of  # None: no keys, every caller may POST
         self.hosts = hosts  # Host names accepted (None: any)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -96,6 +96,13 @@ class Frontline:
         finally:  # whatever happened: settled, logged, its span ended
             self._done(scope, ticket, status, time.perf_counter() - t0, span)
 
+    def _key_found(self, scope: dict, headers: dict) -> bool:
+        """With keys: the caller's, on its ticket (the routes do not look it up again)."""
+        if self.key_of is None:
+            return True
+        key = scope["state"]["ticket"].api_key = self.key_of(headers.get(b"authorization"))
+        return key is not None
+
     async def _respond(self, scope: dict, headers: dict, receive: Any, send: Any,
                        status: dict, rid: str) -> None:
         """401 without a valid key, 413 past the body limit, else the app."""
@@ -106,7 +113,7 @@ class Frontline:
         if self.hosts is not None and not host_ok(headers.get(b"host", b""), self.hosts):
             await self._send_error(send, 400, "this Host is not served (see --allowed-hosts)",
                                    "invalid_request_error", "host_not_allowed")
-        elif scope["method"] == "POST" and not self.key_ok(headers.get(b"authorization")):
+        elif scope["method"] == "POST" and not self._key_found(scope, headers):
             await self._send_error(send, 401, "missing or invalid API key",
                                    "invalid_request_error", "invalid_api_key")
         elif length > self.max_body_bytes:

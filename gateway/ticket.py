@@ -31,6 +31,7 @@ class Ticket:
     request_id: str
     trace: str = ""  # W3C traceparent of the gateway's span (tracing on), sent to the broker
     key_id: str | None = None
+    api_key: Any = None  # the ApiKey the front line found for a POST: not looked up again
     model: str | None = None
     prompt_estimate: int = 0  # chars / 4, charged when no usage came back
     prompt_tokens: int | None = None  # the worker's count, from a request's END

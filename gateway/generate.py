@@ -101,7 +101,7 @@ async def start(gw: Gateway, request: Request, req: Any, route: str, chat: bool,
     t = ticket(request)
     key = gw.authorize(request, req.model)
     try:
-        body = req.engine_body(gw.cfg.max_tokens_default) if not chat else req.engine_body()
+        body = req.engine_body()  # max_tokens named or the contract's default for its route
     except ValueError as exc:
         raise ApiError(400, str(exc), param="prompt") from None
     _deadline(request, body, key)

@@ -337,7 +337,7 @@ def test_tensors_travel_as_frames_to_a_worker_that_cannot_map_our_arena(pipeline
             emb = c.embed("minilm", ["one sentence", "another"], timeout_s=60)
             assert emb.shape == (2, 384)
     if gt is not None:
-        from tests.test_gateway import start_gateway
+        from tests.conftest import start_gateway
 
         url = start_gateway(pipeline)
         res = httpx.post(f"{url}/v1/embeddings", json={"model": "minilm", "input": ["hi"]},

@@ -12,7 +12,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import wait_for
-from .test_gateway import stack  # noqa: F401 (the pipeline and gateways)
 
 
 def test_engine_metrics_per_worker_move_and_carry_vllm_names(stack) -> None:  # noqa: F811

@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from zeroserve import contract
 from zeroserve.flags import knob
 
 MIB = 1024 * 1024
@@ -204,7 +203,6 @@ class GatewayConfig:
     keep_alive_s: float = knob(5.0, "an idle kept-alive connection is closed after it")
     request_timeout_s: float = knob(600.0, "longest a request may take end to end")
     table_poll_s: float = 0.5
-    max_tokens_default: int = contract.default("max_tokens")  # /v1/completions naming none
     metrics_vllm_names: bool = knob(False, "/metrics also exports the engine figures under "
                                            "vLLM's names (gateway/metrics.py)")
     cors_origins: str = knob("", "comma-separated origins browsers may call from ('*': any; "

@@ -104,6 +104,8 @@ class LLMConfig:
     kv_cache_tokens: int = knob(0, "llm: KV cache size in tokens (0: from free memory)")
     block_size: int = knob(16, "llm: tokens per KV block")
     prefix_caching: bool = knob(True, "llm: reuse cached KV blocks of shared prompt prefixes")
+    prepack: bool = knob(True, "llm on CPU in bfloat16: pack Linear weights for oneDNN once at "
+                               "load (workers/llm/prepack.py; the same bits, a faster step)")
     check_blocks: bool = knob(False, "llm debug: assert the KV block accounting after every "
                                      "step")
     scheduling: str = knob("priority", "llm: priority (lower `priority` first, as vLLM; the "

@@ -147,9 +147,10 @@ def floor(model: Any, device: torch.device, batch: int) -> dict[str, float]:
         return min(times)
 
     with torch.inference_mode():
-        # a buffer past every cache (1 GiB, or the weights' size if larger): DRAM or HBM
-        big = torch.ones(max(1 << 30, nbytes) // 2, device=device, dtype=torch.bfloat16)
-        read_s = best_s(big.sum) * nbytes / (big.numel() * 2)
+        # a buffer past every cache (1 GiB, or the weights' size if larger): DRAM or HBM;
+        # float32, whose sum keeps up with memory (a bfloat16 sum is compute-bound on CPU)
+        big = torch.ones(max(1 << 30, nbytes) // 4, device=device, dtype=torch.float32)
+        read_s = best_s(big.sum) * nbytes / (big.numel() * 4)
         del big
         n = 2048 if device.type == "cpu" else 8192  # large enough to be compute-bound
         a = torch.randn(n, n, device=device, dtype=weights[0].dtype)

@@ -32,7 +32,7 @@ from zeroserve import protocol as p
 from zeroserve.config import LLMConfig, WorkerConfig
 from zeroserve.workers.engine import EngineError, Output, RequestKey
 from zeroserve.workers.llm import logits as logits_processing
-from zeroserve.workers.llm import model_runner, params, sampler, stopping, support
+from zeroserve.workers.llm import model_runner, params, prepack, sampler, stopping, support
 from zeroserve.workers.llm.block_manager import BlockManager
 from zeroserve.workers.llm.detok import IncrementalDetokenizer
 from zeroserve.workers.llm.figures import StepFigures
@@ -106,6 +106,8 @@ class LLMEngine:
         log.info("loaded %s on %s as %s in %.2fs", path, device, dtype, time.monotonic() - t0)
         llm = cfg.engine
         assert isinstance(llm, LLMConfig), llm
+        if llm.prepack and prepack.available(device, dtype):
+            log.info("packed %d Linear weights for oneDNN", prepack.prepack(model))
         runner = ModelRunner(model, device, llm.max_model_len, llm.max_num_seqs,
                              llm.kv_cache_tokens, llm.block_size, llm.max_batched_tokens)
         name = cfg.served_name or (cfg.model if "/" not in cfg.model else Path(path).name)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from zeroserve import families
-from zeroserve.tooling.bench.parity import hf_greedy
+from zeroserve.tooling.bench.parity import greedy_tokens, hf_greedy
 
 MAX_TOKENS = 24
 
@@ -33,19 +33,6 @@ def _engine(path: Path):
     return LLMEngine.from_config(cfg)
 
 
-def _run(eng, prompts: list[list[int]]) -> list[list[int]]:
-    out: dict[str, list[int]] = {f"p{i}": [] for i in range(len(prompts))}
-    for i, ids in enumerate(prompts):
-        eng.add((b"", f"p{i}"), {"prompt_token_ids": ids, "max_tokens": MAX_TOKENS,
-                                 "temperature": 0, "ignore_eos": True}, [])
-    while eng.has_work():
-        for o in eng.step():
-            assert o.error is None, o.error
-            if o.delta:
-                out[o.key[1]] += o.delta["token_ids"]
-    return [out[f"p{i}"] for i in range(len(prompts))]
-
-
 @pytest.mark.parametrize("family", list(families.FAMILIES))
 def test_engine_matches_transformers(family: str, tokenizer, tmp_path: Path) -> None:
     from zeroserve.tooling.bench.baselines import load
@@ -61,9 +48,9 @@ def test_engine_matches_transformers(family: str, tokenizer, tmp_path: Path) -> 
     eng = _engine(path)
     try:
         eng.warmup()
-        got = _run(eng, first)
+        got = greedy_tokens(eng, first, MAX_TOKENS)
         hits = eng.blocks.hit_tokens
-        got += _run(eng, second)
+        got += greedy_tokens(eng, second, MAX_TOKENS)
         assert eng.blocks.hit_tokens - hits >= 2 * 48, "the second round reused no prefix"
         if family in families.WINDOWED:
             assert families.WINDOW in eng.runner.layer_windows, eng.runner.layer_windows
@@ -130,7 +117,7 @@ def test_windowed_models_survive_preemption_exactly(family: str, tokenizer,
     rng = random.Random(family)
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(40, 90))] for _ in range(4)]
     try:
-        got = _run(eng, prompts)
+        got = greedy_tokens(eng, prompts, MAX_TOKENS)
         assert eng.stats()["preemptions"] > 0, "the batch fitted: nothing was preempted"
     finally:
         eng.close()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from zeroserve import families
+from zeroserve.tooling.bench.parity import greedy_tokens
 from zeroserve.workers.llm import prepack
 
 FAMILIES = ["llama", "qwen2-moe", "phi3", "gpt-neox", "gemma", "gemma3", "gpt-oss"]
@@ -37,19 +38,6 @@ def _engine(path: Path, dtype: str, packed: bool):
                          kv_cache_tokens=8 * 512, prepack=packed)))
 
 
-def _generate(eng, prompts: list[list[int]]) -> list[list[int]]:
-    out: dict[str, list[int]] = {f"p{i}": [] for i in range(len(prompts))}
-    for i, ids in enumerate(prompts):
-        eng.add((b"", f"p{i}"), {"prompt_token_ids": ids, "max_tokens": 24, "temperature": 0,
-                                 "ignore_eos": True}, [])
-    while eng.has_work():
-        for o in eng.step():
-            assert o.error is None, o.error
-            if o.delta:
-                out[o.key[1]] += o.delta["token_ids"]
-    return [out[f"p{i}"] for i in range(len(prompts))]
-
-
 def _packed_modules(eng) -> int:
     return sum(isinstance(m, prepack.PackedLinear) for m in eng.runner.model.modules())
 
@@ -67,7 +55,7 @@ def test_a_packed_engine_generates_what_an_unpacked_one_does(family: str, tokeni
         eng = _engine(path, "bfloat16", packed)
         try:
             assert (_packed_modules(eng) > 0) == packed
-            runs[packed] = _generate(eng, first) + _generate(eng, second)
+            runs[packed] = greedy_tokens(eng, first, 24) + greedy_tokens(eng, second, 24)
         finally:
             eng.close()
     assert runs[True] == runs[False]

@@ -24,11 +24,9 @@ from zeroserve.tooling.bench import model_parser
 from zeroserve.tooling.bench.stats import report
 
 
-def engine_outputs(cfg: Any, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    from zeroserve.workers.llm.engine import LLMEngine
-
-    eng = LLMEngine.from_config(cfg)
-    eng.warmup()
+def greedy_tokens(eng: Any, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Each prompt's greedy tokens from an in-process LLM engine, all added at once and
+    stepped until idle; a request that fails raises."""
     out: dict[str, list[int]] = {f"p{i}": [] for i in range(len(prompts))}
     for i, ids in enumerate(prompts):
         eng.add((b"", f"p{i}"), {"prompt_token_ids": ids, "max_tokens": max_tokens,
@@ -39,8 +37,18 @@ def engine_outputs(cfg: Any, prompts: list[list[int]], max_tokens: int) -> list[
                 raise RuntimeError(f"{o.key[1]}: {o.error}")
             if o.delta:
                 out[o.key[1]] += o.delta["token_ids"]
-    eng.close()
     return [out[f"p{i}"] for i in range(len(prompts))]
+
+
+def engine_outputs(cfg: Any, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    from zeroserve.workers.llm.engine import LLMEngine
+
+    eng = LLMEngine.from_config(cfg)
+    eng.warmup()
+    try:
+        return greedy_tokens(eng, prompts, max_tokens)
+    finally:
+        eng.close()
 
 
 def hf_greedy(model: Any, ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:

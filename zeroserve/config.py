@@ -106,10 +106,18 @@ class LLMConfig:
     prefix_caching: bool = knob(True, "llm: reuse cached KV blocks of shared prompt prefixes")
     prepack: bool = knob(True, "llm on CPU in bfloat16: pack Linear weights for oneDNN once at "
                                "load (workers/llm/prepack.py; the same bits, a faster step)")
+    compile: bool | None = knob(None, "llm: decode attention compiled by inductor, reading "
+                                      "the KV blocks in place (workers/llm/paged_decode.py); "
+                                      "default: on for CPU, where it measured faster")
     check_blocks: bool = knob(False, "llm debug: assert the KV block accounting after every "
                                      "step")
     scheduling: str = knob("priority", "llm: priority (lower `priority` first, as vLLM; the "
                                        "least urgent preempted first) or fcfs (arrival order)")
+
+    def compiles(self, device_type: str) -> bool:
+        """--compile as given, else on where it measured faster: CPU (on CUDA the GPU check
+        compares the two; until it has, uncompiled)."""
+        return self.compile if self.compile is not None else device_type == "cpu"
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@
     GatewayConfig(**flags.values(args, GATEWAY_FLAGS), ...)
 
 A field named `max_connections` becomes `--max-connections`, typed by its default (a bool
-default False becomes a switch `--x`, a bool default True a switch `--no-x`). Fields with
+default False becomes a switch `--x`, a bool default True a switch `--no-x`, a default
+None both `--x` and `--no-x`, unset meaning: decided where it is read). Fields with
 units converted on the way (MiB flags for byte fields) stay hand-written beside these.
 """
 
@@ -32,6 +33,9 @@ def add(ap: argparse.ArgumentParser, cls: type, names: tuple[str, ...]) -> None:
         elif f.default is True:
             ap.add_argument("--no-" + flag[2:], dest=name, action="store_false",
                             help=f"turn off: {helptext}")
+        elif f.default is None:  # --x and --no-x; neither: the code that reads it decides
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                            help=helptext)
         else:
             ap.add_argument(flag, type=type(f.default), default=f.default, help=helptext)
 

@@ -24,12 +24,15 @@ from zeroserve.tooling.bench import model_parser
 from zeroserve.tooling.bench.stats import report
 
 
-def greedy_tokens(eng: Any, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+def greedy_tokens(eng: Any, prompts: list[list[int]],
+                  max_tokens: int | list[int]) -> list[list[int]]:
     """Each prompt's greedy tokens from an in-process LLM engine, all added at once and
-    stepped until idle; a request that fails raises."""
+    stepped until idle (`max_tokens` one for all, or one a prompt); a request that fails
+    raises."""
     out: dict[str, list[int]] = {f"p{i}": [] for i in range(len(prompts))}
-    for i, ids in enumerate(prompts):
-        eng.add((b"", f"p{i}"), {"prompt_token_ids": ids, "max_tokens": max_tokens,
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    for i, (ids, n) in enumerate(zip(prompts, limits, strict=True)):
+        eng.add((b"", f"p{i}"), {"prompt_token_ids": ids, "max_tokens": n,
                                  "temperature": 0, "ignore_eos": True}, [])
     while eng.has_work():
         for o in eng.step():

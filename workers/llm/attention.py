@@ -51,7 +51,7 @@ class DecodeGroup:
     blocks: torch.Tensor  # [groups, G, nb] each sequence's block table per KV group
     mask: torch.Tensor | None  # [G, 1, 1, nb * block_size]; None: every context is full
     length: int  # context positions attended (nb * block_size when masked)
-    lens: torch.Tensor | None = None  # [G] context lengths: set for models with windows
+    lens: torch.Tensor  # [G] context lengths
 
 
 @dataclass
@@ -83,6 +83,9 @@ class ForwardContext:
     # windowed masks built by the first layer that needs them, by (part, index, window)
     masks: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
     windows: dict[int, int | None] = field(default_factory=dict)  # layer -> window it asked
+    # paged_decode.CompiledDecode (--compile): decode groups of plain attention read their
+    # blocks through it, with no gather
+    decode_kernel: Callable[..., torch.Tensor] | None = None
 
 
 _ctx: ForwardContext | None = None
@@ -130,11 +133,15 @@ def block_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     out = query.new_empty(1, n_tok, heads, head_dim)  # [1, N, H, D]
     for i, g in enumerate(ctx.decodes):
         q = query[0, :, g.a:g.b].transpose(0, 1).unsqueeze(2)  # [G, H, 1, D]
-        mask = g.mask if window is None else _memo(ctx, ("d", i, window),
-                                                   lambda g=g: _decode_window(g, window))
-        o = variant.attend(q, gather(kc, g.blocks[gi], g.length, ctx.k_buf),  # [G, H, 1, D]
-                           gather(vc, g.blocks[gi], g.length, ctx.v_buf), mask)
-        out[0, g.a:g.b] = o[:, :, 0]
+        if ctx.decode_kernel is not None and variant.plain:
+            o = ctx.decode_kernel(q, kc, vc, g.blocks[gi], g.lens, window or 0,
+                                  variant.scale(head_dim), ctx.k_buf, ctx.v_buf)
+        else:
+            mask = g.mask if window is None else _memo(ctx, ("d", i, window),
+                                                       lambda g=g: _decode_window(g, window))
+            o = variant.attend(q, gather(kc, g.blocks[gi], g.length, ctx.k_buf),
+                               gather(vc, g.blocks[gi], g.length, ctx.v_buf), mask)
+        out[0, g.a:g.b] = o[:, :, 0]  # o: [G, H, 1, D]
     if (pk := ctx.packed) is not None:  # one call for many first chunks (CUDA: launches cost)
         mask = pk.mask if window is None else _memo(
             ctx, ("p", 0, window), lambda: pk.mask & _band(pk.b - pk.a, 0, pk.b - pk.a, window,
@@ -170,12 +177,20 @@ class Variant:
     softcap: float | None = None
     sinks: torch.Tensor | None = None  # [H] one logit per head
 
+    @property
+    def plain(self) -> bool:
+        """SDPA's own softmax (what paged_decode computes too)."""
+        return self.softcap is None and self.sinks is None
+
+    def scale(self, head_dim: int) -> float:
+        return self.scaling if self.scaling is not None else head_dim ** -0.5
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
         """q [B, H, Lq, D], k and v [B, Hkv, Lk, D], a boolean mask broadcast to
         [B, H, Lq, Lk] (True: attend) -> [B, H, Lq, D]."""
         gqa = q.shape[1] != k.shape[1]
-        if self.softcap is None and self.sinks is None:
+        if self.plain:
             if q.device.type == "cpu" and q.shape[2] == 1:
                 return _one_query_on_cpu(q, k, v, mask, self.scaling)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
@@ -183,8 +198,7 @@ class Variant:
         if gqa:
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        scale = self.scaling if self.scaling is not None else q.shape[-1] ** -0.5
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, Lq, Lk]
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale(q.shape[-1])  # [B,H,Lq,Lk]
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
         if causal:
@@ -234,7 +248,6 @@ def _band(n: int, start: int, end: int, window: int | None,
 def _decode_window(g: DecodeGroup, window: int) -> torch.Tensor:
     """[G, 1, 1, L]: each sequence's last `window` context positions (its query is the last
     position, lens - 1)."""
-    assert g.lens is not None, "a windowed model's decode groups carry their lengths"
     pos = torch.arange(g.length, device=g.blocks.device)[None, :]  # [1, L]
     lens = g.lens[:, None]
     return ((pos < lens) & (pos >= lens - window))[:, None, None, :]

@@ -108,8 +108,12 @@ class LLMEngine:
         assert isinstance(llm, LLMConfig), llm
         if llm.prepack and prepack.available(device, dtype):
             log.info("packed %d Linear weights for oneDNN", prepack.prepack(model))
+        compiled = llm.compiles(device.type)
+        log.info("decode attention: %s", "compiled (paged_decode.py)" if compiled
+                 else "uncompiled (--compile turns it on)")
         runner = ModelRunner(model, device, llm.max_model_len, llm.max_num_seqs,
-                             llm.kv_cache_tokens, llm.block_size, llm.max_batched_tokens)
+                             llm.kv_cache_tokens, llm.block_size, llm.max_batched_tokens,
+                             compiled)
         name = cfg.served_name or (cfg.model if "/" not in cfg.model else Path(path).name)
         return cls(model, tokenizer, runner, name, llm.max_num_seqs, llm.max_batched_tokens,
                    llm.prefix_caching, llm.check_blocks, llm.scheduling)
@@ -200,18 +204,31 @@ class LLMEngine:
         return outs
 
     def warmup(self) -> None:
-        """Run prefill and decode shapes at a few batch sizes before announcing READY."""
+        """Run prefill and decode shapes at a few batch sizes before announcing READY (what
+        --compile compiles, it compiles here)."""
+        from tqdm import tqdm
+
         rng = random.Random(0)
         slots = self.scheduler.max_num_seqs
+        threads = torch.get_num_threads()
+        runs = [(batch, threads) for batch in sorted({1, min(8, slots), slots})]
+        if self.runner.decode_kernel is not None and threads > 1:
+            # the runtime steps on a thread fewer during large text work (pinning.CoreShare),
+            # and a compiled kernel is specialised to its thread count: compile that one too
+            runs.append((2, threads - 1))
         caching, self.blocks.prefix_caching = self.blocks.prefix_caching, False
-        for batch in sorted({1, min(8, slots), slots}):
-            for i in range(batch):
-                n = rng.choice((8, 32, 96))
-                ids = [rng.randrange(self.runner.vocab_size) for _ in range(n)]
-                self.add((b"", f"warmup-{batch}-{i}"),
-                         {"prompt_token_ids": ids, "max_tokens": 4, "ignore_eos": True}, [])
-            while self.has_work():
-                self.step()
+        try:
+            for batch, n in tqdm(runs, desc="warmup (batch sizes)", leave=False):
+                torch.set_num_threads(n)
+                for i in range(batch):
+                    ids = [rng.randrange(self.runner.vocab_size)
+                           for _ in range(rng.choice((8, 32, 96)))]
+                    self.add((b"", f"warmup-{batch}-{n}-{i}"),
+                             {"prompt_token_ids": ids, "max_tokens": 4, "ignore_eos": True}, [])
+                while self.has_work():
+                    self.step()
+        finally:
+            torch.set_num_threads(threads)
         self.blocks.prefix_caching = caching  # random warmup prompts never fill the cache
         self.scheduler.reset_figures()
         self.figures = StepFigures()

@@ -15,7 +15,7 @@ import psutil
 import torch
 
 from zeroserve.workers.engine import UnsupportedModel
-from zeroserve.workers.llm import attention
+from zeroserve.workers.llm import attention, paged_decode
 from zeroserve.workers.llm.kv_cache import Group, KVCache, plan_groups
 from zeroserve.workers.llm.scheduler import Plan
 from zeroserve.workers.llm.sequence import Sequence
@@ -80,8 +80,9 @@ def load(path: Path, device: torch.device, dtype: torch.dtype):  # -> (model, to
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, device: torch.device, max_model_len: int,
                  max_num_seqs: int, kv_cache_tokens: int, block_size: int,
-                 chunk: int = 0) -> None:
-        """`chunk`: the most tokens a step computes (sizes the windowed KV groups)."""
+                 chunk: int = 0, compile_decode: bool = False) -> None:
+        """`chunk`: the most tokens a step computes (sizes the windowed KV groups);
+        `compile_decode`: decode attention through paged_decode's compiled kernel."""
         self.model = model
         self.device = device
         cfg = model.config
@@ -110,6 +111,7 @@ class ModelRunner:
                              chunk or block_size)
         self.kv = KVCache(groups, block_size, kv_heads, head_dim, dtype, device)
         self._bufs = (torch.empty(0), torch.empty(0))  # gather workspaces, grown on demand
+        self.decode_kernel = paged_decode.CompiledDecode() if compile_decode else None
         self.split_blocks = GROUP_SPLIT_BLOCKS.get(device.type, GROUP_SPLIT_BLOCKS["cpu"])
         # first chunks of several sequences in one attention call (attention.PackedPrefills)
         self.pack_prefills = device.type == "cuda"
@@ -163,7 +165,8 @@ class ModelRunner:
         k_buf, v_buf = self._workspaces(rows)
         ctx = attention.ForwardContext(self.kv.k, self.kv.v, self.kv.group_of,
                                        to_device(slots, torch.long, dev), k_buf, v_buf,
-                                       decodes, prefills, packed)
+                                       decodes, prefills, packed,
+                                       decode_kernel=self.decode_kernel)
         attention.set_context(ctx)
         try:
             out = self.model(
@@ -225,14 +228,14 @@ class ModelRunner:
         bs = self.block_size
         lens = [s.num_computed + 1 for s in group]  # context including the token fed now
         nb = -(-max(lens) // bs)
+        if self.decode_kernel is not None:  # a table of one block would compile apart
+            nb = max(nb, 2)
         tables = [[s.kv[gi].table[:nb] for s in group] for gi in range(len(self.kv.groups))]
         blocks = to_device([[t + [0] * (nb - len(t)) for t in ts] for ts in tables],
                            torch.long, self.device)  # [groups, G, nb]
-        lens_t = to_device(lens, torch.long, self.device) if self.windowed else None
+        lens_t = to_device(lens, torch.long, self.device)
         if min(lens) == max(lens):
             return attention.DecodeGroup(a, a + len(group), blocks, None, lens[0], lens_t)
-        if lens_t is None:
-            lens_t = to_device(lens, torch.long, self.device)
         mask = torch.arange(nb * bs, device=self.device)[None, :] < lens_t[:, None]  # [G, L]
         return attention.DecodeGroup(a, a + len(group), blocks, mask[:, None, None, :], nb * bs,
                                      lens_t)

@@ -91,8 +91,11 @@ def test_bench_step_runs_more_steps_than_its_old_token_budget_and_reports_the_ho
     assert res["batch"] == 8 and res["steps"] == 40
     assert 0 < res["host_step_ms"] < res["decode_step_ms"]  # the forward costs something
     assert res["step_over_forward"] > 0.5
-    # the floor: the weights' bytes over the read rate, or the FLOPs over the matmul rate
-    weight_ms = res["weight_gb"] / res["read_gb_s"] * 1000
+    # the floor: the weights' and the contexts' K and V bytes over the read rate, or the
+    # FLOPs over the matmul rate; 8 contexts of 16-48 tokens and 20-24 more, at the tiny
+    # model's 2 layers x 2 x 2 KV heads x 32 dims x 4 bytes a token
+    assert 8 * (16 + 20) * 1024 <= res["kv_gb"] * 1e9 <= 8 * (48 + 24) * 1024
+    weight_ms = (res["weight_gb"] + res["kv_gb"]) / res["read_gb_s"] * 1000
     flop_ms = 2 * 8 * res["weight_gb"] / 4 / res["matmul_tflops"]  # float32: 4 bytes a weight
     assert res["floor_ms"] == pytest.approx(max(weight_ms, flop_ms), rel=1e-6)
     assert res["step_over_floor"] == pytest.approx(res["decode_step_ms"] / res["floor_ms"])

@@ -14,15 +14,19 @@ floor.
   host_step_ms                   the same greedy step with the model's forward replaced by one
                                  that returns ready logits: what the engine costs the host
                                  (scheduling, inputs, sampling, detokenizing, stops)
-  floor_ms, step_over_floor      what this machine cannot beat: the weights' bytes over the
-                                 read bandwidth measured on 1 GiB or more (read_gb_s), or the
-                                 step's matmul FLOPs (2 x weights x batch) over the matmul
-                                 rate measured on this device in this dtype (matmul_tflops),
-                                 whichever is larger
+  floor_ms, step_over_floor      what this machine cannot beat: the bytes a step must read,
+                                 the weights' and its contexts' K and V (weight_gb + kv_gb),
+                                 over the read bandwidth measured on 1 GiB or more
+                                 (read_gb_s), or the step's matmul FLOPs (2 x weights x batch)
+                                 over the matmul rate measured on this device in this dtype
+                                 (matmul_tflops), whichever is larger
+  compiled                       whether decode attention ran compiled (--compile/--no-compile;
+                                 default: the worker's for the device)
 """
 
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 import time
@@ -40,10 +44,11 @@ def _sync(device: torch.device) -> None:
 
 
 def engine_steps(cfg: Any, batch: int, prompt: int, steps: int, body: dict[str, Any]
-                 ) -> tuple[list[float], float | None, list[float]]:
+                 ) -> tuple[list[float], float | None, list[float], int]:
     """Per-step wall times (ms) of `steps` decode steps at `batch`; on CUDA the host
     synchronisations per step (counted by torch's profiler over five more steps); then the
-    step times again with the model's forward replaced by ready logits (the host's share)."""
+    step times again with the model's forward replaced by ready logits (the host's share);
+    and the K and V bytes a timed step reads (its contexts midway)."""
     from zeroserve.workers.llm.engine import LLMEngine
 
     eng = LLMEngine.from_config(cfg)
@@ -59,6 +64,9 @@ def engine_steps(cfg: Any, batch: int, prompt: int, steps: int, body: dict[str, 
         eng.step()  # prefill
     for _ in range(3):
         eng.step()  # warm the decode shapes
+
+    context = sum(s.num_computed for s in eng.seqs.values()) + batch * steps // 2
+    kv_bytes = context * eng.runner.kv.token_bytes
 
     def timed() -> list[float]:
         times = []
@@ -76,7 +84,7 @@ def engine_steps(cfg: Any, batch: int, prompt: int, steps: int, body: dict[str, 
         host = timed()
     finally:
         eng.close()
-    return times, syncs, host
+    return times, syncs, host, kv_bytes
 
 
 class ReadyLogits:
@@ -129,10 +137,10 @@ def forward_alone(model: Any, device: torch.device, batch: int, prompt: int,
     return times
 
 
-def floor(model: Any, device: torch.device, batch: int) -> dict[str, float]:
+def floor(model: Any, device: torch.device, batch: int, kv_bytes: int) -> dict[str, float]:
     """The decode step's floor on this machine (see the module docstring), measured."""
     weights = [p for p in model.parameters() if p.dim() == 2]
-    nbytes = sum(p.numel() * p.element_size() for p in weights)
+    nbytes = sum(p.numel() * p.element_size() for p in weights) + kv_bytes
     flops = 2 * batch * sum(p.numel() for p in weights)
 
     def best_s(work: Any, repeat: int = 5) -> float:
@@ -157,11 +165,12 @@ def floor(model: Any, device: torch.device, batch: int) -> dict[str, float]:
         rate = 2 * n ** 3 * 4 / best_s(lambda: [a @ a for _ in range(4)])
     floor_s = max(read_s, flops / rate)
     return {"read_gb_s": nbytes / read_s / 1e9, "matmul_tflops": rate / 1e12,
-            "weight_gb": nbytes / 1e9, "floor_ms": floor_s * 1000}
+            "weight_gb": (nbytes - kv_bytes) / 1e9, "kv_gb": kv_bytes / 1e9,
+            "floor_ms": floor_s * 1000}
 
 
 def run(model: str, device: str, dtype: str, batch: int, prompt: int,
-        steps: int) -> dict[str, Any]:
+        steps: int, compile_decode: bool | None = None) -> dict[str, Any]:
     from zeroserve.config import LLMConfig, WorkerConfig
     from zeroserve.models import resolve
     from zeroserve.tooling.bench import baselines
@@ -174,11 +183,13 @@ def run(model: str, device: str, dtype: str, batch: int, prompt: int,
                        dtype=str(dt).removeprefix("torch."),
                        engine=LLMConfig(max_num_seqs=batch,
                                         max_model_len=2 * prompt + 2 * steps + 64,
-                                        kv_cache_tokens=batch * (2 * prompt + 2 * steps + 64)))
+                                        kv_cache_tokens=batch * (2 * prompt + 2 * steps + 64),
+                                        compile=compile_decode))
     res: dict[str, Any] = {"device": device, "dtype": cfg.dtype, "batch": batch,
+                           "compiled": cfg.engine.compiles(dev.type),
                            "prompt_tokens": prompt, "steps": steps}
-    greedy, syncs, host = engine_steps(cfg, batch, prompt, steps, {"temperature": 0})
-    sampled, syncs_sampled, _ = engine_steps(cfg, batch, prompt, steps,
+    greedy, syncs, host, kv_bytes = engine_steps(cfg, batch, prompt, steps, {"temperature": 0})
+    sampled, syncs_sampled, _, _ = engine_steps(cfg, batch, prompt, steps,
                                              {"temperature": 0.8, "top_p": 0.95, "seed": 1})
     ref = baselines.load(path, cfg.dtype).to(dev)
     alone = forward_alone(ref, dev, batch, prompt, steps)
@@ -187,7 +198,7 @@ def run(model: str, device: str, dtype: str, batch: int, prompt: int,
     res["forward_ms"] = statistics.median(alone)
     res["host_step_ms"] = statistics.median(host)
     res["step_over_forward"] = res["decode_step_ms"] / res["forward_ms"]
-    res.update(floor(ref, dev, batch))
+    res.update(floor(ref, dev, batch, kv_bytes))
     res["step_over_floor"] = res["decode_step_ms"] / res["floor_ms"]
     res["sampled_step_over_forward"] = res["decode_step_sampled_ms"] / res["forward_ms"]
     if syncs is not None and syncs_sampled is not None:
@@ -200,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="the worker's --compile (default: its default for the device)")
     args = ap.parse_args(argv)
-    res = run(args.model, args.device, args.dtype, args.batch, args.prompt_tokens, args.steps)
+    res = run(args.model, args.device, args.dtype, args.batch, args.prompt_tokens, args.steps,
+              args.compile)
     report(res, args.json, f"zeroserve bench step (batch {args.batch}, {args.device})")
     return 0
 

@@ -81,7 +81,7 @@ class CompiledDecode:
         if q.device.type == "cpu":
             k_cache, v_cache, blocks = self._stage(k_cache, v_cache, blocks, k_buf, v_buf)
         if q.shape[0] == 1:  # the one row count torch compiles apart: run it twice over
-            q, blocks, lens = torch.cat([q, q]), torch.cat([blocks, blocks]), lens.repeat(2)
+            q, blocks, lens = (torch.cat([t, t]) for t in (q, blocks, lens))
             return self._run(q, k_cache, v_cache, blocks, lens, window, scale)[:1]
         return self._run(q, k_cache, v_cache, blocks, lens, window, scale)
 

@@ -120,3 +120,25 @@ def test_worker_compiles_in_warmup_before_ready(pipeline, tiny_model: Path) -> N
         assert said.data["count"] > 100_000  # 500 kB of text
         assert arrivals[-1] > tokenized, "the generation ended before the tokenization"
     assert len(compiles()) == before, log.read_text()[-3000:]
+
+
+def test_a_host_without_a_compiler_serves_uncompiled(pipeline, tiny_model: Path,
+                                                     tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C++ compiler and nothing cached: one error line, and the kernel runs uncompiled,
+    generating what an uncompiled worker does (float32 greedy)."""
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    pipeline.start_broker()
+    for name, flag in (("no-cxx", "--compile"), ("ref", "--no-compile")):
+        pipeline.start_worker(name, "--model", str(tiny_model), flag, "--served-name", name,
+                              "--dtype", "float32", "--max-num-seqs", "4", engine="llm")
+    pipeline.wait_workers(2, timeout_s=120)
+    log = next(p for p in pipeline.logs if p.name.startswith("no-cxx")).read_text()
+    errors = [line for line in log.splitlines() if "could not compile" in line]
+    assert len(errors) == 1 and "it runs uncompiled" in errors[0], log[-3000:]
+    with pipeline.client() as c:
+        said = {name: c.generate(name, "the cache is cold", max_tokens=16, temperature=0,
+                                 ignore_eos=True, timeout_s=60).token_ids
+                for name in ("no-cxx", "ref")}
+    assert len(said["ref"]) == 16 and said["no-cxx"] == said["ref"]

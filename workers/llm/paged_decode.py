@@ -112,7 +112,7 @@ class CompiledDecode:
             if self.fn is decode:
                 raise
             log.error("decode attention could not compile (%s: %s); it runs uncompiled",
-                      type(exc).__name__, exc)
+                      type(exc).__name__, (str(exc).strip().splitlines() or [""])[0])
             self.fn = decode
             return decode(q, k_cache, v_cache, blocks, lens, window, scale)
         if _graphs() != graphs:

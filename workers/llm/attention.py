@@ -83,8 +83,8 @@ class ForwardContext:
     # windowed masks built by the first layer that needs them, by (part, index, window)
     masks: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
     windows: dict[int, int | None] = field(default_factory=dict)  # layer -> window it asked
-    # paged_decode.CompiledDecode (--compile): decode groups of plain attention read their
-    # blocks through it, with no gather
+    # paged_decode.CompiledDecode (--compile): the decode groups of plain attention (no
+    # softcap, no sinks) go through its kernel instead of a gather and a matmul
     decode_kernel: Callable[..., torch.Tensor] | None = None
 
 

@@ -7,7 +7,8 @@ AttentionInterface). Per layer it first writes the step's new keys and values in
 slots (block * block_size + offset), then:
 - single-token rows (decodes) come first, sorted by context length and cut into groups of
   similar length; each group is one batched SDPA over its sequences' gathered blocks, masked to
-  each one's length, so the work follows the tokens in use, not the longest context;
+  each one's length, so the work follows the tokens in use, not the longest context (with
+  --compile, CPU's default, plain attention's groups run paged_decode.py's kernel instead);
 - prompt chunks attend one sequence at a time: causal over the chunk itself, or, when the
   sequence already has computed tokens (an earlier chunk or a cached prefix), over its blocks;
   on CUDA, where each call's launches cost more than the arithmetic, the first chunks of

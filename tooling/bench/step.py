@@ -50,6 +50,7 @@ def engine_steps(cfg: Any, batch: int, prompt: int, steps: int, body: dict[str, 
     step times again with the model's forward replaced by ready logits (the host's share);
     and the K and V bytes a timed step reads (its contexts midway)."""
     from zeroserve.workers.llm.engine import LLMEngine
+    from zeroserve.workers.llm.kv_cache import KVCache
 
     eng = LLMEngine.from_config(cfg)
     eng.warmup()
@@ -66,7 +67,9 @@ def engine_steps(cfg: Any, batch: int, prompt: int, steps: int, body: dict[str, 
         eng.step()  # warm the decode shapes
 
     context = sum(s.num_computed for s in eng.seqs.values()) + batch * steps // 2
-    kv_bytes = context * eng.runner.kv.token_bytes
+    k = eng.runner.kv.k[0]  # [blocks, block_size, kv_heads, head_dim]
+    kv_bytes = context * KVCache.bytes_per_token(len(eng.runner.kv.k), k.shape[2], k.shape[3],
+                                                 k.dtype)
 
     def timed() -> list[float]:
         times = []
@@ -190,7 +193,7 @@ def run(model: str, device: str, dtype: str, batch: int, prompt: int,
                            "prompt_tokens": prompt, "steps": steps}
     greedy, syncs, host, kv_bytes = engine_steps(cfg, batch, prompt, steps, {"temperature": 0})
     sampled, syncs_sampled, _, _ = engine_steps(cfg, batch, prompt, steps,
-                                             {"temperature": 0.8, "top_p": 0.95, "seed": 1})
+                                                {"temperature": 0.8, "top_p": 0.95, "seed": 1})
     ref = baselines.load(path, cfg.dtype).to(dev)
     alone = forward_alone(ref, dev, batch, prompt, steps)
     res["decode_step_ms"] = statistics.median(greedy)

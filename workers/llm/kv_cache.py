@@ -58,11 +58,6 @@ class KVCache:
         self.groups = groups
         self.block_size = block_size
 
-    @property
-    def token_bytes(self) -> int:
-        """Bytes of K and V one token of context holds, all layers together."""
-        return sum(t[0].numel() // self.block_size * t.element_size() for t in self.k + self.v)
-
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()

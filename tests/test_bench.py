@@ -103,6 +103,15 @@ def test_bench_step_runs_more_steps_than_its_old_token_budget_and_reports_the_ho
 
 
 @pytest.mark.timeout(300)
+def test_bench_step_with_prompts_that_prefill_over_many_steps(tiny_model):
+    # 32 prompts of 256-768 tokens prefill over 8 steps of 2,048 tokens, and the first to
+    # finish decodes meanwhile: its budget covers those tokens too (it used to run out)
+    res = bench("step", "--model", str(tiny_model), "--batch", "32", "--prompt-tokens", "512",
+                "--steps", "5", "--dtype", "float32")
+    assert res["batch"] == 32 and res["decode_step_ms"] > 0 and res["host_step_ms"] > 0
+
+
+@pytest.mark.timeout(300)
 def test_bench_serve_mixed_reports_goodput_by_class(tiny_model):
     res = bench("serve", "--model", str(tiny_model), "--workload", "mixed", "--num-requests",
                 "16", "--rate", "50", "--goodput", "ttft:60000,tpot:60000")

@@ -58,8 +58,10 @@ def engine_steps(cfg: Any, batch: int, prompt: int, steps: int, body: dict[str, 
     vocab = eng.runner.vocab_size
     for i in range(batch):  # contexts of mixed lengths, as served requests have
         ids = [rng.randrange(3, vocab) for _ in range(rng.randint(prompt // 2, prompt * 3 // 2))]
-        # enough tokens for the warm-up, the timed pass and the host-share pass
-        eng.add((b"", f"s{i}"), {**body, "prompt_token_ids": ids, "max_tokens": 2 * steps + 8,
+        # tokens to spare for the warm-up, the timed pass and the host-share pass, and for
+        # the steps a sequence decodes while the batch's longer prompts still prefill
+        eng.add((b"", f"s{i}"), {**body, "prompt_token_ids": ids,
+                                 "max_tokens": cfg.engine.max_model_len - len(ids),
                                  "ignore_eos": True}, [])
     while any(s.num_computed < s.total_len - 1 for s in eng.seqs.values()):
         eng.step()  # prefill

@@ -136,7 +136,7 @@ def block_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         q = query[0, :, g.a:g.b].transpose(0, 1).unsqueeze(2)  # [G, H, 1, D]
         if ctx.decode_kernel is not None and variant.plain:
             o = ctx.decode_kernel(q, kc, vc, g.blocks[gi], g.lens, window or 0,
-                                  variant.scale(head_dim), ctx.k_buf, ctx.v_buf)
+                                  variant.scale(head_dim), ctx.v_buf)
         else:
             mask = g.mask if window is None else _memo(ctx, ("d", i, window),
                                                        lambda g=g: _decode_window(g, window))

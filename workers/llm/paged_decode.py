@@ -3,10 +3,13 @@
 One query a sequence attends over its context through its block table: the kernel indexes
 each block inside its reductions, and inductor fuses the indexing, the mask, the float32
 softmax and both products into a few loops, so no K or V is copied contiguous for a matmul
-and no mask tensor is built. On CUDA it reads the blocks where they lie. On CPU the blocks
-are first copied whole into the runner's workspaces (`_stage`): a memcpy a block streams
-from memory, while the kernel's own reads, a head's row at a time across the context, do not
-(the attention of a batch-32 step on 2 cores: 9.6 ms in place, 6.9 ms staged).
+and no mask tensor is built. On CUDA it reads the blocks where they lie. On CPU it reads K
+where it lies too (its scores loop takes a position's heads together: each block in order,
+which streams from memory), but V's blocks are first copied whole into the runner's
+workspace (`_stage_values`): its weighted sum reads a head's row at a time across the
+context, a stride the hardware does not prefetch. Staging V alone, not K and V, made the
+decode step at batch 32 1.05-1.09x faster with contexts of 64-192 tokens, 1.08x at 128-384
+and 1.13x at 192-576 (the same engine alternating the two, step by step).
 
 It is compiled with symbolic sizes, so one kernel serves every batch and context length (no
 buckets, no padding of the batch): a row count of 1 is the one size torch would compile
@@ -16,10 +19,10 @@ work). The engine's warmup compiles them all before the worker says READY, a log
 inductor keeps what it built on disk (ZEROSERVE_CACHE/inductor), so a restarted worker loads
 a kernel in 1.6 s instead of compiling it in 8 s (2 cores).
 
-Measured (`zeroserve bench step --model small`, bfloat16, 2 cores of an AMD EPYC): the decode
-step at batch 32 took 26.9 / 27.7 ms against 32.8 / 35.2 ms uncompiled; at batch 1 the two
-are even (about 9 ms, the weights' read). Served (`bench serve --rounds 3 --baselines
-engine`, concurrency 32): 586 against 479 tok/s.
+Measured (`zeroserve bench step --model small`, bfloat16, 2 cores of an AMD EPYC), with K and
+V both staged: the decode step at batch 32 took 26.9 / 27.7 ms against 32.8 / 35.2 ms
+uncompiled; at batch 1 the two are even (about 9 ms, the weights' read). Served (`bench
+serve --rounds 3 --baselines engine`, concurrency 32): 586 against 479 tok/s.
 """
 
 from __future__ import annotations
@@ -36,16 +39,18 @@ log = logging.getLogger("zeroserve.worker")
 
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-           blocks: torch.Tensor, lens: torch.Tensor, window: int, scale: float) -> torch.Tensor:
-    """q [G, H, 1, D]; caches [num_blocks, bs, Hkv, D]; blocks [G, nb] block tables; lens [G]
-    context lengths (the query is the last position); window 0: full attention. Query heads
-    that share a KV head read it together (no repeat of K and V) -> [G, H, 1, D]."""
+           blocks: torch.Tensor, v_blocks: torch.Tensor, lens: torch.Tensor, window: int,
+           scale: float) -> torch.Tensor:
+    """q [G, H, 1, D]; caches [num_blocks, bs, Hkv, D]; blocks and v_blocks [G, nb], the
+    block tables of K and of V (the same where V is not staged); lens [G] context lengths
+    (the query is the last position); window 0: full attention. Query heads that share a KV
+    head read it together (no repeat of K and V) -> [G, H, 1, D]."""
     g, h, _, d = q.shape
     nb = blocks.shape[1]
     bs, kv_heads = k_cache.shape[1], k_cache.shape[2]
     qf = q.reshape(g, 1, 1, kv_heads, h // kv_heads, d).float()
     k = k_cache[blocks].unsqueeze(4)  # [G, nb, bs, Hkv, 1, D]: fused into the reduction
-    v = v_cache[blocks].unsqueeze(4)
+    v = v_cache[v_blocks].unsqueeze(4)
     scores = (qf * k.float()).sum(-1) * scale  # [G, nb, bs, Hkv, rep]
     pos = torch.arange(nb * bs, device=q.device).view(1, nb, bs, 1, 1)
     end = lens.view(g, 1, 1, 1, 1)
@@ -75,46 +80,43 @@ class CompiledDecode:
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  blocks: torch.Tensor, lens: torch.Tensor, window: int, scale: float,
-                 k_buf: torch.Tensor, v_buf: torch.Tensor) -> torch.Tensor:
-        """As `decode`; on CPU the blocks are first copied into the workspaces k_buf and
-        v_buf ([rows, block_size * Hkv * D]), whole blocks at a time."""
+                 v_buf: torch.Tensor) -> torch.Tensor:
+        """As `decode` over one block table; on CPU V's blocks are first copied into the
+        workspace v_buf ([rows, block_size * Hkv * D]), whole blocks at a time."""
+        v_blocks = blocks
         if q.device.type == "cpu":
-            k_cache, v_cache, blocks = self._stage(k_cache, v_cache, blocks, k_buf, v_buf)
+            v_cache, v_blocks = self._stage_values(v_cache, blocks, v_buf)
         if q.shape[0] == 1:  # the one row count torch compiles apart: run it twice over
-            q, blocks, lens = (torch.cat([t, t]) for t in (q, blocks, lens))
-            return self._run(q, k_cache, v_cache, blocks, lens, window, scale)[:1]
-        return self._run(q, k_cache, v_cache, blocks, lens, window, scale)
+            q, blocks, v_blocks, lens = (torch.cat([t, t]) for t in (q, blocks, v_blocks, lens))
+            return self._run(q, k_cache, v_cache, blocks, v_blocks, lens, window, scale)[:1]
+        return self._run(q, k_cache, v_cache, blocks, v_blocks, lens, window, scale)
 
-    def _stage(self, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
-               k_buf: torch.Tensor, v_buf: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The blocks copied side by side into the workspaces, and the block table that
-        reads them there (0 .. n - 1). A memcpy of each whole block streams from memory;
-        the kernel's own reads, a head's row at a time across the context, do not (a
-        batch-32 step's attention: 9.6 ms in place, 6.9 ms staged, on 2 cores)."""
-        n, shape = blocks.numel(), k_cache.shape[1:]
+    def _stage_values(self, v_cache: torch.Tensor, blocks: torch.Tensor, v_buf: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """V's blocks copied side by side into the workspace, and the block table that reads
+        them there (0 .. n - 1): a memcpy of each whole block streams from memory, where
+        the kernel's own reads of V, a head's row at a time across the context, do not."""
+        n = blocks.numel()
         if self.rows.numel() < n:
             self.rows = torch.arange(max(n, 2 * self.rows.numel()), device=blocks.device)
-        staged = []
-        for cache, buf in ((k_cache, k_buf), (v_cache, v_buf)):
-            rows = torch.index_select(cache.view(cache.shape[0], -1), 0, blocks.flatten(),
-                                      out=buf[:n])
-            staged.append(rows.view(n, *shape))
-        return staged[0], staged[1], self.rows[:n].view(blocks.shape)
+        rows = torch.index_select(v_cache.view(v_cache.shape[0], -1), 0, blocks.flatten(),
+                                  out=v_buf[:n])
+        return rows.view(n, *v_cache.shape[1:]), self.rows[:n].view(blocks.shape)
 
     def _run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             blocks: torch.Tensor, lens: torch.Tensor, window: int,
+             blocks: torch.Tensor, v_blocks: torch.Tensor, lens: torch.Tensor, window: int,
              scale: float) -> torch.Tensor:
         graphs, t0 = _graphs(), time.monotonic()
+        args = (q, k_cache, v_cache, blocks, v_blocks, lens, window, scale)
         try:
-            out = self.fn(q, k_cache, v_cache, blocks, lens, window, scale)
+            out = self.fn(*args)
         except Exception as exc:  # e.g. no C++ compiler on this host
             if self.fn is decode:
                 raise
             log.error("decode attention could not compile (%s: %s); it runs uncompiled",
                       type(exc).__name__, (str(exc).strip().splitlines() or [""])[0])
             self.fn = decode
-            return decode(q, k_cache, v_cache, blocks, lens, window, scale)
+            return decode(*args)
         if _graphs() != graphs:
             log.info("compiled decode attention (%s, %s, %d query head(s) per KV head, %d "
                      "threads) in %.1fs",

@@ -71,8 +71,9 @@ class Started:
     meta: dict[str, Any]  # id, created, model
     t0: float
     headers: dict[str, str]  # rate-limit (and cache) headers for the response
-    body: dict[str, Any]  # the engine body of choice 0
+    body: dict[str, Any]  # the engine body every choice shares (without its prompt)
     ticket: Ticket
+    n: int  # choices per prompt: handle i is choice i % n of prompt i // n
     cache_at: str | None = None  # the response cache's key for the reply, when it may be kept
 
 
@@ -102,6 +103,7 @@ async def start(gw: Gateway, request: Request, req: Any, route: str, chat: bool,
     key = gw.authorize(request, req.model)
     try:
         body = req.engine_body()  # max_tokens named or the contract's default for its route
+        inputs = req.inputs()  # each prompt's fields: a batch of completions prompts, or {}
     except ValueError as exc:
         raise ApiError(400, str(exc), param="prompt") from None
     _deadline(request, body, key)
@@ -112,7 +114,7 @@ async def start(gw: Gateway, request: Request, req: Any, route: str, chat: bool,
     t.priority = body.get("priority", 0)
     n = getattr(req, "n", 1)
     t.model, t.prompt_estimate = req.model, req.prompt_chars() // 4
-    headers = gw.admit(request, key, t.prompt_estimate + body["max_tokens"] * n)
+    headers = gw.admit(request, key, t.prompt_estimate + body["max_tokens"] * n * len(inputs))
     cache_at = None
     if cacheable and not req.stream and gw.cache.enabled and _cache_allowed(request):
         cache_at = cache_key(route, req.model_dump(exclude_none=True), t.key_id or "")
@@ -128,7 +130,8 @@ async def start(gw: Gateway, request: Request, req: Any, route: str, chat: bool,
     rid, wire = t.request_id, gw.wire_id(request)
     handles: list[AsyncRequestHandle] = []
     try:
-        for i, choice_body in enumerate(contract.choices(body, n)):
+        bodies = [b for fields in inputs for b in contract.choices({**body, **fields}, n)]
+        for i, choice_body in enumerate(bodies):
             handles.append(await gw.client.submit(req.model, request_id=wire if not i else
                                                   f"{wire}-c{i}", tenant=t.key_id,
                                                   trace=t.trace, **choice_body))
@@ -138,7 +141,7 @@ async def start(gw: Gateway, request: Request, req: Any, route: str, chat: bool,
         raise from_zeroserve(exc) from None
     meta = {"id": ("chatcmpl-" if chat else "cmpl-") + rid, "created": int(time.time()),
             "model": req.model}
-    return Started(handles, meta, time.perf_counter(), headers, body, t, cache_at)
+    return Started(handles, meta, time.perf_counter(), headers, body, t, n, cache_at)
 
 
 async def first_chunk(gw: Gateway, request: Request,
@@ -170,12 +173,13 @@ async def _complete(gw: Gateway, request: Request, req: Any, started: Started,
     t = started.ticket
     try:
         choices = await unless_disconnected(request, started.handles, asyncio.gather(
-            *(collect(gw, handle, started.t0, t) for handle in started.handles)))
+            *(collect(gw, handle, started.t0, t, not i % started.n)
+              for i, handle in enumerate(started.handles))))
     except errors.ZeroserveError as exc:
         raise refused(gw, t, exc) from None
     gw.metrics.e2e.labels(req.model).observe(time.perf_counter() - started.t0)
     raw = openai_shapes.completion_body(started.meta, chat, choices, "logprobs" in started.body,
-                                    req.tool_mode() if chat else None)
+                                        started.n, req.tool_mode() if chat else None)
     if started.cache_at is not None:
         gw.cache.put(started.cache_at, raw)
     return Response(raw, media_type="application/json", headers=started.headers)
@@ -215,12 +219,13 @@ def observe(gw: Gateway, chunk: Chunk, t0: float, last: float, t: Ticket) -> flo
     return last
 
 
-def record_usage(gw: Gateway, t: Ticket, data: dict[str, Any]) -> None:
-    """One choice's END: the prompt counts once, completions add up."""
+def record_usage(gw: Gateway, t: Ticket, data: dict[str, Any], first: bool) -> None:
+    """One choice's END: its prompt counts once (on its `first` choice), completions add up."""
     usage = data.get("usage") or {}
-    t.prompt_tokens = usage.get("prompt_tokens", 0)
+    if first:
+        t.prompt_tokens = (t.prompt_tokens or 0) + usage.get("prompt_tokens", 0)
+        gw.metrics.tokens.labels("prompt").inc(usage.get("prompt_tokens", 0))
     t.completion_tokens += usage.get("completion_tokens", 0)
-    gw.metrics.tokens.labels("prompt").inc(t.prompt_tokens)
     gw.metrics.tokens.labels("completion").inc(usage.get("completion_tokens", 0))
     prio = priority_label(t.priority)
     if "queue_ms" in data:
@@ -239,9 +244,10 @@ def refused(gw: Gateway, t: Ticket, exc: errors.ZeroserveError) -> ApiError:
     return from_zeroserve(exc)
 
 
-async def collect(gw: Gateway, handle: AsyncRequestHandle, t0: float, t: Ticket
-                   ) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
-    """Text, END fields and logprobs of a whole request, recording its timings."""
+async def collect(gw: Gateway, handle: AsyncRequestHandle, t0: float, t: Ticket,
+                  first: bool = True) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    """Text, END fields and logprobs of a whole request, recording its timings (and its
+    prompt's usage when it is the `first` choice of its prompt)."""
     parts: list[str] = []
     lps: list[dict[str, Any]] = []
     last = t0
@@ -250,7 +256,7 @@ async def collect(gw: Gateway, handle: AsyncRequestHandle, t0: float, t: Ticket
         parts.append(chunk.text)
         lps.extend(chunk.data.get("logprobs") or ())
         if chunk.final:
-            record_usage(gw, t, chunk.data)
+            record_usage(gw, t, chunk.data, first)
             return "".join(parts), chunk.data, lps
     return "".join(parts), {}, lps
 
@@ -315,7 +321,7 @@ async def _sse(gw: Gateway, started: Started, parts: AsyncIterator[tuple[int, Ch
     """OpenAI's SSE: role first (chat), each choice's events, usage of them all, [DONE]."""
     events = openai_shapes.SseEvents(started.meta, chat)
     t, t0, last = started.ticket, started.t0, started.t0
-    finals: list[dict[str, Any]] = []
+    finals: dict[int, dict[str, Any]] = {}  # each choice's END fields
     try:
         if chat:
             for i in range(len(started.handles)):
@@ -325,10 +331,10 @@ async def _sse(gw: Gateway, started: Started, parts: AsyncIterator[tuple[int, Ch
             for event in _chunk_events(events, i, chunk, calls[i] if calls else None):
                 yield event
             if chunk.final:
-                record_usage(gw, t, chunk.data)
-                finals.append(chunk.data)
+                record_usage(gw, t, chunk.data, not i % started.n)
+                finals[i] = chunk.data
         if include_usage:
-            yield events.usage(finals)
+            yield events.usage([finals[i] for i in sorted(finals)], started.n)
         gw.metrics.e2e.labels(t.model).observe(time.perf_counter() - t0)
     except errors.ZeroserveError as exc:  # the stream has started: report in-band
         yield events.error(from_zeroserve(exc).body())

@@ -21,14 +21,17 @@ def finish_reason(reason: str | None) -> str | None:
     return "stop" if reason == "cancelled" else reason
 
 
-def usage_of(datas: list[dict[str, Any]]) -> dict[str, Any]:
-    """The usage of n choices of one prompt: the prompt once, their completions added up."""
+def usage_of(datas: list[dict[str, Any]], n: int = 1) -> dict[str, Any]:
+    """The usage of every choice, in order, n to a prompt: each prompt once, every
+    completion added up."""
     usages = [d.get("usage") or {} for d in datas]
-    p = usages[0].get("prompt_tokens", 0) if usages else 0
+    prompts = usages[::n]
+    p = sum(u.get("prompt_tokens", 0) for u in prompts)
     c = sum(u.get("completion_tokens", 0) for u in usages)
     out: dict[str, Any] = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-    if usages and "cached_tokens" in usages[0]:  # prompt tokens from the prefix cache
-        out["prompt_tokens_details"] = {"cached_tokens": usages[0]["cached_tokens"]}
+    if prompts and "cached_tokens" in prompts[0]:  # prompt tokens from the prefix cache
+        out["prompt_tokens_details"] = {
+            "cached_tokens": sum(u.get("cached_tokens", 0) for u in prompts)}
     return out
 
 
@@ -55,9 +58,10 @@ def chat_logprobs(lps: list[dict[str, Any]]) -> dict[str, Any]:
 
 def completion_body(meta: dict[str, Any], chat: bool,
                     choices: list[tuple[str, dict[str, Any], list[dict[str, Any]]]],
-                    with_logprobs: bool, tool_mode: str | None = None) -> bytes:
+                    with_logprobs: bool, n: int = 1, tool_mode: str | None = None) -> bytes:
     """A whole (non-streamed) completion or chat completion: (text, END fields, logprobs) of
-    each choice; with tools in play (tool_mode, gateway/tools.py) the text may be calls."""
+    each choice, n to a prompt; with tools in play (tool_mode, gateway/tools.py) the text
+    may be calls."""
     out = []
     for i, (text, data, lps) in enumerate(choices):
         fin = finish_reason(data.get("finish_reason"))
@@ -78,7 +82,7 @@ def completion_body(meta: dict[str, Any], chat: bool,
                         "finish_reason": fin})
     obj = "chat.completion" if chat else "text_completion"
     return _dumps({**meta, "object": obj, "choices": out,
-                   "usage": usage_of([d for _, d, _ in choices])}).encode()
+                   "usage": usage_of([d for _, d, _ in choices], n)}).encode()
 
 
 class SseEvents:
@@ -120,9 +124,9 @@ class SseEvents:
         return self._event(f'{{"index":{index},"delta":{_dumps(delta)},"logprobs":null,'
                            f'"finish_reason":{json.dumps(finish_reason(finish))}}}')
 
-    def usage(self, finals: list[dict[str, Any]]) -> bytes:
-        """The usage of every choice (their END fields)."""
-        usage = _dumps(usage_of(finals))
+    def usage(self, finals: list[dict[str, Any]], n: int = 1) -> bytes:
+        """The usage of every choice (their END fields, in order, n to a prompt)."""
+        usage = _dumps(usage_of(finals, n))
         return f'data: {self.head},"choices":[],"usage":{usage}}}\n\n'.encode()
 
     @staticmethod

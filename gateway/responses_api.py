@@ -218,7 +218,7 @@ async def _events(gw: Gateway, req: ResponsesRequest, started: Started,
                 parts.append(chunk.text)
                 yield event("response.output_text.delta", **at, delta=chunk.text, logprobs=[])
             if chunk.final:
-                record_usage(gw, t, chunk.data)
+                record_usage(gw, t, chunk.data, first=True)
                 text = "".join(parts)
                 yield event("response.output_text.done", **at, text=text, logprobs=[])
                 yield event("response.content_part.done", **at, part=_part(text))

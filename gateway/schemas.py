@@ -81,6 +81,10 @@ class _Sampling(Strict):
     # vLLM's name: requests with the same salt share cached prefixes (default: the API key's)
     cache_salt: str | None = Field(default=None, min_length=1, max_length=c.MAX_CACHE_SALT)
 
+    def inputs(self) -> list[dict[str, Any]]:
+        """What each prompt adds to `engine_body` (a chat's one prompt is in it already)."""
+        return [{}]
+
     def engine_body(self, max_tokens_default: int) -> dict[str, Any]:
         body: dict[str, Any] = {
             "max_tokens": self.max_tokens or max_tokens_default,
@@ -115,40 +119,49 @@ class _Sampling(Strict):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[TokenId] | list[str]
+    # one prompt, or a batch of them (OpenAI's list of strings or of token-id lists): each
+    # prompt's n choices follow the previous prompt's, indexed on through the reply
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     echo: Literal[False] = False
     logprobs: int | None = number("logprobs")
 
     def engine_body(self, max_tokens_default: int = c.default("max_tokens")) -> dict[str, Any]:
+        """The body every prompt shares (`inputs` holds the prompts)."""
         body = super().engine_body(max_tokens_default)
         if self.logprobs is not None:
             body["logprobs"] = self.logprobs
-        prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise ValueError("one prompt per request (n=1): send a list of one string")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            body["prompt"] = prompt
-        else:
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            body["prompt_token_ids"] = prompt
         return body
 
+    def inputs(self) -> list[dict[str, Any]]:
+        """Each prompt as an engine body's prompt field."""
+        p = self.prompt
+        prompts = [p] if isinstance(p, str) or not p or isinstance(p[0], int) else p
+        if len(prompts) > c.MAX_PROMPTS:
+            raise ValueError(f"{len(prompts)} prompts; one request batches at most "
+                             f"{c.MAX_PROMPTS}")
+        if not all(prompts):
+            raise ValueError("prompt must not be empty")
+        return [{"prompt": x} if isinstance(x, str) else {"prompt_token_ids": x}
+                for x in prompts]
+
     def prompt_chars(self) -> int:
-        return len(self.prompt) if isinstance(self.prompt, str) else len(self.prompt) * 4
+        return _chars(self.prompt)
 
     @field_validator("prompt")
     @classmethod
-    def _bounded(cls, v: str | list[TokenId] | list[str]) -> str | list[TokenId] | list[str]:
-        n = len(v) if isinstance(v, str) else sum(len(x) if isinstance(x, str) else 4
-                                                   for x in v)
+    def _bounded(cls, v: str | list[TokenId] | list[str] | list[list[TokenId]]
+                 ) -> str | list[TokenId] | list[str] | list[list[TokenId]]:
+        n = _chars(v)
         if n > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt is {n} characters; the limit is {MAX_PROMPT_CHARS}")
         return v
+
+
+def _chars(prompt: Any) -> int:
+    """A prompt's size in characters, a token id counted as 4."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(_chars(x) if isinstance(x, str | list) else 4 for x in prompt)
 
 
 class ContentPart(BaseModel):

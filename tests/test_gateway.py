@@ -32,6 +32,42 @@ def test_openai_completions_chat_and_models(stack) -> None:
     assert {"tiny", "echo"} <= ids
 
 
+def _prompt_tokens_counted(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return next(s.value for f in text_string_to_metric_families(text)
+                if f.name == "zeroserve_tokens" for s in f.samples
+                if s.labels.get("kind") == "prompt" and s.name.endswith("_total"))
+
+
+def test_completions_batch_prompts_each_with_n_choices(stack) -> None:
+    """A list of prompts (strings or token ids) in one /v1/completions request: each prompt's
+    n choices follow the previous prompt's, each the text that prompt alone gets, and usage
+    counts every prompt once."""
+    _, url, _ = stack
+    client = oa(url)
+    kw = {"model": "tiny", "max_tokens": 4, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    alone = [client.completions.create(prompt=p, **kw) for p in ("Hello", "World wide")]
+    before = _prompt_tokens_counted(url)
+    both = client.completions.create(prompt=["Hello", "World wide"], n=2, **kw)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert [c.text for c in both.choices] == [alone[0].choices[0].text] * 2 + [
+        alone[1].choices[0].text] * 2
+    prompt = alone[0].usage.prompt_tokens + alone[1].usage.prompt_tokens
+    assert both.usage.prompt_tokens == prompt and both.usage.completion_tokens == 16
+    assert _prompt_tokens_counted(url) - before == prompt  # each prompt once, not n times
+    ids = client.completions.create(prompt=[[5, 6, 7], [8, 9]], **kw)
+    assert len(ids.choices) == 2 and ids.usage.prompt_tokens == 5
+    streamed = list(client.completions.create(prompt=["Hello", "World wide"], stream=True,
+                                              stream_options={"include_usage": True}, **kw))
+    for i, want in enumerate(alone):
+        got = "".join(c.choices[0].text for c in streamed if c.choices and c.choices[0].index == i)
+        assert got == want.choices[0].text
+    assert streamed[-1].usage.prompt_tokens == prompt
+    for bad, says in (([""] * 2, "must not be empty"), (["x"] * 17, "at most 16")):
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": bad})
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+
+
 def test_openai_logprobs(stack) -> None:
     _, url, _ = stack
     comp = oa(url).completions.create(model="tiny", prompt="log", max_tokens=3, temperature=0,

@@ -58,6 +58,7 @@ NUMBERS: dict[str, Bounds] = {
     "timeout": Bounds(None, 0.001, 86400.0),
     "n": Bounds(1, 1, 8, integer=True),  # choices (the gateway sends one request each)
 }
+MAX_PROMPTS = 16  # prompts one /v1/completions request may batch (each choice a request)
 DEADLINE = Bounds(None, 0.0, float(1 << 40))  # what the SDK sends for a timeout (see above)
 ENGINE_FREE = ("n", "timeout")  # numbers the gateway or SDK resolve: no engine sees them
 

@@ -130,6 +130,7 @@ def _generation_routes(app: FastAPI, gw: Gateway) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
         key, t = gw.authorize(request, req.model), ticket(request)
+        gw.check_engine(req.model, "/v1/embeddings")
         texts = req.texts()
         t.model, t.prompt_estimate = req.model, sum(len(text) for text in texts) // 4 + 1
         rl_headers = gw.admit(request, key, t.prompt_estimate)

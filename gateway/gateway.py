@@ -25,6 +25,10 @@ from zeroserve.keys import PeerKeys
 
 log = logging.getLogger("zeroserve.gateway")
 
+# the engines (WorkerConfig.engine) whose workers answer each kind of route
+GENERATES = frozenset({"llm", "echo"})
+EMBEDS = frozenset({"embed"})
+
 
 class Gateway:
     """What the routes of one gateway process share: broker client, keys, limits, cache."""
@@ -88,6 +92,20 @@ class Gateway:
             raise ApiError(403, f"this key may not use model {model!r}",
                            "permission_error", "model_not_allowed")
         return key
+
+    def check_engine(self, model: str, route: str) -> None:
+        """400 when every worker the table knows for `model` runs an engine that does not
+        answer `route` (an embedding model asked to generate, or the reverse), instead of
+        the worker refusing fields it has never heard of. A model not in the table passes."""
+        answers = EMBEDS if route == "/v1/embeddings" else GENERATES
+        engines = {w.get("engine", "") for w in self.table.get("workers", [])
+                   if model in w.get("models", ())}
+        if engines and not engines & answers:
+            hint = ("it makes embeddings: use /v1/embeddings" if engines & EMBEDS else
+                    "it generates text: embeddings need an embedding model"
+                    if engines & GENERATES else f"it does not answer {route}")
+            raise ApiError(400, f"model {model!r} runs the {', '.join(sorted(engines))} "
+                                f"engine: {hint}", param="model", code="model_not_supported")
 
     def admit(self, request: Request, key: ApiKey | None, tokens: int) -> dict[str, str]:
         """Take `tokens` from the key's rate limit into the request's ticket (429 when it has

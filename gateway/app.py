@@ -72,13 +72,29 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+        errs = exc.errors()
+        # a field of several shapes (stop: a string or a list) fails once per shape: report
+        # the shape the value has (a too-long list), not "should be a valid string"
+        first = next((e for e in errs if not str(e.get("type", "")).endswith("_type")),
+                     errs[0] if errs else {})
+        if first.get("type") == "json_invalid":
+            why = (first.get("ctx") or {}).get("error")
+            msg = "the request body is not valid JSON" + (f" ({why})" if why else "")
+            return JSONResponse(ApiError(400, msg, code="invalid_json").body(), 400)
+        loc = ".".join(str(x) for x in first.get("loc", ())
+                       if x != "body" and not _shape_tag(x)) or None
         text = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         if first.get("type") == "extra_forbidden":
             text = "unknown field (this server refuses fields it would not honour)"
         msg = f"{loc}: {text}" if loc else text
         return JSONResponse(ApiError(400, msg, param=loc, code="invalid_value").body(), 400)
+
+
+def _shape_tag(part: object) -> bool:
+    """pydantic's name for one shape of a field of several (str, list[ContentPart]...) in an
+    error's location: not a part of the request."""
+    return isinstance(part, str) and ("[" in part or part in (
+        "str", "int", "float", "bool", "constrained-str", "constrained-int"))
 
 
 def _ops_routes(app: FastAPI, gw: Gateway) -> None:

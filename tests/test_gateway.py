@@ -229,6 +229,7 @@ def test_bad_json_request_id_and_access_log(stack) -> None:
                    headers={"content-type": "application/json", "x-request-id": "trace-42"})
     assert r.status_code == 400 and r.headers["x-request-id"] == "trace-42"
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert r.json()["error"]["message"].startswith("the request body is not valid JSON (")
     r = httpx.post(f"{url}/v1/completions", json={"model": "echo", "prompt": "hi"},
                    headers={"x-request-id": "trace-43"})
     assert r.status_code == 200 and r.json()["id"] == "cmpl-trace-43"
@@ -314,6 +315,10 @@ def test_fields_it_would_not_honour_and_unbounded_values_get_400(stack) -> None:
         "seed": {"seed": 1 << 64},
         "top_k": {"top_k": 1 << 40},
         "messages hold": {"messages": [{"role": "user", "content": "x" * (4 * 1024 * 1024 + 1)}]},
+        # a field of several shapes: the error of the shape sent, named as the request has it
+        "stop: List should have at most 16 items": {"stop": ["x"] * 17},
+        "messages.0.content.0.type: Input should be 'text'": {"messages": [{
+            "role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
     }
     for word, extra in cases.items():
         r = httpx.post(f"{url}/v1/chat/completions", json={**base, **extra}, timeout=30)

@@ -1,10 +1,12 @@
 """The gateway when what is behind it goes away: its last worker (not ready, then a clear
-error) or its broker (503 with Retry-After at once, never a hang)."""
+error) or its broker (503 with Retry-After at once, never a hang); and when its port is
+taken (it says so and exits)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +25,20 @@ def test_ready_flips_when_the_last_worker_dies(pipeline) -> None:
     assert wait_for(lambda: httpx.get(f"{url}/ready").status_code == 503, 10)
     r = httpx.post(f"{url}/v1/completions", json={"model": "echo", "prompt": "x"}, timeout=60)
     assert r.status_code in (404, 503)
+
+
+def test_a_gateway_whose_port_is_taken_says_so_and_exits(pipeline) -> None:
+    # with a broker answering: the worker table's first request is in flight as the gateway
+    # shuts down, and a cancel that raced its reply used to be lost (it hung, every time)
+    pipeline.start_broker()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        gateway = pipeline.spawn("gateway", "gateway-taken",
+                                 ["--broker", pipeline.frontend, "--port", str(port)])
+        assert gateway.wait(timeout=30) != 0
+    assert "address already in use" in pipeline.logs[-1].read_text()
 
 
 def test_dead_broker_gives_503_not_a_hang(pipeline) -> None:

@@ -126,8 +126,9 @@ class AsyncCollector(Collector):
     async def get(self, timeout: float | None) -> Chunk | errors.ZeroserveError | None:
         if not self.items:
             self.event.clear()
-            try:
-                await asyncio.wait_for(self.event.wait(), timeout)
+            try:  # not wait_for: on 3.11 it can swallow a cancel that races the event
+                async with asyncio.timeout(timeout):
+                    await self.event.wait()
             except TimeoutError:
                 return None
         return self.items.popleft() if self.items else None

@@ -48,7 +48,14 @@ from zeroserve.broker.table import Job, Table, WorkerState, same_process
 from zeroserve.config import BrokerConfig
 from zeroserve.logs import RateLimitedLog
 from zeroserve.procs import trim_heap
-from zeroserve.sockets import check_transport, make_socket, private_ipc, recv_sourced
+from zeroserve.sockets import (
+    EndpointInUseError,
+    check_transport,
+    ipc_in_use,
+    make_socket,
+    private_ipc,
+    recv_sourced,
+)
 
 log = logging.getLogger("zeroserve.broker")
 
@@ -104,8 +111,13 @@ class Broker:
                      (self.admin, self.cfg.admin))
         check_transport([e for _, e in endpoints], self.auth is not None,
                         self.cfg.sockets.insecure, log)
-        for sock, endpoint in endpoints:
+        for _, endpoint in endpoints:  # all checked before any is bound
             private_ipc(endpoint)
+            if ipc_in_use(endpoint):
+                raise EndpointInUseError(
+                    f"{endpoint}: a live process listens there (another broker?); stop it "
+                    "first, or pick another --instance or endpoint")
+        for sock, endpoint in endpoints:
             sock.bind(endpoint)
         log.info("broker bound frontend=%s backend=%s admin=%s epoch=%s", self.cfg.frontend,
                  self.cfg.backend, self.cfg.admin, self.epoch)

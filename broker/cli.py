@@ -18,7 +18,7 @@ from zeroserve.keys import KeysError, keys_dir
 from zeroserve.keys import add_arguments as add_key_arguments
 from zeroserve.logs import setup_logging
 from zeroserve.procs import release_large_frees
-from zeroserve.sockets import InsecureError, PrivateDirError
+from zeroserve.sockets import EndpointInUseError, InsecureError, PrivateDirError
 
 log = logging.getLogger("zeroserve.broker")
 # BrokerConfig fields that are flags as they are (zeroserve/flags.py)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, broker.stop)
     try:
         broker.bind()
-    except (PrivateDirError, InsecureError) as exc:
+    except (PrivateDirError, InsecureError, EndpointInUseError) as exc:
         log.error("refusing to bind: %s", exc)
         broker.close()
         return 2

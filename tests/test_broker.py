@@ -26,6 +26,22 @@ from .conftest import wait_for
 # -- end to end: real broker, real workers -----------------------------------------------
 
 
+def test_a_second_broker_on_live_endpoints_refuses_and_the_first_serves_on(pipeline) -> None:
+    """A broker started by mistake where one runs (a second `zeroserve up`): it exits 2
+    saying why, instead of silently taking over the ipc paths and orphaning the first."""
+    first = pipeline.start_broker()
+    pipeline.start_worker("a")
+    pipeline.wait_workers(1)
+    second = pipeline.spawn("broker", "broker-again", [
+        "--frontend", pipeline.frontend, "--backend", pipeline.backend,
+        "--admin", pipeline.admin])
+    assert second.wait(timeout=30) == 2
+    assert "a live process listens there" in pipeline.logs[-1].read_text()
+    assert first.poll() is None
+    with Client(pipeline.frontend) as client:  # new clients still reach the first
+        assert client.generate("echo", "still here", timeout_s=30).text == "still here"
+
+
 def test_1000_pipelined_requests_over_one_socket(pipeline) -> None:
     pipeline.start_broker()
     pipeline.start_worker("a", "--capacity", "128")

@@ -54,6 +54,16 @@ def test_up_serves_sdk_and_http_then_ctrl_c_stops_everything(tmp_ipc, tiny_model
             "host": "api.internal"},  # served only because --gateway-flags allowed it
             json={"model": model, "prompt": "hello", "max_tokens": 3}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        # a second `up` on the same endpoints: it starts nothing and says why, and the first
+        # goes on serving (its socket files untouched)
+        again = subprocess.run(
+            [sys.executable, "-m", "zeroserve.tooling.cli", "up", "--engine", "echo",
+             "--frontend", frontend, "--backend", backend, "--port", "0"],
+            capture_output=True, text=True, timeout=120)
+        said = again.stdout + again.stderr
+        assert again.returncode == 1 and f"zeroserve already runs at {frontend}" in said, said
+        with Client(frontend) as c:
+            assert c.generate(model, "still", max_tokens=3, timeout_s=30).token_ids
         # a worker killed -9: up starts it again while the gateway keeps answering
         worker = next(c for c in children if "worker" in c.cmdline())
         worker.kill()

@@ -27,6 +27,7 @@ from typing import Any
 from zeroserve.config import GatewayConfig, WorkerConfig, default_endpoint
 from zeroserve.logs import setup_logging
 from zeroserve.procs import spawn, stop_all, stop_on_signals
+from zeroserve.sockets import ipc_in_use
 
 log = logging.getLogger("zeroserve.tooling.up")
 
@@ -161,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                              in ((args.frontend, "frontend"), (args.backend, "backend"),
                                  (None, "admin")))
     frontend, backend = ",".join(fronts), ",".join(backs)
+    if taken := [e for e in (*fronts, *backs, *admins) if ipc_in_use(e)]:
+        log.error("zeroserve already runs at %s: stop it first, or start this one with "
+                  "--instance NAME", ", ".join(taken))
+        return 1
     stopping = stop_on_signals()
     if args.engine == "llm":
         from zeroserve.models import PRESETS, ensure_built
@@ -186,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = wait_ready(frontend, args.workers, args.ready_timeout_s,
                           [c.proc for c in children], stopping)
         if not rows:
-            log.error("pipeline did not come up")
+            gone = [f"{c.name} (code {c.proc.returncode})" for c in children
+                    if c.proc.poll() is not None]
+            log.error("pipeline did not come up%s",
+                      f": {', '.join(gone)} exited (its log above says why)" if gone
+                      else " in time")
             return 1
         print(_banner(args, frontend, rows[0]["models"][0]), flush=True)
         while not stopping():
@@ -205,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         for group in (workers, gateway, brokers):
             stop_all([c.proc for c in group], timeout_s=30.0)
         for endpoint in (*fronts, *backs, *admins):  # a broker that was killed leaves its files
-            if endpoint.startswith("ipc://"):
+            if endpoint.startswith("ipc://") and not ipc_in_use(endpoint):  # not another's
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(endpoint[len("ipc://"):])
 

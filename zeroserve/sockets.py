@@ -85,6 +85,30 @@ def check_transport(endpoints: tuple[str, ...] | list[str], curve: bool, insecur
                 ", ".join(tcp))
 
 
+class EndpointInUseError(RuntimeError):
+    """An ipc endpoint a live process already listens on (see ipc_in_use)."""
+
+
+def ipc_in_use(endpoint: str) -> bool:
+    """Whether a live process listens on an ipc endpoint's socket file. Binding it again
+    would take the path over without a word (ZeroMQ unlinks the file first), leaving the
+    first listener reachable by nobody new: a second broker started by mistake."""
+    if not endpoint.startswith("ipc://"):
+        return False
+    import socket
+
+    path = endpoint[len("ipc://"):]
+    if path.startswith("@"):  # Linux's abstract namespace
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:  # no file, or a file nobody listens on (its process died)
+            return False
+    return True
+
+
 class PrivateDirError(RuntimeError):
     """An ipc endpoint's directory that another user owns or can enter."""
 

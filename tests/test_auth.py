@@ -114,7 +114,8 @@ def _workers(c: Client, n: int) -> list:
 
 
 def test_tcp_without_curve_needs_insecure(tmp_ipc) -> None:
-    args = ["--frontend", f"tcp://127.0.0.1:{_port()}", "--backend", f"tcp://127.0.0.1:{_port()}"]
+    args = ["--frontend", f"tcp://127.0.0.1:{_port()}", "--backend", f"tcp://127.0.0.1:{_port()}",
+            "--admin", f"ipc://{tmp_ipc}/a"]
     proc = spawn("broker", args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and b"without CURVE" in out and b"Traceback" not in out

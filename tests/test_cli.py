@@ -31,13 +31,14 @@ def test_up_serves_sdk_and_http_then_ctrl_c_stops_everything(tmp_ipc, tiny_model
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     frontend, backend = f"ipc://{tmp_ipc}/f.sock", f"ipc://{tmp_ipc}/b.sock"
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_ipc)}  # its admin socket: here too
     with open(tmp_ipc / "up.log", "w+b") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "zeroserve.tooling.cli", "up", "--model", str(tiny_model),
              "--frontend", frontend, "--backend", backend, "--port", str(port),
              "--worker-flags", "--dtype float32 --scheduling fcfs",
              "--gateway-flags", "--allowed-hosts api.internal"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     children: list[psutil.Process] = []
     try:
         def printed() -> bool:
@@ -59,7 +60,7 @@ def test_up_serves_sdk_and_http_then_ctrl_c_stops_everything(tmp_ipc, tiny_model
         again = subprocess.run(
             [sys.executable, "-m", "zeroserve.tooling.cli", "up", "--engine", "echo",
              "--frontend", frontend, "--backend", backend, "--port", "0"],
-            capture_output=True, text=True, timeout=120)
+            capture_output=True, text=True, timeout=120, env=env)
         said = again.stdout + again.stderr
         assert again.returncode == 1 and f"zeroserve already runs at {frontend}" in said, said
         with Client(frontend) as c:

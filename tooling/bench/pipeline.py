@@ -22,7 +22,7 @@ def llm_pipeline(model_dir: Path, max_num_seqs: int, prefix: str = "zs-bench-"
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         front, back = f"ipc://{tmp}/f", f"ipc://{tmp}/b"
         procs = [spawn("broker", ["--frontend", front, "--backend", back,
-                                  "--log-level", "WARNING"]),
+                                  "--admin", f"ipc://{tmp}/a", "--log-level", "WARNING"]),
                  spawn("worker", ["--broker", back, "--engine", "llm", "--model",
                                   str(model_dir), "--served-name", "bench",
                                   "--max-num-seqs", str(max_num_seqs),

@@ -75,7 +75,8 @@ def serve_phase(model_dir: Path, workload: list, concurrency: int, rate: float |
         front, back = f"ipc://{tmp}/f", f"ipc://{tmp}/b"
         # a benchmark measures throughput: nothing may time out in the broker's queue
         procs = [spawn("broker", ["--frontend", front, "--backend", back,
-                                  "--max-queue-wait-ms", "3600000", "--log-level", "WARNING"]),
+                                  "--admin", f"ipc://{tmp}/a", "--max-queue-wait-ms",
+                                  "3600000", "--log-level", "WARNING"]),
                  spawn("worker", ["--broker", back, "--engine", "llm", "--model",
                                   str(model_dir), "--served-name", "bench", *worker_flags,
                                   "--log-level", "WARNING"])]

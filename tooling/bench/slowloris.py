@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="zs-slowloris-") as tmp:
         front, back = f"ipc://{tmp}/f", f"ipc://{tmp}/b"
         procs = [spawn("broker", ["--frontend", front, "--backend", back,
-                                  "--log-level", "WARNING"]),
+                                  "--admin", f"ipc://{tmp}/a", "--log-level", "WARNING"]),
                  spawn("worker", ["--broker", back, "--log-level", "WARNING"]),
                  spawn("gateway", ["--broker", front, "--port", str(port),
                                    "--log-level", "WARNING"])]

@@ -81,7 +81,8 @@ def run(repeat: int, device: str = "cpu") -> dict[str, float]:
         front, back = f"ipc://{tmp}/f", f"ipc://{tmp}/b"
         # a 64 MiB tensor as a frame, with its header, is past the 64 MiB default limit
         limit = ["--max-message-mb", str(MESSAGE_MB)]
-        procs = [spawn("broker", ["--frontend", front, "--backend", back, *limit,
+        procs = [spawn("broker", ["--frontend", front, "--backend", back,
+                                  "--admin", f"ipc://{tmp}/a", *limit,
                                   "--log-level", "WARNING"])]
         for name in ("first_element", "big_output"):
             procs.append(spawn("worker", [

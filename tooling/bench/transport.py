@@ -15,6 +15,7 @@ Round trip p50/p99 one request at a time, then pipelined throughput with 64 in f
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import threading
 import time
@@ -133,7 +134,7 @@ def run(rtt_n: int, tput_n: int, inflight: int, curve: bool = False) -> dict[str
         phase("proxy", _dealer(ctx, path("pf")), [], path("pb"), 60.0)
 
         broker = spawn("broker", ["--frontend", path("bf"), "--backend", path("bb"),
-                                  "--log-level", "WARNING"])
+                                  "--admin", path("ba"), "--log-level", "WARNING"])
         try:
             phase("broker", _dealer(ctx, path("bf")), [], path("bb"), 1.0)
         finally:
@@ -167,8 +168,10 @@ def _tcp_phases(ctx: zmq.Context, keys_dir: str, rtt_n: int, tput_n: int, inflig
     with contextlib.ExitStack() as stack:
         for name, flags in (("tcp", ["--insecure"]), ("curve", ["--keys", keys_dir])):
             front, back = f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}"
+            admin = f"ipc://{os.path.dirname(keys_dir)}/admin-{name}"  # one broker's own
             stack.callback(stop, spawn("broker", ["--frontend", front, "--backend", back,
-                                                  *flags, "--log-level", "WARNING"]))
+                                                  "--admin", admin, *flags,
+                                                  "--log-level", "WARNING"]))
             stack.callback(stop, _worker(back, 1.0, tuple(flags)))
             s = socks[name] = ctx.socket(zmq.DEALER)
             stack.callback(s.close, 0)

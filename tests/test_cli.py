@@ -57,11 +57,19 @@ def test_up_serves_sdk_and_http_then_ctrl_c_stops_everything(tmp_ipc, tiny_model
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         # a second `up` on the same endpoints: it starts nothing and says why, and the first
         # goes on serving (its socket files untouched)
-        again = subprocess.run(
+        again = subprocess.Popen(
             [sys.executable, "-m", "zeroserve.tooling.cli", "up", "--engine", "echo",
              "--frontend", frontend, "--backend", backend, "--port", "0"],
-            capture_output=True, text=True, timeout=120, env=env)
-        said = again.stdout + again.stderr
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            said, _ = again.communicate(timeout=120)
+        finally:  # had it hung with children started, they go too (by pid)
+            if again.poll() is None:
+                for child in [*psutil.Process(again.pid).children(recursive=True),
+                              psutil.Process(again.pid)]:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        child.kill()
+            again.wait()
         assert again.returncode == 1 and f"zeroserve already runs at {frontend}" in said, said
         with Client(frontend) as c:
             assert c.generate(model, "still", max_tokens=3, timeout_s=30).token_ids
